@@ -1,0 +1,90 @@
+"""The desired state of one node: the contract between the model and the datapath.
+
+A ``DesiredState`` maps each ``FrontendKey`` (address, port, protocol) to a ``Frontend``: who owns it and the
+ordered backends new connections may use. An empty backend tuple is meaningful: the frontend is known but
+has no usable endpoint, so the datapath refuses connections (ECONNREFUSED) instead of letting them through.
+The datapath reads these types and nothing else from the model.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass, field
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class Protocol(enum.IntEnum):
+    """Transport protocols, numbered as IP protocol numbers (the datapath stores these)."""
+
+    TCP = 6
+    UDP = 17
+    SCTP = 132
+
+
+@dataclass(frozen=True, order=True, slots=True)
+class FrontendKey:
+    """What a client connects to: address, port and protocol."""
+
+    ip: IPAddress
+    port: int
+    protocol: Protocol
+
+    def __str__(self) -> str:
+        host = f"[{self.ip}]" if self.ip.version == 6 else str(self.ip)
+        return f"{host}:{self.port}/{self.protocol.name}"
+
+
+@dataclass(frozen=True, order=True, slots=True)
+class Backend:
+    """Where a translated connection goes."""
+
+    ip: IPAddress
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.ip}]" if self.ip.version == 6 else str(self.ip)
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """The object a frontend comes from, for names in tools and events."""
+
+    kind: str  # "Service" (later also the policy kinds)
+    namespace: str
+    name: str
+    port_name: str = ""
+
+    def __str__(self) -> str:
+        port = f":{self.port_name}" if self.port_name else ""
+        ns = f"{self.namespace}/" if self.namespace else ""
+        return f"{self.kind} {ns}{self.name}{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Frontend:
+    """One frontend's owner and backends (sorted, deduplicated; empty means refuse)."""
+
+    owner: Owner
+    backends: tuple[Backend, ...]
+    reason: str = ""  # why the backend set is what it is (e.g. "terminating fallback"), for tools
+
+
+@dataclass(slots=True)
+class DesiredState:
+    """Every frontend this node's datapath should translate."""
+
+    frontends: dict[FrontendKey, Frontend] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class FrontendChanges:
+    """An incremental change: frontends to set (added or changed) and keys to remove."""
+
+    upsert: dict[FrontendKey, Frontend]
+    remove: frozenset[FrontendKey]
+
+    def __bool__(self) -> bool:
+        return bool(self.upsert or self.remove)

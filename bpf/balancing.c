@@ -1,0 +1,304 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Socket-level load balancing on cgroup v2 hooks.
+ *
+ * connect4/6 and sendmsg4/6 translate a frontend (VIP:port/proto) to one of its backends before the
+ * kernel routes the packet; recvmsg4/6 and getpeername4/6 translate back so applications only ever
+ * see the address they asked for. Each SEC() function is a thin wrapper: it loads the family's
+ * address into the family-neutral form of balancing.h, calls one worker and turns the result into
+ * a verdict.
+ */
+#include <linux/bpf.h>
+#include <linux/in.h>
+#include <linux/errno.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "balancing.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, BL_DEFAULT_SVC_ENTRIES);
+	__type(key, struct bl_svc_key);
+	__type(value, struct bl_svc_val);
+} bl_svc_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, BL_DEFAULT_BACKENDS);
+	__type(key, __u32);
+	__type(value, struct bl_backend);
+} bl_be_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, BL_DEFAULT_REV_ENTRIES);
+	__type(key, struct bl_rev_key);
+	__type(value, struct bl_rev_val);
+} bl_rev_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct bl_sock_rev);
+} bl_sock_v1 SEC(".maps");
+
+/* The address a hook works on, in the family-neutral form of the maps. */
+struct bl_sockaddr {
+	__u32 addr[4];
+	__u16 port;  /* network order */
+};
+
+static __always_inline void addr_from_v4(struct bl_sockaddr *sa, __u32 ip4, __u32 port)
+{
+	sa->addr[0] = 0;
+	sa->addr[1] = 0;
+	sa->addr[2] = bpf_htonl(0x0000ffff);
+	sa->addr[3] = ip4;
+	sa->port = (__u16)port;
+}
+
+static __always_inline int addr_is_v4(const __u32 *addr)
+{
+	return addr[0] == 0 && addr[1] == 0 && addr[2] == bpf_htonl(0x0000ffff);
+}
+
+static __always_inline void addr_from_v6(struct bl_sockaddr *sa, const struct bpf_sock_addr *ctx)
+{
+	sa->addr[0] = ctx->user_ip6[0];
+	sa->addr[1] = ctx->user_ip6[1];
+	sa->addr[2] = ctx->user_ip6[2];
+	sa->addr[3] = ctx->user_ip6[3];
+	sa->port = (__u16)ctx->user_port;
+}
+
+/* Write back with 4-byte stores only (2-byte context stores are rejected). */
+static __always_inline void addr_to_v6(struct bpf_sock_addr *ctx, const struct bl_sockaddr *sa)
+{
+	ctx->user_ip6[0] = sa->addr[0];
+	ctx->user_ip6[1] = sa->addr[1];
+	ctx->user_ip6[2] = sa->addr[2];
+	ctx->user_ip6[3] = sa->addr[3];
+	ctx->user_port = (__u32)sa->port;
+}
+
+static __always_inline void copy_addr(__u32 *dst, const __u32 *src)
+{
+	dst[0] = src[0];
+	dst[1] = src[1];
+	dst[2] = src[2];
+	dst[3] = src[3];
+}
+
+static __always_inline __u32 mix_cookie(__u64 cookie)
+{
+	__u64 h = cookie * 0x9e3779b97f4a7c15ULL;
+
+	return (__u32)(h >> 32);
+}
+
+/* Remember the frontend of a translated socket so replies and getpeername() show it. */
+static __always_inline void remember_frontend(struct bpf_sock_addr *ctx, const struct bl_sockaddr *front,
+					      const struct bl_backend *be, __u32 svc_id, int connected)
+{
+	struct bl_rev_val rev = { .port = front->port, .svc_id = svc_id };
+
+	copy_addr(rev.addr, front->addr);
+	if (connected) {
+		struct bl_sock_rev *st;
+
+		if (!ctx->sk)
+			return;
+		st = bpf_sk_storage_get(&bl_sock_v1, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+		if (!st)
+			return;
+		st->frontend = rev;
+		copy_addr(st->backend_addr, be->addr);
+		st->backend_port = be->port;
+	} else {
+		struct bl_rev_key key = { .cookie = bpf_get_socket_cookie(ctx), .port = be->port };
+
+		copy_addr(key.addr, be->addr);
+		bpf_map_update_elem(&bl_rev_v1, &key, &rev, BPF_ANY);
+	}
+}
+
+/*
+ * The worker: look the address up as a frontend and rewrite it to a backend. TCP picks a random
+ * slot per connect; UDP hashes the socket cookie so every datagram of one socket reaches the same
+ * backend. Returns BL_PASS, BL_XLATED or BL_REFUSE.
+ */
+static __always_inline int translate(struct bpf_sock_addr *ctx, struct bl_sockaddr *sa, int connected)
+{
+	struct bl_svc_key key = { .port = sa->port, .proto = (__u8)ctx->protocol };
+	struct bl_svc_val *master, *slot;
+	struct bl_backend *be;
+	__u32 pick, svc_id;
+
+	copy_addr(key.addr, sa->addr);
+	master = bpf_map_lookup_elem(&bl_svc_v1, &key);
+	if (!master)
+		return BL_PASS;
+	if (master->count == 0)
+		return BL_REFUSE;
+	svc_id = master->svc_id;
+
+	if (ctx->protocol == IPPROTO_UDP)
+		pick = mix_cookie(bpf_get_socket_cookie(ctx));
+	else
+		pick = bpf_get_prandom_u32();
+	key.slot = (__u16)(pick % master->count) + 1;
+
+	slot = bpf_map_lookup_elem(&bl_svc_v1, &key);
+	if (!slot)
+		return BL_REFUSE;
+	be = bpf_map_lookup_elem(&bl_be_v1, &slot->backend_id);
+	if (!be)
+		return BL_REFUSE;
+
+	remember_frontend(ctx, sa, be, svc_id, connected);
+	copy_addr(sa->addr, be->addr);
+	sa->port = be->port;
+	return BL_XLATED;
+}
+
+/* The reverse worker: if the peer is a backend this socket was sent to, show the frontend. */
+static __always_inline int reverse(struct bpf_sock_addr *ctx, struct bl_sockaddr *sa, int lookup_udp)
+{
+	struct bl_sock_rev *st;
+
+	if (lookup_udp) {
+		struct bl_rev_key key = { .cookie = bpf_get_socket_cookie(ctx), .port = sa->port };
+		struct bl_rev_val *rev;
+
+		copy_addr(key.addr, sa->addr);
+		rev = bpf_map_lookup_elem(&bl_rev_v1, &key);
+		if (rev) {
+			copy_addr(sa->addr, rev->addr);
+			sa->port = rev->port;
+			return BL_XLATED;
+		}
+	}
+	if (!ctx->sk)
+		return BL_PASS;
+	st = bpf_sk_storage_get(&bl_sock_v1, ctx->sk, 0, 0);
+	if (!st || st->backend_port != sa->port || st->backend_addr[0] != sa->addr[0] ||
+	    st->backend_addr[1] != sa->addr[1] || st->backend_addr[2] != sa->addr[2] ||
+	    st->backend_addr[3] != sa->addr[3])
+		return BL_PASS;
+	copy_addr(sa->addr, st->frontend.addr);
+	sa->port = st->frontend.port;
+	return BL_XLATED;
+}
+
+static __always_inline int verdict(int res)
+{
+	if (res == BL_REFUSE) {
+		bpf_set_retval(-ECONNREFUSED);
+		return 0;
+	}
+	return 1;
+}
+
+static __always_inline int forward4(struct bpf_sock_addr *ctx, int connected)
+{
+	struct bl_sockaddr sa;
+	int res;
+
+	addr_from_v4(&sa, ctx->user_ip4, ctx->user_port);
+	res = translate(ctx, &sa, connected);
+	if (res == BL_XLATED) {
+		if (!addr_is_v4(sa.addr))
+			return verdict(BL_REFUSE); /* an IPv6 backend cannot serve an AF_INET socket */
+		ctx->user_ip4 = sa.addr[3];
+		ctx->user_port = (__u32)sa.port;
+	}
+	return verdict(res);
+}
+
+static __always_inline int forward6(struct bpf_sock_addr *ctx, int connected)
+{
+	struct bl_sockaddr sa;
+	int res;
+
+	addr_from_v6(&sa, ctx);
+	res = translate(ctx, &sa, connected);
+	if (res == BL_XLATED)
+		addr_to_v6(ctx, &sa);
+	return verdict(res);
+}
+
+static __always_inline int backward4(struct bpf_sock_addr *ctx, int lookup_udp)
+{
+	struct bl_sockaddr sa;
+
+	addr_from_v4(&sa, ctx->user_ip4, ctx->user_port);
+	if (reverse(ctx, &sa, lookup_udp) == BL_XLATED && addr_is_v4(sa.addr)) {
+		ctx->user_ip4 = sa.addr[3];
+		ctx->user_port = (__u32)sa.port;
+	}
+	return 1;
+}
+
+static __always_inline int backward6(struct bpf_sock_addr *ctx, int lookup_udp)
+{
+	struct bl_sockaddr sa;
+
+	addr_from_v6(&sa, ctx);
+	if (reverse(ctx, &sa, lookup_udp) == BL_XLATED)
+		addr_to_v6(ctx, &sa);
+	return 1;
+}
+
+SEC("cgroup/connect4")
+int bl_connect4(struct bpf_sock_addr *ctx)
+{
+	return forward4(ctx, 1);
+}
+
+SEC("cgroup/connect6")
+int bl_connect6(struct bpf_sock_addr *ctx)
+{
+	return forward6(ctx, 1);
+}
+
+SEC("cgroup/sendmsg4")
+int bl_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	return forward4(ctx, 0);
+}
+
+SEC("cgroup/sendmsg6")
+int bl_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	return forward6(ctx, 0);
+}
+
+SEC("cgroup/recvmsg4")
+int bl_recvmsg4(struct bpf_sock_addr *ctx)
+{
+	return backward4(ctx, 1);
+}
+
+SEC("cgroup/recvmsg6")
+int bl_recvmsg6(struct bpf_sock_addr *ctx)
+{
+	return backward6(ctx, 1);
+}
+
+SEC("cgroup/getpeername4")
+int bl_getpeername4(struct bpf_sock_addr *ctx)
+{
+	return backward4(ctx, 0);
+}
+
+SEC("cgroup/getpeername6")
+int bl_getpeername6(struct bpf_sock_addr *ctx)
+{
+	return backward6(ctx, 0);
+}

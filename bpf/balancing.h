@@ -1,0 +1,96 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * The Balancing BPF ABI: every map name, key, value and constant shared by the BPF programs
+ * (balancing.c) and the control plane. Mirrored by exactly one Python module,
+ * src/balancing/datapath/abi.py; tests/kernel/test_abi.py checks that mirror against the BTF
+ * of the compiled object, so an edit on one side only fails a test, not a node.
+ *
+ * Addresses are always 16 bytes in network order: IPv6 as is, IPv4 as ::ffff:a.b.c.d. One key
+ * shape therefore serves connect4, connect6 and v4-mapped IPv6 sockets alike.
+ *
+ * Map names carry a layout version (_v1). A layout change bumps it, so an agent never reuses an
+ * old pin whose entries it would misread.
+ */
+#ifndef BALANCING_H
+#define BALANCING_H
+
+#include <linux/types.h>
+
+#define BL_ABI_VERSION 1
+
+/* Slot 0 of a frontend is its master entry; backend slots are 1..count. */
+#define BL_MASTER_SLOT 0
+
+/* Worker results (errno-like, fixed meanings); wrappers turn them into verdicts. */
+#define BL_PASS      0   /* not a frontend: untouched */
+#define BL_XLATED    1   /* rewritten to a backend */
+#define BL_REFUSE    2   /* a frontend with no usable backend: ECONNREFUSED */
+
+/* struct bl_svc_val.flags (master entry) */
+#define BL_SVC_F_NONE 0
+
+/* Service map: (frontend, slot) -> master entry or backend slot. */
+struct bl_svc_key {
+	__u32 addr[4];   /* frontend address (IPv6 or v4-mapped IPv4), network order */
+	__u16 port;      /* frontend port, network order */
+	__u8  proto;     /* IPPROTO_TCP / IPPROTO_UDP / IPPROTO_SCTP */
+	__u8  scope;     /* reserved for external/internal scopes; 0 */
+	__u16 slot;      /* 0: master entry; 1..count: backend slots */
+	__u16 pad;       /* 0 */
+};
+
+struct bl_svc_val {
+	__u32 backend_id; /* slot > 0: key into the backend map; master: 0 */
+	__u32 svc_id;     /* frontend identity (stable across restarts; used in events) */
+	__u16 count;      /* master: number of backend slots; 0 means refuse */
+	__u16 flags;      /* master: BL_SVC_F_* */
+	__u32 reserved;   /* 0 */
+};
+
+/* Backend map: backend id -> address. */
+struct bl_backend {
+	__u32 addr[4];   /* backend address (IPv6 or v4-mapped IPv4), network order */
+	__u16 port;      /* backend port, network order */
+	__u8  proto;     /* protocol, as in the frontend */
+	__u8  flags;     /* reserved; 0 */
+	__u32 pad;       /* 0 */
+};
+
+/* Reverse map for unconnected UDP: (socket, backend) -> frontend the app asked for. */
+struct bl_rev_key {
+	__u64 cookie;    /* socket cookie */
+	__u32 addr[4];   /* backend address, v4-mapped for IPv4 */
+	__u16 port;      /* backend port, network order */
+	__u16 pad;       /* 0 */
+	__u32 pad2;      /* 0 */
+};
+
+struct bl_rev_val {
+	__u32 addr[4];   /* frontend address */
+	__u16 port;      /* frontend port, network order */
+	__u16 pad;       /* 0 */
+	__u32 svc_id;    /* frontend identity */
+};
+
+/* Per-socket reverse state of connected sockets (sk_storage, freed with the socket). */
+struct bl_sock_rev {
+	struct bl_rev_val frontend; /* what the app connected to */
+	__u32 backend_addr[4];      /* where it really goes */
+	__u16 backend_port;         /* network order */
+	__u16 pad;
+	__u32 pad2;
+};
+
+_Static_assert(sizeof(struct bl_svc_key) == 24, "bl_svc_key layout");
+_Static_assert(sizeof(struct bl_svc_val) == 16, "bl_svc_val layout");
+_Static_assert(sizeof(struct bl_backend) == 24, "bl_backend layout");
+_Static_assert(sizeof(struct bl_rev_key) == 32, "bl_rev_key layout");
+_Static_assert(sizeof(struct bl_rev_val) == 24, "bl_rev_val layout");
+_Static_assert(sizeof(struct bl_sock_rev) == 48, "bl_sock_rev layout");
+
+/* Default capacities; the loader overrides them from flags before load. */
+#define BL_DEFAULT_SVC_ENTRIES   (65536 + 1048576)  /* frontends + backend slots */
+#define BL_DEFAULT_BACKENDS      262144
+#define BL_DEFAULT_REV_ENTRIES   131072
+
+#endif /* BALANCING_H */

@@ -1,0 +1,164 @@
+"""The Python mirror of bpf/balancing.h: map names, struct layouts, encoders and decoders.
+
+The only module that knows byte layouts. Every struct is declared as an ordered field list (name, struct
+format) from which the packer, the size and each field's offset derive; tests/kernel/test_abi.py compares
+those with the BTF of the compiled object. Addresses are 16 bytes, IPv4 as ``::ffff:a.b.c.d``; ports are in
+network order, everything else native (the maps are read by programs on the same CPU).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from dataclasses import dataclass
+
+from balancing.model.desired import IPAddress, Protocol
+
+ABI_VERSION = 1
+MAP_SERVICES = "bl_svc_v1"
+MAP_BACKENDS = "bl_be_v1"
+MAP_REVERSE = "bl_rev_v1"
+MAP_SOCK_REVERSE = "bl_sock_v1"
+ALL_MAPS = (MAP_SERVICES, MAP_BACKENDS, MAP_REVERSE, MAP_SOCK_REVERSE)
+
+MASTER_SLOT = 0
+DEFAULT_SVC_ENTRIES = 65536 + 1048576
+DEFAULT_BACKENDS = 262144
+DEFAULT_REV_ENTRIES = 131072
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A C struct as an ordered field list; ``=`` formats, so padding is explicit in the fields."""
+
+    c_name: str
+    fields: tuple[tuple[str, str], ...]
+
+    @property
+    def packer(self) -> struct.Struct:
+        return struct.Struct("=" + "".join(fmt for _, fmt in self.fields))
+
+    @property
+    def size(self) -> int:
+        return self.packer.size
+
+    def offsets(self) -> dict[str, int]:
+        out, pos = {}, 0
+        for name, fmt in self.fields:
+            out[name] = pos
+            pos += struct.calcsize("=" + fmt)
+        return out
+
+
+# Ports are packed big-endian by hand (">H") into 2-byte "2s" fields, so the layouts stay native-endian.
+SVC_KEY = Layout(
+    "bl_svc_key", (("addr", "16s"), ("port", "2s"), ("proto", "B"), ("scope", "B"), ("slot", "H"), ("pad", "H"))
+)
+SVC_VAL = Layout(
+    "bl_svc_val",
+    (("backend_id", "I"), ("svc_id", "I"), ("count", "H"), ("flags", "H"), ("reserved", "I")),
+)
+BACKEND = Layout(
+    "bl_backend", (("addr", "16s"), ("port", "2s"), ("proto", "B"), ("flags", "B"), ("pad", "I"))
+)
+BACKEND_ID = Layout("__u32", (("id", "I"),))
+REV_KEY = Layout(
+    "bl_rev_key", (("cookie", "Q"), ("addr", "16s"), ("port", "2s"), ("pad", "H"), ("pad2", "I"))
+)
+REV_VAL = Layout("bl_rev_val", (("addr", "16s"), ("port", "2s"), ("pad", "H"), ("svc_id", "I")))
+SOCK_REV = Layout(
+    "bl_sock_rev",
+    (("frontend", "24s"), ("backend_addr", "16s"), ("backend_port", "2s"), ("pad", "H"), ("pad2", "I")),
+)
+LAYOUTS = (SVC_KEY, SVC_VAL, BACKEND, REV_KEY, REV_VAL, SOCK_REV)
+
+_SVC_KEY = SVC_KEY.packer
+_SVC_VAL = SVC_VAL.packer
+_BACKEND = BACKEND.packer
+_BACKEND_ID = BACKEND_ID.packer
+_V4_PREFIX = b"\x00" * 10 + b"\xff\xff"
+
+
+def pack_addr(ip: IPAddress) -> bytes:
+    return _V4_PREFIX + ip.packed if ip.version == 4 else ip.packed
+
+
+def unpack_addr(raw: bytes) -> IPAddress:
+    if raw[:12] == _V4_PREFIX:
+        return ipaddress.IPv4Address(raw[12:])
+    return ipaddress.IPv6Address(raw)
+
+
+def pack_port(port: int) -> bytes:
+    return port.to_bytes(2, "big")
+
+
+def unpack_port(raw: bytes) -> int:
+    return int.from_bytes(raw, "big")
+
+
+@dataclass(frozen=True, slots=True)
+class SvcKey:
+    addr: bytes  # 16-byte packed address
+    port: int
+    proto: int
+    slot: int
+
+    def pack(self) -> bytes:
+        return _SVC_KEY.pack(self.addr, pack_port(self.port), self.proto, 0, self.slot, 0)
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> SvcKey:
+        addr, port, proto, _scope, slot, _pad = _SVC_KEY.unpack(raw)
+        return cls(addr, unpack_port(port), proto, slot)
+
+
+@dataclass(frozen=True, slots=True)
+class SvcVal:
+    backend_id: int = 0
+    svc_id: int = 0
+    count: int = 0
+    flags: int = 0
+
+    def pack(self) -> bytes:
+        return _SVC_VAL.pack(self.backend_id, self.svc_id, self.count, self.flags, 0)
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> SvcVal:
+        backend_id, svc_id, count, flags, _ = _SVC_VAL.unpack(raw)
+        return cls(backend_id, svc_id, count, flags)
+
+
+@dataclass(frozen=True, slots=True)
+class BackendVal:
+    addr: bytes
+    port: int
+    proto: int
+
+    def pack(self) -> bytes:
+        return _BACKEND.pack(self.addr, pack_port(self.port), self.proto, 0, 0)
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> BackendVal:
+        addr, port, proto, _flags, _pad = _BACKEND.unpack(raw)
+        return cls(addr, unpack_port(port), proto)
+
+
+def pack_backend_id(backend_id: int) -> bytes:
+    return _BACKEND_ID.pack(backend_id)
+
+
+def unpack_backend_id(raw: bytes) -> int:
+    return int(_BACKEND_ID.unpack(raw)[0])
+
+
+def svc_key(ip: IPAddress, port: int, protocol: Protocol | int, slot: int) -> SvcKey:
+    return SvcKey(pack_addr(ip), port, int(protocol), slot)
+
+
+# Map name → (key layout, value layout) for tools that read maps generically.
+MAP_LAYOUTS: dict[str, tuple[Layout, Layout]] = {
+    MAP_SERVICES: (SVC_KEY, SVC_VAL),
+    MAP_BACKENDS: (BACKEND_ID, BACKEND),
+    MAP_REVERSE: (REV_KEY, REV_VAL),
+}

@@ -1,0 +1,306 @@
+"""ctypes binding over the system ``libbpf.so.1``: only the calls Balancing uses, with errors as exceptions.
+
+libbpf 1.x returns NULL or a negative errno and sets ``errno``; every wrapper here turns that into an
+``OSError`` carrying the call's name, so callers translate it into ``balancing.errors`` types at their
+boundary. Pointer-sized and fixed-size C types only: nothing here depends on the CPU architecture.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from collections.abc import Iterator
+from typing import Any
+
+_lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
+
+c_void_p = ctypes.c_void_p
+c_char_p = ctypes.c_char_p
+c_int = ctypes.c_int
+c_uint = ctypes.c_uint
+c_size_t = ctypes.c_size_t
+
+
+def _fn(name: str, restype: Any, *argtypes: Any) -> Any:
+    fn = getattr(_lib, name)
+    fn.restype = restype
+    fn.argtypes = list(argtypes)
+    return fn
+
+
+class _BatchOpts(ctypes.Structure):
+    _fields_ = [("sz", c_size_t), ("elem_flags", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+
+_object_open_file = _fn("bpf_object__open_file", c_void_p, c_char_p, c_void_p)
+_object_load = _fn("bpf_object__load", c_int, c_void_p)
+_object_close = _fn("bpf_object__close", None, c_void_p)
+_object_next_program = _fn("bpf_object__next_program", c_void_p, c_void_p, c_void_p)
+_object_next_map = _fn("bpf_object__next_map", c_void_p, c_void_p, c_void_p)
+_program_name = _fn("bpf_program__name", c_char_p, c_void_p)
+_program_section = _fn("bpf_program__section_name", c_char_p, c_void_p)
+_program_fd = _fn("bpf_program__fd", c_int, c_void_p)
+_program_set_log_buf = _fn("bpf_program__set_log_buf", c_int, c_void_p, c_char_p, c_size_t)
+_program_attach_cgroup = _fn("bpf_program__attach_cgroup", c_void_p, c_void_p, c_int)
+_map_name = _fn("bpf_map__name", c_char_p, c_void_p)
+_map_fd = _fn("bpf_map__fd", c_int, c_void_p)
+_map_set_max_entries = _fn("bpf_map__set_max_entries", c_int, c_void_p, ctypes.c_uint32)
+_map_max_entries = _fn("bpf_map__max_entries", ctypes.c_uint32, c_void_p)
+_map_reuse_fd = _fn("bpf_map__reuse_fd", c_int, c_void_p, c_int)
+_link_pin = _fn("bpf_link__pin", c_int, c_void_p, c_char_p)
+_link_open = _fn("bpf_link__open", c_void_p, c_char_p)
+_link_update_program = _fn("bpf_link__update_program", c_int, c_void_p, c_void_p)
+_link_fd = _fn("bpf_link__fd", c_int, c_void_p)
+_link_destroy = _fn("bpf_link__destroy", c_int, c_void_p)
+_link_detach = _fn("bpf_link_detach", c_int, c_int)
+_obj_pin = _fn("bpf_obj_pin", c_int, c_int, c_char_p)
+_obj_get = _fn("bpf_obj_get", c_int, c_char_p)
+_obj_get_info = _fn("bpf_obj_get_info_by_fd", c_int, c_int, c_void_p, ctypes.POINTER(ctypes.c_uint32))
+_map_update = _fn("bpf_map_update_elem", c_int, c_int, c_void_p, c_void_p, ctypes.c_uint64)
+_map_lookup = _fn("bpf_map_lookup_elem", c_int, c_int, c_void_p, c_void_p)
+_map_delete = _fn("bpf_map_delete_elem", c_int, c_int, c_void_p)
+_map_next_key = _fn("bpf_map_get_next_key", c_int, c_int, c_void_p, c_void_p)
+_map_update_batch = _fn(
+    "bpf_map_update_batch", c_int, c_int, c_void_p, c_void_p, ctypes.POINTER(ctypes.c_uint32), c_void_p
+)
+_map_delete_batch = _fn(
+    "bpf_map_delete_batch", c_int, c_int, c_void_p, ctypes.POINTER(ctypes.c_uint32), c_void_p
+)
+_prog_get_fd_by_id = _fn("bpf_prog_get_fd_by_id", c_int, ctypes.c_uint32)
+
+
+def _error(call: str, ret: int | None = None) -> OSError:
+    err = ctypes.get_errno() or (-ret if ret is not None and ret < 0 else 0) or 1
+    return OSError(err, f"{call}: {os.strerror(err)}")
+
+
+def _check(call: str, ret: int) -> int:
+    if ret < 0:
+        raise _error(call, ret)
+    return ret
+
+
+def _ptr(call: str, ptr: int | None) -> int:
+    if not ptr:
+        raise _error(call)
+    return ptr
+
+
+# --- objects, programs, maps, links --------------------------------------------------------------------
+
+
+def object_open(path: str) -> int:
+    ctypes.set_errno(0)
+    return _ptr(f"bpf_object__open_file({path})", _object_open_file(path.encode(), None))
+
+
+def object_load(obj: int) -> None:
+    ctypes.set_errno(0)
+    _check("bpf_object__load", _object_load(obj))
+
+
+def object_close(obj: int) -> None:
+    _object_close(obj)
+
+
+def programs(obj: int) -> Iterator[int]:
+    prog = _object_next_program(obj, None)
+    while prog:
+        yield prog
+        prog = _object_next_program(obj, prog)
+
+
+def maps(obj: int) -> Iterator[int]:
+    m = _object_next_map(obj, None)
+    while m:
+        yield m
+        m = _object_next_map(obj, m)
+
+
+def program_name(prog: int) -> str:
+    return bytes(_program_name(prog)).decode()
+
+
+def program_section(prog: int) -> str:
+    return bytes(_program_section(prog)).decode()
+
+
+def program_fd(prog: int) -> int:
+    return _check("bpf_program__fd", _program_fd(prog))
+
+
+def program_set_log_buf(prog: int, buf: ctypes.Array[ctypes.c_char]) -> None:
+    _check("bpf_program__set_log_buf", _program_set_log_buf(prog, buf, len(buf)))
+
+
+def program_attach_cgroup(prog: int, cgroup_fd: int) -> int:
+    ctypes.set_errno(0)
+    return _ptr("bpf_program__attach_cgroup", _program_attach_cgroup(prog, cgroup_fd))
+
+
+def map_name(m: int) -> str:
+    return bytes(_map_name(m)).decode()
+
+
+def map_fd(m: int) -> int:
+    return _check("bpf_map__fd", _map_fd(m))
+
+
+def map_max_entries(m: int) -> int:
+    return int(_map_max_entries(m))
+
+
+def map_set_max_entries(m: int, n: int) -> None:
+    _check("bpf_map__set_max_entries", _map_set_max_entries(m, n))
+
+
+def map_reuse_fd(m: int, fd: int) -> None:
+    ctypes.set_errno(0)
+    _check("bpf_map__reuse_fd", _map_reuse_fd(m, fd))
+
+
+def link_pin(link: int, path: str) -> None:
+    ctypes.set_errno(0)
+    _check(f"bpf_link__pin({path})", _link_pin(link, path.encode()))
+
+
+def link_open(path: str) -> int:
+    ctypes.set_errno(0)
+    return _ptr(f"bpf_link__open({path})", _link_open(path.encode()))
+
+
+def link_update_program(link: int, prog: int) -> None:
+    ctypes.set_errno(0)
+    _check("bpf_link__update_program", _link_update_program(link, prog))
+
+
+def link_fd(link: int) -> int:
+    return _check("bpf_link__fd", _link_fd(link))
+
+
+def link_destroy(link: int) -> None:
+    """Free libbpf's handle; a pinned link stays attached (the pin holds a reference)."""
+    _link_destroy(link)
+
+
+def link_detach(fd: int) -> None:
+    ctypes.set_errno(0)
+    _check("bpf_link_detach", _link_detach(fd))
+
+
+def obj_pin(fd: int, path: str) -> None:
+    ctypes.set_errno(0)
+    _check(f"bpf_obj_pin({path})", _obj_pin(fd, path.encode()))
+
+
+def obj_get(path: str) -> int:
+    ctypes.set_errno(0)
+    return _check(f"bpf_obj_get({path})", _obj_get(path.encode()))
+
+
+def obj_get_info(fd: int, info: ctypes.Structure) -> None:
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    ctypes.set_errno(0)
+    _check("bpf_obj_get_info_by_fd", _obj_get_info(fd, ctypes.byref(info), ctypes.byref(size)))
+
+
+def prog_get_fd_by_id(prog_id: int) -> int:
+    ctypes.set_errno(0)
+    return _check("bpf_prog_get_fd_by_id", _prog_get_fd_by_id(prog_id))
+
+
+class MapInfo(ctypes.Structure):
+    """The head of ``struct bpf_map_info`` (the kernel accepts a shorter buffer)."""
+
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("name", ctypes.c_char * 16),
+    ]
+
+
+class ProgInfo(ctypes.Structure):
+    """The head of ``struct bpf_prog_info``."""
+
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("tag", ctypes.c_uint8 * 8)]
+
+
+class LinkInfo(ctypes.Structure):
+    """``struct bpf_link_info`` up to the cgroup member of its union."""
+
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("prog_id", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("cgroup_id", ctypes.c_uint64),
+        ("attach_type", ctypes.c_uint32),
+        ("pad2", ctypes.c_uint32),
+    ]
+
+
+# --- map element operations ----------------------------------------------------------------------------
+
+BPF_ANY = 0
+
+
+def map_update(fd: int, key: bytes, value: bytes) -> None:
+    ctypes.set_errno(0)
+    _check("bpf_map_update_elem", _map_update(fd, key, value, BPF_ANY))
+
+
+def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
+    buf = ctypes.create_string_buffer(value_size)
+    ctypes.set_errno(0)
+    if _map_lookup(fd, key, buf) < 0:
+        if ctypes.get_errno() == 2:
+            return None
+        raise _error("bpf_map_lookup_elem")
+    return buf.raw
+
+
+def map_delete(fd: int, key: bytes) -> bool:
+    """Delete one key; False when it was not there."""
+    ctypes.set_errno(0)
+    if _map_delete(fd, key) < 0:
+        if ctypes.get_errno() == 2:
+            return False
+        raise _error("bpf_map_delete_elem")
+    return True
+
+
+def map_keys(fd: int, key_size: int) -> list[bytes]:
+    """Every key of a hash map (a snapshot; concurrent deletes may shorten it)."""
+    keys: list[bytes] = []
+    cur = ctypes.create_string_buffer(key_size)
+    nxt = ctypes.create_string_buffer(key_size)
+    prev: ctypes.Array[ctypes.c_char] | None = None
+    while True:
+        ctypes.set_errno(0)
+        if _map_next_key(fd, prev, nxt) < 0:
+            if ctypes.get_errno() == 2:
+                return keys
+            raise _error("bpf_map_get_next_key")
+        keys.append(nxt.raw)
+        ctypes.memmove(cur, nxt, key_size)
+        prev = cur
+
+
+def map_update_batch(fd: int, keys: bytes, values: bytes, count: int) -> None:
+    """Update ``count`` packed keys/values in one syscall."""
+    n = ctypes.c_uint32(count)
+    opts = _BatchOpts(ctypes.sizeof(_BatchOpts), 0, 0)
+    ctypes.set_errno(0)
+    _check("bpf_map_update_batch", _map_update_batch(fd, keys, values, ctypes.byref(n), ctypes.byref(opts)))
+
+
+def map_delete_batch(fd: int, keys: bytes, count: int) -> None:
+    n = ctypes.c_uint32(count)
+    opts = _BatchOpts(ctypes.sizeof(_BatchOpts), 0, 0)
+    ctypes.set_errno(0)
+    _check("bpf_map_delete_batch", _map_delete_batch(fd, keys, ctypes.byref(n), ctypes.byref(opts)))

@@ -1,0 +1,229 @@
+"""Load the BPF object, reuse or pin its maps, attach or swap its programs — never detaching on the way.
+
+Pins live under ``<bpffs>/maps/<map>`` and ``<bpffs>/links/<program>``. On start the loader reuses every
+pinned map (so programmed state survives restarts), loads the new programs against them, and for each
+program either updates its pinned link in place (an atomic swap; skipped when the program's tag is
+unchanged) or attaches and pins a new link. Links found on another cgroup are moved make-before-break.
+``cleanup`` is the only thing that detaches. Neighbours: ``libbpf`` (calls), ``mounts`` (bpffs, cgroup2),
+``maps`` (opens the pinned maps for the writer).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from balancing import errors
+from balancing.datapath import abi, libbpf, mounts
+
+log = logging.getLogger(__name__)
+
+LOG_BUF_SIZE = 1 << 20
+
+
+@dataclass(frozen=True)
+class DatapathConfig:
+    object_path: Path
+    bpffs: Path
+    cgroup: Path
+    max_services: int = abi.DEFAULT_SVC_ENTRIES
+    max_backends: int = abi.DEFAULT_BACKENDS
+    max_reverse: int = abi.DEFAULT_REV_ENTRIES
+
+    @property
+    def map_dir(self) -> Path:
+        return self.bpffs / "maps"
+
+    @property
+    def link_dir(self) -> Path:
+        return self.bpffs / "links"
+
+    def capacity(self, map_name: str) -> int | None:
+        return {
+            abi.MAP_SERVICES: self.max_services,
+            abi.MAP_BACKENDS: self.max_backends,
+            abi.MAP_REVERSE: self.max_reverse,
+        }.get(map_name)
+
+
+@dataclass
+class LoadReport:
+    maps_created: list[str] = field(default_factory=list)
+    maps_reused: list[str] = field(default_factory=list)
+    programs_attached: list[str] = field(default_factory=list)
+    programs_swapped: list[str] = field(default_factory=list)
+    programs_unchanged: list[str] = field(default_factory=list)
+    programs_moved: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        parts = [
+            f"{len(v)} {k.replace('_', ' ')}" for k, v in vars(self).items() if v and k != "warnings"
+        ]
+        return ", ".join(parts)
+
+
+def _map_info(fd: int) -> libbpf.MapInfo:
+    info = libbpf.MapInfo()
+    libbpf.obj_get_info(fd, info)
+    return info
+
+
+def _prog_tag(prog_fd: int) -> bytes:
+    info = libbpf.ProgInfo()
+    libbpf.obj_get_info(prog_fd, info)
+    return bytes(info.tag)
+
+
+def _reuse_pinned_map(m: int, pin: Path, cfg: DatapathConfig, report: LoadReport) -> int | None:
+    """Point the object's map at its pin, if there is one; returns the fd to close after load."""
+    name = libbpf.map_name(m)
+    if not pin.exists():
+        return None
+    fd = libbpf.obj_get(str(pin))
+    info = _map_info(fd)
+    wanted = cfg.capacity(name)
+    if wanted is not None and info.max_entries != wanted:
+        msg = (
+            f"map {name} is pinned with {info.max_entries} entries, configured {wanted}: keeping the pinned "
+            f"size (run `balancing cleanup` to resize)"
+        )
+        report.warnings.append(msg)
+        libbpf.map_set_max_entries(m, info.max_entries)
+    try:
+        libbpf.map_reuse_fd(m, fd)
+    except OSError as exc:
+        os.close(fd)
+        raise errors.IncompatiblePin(path=str(pin), reason=str(exc)) from exc
+    report.maps_reused.append(name)
+    return fd
+
+
+def _load_object(obj: int, log_bufs: dict[str, ctypes.Array[ctypes.c_char]]) -> None:
+    try:
+        libbpf.object_load(obj)
+    except OSError as exc:
+        failed = [(n, b.value.decode(errors="replace")) for n, b in log_bufs.items() if b.value]
+        program, text = failed[-1] if failed else ("?", "")
+        raise errors.BpfLoadError(program=program, log=f"{exc}\n{text}".strip()) from exc
+
+
+def load(cfg: DatapathConfig) -> LoadReport:
+    """Open, load and attach; returns what was created, reused, attached or swapped."""
+    mounts.ensure_bpffs(cfg.bpffs)
+    cfg.map_dir.mkdir(parents=True, exist_ok=True)
+    cfg.link_dir.mkdir(parents=True, exist_ok=True)
+    report = LoadReport()
+    obj = libbpf.object_open(str(cfg.object_path))
+    reused_fds: list[int] = []
+    try:
+        for m in libbpf.maps(obj):
+            name = libbpf.map_name(m)
+            capacity = cfg.capacity(name)
+            if capacity is not None:
+                libbpf.map_set_max_entries(m, capacity)
+            fd = _reuse_pinned_map(m, cfg.map_dir / name, cfg, report)
+            if fd is not None:
+                reused_fds.append(fd)
+        log_bufs = {}
+        for prog in libbpf.programs(obj):
+            buf = ctypes.create_string_buffer(LOG_BUF_SIZE)
+            libbpf.program_set_log_buf(prog, buf)
+            log_bufs[libbpf.program_name(prog)] = buf
+        _load_object(obj, log_bufs)
+        for m in libbpf.maps(obj):
+            name = libbpf.map_name(m)
+            if name not in report.maps_reused:
+                libbpf.obj_pin(libbpf.map_fd(m), str(cfg.map_dir / name))
+                report.maps_created.append(name)
+        _attach_all(obj, cfg, report)
+    finally:
+        libbpf.object_close(obj)
+        for fd in reused_fds:
+            os.close(fd)
+    for w in report.warnings:
+        log.warning("%s", w)
+    return report
+
+
+def _attach_all(obj: int, cfg: DatapathConfig, report: LoadReport) -> None:
+    cg_fd = os.open(cfg.cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        want_cgroup = mounts.cgroup_id(cfg.cgroup)
+        for prog in libbpf.programs(obj):
+            name = libbpf.program_name(prog)
+            pin = cfg.link_dir / name
+            if pin.exists():
+                _update_link(prog, pin, cg_fd, want_cgroup, report)
+            else:
+                link = libbpf.program_attach_cgroup(prog, cg_fd)
+                try:
+                    libbpf.link_pin(link, str(pin))
+                finally:
+                    libbpf.link_destroy(link)
+                report.programs_attached.append(name)
+    finally:
+        os.close(cg_fd)
+
+
+def _update_link(prog: int, pin: Path, cg_fd: int, want_cgroup: int, report: LoadReport) -> None:
+    name = libbpf.program_name(prog)
+    link = libbpf.link_open(str(pin))
+    try:
+        info = libbpf.LinkInfo()
+        libbpf.obj_get_info(libbpf.link_fd(link), info)
+        if info.cgroup_id != want_cgroup:
+            _move_link(prog, pin, cg_fd, link)
+            report.programs_moved.append(name)
+            return
+        old_fd = libbpf.prog_get_fd_by_id(info.prog_id)
+        try:
+            unchanged = _prog_tag(old_fd) == _prog_tag(libbpf.program_fd(prog))
+        finally:
+            os.close(old_fd)
+        if unchanged:
+            report.programs_unchanged.append(name)
+        else:
+            libbpf.link_update_program(link, prog)
+            report.programs_swapped.append(name)
+    finally:
+        libbpf.link_destroy(link)
+
+
+def _move_link(prog: int, pin: Path, cg_fd: int, old_link: int) -> None:
+    """Attach on the new cgroup first, then replace the pin and detach the old link."""
+    new_link = libbpf.program_attach_cgroup(prog, cg_fd)
+    try:
+        tmp = pin.with_name(pin.name + ".new")
+        libbpf.link_pin(new_link, str(tmp))
+        os.replace(tmp, pin)
+        libbpf.link_detach(libbpf.link_fd(old_link))
+    finally:
+        libbpf.link_destroy(new_link)
+
+
+def cleanup(bpffs: Path) -> list[str]:
+    """Detach every pinned link and unpin every map under ``bpffs``; safe to run twice."""
+    done: list[str] = []
+    link_dir, map_dir = bpffs / "links", bpffs / "maps"
+    for pin in sorted(link_dir.iterdir()) if link_dir.is_dir() else []:
+        try:
+            fd = libbpf.obj_get(str(pin))
+            try:
+                libbpf.link_detach(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.warning("detaching %s: %s", pin, exc)
+        pin.unlink(missing_ok=True)
+        done.append(f"detached {pin.name}")
+    for pin in sorted(map_dir.iterdir()) if map_dir.is_dir() else []:
+        pin.unlink(missing_ok=True)
+        done.append(f"unpinned {pin.name}")
+    for d in (link_dir, map_dir, bpffs):
+        if d.is_dir() and not any(d.iterdir()):
+            d.rmdir()
+    return done

@@ -1,0 +1,131 @@
+"""The map I/O seam: element updates, deletes and dumps by map name.
+
+``KernelMaps`` works on the pinned maps under a bpffs directory (batch syscalls for bulk changes, single ones
+for small changes); ``FakeMaps`` is an in-memory stand-in for writer unit tests that records every element
+operation and can call an observer between any two of them (the make-before-break tests). Kernel errors are
+translated here into ``MapFull`` / ``MapError`` naming the map.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from balancing import errors
+from balancing.datapath import abi, libbpf
+
+Items = Sequence[tuple[bytes, bytes]]
+
+
+class MapIO(Protocol):
+    def update(self, map_name: str, items: Items) -> None: ...
+    def delete(self, map_name: str, keys: Sequence[bytes]) -> None: ...
+    def items(self, map_name: str) -> list[tuple[bytes, bytes]]: ...
+
+
+class KernelMaps:
+    """The pinned maps of one agent (``<bpffs>/maps``)."""
+
+    BATCH_MIN = 32  # below this, single updates are cheaper than building a batch
+    BATCH_MAX = 8192
+
+    def __init__(self, map_dir: Path, names: Sequence[str] = (abi.MAP_SERVICES, abi.MAP_BACKENDS)) -> None:
+        self.fds: dict[str, int] = {}
+        self.capacity: dict[str, int] = {}
+        self.sizes: dict[str, tuple[int, int]] = {}
+        try:
+            for name in names:
+                fd = libbpf.obj_get(str(map_dir / name))
+                self.fds[name] = fd
+                info = libbpf.MapInfo()
+                libbpf.obj_get_info(fd, info)
+                self.capacity[name] = info.max_entries
+                self.sizes[name] = (info.key_size, info.value_size)
+        except OSError:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+    def _fail(self, map_name: str, op: str, exc: OSError) -> errors.DatapathError:
+        if exc.errno in (errno.E2BIG, errno.ENOSPC, errno.ENOMEM):
+            return errors.MapFull(map=map_name, capacity=self.capacity.get(map_name, 0))
+        return errors.MapError(map=map_name, op=op, errno=exc.errno or 0)
+
+    def update(self, map_name: str, items: Items) -> None:
+        fd = self.fds[map_name]
+        try:
+            if len(items) < self.BATCH_MIN:
+                for key, value in items:
+                    libbpf.map_update(fd, key, value)
+                return
+            for start in range(0, len(items), self.BATCH_MAX):
+                chunk = items[start : start + self.BATCH_MAX]
+                keys = b"".join(k for k, _ in chunk)
+                values = b"".join(v for _, v in chunk)
+                libbpf.map_update_batch(fd, keys, values, len(chunk))
+        except OSError as exc:
+            raise self._fail(map_name, "update", exc) from exc
+
+    def delete(self, map_name: str, keys: Sequence[bytes]) -> None:
+        fd = self.fds[map_name]
+        try:
+            for key in keys:  # batch delete fails whole on one missing key; singles are idempotent
+                libbpf.map_delete(fd, key)
+        except OSError as exc:
+            raise self._fail(map_name, "delete", exc) from exc
+
+    def items(self, map_name: str) -> list[tuple[bytes, bytes]]:
+        fd = self.fds[map_name]
+        key_size, value_size = self.sizes[map_name]
+        out = []
+        try:
+            for key in libbpf.map_keys(fd, key_size):
+                value = libbpf.map_lookup(fd, key, value_size)
+                if value is not None:
+                    out.append((key, value))
+        except OSError as exc:
+            raise self._fail(map_name, "dump", exc) from exc
+        return out
+
+
+class FakeMaps:
+    """In-memory maps with the same interface; ``observer`` runs after every element operation."""
+
+    def __init__(self, capacity: dict[str, int] | None = None) -> None:
+        self.data: dict[str, dict[bytes, bytes]] = {}
+        self.capacity = capacity or {}
+        self.ops: list[tuple[str, str, bytes]] = []
+        self.observer: Callable[[], None] | None = None
+
+    def _map(self, name: str) -> dict[bytes, bytes]:
+        return self.data.setdefault(name, {})
+
+    def _record(self, op: str, name: str, key: bytes) -> None:
+        self.ops.append((op, name, key))
+        if self.observer:
+            self.observer()
+
+    def update(self, map_name: str, items: Items) -> None:
+        m = self._map(map_name)
+        for key, value in items:
+            cap = self.capacity.get(map_name)
+            if cap is not None and key not in m and len(m) >= cap:
+                raise errors.MapFull(map=map_name, capacity=cap)
+            m[key] = value
+            self._record("update", map_name, key)
+
+    def delete(self, map_name: str, keys: Sequence[bytes]) -> None:
+        m = self._map(map_name)
+        for key in keys:
+            m.pop(key, None)
+            self._record("delete", map_name, key)
+
+    def items(self, map_name: str) -> list[tuple[bytes, bytes]]:
+        return list(self._map(map_name).items())

@@ -1,0 +1,76 @@
+"""Read what the service and backend maps hold, decoded into model terms.
+
+Used by the writer to recover its state on start (nothing is flushed: it converges from what is there) and by
+``balancing inspect`` to show the maps as they are. Inconsistencies a crash could leave (slots past the
+count, slots without a master, backends no slot uses, slots naming a missing backend) are reported as
+garbage keys or ``None`` slots rather than hidden.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from balancing.datapath import abi
+from balancing.datapath.maps import MapIO
+from balancing.model.desired import Backend, FrontendKey, Protocol
+
+BackendRef = tuple[Backend, int]  # a backend and the protocol of the frontends using it
+
+
+@dataclass
+class ProgrammedFrontend:
+    svc_id: int
+    slots: list[BackendRef | None]  # slot 1 first; None: the slot or its backend is missing
+
+
+@dataclass
+class ProgrammedState:
+    frontends: dict[FrontendKey, ProgrammedFrontend] = field(default_factory=dict)
+    backend_ids: dict[BackendRef, int] = field(default_factory=dict)
+    garbage_slots: list[bytes] = field(default_factory=list)  # service-map keys to delete
+    garbage_backends: list[bytes] = field(default_factory=list)  # backend-map keys to delete
+    max_svc_id: int = 0
+    max_backend_id: int = 0
+
+
+def frontend_key(key: abi.SvcKey) -> FrontendKey:
+    return FrontendKey(abi.unpack_addr(key.addr), key.port, Protocol(key.proto))
+
+
+def read_state(io: MapIO) -> ProgrammedState:
+    state = ProgrammedState()
+    backends: dict[int, BackendRef] = {}
+    for raw_id, raw in io.items(abi.MAP_BACKENDS):
+        be = abi.BackendVal.unpack(raw)
+        backend_id = abi.unpack_backend_id(raw_id)
+        backends[backend_id] = (Backend(abi.unpack_addr(be.addr), be.port), be.proto)
+        state.max_backend_id = max(state.max_backend_id, backend_id)
+
+    masters: dict[FrontendKey, abi.SvcVal] = {}
+    slots: dict[tuple[FrontendKey, int], tuple[bytes, int]] = {}
+    for raw_key, raw_val in io.items(abi.MAP_SERVICES):
+        key, val = abi.SvcKey.unpack(raw_key), abi.SvcVal.unpack(raw_val)
+        fkey = frontend_key(key)
+        if key.slot == abi.MASTER_SLOT:
+            masters[fkey] = val
+            state.max_svc_id = max(state.max_svc_id, val.svc_id)
+        else:
+            slots[(fkey, key.slot)] = (raw_key, val.backend_id)
+
+    used: set[int] = set()
+    for fkey, master in masters.items():
+        refs: list[BackendRef | None] = []
+        for slot in range(1, master.count + 1):
+            entry = slots.pop((fkey, slot), None)
+            ref = backends.get(entry[1]) if entry else None
+            if entry and ref:
+                used.add(entry[1])
+            refs.append(ref)
+        state.frontends[fkey] = ProgrammedFrontend(master.svc_id, refs)
+    state.garbage_slots = [raw_key for raw_key, _ in slots.values()]
+    for backend_id, ref in backends.items():
+        if backend_id in used:
+            state.backend_ids[ref] = backend_id
+        else:
+            state.garbage_backends.append(abi.pack_backend_id(backend_id))
+    return state

@@ -1,0 +1,1 @@
+"""The ``balancing`` command: ``agent``, ``inspect``, ``cleanup``. Wiring and presentation only."""

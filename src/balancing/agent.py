@@ -1,0 +1,154 @@
+"""The agent: wires manifest source → model store → map writer, and serves health endpoints.
+
+One asyncio program. Start: load and attach the datapath (reusing pins), read the maps back, read every
+manifest, program the full desired state with one reconciling sync (never flush-and-refill), then follow
+the directory and apply only the frontends each change touches. A periodic resync repairs anything that
+drifted and retries after a failed write. Bad input is logged with its file, document and field, and the
+last good state stays programmed. SIGTERM/SIGINT stop the agent; the pinned datapath keeps translating.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from balancing import errors, health
+from balancing.datapath import loader, maps, writer
+from balancing.model import desired, store
+from balancing.sources import manifests, watch
+
+log = logging.getLogger("balancing.agent")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    manifests: Path
+    node_name: str
+    datapath: loader.DatapathConfig
+    health_host: str = "127.0.0.1"
+    health_port: int = 10256
+    resync_interval: float = 30.0
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.store = store.ClusterStore(cfg.node_name)
+        self.source = manifests.ManifestDirectory(cfg.manifests)
+        self.health = health.HealthState(stale_after=2 * cfg.resync_interval + 10)
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="datapath")
+        self._writer: writer.MapWriter | None = None
+        self._needs_resync = False
+        self._conflicts: set[str] = set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        report = await loop.run_in_executor(self._io, loader.load, self.cfg.datapath)
+        log.info("datapath on %s, pins in %s: %s", self.cfg.datapath.cgroup, self.cfg.datapath.bpffs,
+                 report.summary())
+        kernel_maps = await loop.run_in_executor(self._io, maps.KernelMaps, self.cfg.datapath.map_dir)
+        self._writer = await loop.run_in_executor(self._io, writer.MapWriter, kernel_maps)
+        server = await health.serve(self.health, self.cfg.health_host, self.cfg.health_port)
+        try:
+            self._ingest(self.source.load())
+            await self._full_sync()
+            tasks = [asyncio.create_task(self._follow()), asyncio.create_task(self._resync_loop())]
+            await stop.wait()
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        finally:
+            server.close()
+            await server.wait_closed()
+            kernel_maps.close()
+            self._io.shutdown(wait=True)
+        log.info("stopped; the datapath stays attached and keeps translating")
+
+    # --- source → model ------------------------------------------------------------------------------------
+
+    def _ingest(self, update: manifests.SourceUpdate) -> None:
+        for err in update.errors:
+            log.error("manifest rejected, keeping the last good version of the file: %s", err)
+        for ref in update.deletes:
+            self.store.delete(ref)
+        for obj in update.upserts:
+            self.store.upsert(obj)
+        conflicts = set(self.store.conflicts())
+        for msg in sorted(conflicts - self._conflicts):
+            log.error("frontend conflict: %s", msg)
+        self._conflicts = conflicts
+
+    async def _follow(self) -> None:
+        async for update in watch.watch_manifests(self.source):
+            seen = time.perf_counter()
+            self._ingest(update)
+            if self._needs_resync:
+                await self._full_sync()
+            else:
+                await self._write(self.store.take_changes(), seen)
+
+    # --- model → datapath ----------------------------------------------------------------------------------
+
+    async def _full_sync(self) -> None:
+        assert self._writer is not None
+        wanted = self.store.desired()
+        self.store.take_changes()  # everything it would report is in ``wanted``
+        started = time.perf_counter()
+        try:
+            stats = await asyncio.get_running_loop().run_in_executor(self._io, self._writer.sync, wanted)
+        except errors.DatapathError as exc:
+            self._failed(exc)
+            return
+        self._needs_resync = False
+        self.health.synced()
+        self.health.extra["frontends"] = len(wanted.frontends)
+        if stats.ops or not self.health.extra.get("synced_once"):
+            log.info("full sync: %d frontends, %d written, %d removed, %d map ops in %.1f ms",
+                     len(wanted.frontends), stats.frontends_written, stats.frontends_removed, stats.ops,
+                     (time.perf_counter() - started) * 1000)
+        self.health.extra["synced_once"] = True
+
+    async def _write(self, changes: desired.FrontendChanges, seen: float) -> None:
+        assert self._writer is not None
+        if not changes:
+            return
+        try:
+            stats = await asyncio.get_running_loop().run_in_executor(self._io, self._writer.apply, changes)
+        except errors.DatapathError as exc:
+            self._failed(exc)
+            return
+        self.health.synced()
+        log.info("applied %d frontend changes (%d written, %d removed, %d map ops) %.2f ms after the change",
+                 len(changes.upsert) + len(changes.remove), stats.frontends_written, stats.frontends_removed,
+                 stats.ops, (time.perf_counter() - seen) * 1000)
+
+    def _failed(self, exc: errors.DatapathError) -> None:
+        log.error("programming the datapath failed, keeping what is programmed and retrying: %s", exc)
+        self.health.last_error = str(exc)
+        self._needs_resync = True
+
+    async def _resync_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.resync_interval if not self._needs_resync else 1.0)
+            await self._full_sync()
+
+
+def run(cfg: AgentConfig) -> None:
+    """Run until SIGTERM/SIGINT."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await Agent(cfg).run(stop)
+
+    asyncio.run(main())

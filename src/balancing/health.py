@@ -1,0 +1,73 @@
+"""The agent's HTTP endpoints: ``/healthz`` and ``/livez`` (kube-proxy compatible JSON) and ``/readyz``.
+
+``/healthz`` answers 200 with ``{"lastUpdated": ..., "currentTime": ...}`` while the last successful sync is
+younger than the staleness limit, else 503; ``/readyz`` is 200 once the first full sync is programmed. A tiny
+asyncio server: the agent runs one event loop and this must never block it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+
+def _rfc3339(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+@dataclass
+class HealthState:
+    stale_after: float = 60.0
+    ready: bool = False
+    last_synced: float | None = None  # wall-clock time of the last successful sync
+    last_error: str = ""
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def synced(self) -> None:
+        self.ready = True
+        self.last_synced = time.time()
+        self.last_error = ""
+
+    def healthz(self) -> tuple[int, dict[str, object]]:
+        now = time.time()
+        body: dict[str, object] = {
+            "lastUpdated": _rfc3339(self.last_synced) if self.last_synced else "",
+            "currentTime": _rfc3339(now),
+        }
+        if self.last_error:
+            body["lastError"] = self.last_error
+        healthy = self.last_synced is not None and now - self.last_synced <= self.stale_after
+        return (200 if healthy else 503), body
+
+    def readyz(self) -> tuple[int, dict[str, object]]:
+        return (200 if self.ready else 503), {"ready": self.ready, **self.extra}
+
+
+async def _handle(state: HealthState, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        request = await asyncio.wait_for(reader.readline(), 5)
+        while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
+            pass
+        parts = request.decode(errors="replace").split()
+        path = parts[1].split("?")[0] if len(parts) >= 2 else ""
+        routes = {"/healthz": state.healthz, "/livez": state.healthz, "/readyz": state.readyz}
+        code, body = routes[path]() if path in routes else (404, {"error": f"no such path {path!r}"})
+        payload = json.dumps(body).encode()
+        reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[code]
+        writer.write(
+            f"HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
+            + payload
+        )
+        await writer.drain()
+    except (TimeoutError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+async def serve(state: HealthState, host: str, port: int) -> asyncio.Server:
+    return await asyncio.start_server(lambda r, w: _handle(state, r, w), host, port)

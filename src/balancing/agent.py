@@ -50,8 +50,12 @@ class Agent:
     async def run(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         report = await loop.run_in_executor(self._io, loader.load, self.cfg.datapath)
-        log.info("datapath on %s, pins in %s: %s", self.cfg.datapath.cgroup, self.cfg.datapath.bpffs,
-                 report.summary())
+        log.info(
+            "datapath on %s, pins in %s: %s",
+            self.cfg.datapath.cgroup,
+            self.cfg.datapath.bpffs,
+            report.summary(),
+        )
         kernel_maps = await loop.run_in_executor(self._io, maps.KernelMaps, self.cfg.datapath.map_dir)
         self._writer = await loop.run_in_executor(self._io, writer.MapWriter, kernel_maps)
         server = await health.serve(self.health, self.cfg.health_host, self.cfg.health_port)
@@ -111,9 +115,14 @@ class Agent:
         self.health.synced()
         self.health.extra["frontends"] = len(wanted.frontends)
         if stats.ops or not self.health.extra.get("synced_once"):
-            log.info("full sync: %d frontends, %d written, %d removed, %d map ops in %.1f ms",
-                     len(wanted.frontends), stats.frontends_written, stats.frontends_removed, stats.ops,
-                     (time.perf_counter() - started) * 1000)
+            log.info(
+                "full sync: %d frontends, %d written, %d removed, %d map ops in %.1f ms",
+                len(wanted.frontends),
+                stats.frontends_written,
+                stats.frontends_removed,
+                stats.ops,
+                (time.perf_counter() - started) * 1000,
+            )
         self.health.extra["synced_once"] = True
 
     async def _write(self, changes: desired.FrontendChanges, seen: float) -> None:
@@ -126,9 +135,14 @@ class Agent:
             self._failed(exc)
             return
         self.health.synced()
-        log.info("applied %d frontend changes (%d written, %d removed, %d map ops) %.2f ms after the change",
-                 len(changes.upsert) + len(changes.remove), stats.frontends_written, stats.frontends_removed,
-                 stats.ops, (time.perf_counter() - seen) * 1000)
+        log.info(
+            "applied %d frontend changes (%d written, %d removed, %d map ops) %.2f ms after the change",
+            len(changes.upsert) + len(changes.remove),
+            stats.frontends_written,
+            stats.frontends_removed,
+            stats.ops,
+            (time.perf_counter() - seen) * 1000,
+        )
 
     def _failed(self, exc: errors.DatapathError) -> None:
         log.error("programming the datapath failed, keeping what is programmed and retrying: %s", exc)

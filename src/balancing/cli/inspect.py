@@ -25,14 +25,16 @@ def services_json(state: programmed.ProgrammedState) -> list[dict[str, object]]:
     out = []
     for key in sorted(state.frontends):
         f = state.frontends[key]
-        out.append({
-            "frontend": str(key),
-            "address": str(key.ip),
-            "port": key.port,
-            "protocol": key.protocol.name,
-            "serviceId": f.svc_id,
-            "backends": [str(r[0]) if r else None for r in f.slots],
-        })
+        out.append(
+            {
+                "frontend": str(key),
+                "address": str(key.ip),
+                "port": key.port,
+                "protocol": key.protocol.name,
+                "serviceId": f.svc_id,
+                "backends": [str(r[0]) if r else None for r in f.slots],
+            }
+        )
     return out
 
 
@@ -49,7 +51,9 @@ def services(
         raise typer.Exit(2) from exc
     try:
         state = programmed.read_state(io)
-        usage = {name: (len(io.items(name)), io.capacity[name]) for name in (abi.MAP_SERVICES, abi.MAP_BACKENDS)}
+        usage = {
+            name: (len(io.items(name)), io.capacity[name]) for name in (abi.MAP_SERVICES, abi.MAP_BACKENDS)
+        }
     finally:
         io.close()
     rows = services_json(state)

@@ -18,7 +18,9 @@ from balancing import errors
 from balancing.cli import inspect
 from balancing.datapath import abi, loader, mounts
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Socket-level load balancing for Kubernetes.")
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, help="Socket-level load balancing for Kubernetes."
+)
 app.add_typer(inspect.app, name="inspect")
 
 DEFAULT_BPFFS = Path("/sys/fs/bpf/balancing")
@@ -55,13 +57,23 @@ def _fail(exc: errors.BalancingError) -> None:
 def agent(
     manifests: Annotated[Path, typer.Option(help="Directory of Kubernetes manifests (YAML/JSON).")],
     node_name: Annotated[str, typer.Option(help="This node's name (as in Node objects and pod nodeName).")],
-    cgroup: Annotated[Path | None, typer.Option(help="cgroup v2 directory to attach to [cgroup2 root].")] = None,
+    cgroup: Annotated[
+        Path | None, typer.Option(help="cgroup v2 directory to attach to [cgroup2 root].")
+    ] = None,
     bpffs: BpffsOpt = DEFAULT_BPFFS,
-    health_addr: Annotated[str, typer.Option(help="HOST:PORT for /healthz, /livez, /readyz.")] = "0.0.0.0:10256",
-    bpf_object: Annotated[Path | None, typer.Option(help="Compiled BPF object [build/bpf/balancing.o].")] = None,
-    max_services: Annotated[int, typer.Option(help="Service map entries (frontends + slots).")] = abi.DEFAULT_SVC_ENTRIES,
+    health_addr: Annotated[
+        str, typer.Option(help="HOST:PORT for /healthz, /livez, /readyz.")
+    ] = "0.0.0.0:10256",
+    bpf_object: Annotated[
+        Path | None, typer.Option(help="Compiled BPF object [build/bpf/balancing.o].")
+    ] = None,
+    max_services: Annotated[
+        int, typer.Option(help="Service map entries (frontends + slots).")
+    ] = abi.DEFAULT_SVC_ENTRIES,
     max_backends: Annotated[int, typer.Option(help="Backend map entries.")] = abi.DEFAULT_BACKENDS,
-    max_reverse: Annotated[int, typer.Option(help="UDP reverse-translation LRU entries.")] = abi.DEFAULT_REV_ENTRIES,
+    max_reverse: Annotated[
+        int, typer.Option(help="UDP reverse-translation LRU entries.")
+    ] = abi.DEFAULT_REV_ENTRIES,
     resync_interval: Annotated[float, typer.Option(help="Seconds between full reconciling syncs.")] = 30.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
@@ -69,8 +81,9 @@ def agent(
     from balancing import agent as agent_mod
 
     logging.getLogger("watchfiles").setLevel(logging.WARNING)
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         if not manifests.is_dir():
             raise errors.ConfigError("--manifests", f"{manifests} is not a directory")
@@ -80,8 +93,11 @@ def agent(
         cg = cgroup or mounts.cgroup2_root()
         if mounts.fs_type_of(cg) != "cgroup2" or not cg.is_dir():
             raise errors.ConfigError("--cgroup", f"{cg} is not a cgroup v2 directory")
-        for flag, value in (("--max-services", max_services), ("--max-backends", max_backends),
-                            ("--max-reverse", max_reverse)):
+        for flag, value in (
+            ("--max-services", max_services),
+            ("--max-backends", max_backends),
+            ("--max-reverse", max_reverse),
+        ):
             if value < 1:
                 raise errors.ConfigError(flag, "must be at least 1")
         host, port = _host_port(health_addr)

@@ -52,7 +52,8 @@ class Layout:
 
 # Ports are packed big-endian by hand (">H") into 2-byte "2s" fields, so the layouts stay native-endian.
 SVC_KEY = Layout(
-    "bl_svc_key", (("addr", "16s"), ("port", "2s"), ("proto", "B"), ("scope", "B"), ("slot", "H"), ("pad", "H"))
+    "bl_svc_key",
+    (("addr", "16s"), ("port", "2s"), ("proto", "B"), ("scope", "B"), ("slot", "H"), ("pad", "H")),
 )
 SVC_VAL = Layout(
     "bl_svc_val",

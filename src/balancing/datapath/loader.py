@@ -60,9 +60,7 @@ class LoadReport:
     warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        parts = [
-            f"{len(v)} {k.replace('_', ' ')}" for k, v in vars(self).items() if v and k != "warnings"
-        ]
+        parts = [f"{len(v)} {k.replace('_', ' ')}" for k, v in vars(self).items() if v and k != "warnings"]
         return ", ".join(parts)
 
 

@@ -40,7 +40,9 @@ def ensure_bpffs(pin_dir: Path) -> None:
     """Make sure ``pin_dir`` lies on bpffs, mounting /sys/fs/bpf when nothing is mounted there."""
     if fs_type_of(pin_dir) != "bpf":
         if pin_dir.resolve() != BPFFS_ROOT and BPFFS_ROOT not in pin_dir.resolve().parents:
-            raise OSError(f"{pin_dir} is not on a bpf file system (mount one, or use a path under /sys/fs/bpf)")
+            raise OSError(
+                f"{pin_dir} is not on a bpf file system (mount one, or use a path under /sys/fs/bpf)"
+            )
         if fs_type_of(BPFFS_ROOT) != "bpf":
             BPFFS_ROOT.mkdir(parents=True, exist_ok=True)
             if _libc.mount(b"bpf", str(BPFFS_ROOT).encode(), b"bpf", 0, None) != 0:

@@ -1,0 +1,176 @@
+"""Map writer against the in-memory maps: diffing, idempotency, recovery and make-before-break.
+
+The make-before-break property is checked between every two element operations: a reader that resolves a
+frontend at that instant (master, then a slot, then the backend) must find a backend that was valid before
+or after the change. The same writer runs against kernel maps in tests/kernel/test_writer_kernel.py.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from balancing.datapath import abi
+from balancing.datapath.maps import FakeMaps
+from balancing.datapath.writer import MapWriter, assign_slots
+from balancing.model.desired import Backend, DesiredState, Frontend, FrontendKey, Owner, Protocol
+
+OWNER = Owner("Service", "default", "web", "http")
+KEYS = [
+    FrontendKey(ipaddress.ip_address("10.96.0.1"), 80, Protocol.TCP),
+    FrontendKey(ipaddress.ip_address("10.96.0.1"), 80, Protocol.UDP),
+    FrontendKey(ipaddress.ip_address("fd00:96::1"), 80, Protocol.TCP),
+]
+V4 = [Backend(ipaddress.ip_address(f"10.244.0.{i}"), 8080) for i in range(1, 7)]
+V6 = [Backend(ipaddress.ip_address(f"fd00:244::{i}"), 8080) for i in range(1, 7)]
+
+
+def state(spec: dict[int, list[int]]) -> DesiredState:
+    """{key index: backend indexes} → DesiredState (v6 keys get v6 backends)."""
+    out = {}
+    for k, idx in spec.items():
+        pool = V6 if KEYS[k].ip.version == 6 else V4
+        out[KEYS[k]] = Frontend(OWNER, tuple(sorted(pool[i] for i in set(idx))))
+    return DesiredState(out)
+
+
+def resolve_all(maps: FakeMaps, key: FrontendKey) -> set[Backend] | None:
+    """Every backend a connect could reach now; None when the frontend is not programmed."""
+    svc, bes = maps.data.get(abi.MAP_SERVICES, {}), maps.data.get(abi.MAP_BACKENDS, {})
+    master_raw = svc.get(abi.svc_key(key.ip, key.port, key.protocol, 0).pack())
+    if master_raw is None:
+        return None
+    master = abi.SvcVal.unpack(master_raw)
+    reached = set()
+    for slot in range(1, master.count + 1):
+        slot_raw = svc.get(abi.svc_key(key.ip, key.port, key.protocol, slot).pack())
+        assert slot_raw is not None, f"{key}: slot {slot} of {master.count} missing"
+        be_raw = bes.get(abi.pack_backend_id(abi.SvcVal.unpack(slot_raw).backend_id))
+        assert be_raw is not None, f"{key}: slot {slot} names a missing backend"
+        be = abi.BackendVal.unpack(be_raw)
+        reached.add(Backend(abi.unpack_addr(be.addr), be.port))
+    return reached
+
+
+def test_same_state_twice_costs_nothing() -> None:
+    maps = FakeMaps()
+    writer = MapWriter(maps)
+    first = writer.sync(state({0: [0, 1, 2], 1: [3], 2: [0, 1]}))
+    assert first.ops > 0
+    assert writer.sync(state({0: [0, 1, 2], 1: [3], 2: [0, 1]})).ops == 0
+
+
+def test_one_endpoint_removed_costs_a_few_operations() -> None:
+    maps = FakeMaps()
+    writer = MapWriter(maps)
+    writer.sync(state({0: [0, 1, 2, 3, 4, 5]}))
+    maps.ops.clear()
+    writer.sync(state({0: [0, 1, 3, 4, 5]}))
+    # slot of backend 2 takes the tail backend, count shrinks, the tail slot and the backend go
+    assert [op for op, _, _ in maps.ops] == ["update", "update", "delete", "delete"]
+
+
+def test_frontend_without_backends_is_programmed_with_count_zero() -> None:
+    maps = FakeMaps()
+    MapWriter(maps).sync(state({0: []}))
+    assert resolve_all(maps, KEYS[0]) == set()
+
+
+def test_recovery_reads_the_maps_back_and_converges_without_flushing() -> None:
+    maps = FakeMaps()
+    writer = MapWriter(maps)
+    writer.sync(state({0: [0, 1, 2], 2: [1]}))
+    ids = {k: writer.svc_id(k) for k in (KEYS[0], KEYS[2])}
+    restarted = MapWriter(maps)
+    assert restarted.programmed() == writer.programmed()
+    assert {k: restarted.svc_id(k) for k in ids} == ids
+    assert restarted.sync(state({0: [0, 1, 2], 2: [1]})).ops == 0
+    assert restarted.sync(state({0: [0, 1, 2]})).frontends_removed == 1
+
+
+def test_recovery_collects_garbage_a_crash_could_leave() -> None:
+    maps = FakeMaps()
+    MapWriter(maps).sync(state({0: [0, 1]}))
+    key = KEYS[0]
+    orphan_slot = abi.svc_key(key.ip, key.port, key.protocol, 7).pack()
+    orphan_backend = abi.pack_backend_id(999)
+    maps.update(abi.MAP_SERVICES, [(orphan_slot, abi.SvcVal(backend_id=1).pack())])
+    maps.update(abi.MAP_BACKENDS, [(orphan_backend, abi.BackendVal(abi.pack_addr(V4[5].ip), 1, 6).pack())])
+    writer = MapWriter(maps)
+    writer.sync(state({0: [0, 1]}))
+    assert orphan_slot not in maps.data[abi.MAP_SERVICES]
+    assert orphan_backend not in maps.data[abi.MAP_BACKENDS]
+    assert resolve_all(maps, key) == {V4[0], V4[1]}
+
+
+def test_backend_shared_by_two_frontends_stays_while_one_uses_it() -> None:
+    maps = FakeMaps()
+    writer = MapWriter(maps)
+    writer.sync(state({0: [0, 1], 1: [0]}))
+    writer.sync(state({1: [0]}))
+    assert resolve_all(maps, KEYS[1]) == {V4[0]}
+    assert len(maps.data[abi.MAP_BACKENDS]) == 1
+
+
+def test_full_map_is_reported_and_the_writer_state_stays_true() -> None:
+    maps = FakeMaps(capacity={abi.MAP_BACKENDS: 2})
+    writer = MapWriter(maps)
+    writer.sync(state({0: [0, 1]}))
+    try:
+        writer.sync(state({0: [0, 1, 2]}))
+    except Exception as exc:
+        assert "bl_be_v1" in str(exc)
+    else:
+        raise AssertionError("MapFull expected")
+    assert resolve_all(maps, KEYS[0]) == {V4[0], V4[1]}
+    assert writer.programmed() == MapWriter(maps).programmed()
+
+
+@given(
+    old=st.lists(st.integers(0, 9), unique=True, max_size=8),
+    new=st.lists(st.integers(0, 9), unique=True, max_size=8),
+)
+def test_slot_assignment_keeps_survivors_and_stays_dense(old: list[int], new: list[int]) -> None:
+    refs = [(Backend(ipaddress.ip_address(f"10.0.0.{i}"), 1), 6) for i in range(10)]
+    old_slots = [refs[i] for i in old]
+    slots = assign_slots(list(old_slots), [refs[i] for i in new])
+    assert sorted(slots) == sorted(refs[i] for i in new)
+    for i, ref in enumerate(old_slots):
+        if ref in slots and i < len(slots):
+            assert slots[i] == ref, "a surviving backend inside the new range keeps its slot"
+
+
+specs = st.dictionaries(st.integers(0, 2), st.lists(st.integers(0, 5), max_size=6), max_size=3)
+
+
+@settings(max_examples=300, deadline=None)
+@given(steps=st.lists(specs, min_size=1, max_size=5))
+def test_every_instant_resolves_to_a_backend_valid_before_or_after(steps: list[dict[int, list[int]]]) -> None:
+    maps = FakeMaps()
+    writer = MapWriter(maps)
+    before = DesiredState()
+    for spec in steps:
+        after = state(spec)
+
+        def check(before: DesiredState = before, after: DesiredState = after) -> None:
+            for key in KEYS:
+                reached = resolve_all(maps, key)
+                old, new = before.frontends.get(key), after.frontends.get(key)
+                if reached is None:
+                    assert old is None or new is None, f"{key} vanished while it exists before and after"
+                    continue
+                allowed = set(old.backends if old else ()) | set(new.backends if new else ())
+                assert reached <= allowed, f"{key} reaches {reached - allowed}"
+                if not reached:
+                    assert (old is None or not old.backends) or (new is None or not new.backends)
+
+        maps.observer = check
+        writer.sync(after)
+        maps.observer = None
+        for key in KEYS:
+            want = after.frontends.get(key)
+            assert resolve_all(maps, key) == (set(want.backends) if want else None)
+        assert writer.sync(after).ops == 0
+        before = after

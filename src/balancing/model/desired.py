@@ -10,9 +10,22 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import socket
 from dataclasses import dataclass, field
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def parse_ip(text: str) -> IPAddress:
+    """``ipaddress.ip_address`` for text, several times faster (inet_pton in C; same errors)."""
+    try:
+        return ipaddress.IPv4Address(socket.inet_pton(socket.AF_INET, text))
+    except OSError:
+        pass
+    try:
+        return ipaddress.IPv6Address(socket.inet_pton(socket.AF_INET6, text.split("%", 1)[0]))
+    except OSError:
+        raise ValueError(f"{text!r} does not appear to be an IPv4 or IPv6 address") from None
 
 
 class Protocol(enum.IntEnum):
@@ -31,6 +44,9 @@ class FrontendKey:
     port: int
     protocol: Protocol
 
+    def __hash__(self) -> int:  # ipaddress's own __hash__ is slow and these are hashed constantly
+        return hash((int(self.ip), self.port, self.protocol))
+
     def __str__(self) -> str:
         host = f"[{self.ip}]" if self.ip.version == 6 else str(self.ip)
         return f"{host}:{self.port}/{self.protocol.name}"
@@ -42,6 +58,9 @@ class Backend:
 
     ip: IPAddress
     port: int
+
+    def __hash__(self) -> int:
+        return hash((int(self.ip), self.port))
 
     def __str__(self) -> str:
         host = f"[{self.ip}]" if self.ip.version == 6 else str(self.ip)

@@ -1,0 +1,134 @@
+"""The project-wide error hierarchy: every error Balancing raises or reports on purpose.
+
+::
+
+    BalancingError
+    ├── SourceError                   input could not be read
+    │   └── ManifestError             one manifest file/document is invalid (file, document, obj, field)
+    ├── DatapathError                 the kernel side failed
+    │   ├── BpfLoadError              a BPF program was rejected (program, verifier log)
+    │   ├── MapError                  a map operation failed (map, op, errno)
+    │   ├── MapFull                   a map has no room left (map, capacity)
+    │   └── IncompatiblePin           a pinned object cannot be reused (path, reason)
+    └── ConfigError                   a command-line flag or setting is wrong (flag)
+
+Every error carries the object, field, map or flag it concerns as attributes, and ``str()`` gives one line a
+person can act on. Plain data only: no I/O, imports nothing from the project, so every layer may import it.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+from pathlib import Path
+
+
+class BalancingError(Exception):
+    """Base of every error Balancing raises on purpose."""
+
+
+# --- sources -------------------------------------------------------------------------------------------
+
+
+class SourceError(BalancingError):
+    """An input (manifest directory, API server) could not be read or holds invalid objects."""
+
+
+class ManifestError(SourceError):
+    """One manifest file, or one document in it, is invalid.
+
+    ``document`` is 1-based (0: the whole file, e.g. unreadable); ``obj`` names the object when known
+    (``"Service default/web"``, else ``""``); ``field`` is the dotted field path (``"spec.ports[0].port"``,
+    else ``""``).
+    """
+
+    def __init__(self, file: Path | str, document: int, obj: str, field: str, message: str) -> None:
+        super().__init__(file, document, obj, field, message)
+        self.file = Path(file)
+        self.document = document
+        self.obj = obj
+        self.field = field
+        self.message = message
+
+    def __str__(self) -> str:
+        where = str(self.file)
+        if self.document:
+            where += f" document {self.document}"
+        if self.obj:
+            where += f" ({self.obj})"
+        field = f"{self.field}: " if self.field else ""
+        return f"{where}: {field}{self.message}"
+
+
+# --- datapath ------------------------------------------------------------------------------------------
+
+
+class DatapathError(BalancingError):
+    """The kernel side (BPF programs, maps, pins, cgroup attachment) failed."""
+
+
+class BpfLoadError(DatapathError):
+    """The kernel rejected a BPF program; ``log`` is the verifier log (may be long)."""
+
+    def __init__(self, program: str, log: str) -> None:
+        super().__init__(program, log)
+        self.program = program
+        self.log = log
+
+    def __str__(self) -> str:
+        lines = self.log.strip().splitlines()
+        tail = f": {lines[-1]}" if lines else ""
+        return f"BPF program {self.program} was rejected by the kernel{tail}"
+
+
+class MapError(DatapathError):
+    """A BPF map operation (``op``: lookup, update, delete, create, ...) failed with ``errno``."""
+
+    def __init__(self, map: str, op: str, errno: int) -> None:
+        super().__init__(map, op, errno)
+        self.map = map
+        self.op = op
+        self.errno = errno
+
+    def __str__(self) -> str:
+        name = _errno.errorcode.get(self.errno, str(self.errno))
+        return f"{self.op} on BPF map {self.map} failed: {name} ({os.strerror(self.errno)})"
+
+
+class MapFull(DatapathError):
+    """A BPF map has no room for another entry; raise its size or reduce the input."""
+
+    def __init__(self, map: str, capacity: int) -> None:
+        super().__init__(map, capacity)
+        self.map = map
+        self.capacity = capacity
+
+    def __str__(self) -> str:
+        return f"BPF map {self.map} is full ({self.capacity} entries)"
+
+
+class IncompatiblePin(DatapathError):
+    """A pinned BPF object at ``path`` exists but cannot be reused (``reason``: what differs)."""
+
+    def __init__(self, path: Path | str, reason: str) -> None:
+        super().__init__(path, reason)
+        self.path = Path(path)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"pinned BPF object {self.path} cannot be reused: {self.reason}"
+
+
+# --- configuration -------------------------------------------------------------------------------------
+
+
+class ConfigError(BalancingError):
+    """A command-line flag or configuration setting is invalid; ``flag`` names it (``"--manifests"``)."""
+
+    def __init__(self, flag: str, message: str) -> None:
+        super().__init__(flag, message)
+        self.flag = flag
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.flag}: {self.message}"

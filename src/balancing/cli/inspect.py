@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from balancing.datapath import abi, maps, programmed
@@ -66,8 +67,10 @@ def services(
     for row in rows:
         backends = row["backends"]
         assert isinstance(backends, list)
-        shown = ", ".join(b or "[missing]" for b in backends) or "[red]none: connects are refused[/red]"
-        table.add_row(str(row["frontend"]), str(row["serviceId"]), shown)
+        shown = (
+            escape(", ".join(b or "[missing]" for b in backends)) or "[red]none: connects are refused[/red]"
+        )
+        table.add_row(escape(str(row["frontend"])), str(row["serviceId"]), shown)
     console = Console()
     console.print(table)
     console.print(" ".join(f"{n}: {used}/{cap}" for n, (used, cap) in usage.items()), style="dim")

@@ -36,7 +36,7 @@ class Protocol(enum.IntEnum):
     SCTP = 132
 
 
-@dataclass(frozen=True, order=True, slots=True)
+@dataclass(frozen=True, slots=True)
 class FrontendKey:
     """What a client connects to: address, port and protocol."""
 
@@ -47,12 +47,20 @@ class FrontendKey:
     def __hash__(self) -> int:  # ipaddress's own __hash__ is slow and these are hashed constantly
         return hash((int(self.ip), self.port, self.protocol))
 
+    def __lt__(self, other: FrontendKey) -> bool:  # IPv4 before IPv6 (ipaddress refuses to compare them)
+        return (self.ip.version, int(self.ip), self.port, self.protocol) < (
+            other.ip.version,
+            int(other.ip),
+            other.port,
+            other.protocol,
+        )
+
     def __str__(self) -> str:
         host = f"[{self.ip}]" if self.ip.version == 6 else str(self.ip)
         return f"{host}:{self.port}/{self.protocol.name}"
 
 
-@dataclass(frozen=True, order=True, slots=True)
+@dataclass(frozen=True, slots=True)
 class Backend:
     """Where a translated connection goes."""
 
@@ -61,6 +69,9 @@ class Backend:
 
     def __hash__(self) -> int:
         return hash((int(self.ip), self.port))
+
+    def __lt__(self, other: Backend) -> bool:
+        return (self.ip.version, int(self.ip), self.port) < (other.ip.version, int(other.ip), other.port)
 
     def __str__(self) -> str:
         host = f"[{self.ip}]" if self.ip.version == 6 else str(self.ip)

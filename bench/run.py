@@ -1,0 +1,175 @@
+"""Benchmarks for the datapath and the control plane (not tests: figures, measured side by side).
+
+1. Connect rate and latency through a VIP vs directly to the backend, with 1 and with 10,000 services
+   programmed, interleaved rounds in one run, reported as ratios (C probe: bench/tcp_connect.c).
+2. Time to program 10,000 services x 10 endpoints from model objects to kernel maps.
+3. Time from one endpoint change being seen to its map write, with 10,000 services present (p50/p99).
+
+Run as root: ``make bench`` (or ``.venv/bin/python bench/run.py [--services N] [--rounds R]``). Uses the test
+harness topology (network namespaces, a test-owned cgroup and bpffs directory) and removes all of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from helpers.topology import Pod, Topology  # noqa: E402
+
+from balancing.datapath import loader, maps, writer  # noqa: E402
+from balancing.model import objects, store  # noqa: E402
+
+OBJECT = ROOT / "build/bpf/balancing.o"
+PROBE_SRC = ROOT / "bench/tcp_connect.c"
+PROBE = ROOT / "build/bench/tcp_connect"
+
+
+def build_probe() -> Path:
+    PROBE.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["gcc", "-O2", "-Wall", "-o", str(PROBE), str(PROBE_SRC)], check=True)
+    return PROBE
+
+
+def service_objects(index: int, endpoints: list[str], port: int = 80, target: int = 8080) -> list[Any]:
+    vip = ipaddress.IPv4Address("10.96.0.0") + 1 + index
+    name = f"svc-{index}"
+    svc = objects.Service.model_validate(
+        {
+            "metadata": {"name": name, "namespace": "bench", "creationTimestamp": "2026-01-01T00:00:00Z"},
+            "spec": {
+                "clusterIPs": [str(vip)],
+                "ports": [{"name": "http", "port": port, "targetPort": target}],
+            },
+        }
+    )
+    eps = objects.EndpointSlice.model_validate(
+        {
+            "metadata": {
+                "name": f"{name}-1",
+                "namespace": "bench",
+                "labels": {"kubernetes.io/service-name": name},
+            },
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": target}],
+            "endpoints": [{"addresses": [ip]} for ip in endpoints],
+        }
+    )
+    return [svc, eps]
+
+
+def fake_endpoints(index: int, count: int) -> list[str]:
+    base = ipaddress.IPv4Address("10.128.0.0") + index * count
+    return [str(base + i) for i in range(count)]
+
+
+def connect_round(topo: Topology, client: Any, node: Path, ip: str, port: int, n: int) -> tuple[float, ...]:
+    res = topo.run(["sh", "-c", f"{PROBE} client {ip} {port} {n}"], netns=client, cgroup=node, timeout=120)
+    rate, p50, p99, errs = res.stdout.split()
+    if int(errs):
+        raise RuntimeError(f"{errs} connects to {ip}:{port} failed")
+    return float(rate), float(p50), float(p99)
+
+
+def connect_bench(topo: Topology, client: Any, node: Path, pod: Pod, rounds: int, n: int) -> dict[str, float]:
+    samples: dict[str, list[tuple[float, ...]]] = {"direct": [], "vip": []}
+    for _ in range(rounds):
+        samples["direct"].append(connect_round(topo, client, node, pod.ip4, 8080, n))
+        samples["vip"].append(connect_round(topo, client, node, "10.96.0.1", 80, n))
+    med = {k: [statistics.median(s[i] for s in v) for i in range(3)] for k, v in samples.items()}
+    return {
+        "direct_rate": med["direct"][0],
+        "vip_rate": med["vip"][0],
+        "direct_p50_us": med["direct"][1],
+        "vip_p50_us": med["vip"][1],
+        "vip_p99_us": med["vip"][2],
+        "direct_p99_us": med["direct"][2],
+        "latency_ratio_p50": med["vip"][1] / med["direct"][1],
+        "time_ratio": med["direct"][0] / med["vip"][0],  # time per connect, VIP / direct
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--services", type=int, default=10_000)
+    ap.add_argument("--endpoints", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--connects", type=int, default=5000)
+    ap.add_argument("--changes", type=int, default=300)
+    args = ap.parse_args()
+    build_probe()
+    results: dict[str, Any] = {}
+    with Topology() as topo:
+        pod = topo.add_pod("backend")
+        client = topo.add_client("client")
+        node = topo.node_cgroup("node-a")
+        topo.spawn([str(PROBE), "server", "8080"], netns=pod, ready="READY")
+        cfg = loader.DatapathConfig(OBJECT, topo.bpffs / "node-a", node)
+        loader.load(cfg)
+        io = maps.KernelMaps(cfg.map_dir)
+        w = writer.MapWriter(io)
+        st = store.ClusterStore("node-a")
+
+        for obj in service_objects(0, [pod.ip4]):
+            st.upsert(obj)
+        w.sync(st.desired())
+        st.take_changes()
+        results["connect_1_service"] = connect_bench(topo, client, node, pod, args.rounds, args.connects)
+
+        objs = [
+            o for i in range(1, args.services) for o in service_objects(i, fake_endpoints(i, args.endpoints))
+        ]
+        t0 = time.perf_counter()
+        for obj in objs:
+            st.upsert(obj)
+        desired = st.desired()
+        t1 = time.perf_counter()
+        stats = w.sync(desired)
+        t2 = time.perf_counter()
+        st.take_changes()
+        results["full_sync"] = {
+            "services": args.services,
+            "endpoints_per_service": args.endpoints,
+            "model_s": t1 - t0,
+            "maps_s": t2 - t1,
+            "total_s": t2 - t0,
+            "map_ops": stats.ops,
+        }
+        results["connect_10k_services"] = connect_bench(topo, client, node, pod, args.rounds, args.connects)
+
+        latencies = []
+        for k in range(args.changes):
+            i = 1 + (k * 7919) % (args.services - 1)
+            eps = fake_endpoints(i, args.endpoints)
+            eps[k % args.endpoints] = str(ipaddress.IPv4Address("10.200.0.0") + k)
+            slice_obj = service_objects(i, eps)[1]
+            t0 = time.perf_counter()
+            st.upsert(slice_obj)
+            w.apply(st.take_changes())
+            latencies.append((time.perf_counter() - t0) * 1000)
+        latencies.sort()
+        results["endpoint_change_ms"] = {
+            "p50": latencies[len(latencies) // 2],
+            "p99": latencies[int(len(latencies) * 0.99) - 1],
+            "max": latencies[-1],
+            "samples": len(latencies),
+        }
+        io.close()
+        loader.cleanup(cfg.bpffs)
+    out = ROOT / "build/bench/results.json"
+    out.write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+    print(f"(written to {out.relative_to(ROOT)})")
+
+
+if __name__ == "__main__":
+    main()

@@ -24,10 +24,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from helpers.topology import Pod, Topology  # noqa: E402
-
 from balancing.datapath import loader, maps, writer  # noqa: E402
 from balancing.model import objects, store  # noqa: E402
+from helpers.topology import Pod, Topology  # noqa: E402
 
 OBJECT = ROOT / "build/bpf/balancing.o"
 PROBE_SRC = ROOT / "bench/tcp_connect.c"

@@ -1,0 +1,205 @@
+"""Endpoint selection: which of a service port's endpoints new connections may use on this node.
+
+One pure function, ``select_endpoints``, following kube-proxy's ``CategorizeEndpoints``
+(``pkg/proxy/topology.go``): a cluster-wide set (with topology hints when they apply) and a node-local set,
+each with its own ready → serving-and-terminating fallback, plus their union and whether any endpoint is
+usable anywhere. Every set carries the *reason* it is what it is, as data, for ``balancing trace``.
+
+Neighbours: ``frontends`` turns EndpointSlices and Pods into ``Candidate``s and reads the result; nothing here
+knows about Kubernetes objects.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from balancing.model import desired
+
+__all__ = [
+    "Candidate",
+    "EndpointSet",
+    "Selection",
+    "SelectionContext",
+    "TopologyMode",
+    "select_endpoints",
+    "topology_mode",
+]
+
+TOPOLOGY_MODE_ANNOTATION = "service.kubernetes.io/topology-mode"
+TOPOLOGY_HINTS_ANNOTATION = "service.kubernetes.io/topology-aware-hints"  # deprecated spelling
+
+
+class TopologyMode(enum.Enum):
+    """Which hints a service asks proxies to honour."""
+
+    NONE = "none"
+    ZONE = "zone"  # topology-mode Auto, trafficDistribution PreferClose / PreferSameZone
+    NODE = "node"  # trafficDistribution PreferSameNode: node hints, else zone hints
+
+
+def topology_mode(annotations: Mapping[str, str], traffic_distribution: str | None) -> TopologyMode:
+    """The hint mode a Service enables (annotation values are case-sensitive: ``Auto`` or ``auto``)."""
+    if traffic_distribution == "PreferSameNode":
+        return TopologyMode.NODE
+    if traffic_distribution in ("PreferClose", "PreferSameZone"):
+        return TopologyMode.ZONE
+    value = annotations.get(TOPOLOGY_MODE_ANNOTATION, annotations.get(TOPOLOGY_HINTS_ANNOTATION, ""))
+    return TopologyMode.ZONE if value in ("Auto", "auto") else TopologyMode.NONE
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One endpoint of one service port, as the selection sees it (conditions already defaulted)."""
+
+    ip: desired.IPAddress
+    port: int
+    node_name: str = ""
+    zone: str = ""
+    ready: bool = True
+    serving: bool = True
+    terminating: bool = False
+    zone_hints: frozenset[str] = frozenset()
+    node_hints: frozenset[str] = frozenset()
+
+    @property
+    def backend(self) -> desired.Backend:
+        return desired.Backend(self.ip, self.port)
+
+    @property
+    def fallback(self) -> bool:
+        """Usable only when nothing is ready: still serving while terminating."""
+        return self.serving and self.terminating
+
+    def __str__(self) -> str:
+        return str(self.backend)
+
+
+@dataclass(frozen=True, slots=True)
+class SelectionContext:
+    """This node and the service's policies, as far as selection needs them."""
+
+    node_name: str
+    zone: str = ""
+    internal_local: bool = False  # internalTrafficPolicy: Local
+    external_local: bool = False  # externalTrafficPolicy: Local
+    externally_accessible: bool = False  # has a nodePort, externalIPs or load-balancer IPs
+    topology: TopologyMode = TopologyMode.NONE
+
+    @property
+    def uses_cluster(self) -> bool:
+        # External frontends need the cluster set even with eTP Local: in-cluster clients short-circuit to it.
+        return not self.internal_local or self.externally_accessible
+
+    @property
+    def uses_local(self) -> bool:
+        return self.internal_local or (self.externally_accessible and self.external_local)
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointSet:
+    """Chosen endpoints (sorted by address and port) and why."""
+
+    endpoints: tuple[Candidate, ...]
+    reason: str
+
+    @property
+    def backends(self) -> tuple[desired.Backend, ...]:
+        return tuple(c.backend for c in self.endpoints)
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """The result. ``None`` means "the service never uses this set", unlike an empty set."""
+
+    cluster: EndpointSet | None
+    local: EndpointSet | None
+    all_reachable: EndpointSet  # union of both: every endpoint some client of this node may reach
+    has_any: bool  # some endpoint is usable somewhere in the cluster (even if none is reachable here)
+    internal: EndpointSet  # what in-cluster clients of ClusterIPs use (local if iTP Local, else cluster)
+
+
+_HintsOf = Callable[[Candidate], frozenset[str]]
+
+
+def select_endpoints(candidates: Iterable[Candidate], ctx: SelectionContext) -> Selection:
+    """Categorize one service port's endpoints for this node (see the module docstring)."""
+    eps = _sorted(candidates)
+    cluster = _cluster_set(eps, ctx) if ctx.uses_cluster else None
+    local = _local_set(eps, ctx) if ctx.uses_local else None
+    both = _union(cluster, local)
+    internal = local if ctx.internal_local else cluster
+    assert internal is not None  # internal_local implies uses_local; otherwise uses_cluster
+    has_any = any(c.ready or c.fallback for c in eps)
+    return Selection(cluster=cluster, local=local, all_reachable=both, has_any=has_any, internal=internal)
+
+
+def _sorted(candidates: Iterable[Candidate]) -> tuple[Candidate, ...]:
+    return tuple(sorted(candidates, key=lambda c: (c.ip.version, int(c.ip), c.port, c.node_name)))
+
+
+def _cluster_set(eps: Sequence[Candidate], ctx: SelectionContext) -> EndpointSet:
+    ready = [c for c in eps if c.ready]
+    if ready:
+        hinted, note = _apply_topology(ready, ctx)
+        return EndpointSet(tuple(hinted), "ready" + (f"; {note}" if note else ""))
+    return _fallback(eps, "terminating fallback (no ready endpoint)", _empty_reason(eps, ""))
+
+
+def _local_set(eps: Sequence[Candidate], ctx: SelectionContext) -> EndpointSet:
+    mine = [c for c in eps if c.node_name and c.node_name == ctx.node_name]
+    ignored = "; topology ignored (traffic policy Local)" if ctx.topology is not TopologyMode.NONE else ""
+    ready = [c for c in mine if c.ready]
+    if ready:
+        return EndpointSet(tuple(ready), f"local ready on {ctx.node_name}{ignored}")
+    fallback = f"local terminating fallback (no ready endpoint on {ctx.node_name})"
+    return _fallback(mine, fallback, _empty_reason(mine, f" on {ctx.node_name}"))
+
+
+def _fallback(eps: Sequence[Candidate], reason: str, empty_reason: str) -> EndpointSet:
+    chosen = tuple(c for c in eps if c.fallback)
+    return EndpointSet(chosen, reason if chosen else empty_reason)
+
+
+def _empty_reason(eps: Sequence[Candidate], where: str) -> str:
+    if not eps:
+        return f"no endpoints{where}"
+    return f"no usable endpoint{where} ({len(eps)} neither ready nor serving-terminating)"
+
+
+def _apply_topology(ready: list[Candidate], ctx: SelectionContext) -> tuple[list[Candidate], str]:
+    """Filter ready endpoints by hints when every one is hinted and some hint names this node or zone."""
+    if ctx.topology is TopologyMode.NONE:
+        return ready, ""
+    notes: list[str] = []
+    if ctx.topology is TopologyMode.NODE:
+        chosen, why = _hinted(ready, "node", ctx.node_name, lambda c: c.node_hints)
+        if chosen:
+            return chosen, why
+        notes.append(f"node {why}")
+    chosen, why = _hinted(ready, "zone", ctx.zone, lambda c: c.zone_hints)
+    notes.append(why)
+    return (chosen or ready), "; ".join(notes)
+
+
+def _hinted(ready: list[Candidate], kind: str, here: str, hints_of: _HintsOf) -> tuple[list[Candidate], str]:
+    """Endpoints hinted for ``here`` and the reason; an empty list means the hints are ignored."""
+    unhinted = next((c for c in ready if not hints_of(c)), None)
+    if unhinted is not None:
+        return [], f"hints ignored: endpoint {unhinted} has no {kind} hint"
+    if not here:
+        return [], f"hints ignored: this node's {kind} is unknown"
+    chosen = [c for c in ready if here in hints_of(c)]
+    if not chosen:
+        return [], f"hints ignored: no endpoint hinted for {kind} {here}"
+    return chosen, f"topology: {kind} hints for {here}"
+
+
+def _union(cluster: EndpointSet | None, local: EndpointSet | None) -> EndpointSet:
+    if cluster is None or local is None:
+        only = cluster or local
+        assert only is not None
+        return only
+    merged = {(c.ip, c.port): c for c in (*cluster.endpoints, *local.endpoints)}
+    return EndpointSet(_sorted(merged.values()), f"{cluster.reason} + {local.reason}")

@@ -1,0 +1,316 @@
+"""Endpoint selection: kube-proxy's TestCategorizeEndpoints table, ported, plus hint-mode and reason cases."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from balancing.model import endpoints
+from balancing.model.endpoints import Candidate, SelectionContext, TopologyMode
+
+HERE = "node-1"
+ZONE, NODE = TopologyMode.ZONE, TopologyMode.NODE
+
+
+def ep(
+    addr: str,
+    *,
+    zones: tuple[str, ...] = (),
+    nodes: tuple[str, ...] = (),
+    ready: bool = True,
+    serving: bool | None = None,
+    terminating: bool = False,
+    local: bool = False,
+) -> Candidate:
+    host, port = addr.rsplit(":", 1)
+    return Candidate(
+        ip=ipaddress.ip_address(host),
+        port=int(port),
+        node_name=HERE if local else "node-2",
+        ready=ready,
+        serving=ready if serving is None else serving,
+        terminating=terminating,
+        zone_hints=frozenset(zones),
+        node_hints=frozenset(nodes),
+    )
+
+
+@dataclass
+class Case:
+    """``None`` for cluster/local means "the service does not use this set" (unlike an empty set)."""
+
+    name: str
+    eps: list[Candidate]
+    cluster: set[str] | None
+    local: set[str] | None = None
+    all: set[str] | None = None  # defaults to whichever of cluster/local is set
+    only_remote: bool = False  # has_any although nothing is reachable from here
+    zone: str = "zone-a"
+    topology: TopologyMode = TopologyMode.NONE
+    itp_local: bool = False
+    etp_local: bool = False
+    external: bool = False  # has a nodePort (externally accessible)
+    annotations: dict[str, str] = field(default_factory=dict)
+
+
+FOUR_ZONED = [
+    ep("10.1.2.3:80", zones=("zone-a",)),
+    ep("10.1.2.4:80", zones=("zone-b",)),
+    ep("10.1.2.5:80", zones=("zone-c",)),
+    ep("10.1.2.6:80", zones=("zone-a",)),
+]
+ALL_FOUR = {"10.1.2.3:80", "10.1.2.4:80", "10.1.2.5:80", "10.1.2.6:80"}
+LOCAL_AND_REMOTE = [ep("10.0.0.0:80", local=True), ep("10.0.0.1:80")]
+BOTH = {"10.0.0.0:80", "10.0.0.1:80"}
+ZONED_LOCAL = [
+    ep("10.1.2.3:80", zones=("zone-a",), local=True),
+    ep("10.1.2.4:80", zones=("zone-b",), local=True),
+    ep("10.1.2.5:80", zones=("zone-c",)),
+    ep("10.1.2.6:80", zones=("zone-a",)),
+]
+REMOTE_TERMINATING = [
+    ep("10.0.0.0:80", ready=False, serving=True, terminating=True),
+    ep("10.0.0.1:80", ready=False, serving=True, terminating=True),
+]
+MIXED_TERMINATING = [
+    ep("10.0.0.0:80"),
+    ep("10.0.0.1:80", ready=False, serving=False, local=True),
+    ep("10.0.0.2:80", ready=False, serving=True, terminating=True, local=True),
+    ep("10.0.0.3:80", ready=False, serving=True, terminating=True),
+]
+
+CASES = [
+    # --- ported from kube-proxy's TestCategorizeEndpoints -----------------------------------------
+    Case("hints annotation auto", FOUR_ZONED, {"10.1.2.3:80", "10.1.2.6:80"},
+         annotations={"service.kubernetes.io/topology-mode": "auto"}),
+    Case("hints annotation disabled, hints ignored", FOUR_ZONED, ALL_FOUR,
+         annotations={"service.kubernetes.io/topology-mode": "disabled"}),
+    Case("hints annotation aUto (wrong capitalization), hints ignored", FOUR_ZONED, ALL_FOUR,
+         annotations={"service.kubernetes.io/topology-mode": "aUto"}),
+    Case("hints annotation empty, hints ignored", FOUR_ZONED, ALL_FOUR,
+         annotations={"service.kubernetes.io/topology-mode": ""}),
+    Case("externalTrafficPolicy Local, topology ignored for Local endpoints", ZONED_LOCAL,
+         {"10.1.2.3:80", "10.1.2.6:80"}, local={"10.1.2.3:80", "10.1.2.4:80"},
+         all={"10.1.2.3:80", "10.1.2.4:80", "10.1.2.6:80"}, topology=ZONE, etp_local=True, external=True),
+    Case("internalTrafficPolicy Local, topology ignored for Local endpoints", ZONED_LOCAL,
+         {"10.1.2.3:80", "10.1.2.6:80"}, local={"10.1.2.3:80", "10.1.2.4:80"},
+         all={"10.1.2.3:80", "10.1.2.4:80", "10.1.2.6:80"}, topology=ZONE, itp_local=True, external=True),
+    Case("empty node labels", [ep("10.1.2.3:80", zones=("zone-a",))], {"10.1.2.3:80"}, zone="",
+         topology=ZONE),
+    Case("empty zone label", [ep("10.1.2.3:80", zones=("zone-a",))], {"10.1.2.3:80"}, zone="",
+         topology=ZONE),
+    Case("node in different zone, no endpoint filtering", [ep("10.1.2.3:80", zones=("zone-a",))],
+         {"10.1.2.3:80"}, zone="zone-b", topology=ZONE),
+    Case("normal endpoint filtering, Auto annotation", FOUR_ZONED, {"10.1.2.3:80", "10.1.2.6:80"},
+         annotations={"service.kubernetes.io/topology-mode": "Auto"}),
+    Case("hints annotation missing, no filtering applied", FOUR_ZONED, ALL_FOUR),
+    Case("unready endpoint", [*FOUR_ZONED[:3], ep("10.1.2.6:80", zones=("zone-a",), ready=False)],
+         {"10.1.2.3:80"}, topology=ZONE),
+    Case("only unready endpoints in same zone (should not filter)",
+         [ep("10.1.2.3:80", zones=("zone-a",), ready=False), *FOUR_ZONED[1:3],
+          ep("10.1.2.6:80", zones=("zone-a",), ready=False)],
+         {"10.1.2.4:80", "10.1.2.5:80"}, topology=ZONE),
+    Case("missing hints, no filtering applied", [*FOUR_ZONED[:2], ep("10.1.2.5:80"), FOUR_ZONED[3]],
+         ALL_FOUR, topology=ZONE),
+    Case("multiple hints per endpoint, filtering includes any endpoint with zone included",
+         [ep("10.1.2.3:80", zones=("zone-a", "zone-b", "zone-c")),
+          ep("10.1.2.4:80", zones=("zone-b", "zone-c")),
+          ep("10.1.2.5:80", zones=("zone-b", "zone-d")),
+          ep("10.1.2.6:80", zones=("zone-c",))],
+         {"10.1.2.3:80", "10.1.2.4:80", "10.1.2.6:80"}, zone="zone-c", topology=ZONE),
+    Case("conflicting topology and localness require merging allEndpoints",
+         [ep("10.0.0.0:80", zones=("zone-a",), local=True), ep("10.0.0.1:80", zones=("zone-b",), local=True),
+          ep("10.0.0.2:80", zones=("zone-a",)), ep("10.0.0.3:80", zones=("zone-b",))],
+         {"10.0.0.0:80", "10.0.0.2:80"}, local={"10.0.0.0:80", "10.0.0.1:80"},
+         all={"10.0.0.0:80", "10.0.0.1:80", "10.0.0.2:80"}, topology=ZONE, etp_local=True, external=True),
+    Case("internalTrafficPolicy Local, with empty endpoints", [], None, local=set(), itp_local=True),
+    Case("internalTrafficPolicy Local, but all endpoints are remote", [ep("10.0.0.0:80"), ep("10.0.0.1:80")],
+         None, local=set(), only_remote=True, itp_local=True),
+    Case("internalTrafficPolicy Local, all endpoints are local",
+         [ep("10.0.0.0:80", local=True), ep("10.0.0.1:80", local=True)], None, local=BOTH, itp_local=True),
+    Case("internalTrafficPolicy Local, some endpoints are local", LOCAL_AND_REMOTE, None,
+         local={"10.0.0.0:80"}, itp_local=True),
+    Case("Cluster traffic policy, endpoints not Ready",
+         [ep("10.0.0.0:80", ready=False), ep("10.0.0.1:80", ready=False)], set()),
+    Case("Cluster traffic policy, some endpoints are Ready",
+         [ep("10.0.0.0:80", ready=False), ep("10.0.0.1:80")], {"10.0.0.1:80"}),
+    Case("Cluster traffic policy, all endpoints are terminating",
+         [ep("10.0.0.0:80", ready=False, serving=True, terminating=True, local=True), REMOTE_TERMINATING[1]],
+         BOTH),
+    Case("iTP Local, eTP Cluster, some endpoints local", LOCAL_AND_REMOTE, BOTH, local={"10.0.0.0:80"},
+         all=BOTH, itp_local=True, external=True),
+    Case("iTP Cluster, eTP Local, some endpoints local", LOCAL_AND_REMOTE, BOTH, local={"10.0.0.0:80"},
+         all=BOTH, etp_local=True, external=True),
+    Case("iTP Local, eTP Local, some endpoints local", LOCAL_AND_REMOTE, BOTH, local={"10.0.0.0:80"},
+         all=BOTH, itp_local=True, etp_local=True, external=True),
+    Case("iTP Local, eTP Local, all endpoints remote", [ep("10.0.0.0:80"), ep("10.0.0.1:80")], BOTH,
+         local=set(), all=BOTH, itp_local=True, etp_local=True, external=True),
+    Case("iTP Local, eTP Local, all endpoints remote and terminating", REMOTE_TERMINATING, BOTH, local=set(),
+         all=BOTH, only_remote=True, itp_local=True, etp_local=True, external=True),
+    Case("iTP Cluster, eTP Local, with terminating endpoints", MIXED_TERMINATING, {"10.0.0.0:80"},
+         local={"10.0.0.2:80"}, all={"10.0.0.0:80", "10.0.0.2:80"}, etp_local=True, external=True),
+    Case("externalTrafficPolicy ignored if not externally accessible",
+         [ep("10.0.0.0:80"), ep("10.0.0.1:80", local=True)], BOTH, etp_local=True),
+    Case("no cluster endpoints for iTP Local internal-only service",
+         [ep("10.0.0.0:80"), ep("10.0.0.1:80", local=True)], None, local={"10.0.0.1:80"}, itp_local=True),
+    # --- ours: trafficDistribution, node hints, fallbacks -----------------------------------------
+    Case("trafficDistribution PreferClose uses zone hints", FOUR_ZONED, {"10.1.2.3:80", "10.1.2.6:80"},
+         topology=endpoints.topology_mode({}, "PreferClose")),
+    Case("deprecated topology-aware-hints annotation auto", FOUR_ZONED, {"10.1.2.3:80", "10.1.2.6:80"},
+         annotations={"service.kubernetes.io/topology-aware-hints": "auto"}),
+    Case("PreferSameNode uses node hints",
+         [ep("10.0.0.0:80", nodes=(HERE,), zones=("zone-a",)),
+          ep("10.0.0.1:80", nodes=("node-2",), zones=("zone-a",))],
+         {"10.0.0.0:80"}, topology=NODE),
+    Case("PreferSameNode falls back to zone hints when none is for this node",
+         [ep("10.0.0.0:80", nodes=("node-3",), zones=("zone-a",)),
+          ep("10.0.0.1:80", nodes=("node-2",), zones=("zone-b",))],
+         {"10.0.0.0:80"}, topology=NODE),
+    Case("PreferSameNode falls back to zone hints when an endpoint has no node hint",
+         [ep("10.0.0.0:80", nodes=(HERE,), zones=("zone-b",)), ep("10.0.0.1:80", zones=("zone-a",))],
+         {"10.0.0.1:80"}, topology=NODE),
+    Case("zone mode ignores node-only hints",
+         [ep("10.0.0.0:80", nodes=(HERE,)), ep("10.0.0.1:80", nodes=("node-2",))], BOTH, topology=ZONE),
+    Case("terminating fallback ignores hints",
+         [ep("10.0.0.0:80", zones=("zone-b",), ready=False, serving=True, terminating=True),
+          ep("10.0.0.1:80", zones=("zone-a",), ready=False, serving=True, terminating=True)],
+         BOTH, topology=ZONE),
+    Case("not-serving terminating endpoints are never used",
+         [ep("10.0.0.0:80", ready=False, serving=False, terminating=True)], set()),
+    Case("serving but not terminating is not a fallback",
+         [ep("10.0.0.0:80", ready=False, serving=True, terminating=False)], set()),
+    Case("terminating ready endpoint counts as ready",
+         [ep("10.0.0.0:80", terminating=True), ep("10.0.0.1:80")], BOTH),
+    Case("local fallback is independent of cluster set", MIXED_TERMINATING, None, local={"10.0.0.2:80"},
+         itp_local=True),
+]  # fmt: skip
+
+
+def context(case: Case) -> SelectionContext:
+    topology = case.topology
+    if case.annotations:
+        topology = endpoints.topology_mode(case.annotations, None)
+    return SelectionContext(
+        node_name=HERE,
+        zone=case.zone,
+        internal_local=case.itp_local,
+        external_local=case.etp_local,
+        externally_accessible=case.external,
+        topology=topology,
+    )
+
+
+def names(eps: endpoints.EndpointSet | None) -> set[str] | None:
+    return None if eps is None else {str(c) for c in eps.endpoints}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_categorize_endpoints(case: Case) -> None:
+    result = endpoints.select_endpoints(case.eps, context(case))
+    assert names(result.cluster) == case.cluster
+    assert names(result.local) == case.local
+    expected_all = case.all if case.all is not None else (case.cluster if case.local is None else case.local)
+    assert names(result.all_reachable) == expected_all
+    assert result.has_any == (bool(expected_all) or case.only_remote)
+    assert result.internal == (result.local if case.itp_local else result.cluster)
+
+
+def test_table_is_large_and_names_are_unique() -> None:
+    assert len(CASES) >= 26
+    assert len({c.name for c in CASES}) == len(CASES)
+
+
+REASONS = [
+    ("ready", FOUR_ZONED, Case("", [], None), "ready"),
+    ("zone hints", FOUR_ZONED, Case("", [], None, topology=ZONE), "ready; topology: zone hints for zone-a"),
+    ("missing hint", [*FOUR_ZONED[:2], ep("10.1.2.5:80")], Case("", [], None, topology=ZONE),
+     "ready; hints ignored: endpoint 10.1.2.5:80 has no zone hint"),
+    ("no hint for zone", FOUR_ZONED, Case("", [], None, topology=ZONE, zone="zone-q"),
+     "ready; hints ignored: no endpoint hinted for zone zone-q"),
+    ("zone unknown", FOUR_ZONED, Case("", [], None, topology=ZONE, zone=""),
+     "ready; hints ignored: this node's zone is unknown"),
+    ("node then zone", [ep("10.0.0.0:80", zones=("zone-a",))], Case("", [], None, topology=NODE),
+     "ready; node hints ignored: endpoint 10.0.0.0:80 has no node hint; topology: zone hints for zone-a"),
+    ("terminating fallback", REMOTE_TERMINATING, Case("", [], None),
+     "terminating fallback (no ready endpoint)"),
+    ("no endpoints", [], Case("", [], None), "no endpoints"),
+    ("none usable", [ep("10.0.0.0:80", ready=False)], Case("", [], None),
+     "no usable endpoint (1 neither ready nor serving-terminating)"),
+    ("local ready", LOCAL_AND_REMOTE, Case("", [], None, itp_local=True), "local ready on node-1"),
+    ("local ignores topology", LOCAL_AND_REMOTE, Case("", [], None, itp_local=True, topology=ZONE),
+     "local ready on node-1; topology ignored (traffic policy Local)"),
+    ("local fallback", MIXED_TERMINATING, Case("", [], None, itp_local=True),
+     "local terminating fallback (no ready endpoint on node-1)"),
+    ("no local", [ep("10.0.0.0:80")], Case("", [], None, itp_local=True), "no endpoints on node-1"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("eps", "case", "reason"), [r[1:] for r in REASONS], ids=[r[0] for r in REASONS])
+def test_reason_is_returned_as_data(eps: list[Candidate], case: Case, reason: str) -> None:
+    assert endpoints.select_endpoints(eps, context(case)).internal.reason == reason
+
+
+def test_union_reason_names_both_sets() -> None:
+    ctx = context(Case("", [], None, etp_local=True, external=True))
+    result = endpoints.select_endpoints(LOCAL_AND_REMOTE, ctx)
+    assert result.all_reachable.reason == "ready + local ready on node-1"
+
+
+@pytest.mark.parametrize(
+    ("annotations", "distribution", "mode"),
+    [
+        ({}, None, TopologyMode.NONE),
+        ({"service.kubernetes.io/topology-mode": "Auto"}, None, ZONE),
+        ({"service.kubernetes.io/topology-mode": "auto"}, None, ZONE),
+        ({"service.kubernetes.io/topology-mode": "Disabled"}, None, TopologyMode.NONE),
+        ({}, "PreferClose", ZONE),
+        ({}, "PreferSameZone", ZONE),
+        ({}, "PreferSameNode", NODE),
+        ({}, "SomethingNew", TopologyMode.NONE),
+    ],
+)
+def test_topology_mode(annotations: dict[str, str], distribution: str | None, mode: TopologyMode) -> None:
+    assert endpoints.topology_mode(annotations, distribution) is mode
+
+
+candidates = st.builds(
+    Candidate,
+    ip=st.integers(1, 20).map(lambda i: ipaddress.IPv4Address(f"10.0.0.{i}")),
+    port=st.sampled_from([80, 81]),
+    node_name=st.sampled_from(["node-1", "node-2", ""]),
+    ready=st.booleans(),
+    serving=st.booleans(),
+    terminating=st.booleans(),
+    zone_hints=st.frozensets(st.sampled_from(["zone-a", "zone-b"])),
+    node_hints=st.frozensets(st.sampled_from(["node-1", "node-2"])),
+)
+contexts = st.builds(
+    SelectionContext,
+    node_name=st.just(HERE),
+    zone=st.sampled_from(["zone-a", ""]),
+    internal_local=st.booleans(),
+    external_local=st.booleans(),
+    externally_accessible=st.booleans(),
+    topology=st.sampled_from(list(TopologyMode)),
+)
+
+
+@given(st.lists(candidates, max_size=8, unique_by=lambda c: (c.ip, c.port)), contexts)
+def test_selection_invariants(eps: list[Candidate], ctx: SelectionContext) -> None:
+    result = endpoints.select_endpoints(eps, ctx)
+    for chosen in (result.cluster, result.local):
+        if chosen is None:
+            continue
+        assert all(c.ready or (c.serving and c.terminating) for c in chosen.endpoints)
+        assert list(chosen.endpoints) == sorted(
+            chosen.endpoints, key=lambda c: (int(c.ip), c.port, c.node_name)
+        )
+    if result.local is not None:
+        assert all(c.node_name == HERE for c in result.local.endpoints)
+    if result.cluster is not None and any(c.ready for c in eps):
+        assert result.cluster.endpoints, "ready endpoints exist, so topology must leave some"
+    assert endpoints.select_endpoints(list(reversed(eps)), ctx) == result

@@ -24,6 +24,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from balancing.agent import gc_paused  # noqa: E402
 from balancing.datapath import loader, maps, writer  # noqa: E402
 from balancing.model import objects, store  # noqa: E402
 from helpers.topology import Pod, Topology  # noqa: E402
@@ -81,9 +82,12 @@ def connect_round(topo: Topology, client: Any, node: Path, ip: str, port: int, n
 
 def connect_bench(topo: Topology, client: Any, node: Path, pod: Pod, rounds: int, n: int) -> dict[str, float]:
     samples: dict[str, list[tuple[float, ...]]] = {"direct": [], "vip": []}
-    for _ in range(rounds):
-        samples["direct"].append(connect_round(topo, client, node, pod.ip4, 8080, n))
-        samples["vip"].append(connect_round(topo, client, node, "10.96.0.1", 80, n))
+    targets = {"direct": (pod.ip4, 8080), "vip": ("10.96.0.1", 80)}
+    for name in targets:  # warm-up, not counted
+        connect_round(topo, client, node, *targets[name], n // 4)
+    for r in range(rounds):  # interleaved, alternating which goes first
+        for name in ("direct", "vip") if r % 2 == 0 else ("vip", "direct"):
+            samples[name].append(connect_round(topo, client, node, *targets[name], n))
     med = {k: [statistics.median(s[i] for s in v) for i in range(3)] for k, v in samples.items()}
     return {
         "direct_rate": med["direct"][0],
@@ -128,12 +132,13 @@ def main() -> None:
             o for i in range(1, args.services) for o in service_objects(i, fake_endpoints(i, args.endpoints))
         ]
         t0 = time.perf_counter()
-        for obj in objs:
-            st.upsert(obj)
-        desired = st.desired()
-        t1 = time.perf_counter()
-        stats = w.sync(desired)
-        t2 = time.perf_counter()
+        with gc_paused():  # as the agent's full sync does
+            for obj in objs:
+                st.upsert(obj)
+            desired = st.desired()
+            t1 = time.perf_counter()
+            stats = w.sync(desired)
+            t2 = time.perf_counter()
         st.take_changes()
         results["full_sync"] = {
             "services": args.services,
@@ -161,6 +166,14 @@ def main() -> None:
             "p99": latencies[int(len(latencies) * 0.99) - 1],
             "max": latencies[-1],
             "samples": len(latencies),
+        }
+        t0 = time.perf_counter()
+        recovered = writer.MapWriter(io)
+        t1 = time.perf_counter()
+        results["restart"] = {
+            "recover_s": t1 - t0,
+            "resync_ops": recovered.sync(st.desired()).ops,
+            "resync_s": time.perf_counter() - t1,
         }
         io.close()
         loader.cleanup(cfg.bpffs)

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,23 @@ from balancing.model import desired, store
 from balancing.sources import manifests, watch
 
 log = logging.getLogger("balancing.agent")
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic GC during bulk model and map work.
+
+    A full sync of 10k services allocates ~10^6 short-lived objects while ~10^6 long-lived ones exist, so
+    generation-2 collections rescan the whole heap repeatedly (about a third of the sync's time); the objects
+    involved are acyclic and are freed by reference counting anyway.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 @dataclass(frozen=True)
@@ -103,14 +122,15 @@ class Agent:
 
     async def _full_sync(self) -> None:
         assert self._writer is not None
-        wanted = self.store.desired()
-        self.store.take_changes()  # everything it would report is in ``wanted``
         started = time.perf_counter()
-        try:
-            stats = await asyncio.get_running_loop().run_in_executor(self._io, self._writer.sync, wanted)
-        except errors.DatapathError as exc:
-            self._failed(exc)
-            return
+        with gc_paused():
+            wanted = self.store.desired()
+            self.store.take_changes()  # everything it would report is in ``wanted``
+            try:
+                stats = await asyncio.get_running_loop().run_in_executor(self._io, self._writer.sync, wanted)
+            except errors.DatapathError as exc:
+                self._failed(exc)
+                return
         self._needs_resync = False
         self.health.synced()
         self.health.extra["frontends"] = len(wanted.frontends)

@@ -33,7 +33,7 @@ def services_json(state: programmed.ProgrammedState) -> list[dict[str, object]]:
                 "port": key.port,
                 "protocol": key.protocol.name,
                 "serviceId": f.svc_id,
-                "backends": [str(r[0]) if r else None for r in f.slots],
+                "backends": [str(programmed.backend_of(r)) if r else None for r in f.slots],
             }
         )
     return out

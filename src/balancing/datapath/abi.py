@@ -145,6 +145,31 @@ class BackendVal:
         return cls(addr, unpack_port(port), proto)
 
 
+def pack_backend(ip: IPAddress, port: int, protocol: Protocol | int) -> bytes:
+    """A backend map value; also the writer's identity of a backend (bytes hash fast and compare exactly)."""
+    return _BACKEND.pack(pack_addr(ip), pack_port(port), int(protocol), 0, 0)
+
+
+def pack_slot(backend_id: int) -> bytes:
+    """The service-map value of a backend slot."""
+    return _SVC_VAL.pack(backend_id, 0, 0, 0, 0)
+
+
+_SLOT_OFFSET = SVC_KEY.offsets()["slot"]
+_U16 = struct.Struct("=H")
+_U32 = struct.Struct("=I")
+
+
+def split_svc_key(raw: bytes) -> tuple[bytes, int]:
+    """(the frontend's part of a service-map key, its slot) without decoding the address."""
+    return raw[:_SLOT_OFFSET], _U16.unpack_from(raw, _SLOT_OFFSET)[0]
+
+
+def slot_backend_id(raw_value: bytes) -> int:
+    """The backend id of a slot entry's value."""
+    return int(_U32.unpack_from(raw_value, 0)[0])
+
+
 def pack_backend_id(backend_id: int) -> bytes:
     return _BACKEND_ID.pack(backend_id)
 
@@ -155,6 +180,18 @@ def unpack_backend_id(raw: bytes) -> int:
 
 def svc_key(ip: IPAddress, port: int, protocol: Protocol | int, slot: int) -> SvcKey:
     return SvcKey(pack_addr(ip), port, int(protocol), slot)
+
+
+class SvcKeyPacker:
+    """Packs the keys of one frontend's entries, encoding its address and port once."""
+
+    __slots__ = ("_addr", "_port", "_proto")
+
+    def __init__(self, ip: IPAddress, port: int, protocol: Protocol | int) -> None:
+        self._addr, self._port, self._proto = pack_addr(ip), pack_port(port), int(protocol)
+
+    def __call__(self, slot: int) -> bytes:
+        return _SVC_KEY.pack(self._addr, self._port, self._proto, 0, slot, 0)
 
 
 # Map name → (key layout, value layout) for tools that read maps generically.

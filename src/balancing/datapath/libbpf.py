@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -66,6 +67,17 @@ _map_update_batch = _fn(
 )
 _map_delete_batch = _fn(
     "bpf_map_delete_batch", c_int, c_int, c_void_p, ctypes.POINTER(ctypes.c_uint32), c_void_p
+)
+_map_lookup_batch = _fn(
+    "bpf_map_lookup_batch",
+    c_int,
+    c_int,
+    c_void_p,
+    c_void_p,
+    c_void_p,
+    c_void_p,
+    ctypes.POINTER(ctypes.c_uint32),
+    c_void_p,
 )
 _prog_get_fd_by_id = _fn("bpf_prog_get_fd_by_id", c_int, ctypes.c_uint32)
 
@@ -304,3 +316,32 @@ def map_delete_batch(fd: int, keys: bytes, count: int) -> None:
     opts = _BatchOpts(ctypes.sizeof(_BatchOpts), 0, 0)
     ctypes.set_errno(0)
     _check("bpf_map_delete_batch", _map_delete_batch(fd, keys, ctypes.byref(n), ctypes.byref(opts)))
+
+
+def map_dump(fd: int, key_size: int, value_size: int, chunk: int = 4096) -> list[tuple[bytes, bytes]]:
+    """Every (key, value) of a hash map through batched lookups (a snapshot; fast for large maps)."""
+    out: list[tuple[bytes, bytes]] = []
+    in_batch = ctypes.create_string_buffer(max(key_size, 8))
+    out_batch = ctypes.create_string_buffer(max(key_size, 8))
+    keys = ctypes.create_string_buffer(key_size * chunk)
+    values = ctypes.create_string_buffer(value_size * chunk)
+    opts = _BatchOpts(ctypes.sizeof(_BatchOpts), 0, 0)
+    first = True
+    while True:
+        n = ctypes.c_uint32(chunk)
+        ctypes.set_errno(0)
+        ret = _map_lookup_batch(
+            fd, None if first else in_batch, out_batch, keys, values, ctypes.byref(n), ctypes.byref(opts)
+        )
+        err = ctypes.get_errno() if ret < 0 else 0
+        if ret < 0 and err != errno.ENOENT:
+            raise _error("bpf_map_lookup_batch", ret)
+        kraw, vraw = keys.raw, values.raw
+        out.extend(
+            (kraw[i * key_size : (i + 1) * key_size], vraw[i * value_size : (i + 1) * value_size])
+            for i in range(n.value)
+        )
+        if err == errno.ENOENT:
+            return out
+        ctypes.memmove(in_batch, out_batch, len(out_batch))
+        first = False

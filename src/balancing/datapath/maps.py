@@ -82,17 +82,11 @@ class KernelMaps:
             raise self._fail(map_name, "delete", exc) from exc
 
     def items(self, map_name: str) -> list[tuple[bytes, bytes]]:
-        fd = self.fds[map_name]
         key_size, value_size = self.sizes[map_name]
-        out = []
         try:
-            for key in libbpf.map_keys(fd, key_size):
-                value = libbpf.map_lookup(fd, key, value_size)
-                if value is not None:
-                    out.append((key, value))
+            return libbpf.map_dump(self.fds[map_name], key_size, value_size)
         except OSError as exc:
             raise self._fail(map_name, "dump", exc) from exc
-        return out
 
 
 class FakeMaps:

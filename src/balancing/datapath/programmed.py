@@ -14,7 +14,12 @@ from balancing.datapath import abi
 from balancing.datapath.maps import MapIO
 from balancing.model.desired import Backend, FrontendKey, Protocol
 
-BackendRef = tuple[Backend, int]  # a backend and the protocol of the frontends using it
+BackendRef = bytes  # a packed backend map value: address, port and protocol (see abi.pack_backend)
+
+
+def backend_of(ref: BackendRef) -> Backend:
+    be = abi.BackendVal.unpack(ref)
+    return Backend(abi.unpack_addr(be.addr), be.port)
 
 
 @dataclass
@@ -41,32 +46,31 @@ def read_state(io: MapIO) -> ProgrammedState:
     state = ProgrammedState()
     backends: dict[int, BackendRef] = {}
     for raw_id, raw in io.items(abi.MAP_BACKENDS):
-        be = abi.BackendVal.unpack(raw)
         backend_id = abi.unpack_backend_id(raw_id)
-        backends[backend_id] = (Backend(abi.unpack_addr(be.addr), be.port), be.proto)
+        backends[backend_id] = raw
         state.max_backend_id = max(state.max_backend_id, backend_id)
 
-    masters: dict[FrontendKey, abi.SvcVal] = {}
-    slots: dict[tuple[FrontendKey, int], tuple[bytes, int]] = {}
+    masters: dict[bytes, tuple[bytes, abi.SvcVal]] = {}
+    slots: dict[tuple[bytes, int], tuple[bytes, int]] = {}
     for raw_key, raw_val in io.items(abi.MAP_SERVICES):
-        key, val = abi.SvcKey.unpack(raw_key), abi.SvcVal.unpack(raw_val)
-        fkey = frontend_key(key)
-        if key.slot == abi.MASTER_SLOT:
-            masters[fkey] = val
-            state.max_svc_id = max(state.max_svc_id, val.svc_id)
+        prefix, slot = abi.split_svc_key(raw_key)
+        if slot == abi.MASTER_SLOT:
+            master = abi.SvcVal.unpack(raw_val)
+            masters[prefix] = (raw_key, master)
+            state.max_svc_id = max(state.max_svc_id, master.svc_id)
         else:
-            slots[(fkey, key.slot)] = (raw_key, val.backend_id)
+            slots[(prefix, slot)] = (raw_key, abi.slot_backend_id(raw_val))
 
     used: set[int] = set()
-    for fkey, master in masters.items():
+    for prefix, (raw_key, master) in masters.items():
         refs: list[BackendRef | None] = []
         for slot in range(1, master.count + 1):
-            entry = slots.pop((fkey, slot), None)
+            entry = slots.pop((prefix, slot), None)
             ref = backends.get(entry[1]) if entry else None
             if entry and ref:
                 used.add(entry[1])
             refs.append(ref)
-        state.frontends[fkey] = ProgrammedFrontend(master.svc_id, refs)
+        state.frontends[frontend_key(abi.SvcKey.unpack(raw_key))] = ProgrammedFrontend(master.svc_id, refs)
     state.garbage_slots = [raw_key for raw_key, _ in slots.values()]
     for backend_id, ref in backends.items():
         if backend_id in used:

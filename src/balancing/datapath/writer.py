@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from balancing.datapath import abi
 from balancing.datapath.maps import MapIO
-from balancing.datapath.programmed import BackendRef, ProgrammedFrontend, read_state
+from balancing.datapath.programmed import BackendRef, ProgrammedFrontend, backend_of, read_state
 from balancing.model.desired import Backend, DesiredState, Frontend, FrontendChanges, FrontendKey
 
 log = logging.getLogger(__name__)
+Ref = TypeVar("Ref", bound=Hashable)
 
 
 @dataclass
@@ -41,10 +44,10 @@ class _Plan:
     released: set[BackendRef] = field(default_factory=set)
 
 
-def assign_slots(old: list[BackendRef | None], new: list[BackendRef]) -> list[BackendRef]:
+def assign_slots(old: Sequence[Ref | None], new: Sequence[Ref]) -> list[Ref]:
     """New slot order: survivors keep their slots, additions fill holes, the tail compacts into holes."""
     wanted = set(new)
-    slots: list[BackendRef | None] = [r if r in wanted else None for r in old]
+    slots: list[Ref | None] = [r if r in wanted else None for r in old]
     kept = {r for r in slots if r is not None}
     additions = iter(r for r in new if r not in kept)
     for i, ref in enumerate(slots):
@@ -76,9 +79,12 @@ class MapWriter:
         self._garbage_slots, self._garbage_backends = state.garbage_slots, state.garbage_backends
         self._next_svc_id = state.max_svc_id + 1
         self._next_backend_id = state.max_backend_id + 1
+        # The backend tuples last programmed per frontend: an identical tuple (usually the very same object
+        # from the model's cache) is skipped without re-encoding its backends.
+        self._applied: dict[FrontendKey, tuple[Backend, ...]] = {}
 
     def programmed(self) -> dict[FrontendKey, tuple[Backend | None, ...]]:
-        return {k: tuple(r[0] if r else None for r in f.slots) for k, f in self._frontends.items()}
+        return {k: tuple(backend_of(r) if r else None for r in f.slots) for k, f in self._frontends.items()}
 
     def svc_id(self, key: FrontendKey) -> int | None:
         f = self._frontends.get(key)
@@ -107,40 +113,44 @@ class MapWriter:
             backend_id = self._next_backend_id
             self._next_backend_id += 1
             self._backend_ids[ref] = backend_id
-            be = abi.BackendVal(abi.pack_addr(ref[0].ip), ref[0].port, ref[1])
-            plan.backends.append((abi.pack_backend_id(backend_id), be.pack()))
+            plan.backends.append((abi.pack_backend_id(backend_id), ref))
         return backend_id
 
     def _plan_upsert(self, plan: _Plan, key: FrontendKey, frontend: Frontend) -> bool:
-        new = [(b, int(key.protocol)) for b in frontend.backends]
         old = self._frontends.get(key)
+        if old is not None and self._applied.get(key) == frontend.backends:
+            return False
+        self._applied[key] = frontend.backends
+        new = [abi.pack_backend(b.ip, b.port, key.protocol) for b in frontend.backends]
         if old is not None and None not in old.slots and set(old.slots) == set(new):
             return False
         old_slots = old.slots if old else []
         slots = assign_slots(old_slots, new)
+        pack_key = abi.SvcKeyPacker(key.ip, key.port, key.protocol)
         for i, ref in enumerate(slots):
             if i >= len(old_slots) or old_slots[i] != ref:
-                val = abi.SvcVal(backend_id=self._backend_id(plan, ref))
-                plan.slots.append((abi.svc_key(key.ip, key.port, key.protocol, i + 1).pack(), val.pack()))
+                plan.slots.append((pack_key(i + 1), abi.pack_slot(self._backend_id(plan, ref))))
         if old is None:
             old = ProgrammedFrontend(self._next_svc_id, [])
             self._next_svc_id += 1
             self._frontends[key] = old
         if not old_slots or len(slots) != len(old_slots) or frontend.backends == ():
             master = abi.SvcVal(svc_id=old.svc_id, count=len(slots))
-            plan.masters.append((abi.svc_key(key.ip, key.port, key.protocol, 0).pack(), master.pack()))
+            plan.masters.append((pack_key(abi.MASTER_SLOT), master.pack()))
         for slot in range(len(slots) + 1, len(old_slots) + 1):
-            plan.stale_slots.append(abi.svc_key(key.ip, key.port, key.protocol, slot).pack())
+            plan.stale_slots.append(pack_key(slot))
         self._retarget(plan, old, slots)
         return True
 
     def _plan_remove(self, plan: _Plan, key: FrontendKey) -> bool:
         old = self._frontends.pop(key, None)
+        self._applied.pop(key, None)
         if old is None:
             return False
-        plan.stale_masters.append(abi.svc_key(key.ip, key.port, key.protocol, 0).pack())
+        pack_key = abi.SvcKeyPacker(key.ip, key.port, key.protocol)
+        plan.stale_masters.append(pack_key(abi.MASTER_SLOT))
         for slot in range(1, len(old.slots) + 1):
-            plan.stale_slots.append(abi.svc_key(key.ip, key.port, key.protocol, slot).pack())
+            plan.stale_slots.append(pack_key(slot))
         self._retarget(plan, old, [])
         return True
 
@@ -184,7 +194,7 @@ class MapWriter:
                     self.io.delete(name, items)  # type: ignore[arg-type]
                 ops += len(items)
         except Exception:
-            log.exception("map write failed after %d operations; re-reading the maps", ops)
+            log.warning("map write failed after %d operations; re-reading the maps", ops)
             self.recover()
             raise
         return ops

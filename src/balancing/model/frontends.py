@@ -9,7 +9,6 @@ frontends are to be added. ``store`` calls this for each service a change touche
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -30,8 +29,7 @@ HEADLESS_LABEL = "service.kubernetes.io/headless"
 ZONE_LABEL = "topology.kubernetes.io/zone"
 
 _FAMILIES = {4: "IPv4", 6: "IPv6"}
-_PARSE: dict[int, type[desired.IPAddress]] = {4: ipaddress.IPv4Address, 6: ipaddress.IPv6Address}
-_NO_HINTS = objects.EndpointHints()
+_NO_NAMES: frozenset[str] = frozenset()
 _ServicePort = objects.ServicePort
 
 
@@ -181,21 +179,23 @@ def _slice_port(port: _ServicePort, endpoint_slice: objects.EndpointSlice) -> in
 def _slice_candidate(endpoint: objects.Endpoint, port: int, version: int) -> endpoints.Candidate | None:
     """The endpoint's first address (as kube-proxy: addresses are fungible), if it parses in this family."""
     try:
-        ip = _PARSE[version](endpoint.addresses[0])
+        ip = desired.parse_ip(endpoint.addresses[0])
     except ValueError:
+        return None  # not an address
+    if ip.version != version:
         return None  # not an address of this family
     cond = endpoint.conditions
-    hints = endpoint.hints or _NO_HINTS
+    hints = endpoint.hints
     return endpoints.Candidate(
-        ip=ip,
-        port=port,
-        node_name=endpoint.node_name or "",
-        zone=endpoint.zone or "",
-        ready=cond.ready is not False,
-        serving=cond.serving is not False,
-        terminating=cond.terminating is True,
-        zone_hints=frozenset(z.name for z in hints.for_zones),
-        node_hints=frozenset(n.name for n in hints.for_nodes),
+        ip,
+        port,
+        endpoint.node_name or "",
+        endpoint.zone or "",
+        cond.ready is not False,
+        cond.serving is not False,
+        cond.terminating is True,
+        frozenset(z.name for z in hints.for_zones) if hints and hints.for_zones else _NO_NAMES,
+        frozenset(n.name for n in hints.for_nodes) if hints and hints.for_nodes else _NO_NAMES,
     )
 
 

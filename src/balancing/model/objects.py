@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
-from balancing.model.desired import IPAddress, Protocol
+from balancing.model.desired import IPAddress, Protocol, parse_ip
 
 
 class KubeModel(BaseModel):
@@ -107,7 +107,7 @@ class ServiceSpec(KubeModel):
     def service_ips(self) -> list[IPAddress]:
         """Every ClusterIP of the service (``clusterIPs``, else ``clusterIP``); empty for headless."""
         raw = self.cluster_ips or ([self.cluster_ip] if self.cluster_ip else [])
-        return [ipaddress.ip_address(ip) for ip in raw if ip not in ("", "None")]
+        return [parse_ip(ip) for ip in raw if ip not in ("", "None")]
 
 
 class LoadBalancerIngress(KubeModel):

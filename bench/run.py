@@ -83,8 +83,8 @@ def connect_round(topo: Topology, client: Any, node: Path, ip: str, port: int, n
 def connect_bench(topo: Topology, client: Any, node: Path, pod: Pod, rounds: int, n: int) -> dict[str, float]:
     samples: dict[str, list[tuple[float, ...]]] = {"direct": [], "vip": []}
     targets = {"direct": (pod.ip4, 8080), "vip": ("10.96.0.1", 80)}
-    for name in targets:  # warm-up, not counted
-        connect_round(topo, client, node, *targets[name], n // 4)
+    for ip, port in targets.values():  # warm-up, not counted
+        connect_round(topo, client, node, ip, port, n // 4)
     for r in range(rounds):  # interleaved, alternating which goes first
         for name in ("direct", "vip") if r % 2 == 0 else ("vip", "direct"):
             samples[name].append(connect_round(topo, client, node, *targets[name], n))
@@ -99,6 +99,57 @@ def connect_bench(topo: Topology, client: Any, node: Path, pod: Pod, rounds: int
         "latency_ratio_p50": med["vip"][1] / med["direct"][1],
         "time_ratio": med["direct"][0] / med["vip"][0],  # time per connect, VIP / direct
     }
+
+
+def full_sync(st: store.ClusterStore, w: writer.MapWriter, services: int, endpoints: int) -> dict[str, Any]:
+    objs = [o for i in range(1, services) for o in service_objects(i, fake_endpoints(i, endpoints))]
+    t0 = time.perf_counter()
+    with gc_paused():  # as the agent's full sync does
+        for obj in objs:
+            st.upsert(obj)
+        desired = st.desired()
+        t1 = time.perf_counter()
+        stats = w.sync(desired)
+        t2 = time.perf_counter()
+    st.take_changes()
+    return {
+        "services": services,
+        "endpoints_per_service": endpoints,
+        "model_s": t1 - t0,
+        "maps_s": t2 - t1,
+        "total_s": t2 - t0,
+        "map_ops": stats.ops,
+    }
+
+
+def endpoint_changes(st: store.ClusterStore, w: writer.MapWriter, args: argparse.Namespace) -> dict[str, Any]:
+    """Seen (the changed slice reaches the store) → written (the maps hold it), one change at a time."""
+    latencies = []
+    for k in range(args.changes):
+        i = 1 + (k * 7919) % (args.services - 1)
+        eps = fake_endpoints(i, args.endpoints)
+        eps[k % args.endpoints] = str(ipaddress.IPv4Address("10.200.0.0") + k)
+        slice_obj = service_objects(i, eps)[1]
+        t0 = time.perf_counter()
+        st.upsert(slice_obj)
+        w.apply(st.take_changes())
+        latencies.append((time.perf_counter() - t0) * 1000)
+    latencies.sort()
+    return {
+        "p50": latencies[len(latencies) // 2],
+        "p99": latencies[int(len(latencies) * 0.99) - 1],
+        "max": latencies[-1],
+        "samples": len(latencies),
+    }
+
+
+def restart(st: store.ClusterStore, io: maps.KernelMaps) -> dict[str, Any]:
+    """A new writer recovers the programmed state from the maps and converges with zero writes."""
+    t0 = time.perf_counter()
+    recovered = writer.MapWriter(io)
+    t1 = time.perf_counter()
+    ops = recovered.sync(st.desired()).ops
+    return {"recover_s": t1 - t0, "resync_ops": ops, "resync_s": time.perf_counter() - t1}
 
 
 def main() -> None:
@@ -119,64 +170,23 @@ def main() -> None:
         cfg = loader.DatapathConfig(OBJECT, topo.bpffs / "node-a", node)
         loader.load(cfg)
         io = maps.KernelMaps(cfg.map_dir)
-        w = writer.MapWriter(io)
-        st = store.ClusterStore("node-a")
-
-        for obj in service_objects(0, [pod.ip4]):
-            st.upsert(obj)
-        w.sync(st.desired())
-        st.take_changes()
-        results["connect_1_service"] = connect_bench(topo, client, node, pod, args.rounds, args.connects)
-
-        objs = [
-            o for i in range(1, args.services) for o in service_objects(i, fake_endpoints(i, args.endpoints))
-        ]
-        t0 = time.perf_counter()
-        with gc_paused():  # as the agent's full sync does
-            for obj in objs:
+        try:
+            w = writer.MapWriter(io)
+            st = store.ClusterStore("node-a")
+            for obj in service_objects(0, [pod.ip4]):
                 st.upsert(obj)
-            desired = st.desired()
-            t1 = time.perf_counter()
-            stats = w.sync(desired)
-            t2 = time.perf_counter()
-        st.take_changes()
-        results["full_sync"] = {
-            "services": args.services,
-            "endpoints_per_service": args.endpoints,
-            "model_s": t1 - t0,
-            "maps_s": t2 - t1,
-            "total_s": t2 - t0,
-            "map_ops": stats.ops,
-        }
-        results["connect_10k_services"] = connect_bench(topo, client, node, pod, args.rounds, args.connects)
-
-        latencies = []
-        for k in range(args.changes):
-            i = 1 + (k * 7919) % (args.services - 1)
-            eps = fake_endpoints(i, args.endpoints)
-            eps[k % args.endpoints] = str(ipaddress.IPv4Address("10.200.0.0") + k)
-            slice_obj = service_objects(i, eps)[1]
-            t0 = time.perf_counter()
-            st.upsert(slice_obj)
-            w.apply(st.take_changes())
-            latencies.append((time.perf_counter() - t0) * 1000)
-        latencies.sort()
-        results["endpoint_change_ms"] = {
-            "p50": latencies[len(latencies) // 2],
-            "p99": latencies[int(len(latencies) * 0.99) - 1],
-            "max": latencies[-1],
-            "samples": len(latencies),
-        }
-        t0 = time.perf_counter()
-        recovered = writer.MapWriter(io)
-        t1 = time.perf_counter()
-        results["restart"] = {
-            "recover_s": t1 - t0,
-            "resync_ops": recovered.sync(st.desired()).ops,
-            "resync_s": time.perf_counter() - t1,
-        }
-        io.close()
-        loader.cleanup(cfg.bpffs)
+            w.sync(st.desired())
+            st.take_changes()
+            results["connect_1_service"] = connect_bench(topo, client, node, pod, args.rounds, args.connects)
+            results["full_sync"] = full_sync(st, w, args.services, args.endpoints)
+            results["connect_10k_services"] = connect_bench(
+                topo, client, node, pod, args.rounds, args.connects
+            )
+            results["endpoint_change_ms"] = endpoint_changes(st, w, args)
+            results["restart"] = restart(st, io)
+        finally:
+            io.close()
+            loader.cleanup(cfg.bpffs)
     out = ROOT / "build/bench/results.json"
     out.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

@@ -20,6 +20,12 @@ $(BPF_OBJ): bpf/balancing.c bpf/balancing.h
 	@mkdir -p $(dir $@)
 	clang $(BPF_CFLAGS) -c $< -o $@
 
+# The same programs built for another BPF ISA level (e.g. build/bpf/balancing-v3.o): different instructions,
+# same behaviour. The upgrade tests load one after the other to exercise the atomic program swap.
+$(BUILD)/bpf/balancing-%.o: bpf/balancing.c bpf/balancing.h
+	@mkdir -p $(dir $@)
+	clang $(BPF_CFLAGS) -mcpu=$* -c $< -o $@
+
 lint: setup
 	$(PY) -m ruff format --check src tests bench
 	$(PY) -m ruff check src tests bench

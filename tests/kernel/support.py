@@ -1,0 +1,311 @@
+"""Shared pieces of the kernel tests: manifest builders, a datapath loaded in-process, the agent as a process.
+
+Manifests are plain dicts in the Kubernetes JSON shape written as YAML files, so tests exercise the same
+parser an operator's files go through. ``Datapath`` loads the real BPF object into a test-owned cgroup and
+bpffs directory; ``AgentProcess`` runs ``python -m balancing agent`` exactly as an operator would.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from balancing.datapath import loader, maps, programmed, writer
+from balancing.model.desired import Backend, DesiredState, Frontend, FrontendKey, Owner, Protocol
+from helpers.topology import Topology
+
+ROOT = Path(__file__).resolve().parents[2]
+OBJECT = ROOT / "build/bpf/balancing.o"
+SMALL_MAPS = {"max_services": 4096, "max_backends": 4096, "max_reverse": 4096}
+
+# --- manifests -----------------------------------------------------------------------------------------
+
+
+def service(
+    name: str,
+    ips: Iterable[str],
+    ports: Iterable[tuple[str, int, str, int | str]],
+    *,
+    namespace: str = "default",
+    selector: dict[str, str] | None = None,
+    labels: dict[str, str] | None = None,
+    created: str = "2026-01-01T00:00:00Z",
+) -> dict[str, Any]:
+    """ports: (name, port, protocol, targetPort)."""
+    ips = list(ips)
+    spec: dict[str, Any] = {
+        "clusterIP": ips[0],
+        "clusterIPs": ips,
+        "ports": [{"name": n, "port": p, "protocol": pr, "targetPort": t} for n, p, pr, t in ports],
+    }
+    if selector is not None:
+        spec["selector"] = selector
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": labels or {},
+            "creationTimestamp": created,
+        },
+        "spec": spec,
+    }
+
+
+def endpoint(
+    ip: str,
+    *,
+    ready: bool | None = True,
+    serving: bool | None = None,
+    terminating: bool | None = None,
+    node: str = "node-a",
+) -> dict[str, Any]:
+    cond = {
+        k: v
+        for k, v in (("ready", ready), ("serving", serving), ("terminating", terminating))
+        if v is not None
+    }
+    return {"addresses": [ip], "conditions": cond, "nodeName": node}
+
+
+def endpoint_slice(
+    svc: str,
+    endpoints: list[dict[str, Any]],
+    ports: Iterable[tuple[str, int, str]],
+    *,
+    name: str | None = None,
+    namespace: str = "default",
+) -> dict[str, Any]:
+    """ports: (name, port, protocol). The family is taken from the first endpoint."""
+    family = "IPv6" if endpoints and ":" in endpoints[0]["addresses"][0] else "IPv4"
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": name or f"{svc}-{family.lower()}",
+            "namespace": namespace,
+            "labels": {"kubernetes.io/service-name": svc},
+        },
+        "addressType": family,
+        "ports": [{"name": n, "port": p, "protocol": pr} for n, p, pr in ports],
+        "endpoints": endpoints,
+    }
+
+
+def pod(
+    name: str,
+    ips: Iterable[str],
+    labels: dict[str, str],
+    ports: Iterable[tuple[str, int, str]],
+    *,
+    ready: bool = True,
+    node: str = "node-a",
+    namespace: str = "default",
+) -> dict[str, Any]:
+    ips = list(ips)
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "spec": {
+            "nodeName": node,
+            "containers": [
+                {
+                    "name": "main",
+                    "ports": [{"name": n, "containerPort": p, "protocol": pr} for n, p, pr in ports],
+                }
+            ],
+        },
+        "status": {
+            "phase": "Running",
+            "podIP": ips[0],
+            "podIPs": [{"ip": ip} for ip in ips],
+            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+        },
+    }
+
+
+def write_manifest(directory: Path, name: str, docs: list[dict[str, Any]]) -> Path:
+    """Write atomically (temp file + rename), as editors and ConfigMap volumes do."""
+    path = directory / name
+    tmp = directory / f".{name}.tmp"
+    tmp.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    tmp.rename(path)
+    return path
+
+
+# --- the datapath in-process ----------------------------------------------------------------------------
+
+
+@dataclass
+class Datapath:
+    """The real BPF object loaded into ``cgroup``, pinned under ``bpffs``, programmed by a real writer."""
+
+    cgroup: Path
+    bpffs: Path
+    object_path: Path = OBJECT
+    report: loader.LoadReport = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.cfg = loader.DatapathConfig(self.object_path, self.bpffs, self.cgroup, **SMALL_MAPS)
+        self.report = loader.load(self.cfg)
+        self.io = maps.KernelMaps(self.cfg.map_dir)
+        self.writer = writer.MapWriter(self.io)
+
+    def program(self, frontends: dict[str, list[str]]) -> writer.WriteStats:
+        """{"10.96.0.10:80/TCP": ["10.244.1.1:8080", ...]} → maps."""
+        return self.writer.sync(DesiredState({parse_key(k): frontend(v) for k, v in frontends.items()}))
+
+    def close(self) -> None:
+        self.io.close()
+        loader.cleanup(self.bpffs)
+
+
+def _split_host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def parse_key(text: str) -> FrontendKey:
+    addr, proto = text.split("/")
+    host, port = _split_host_port(addr)
+    return FrontendKey(ipaddress.ip_address(host), port, Protocol[proto])
+
+
+def frontend(backends: list[str]) -> Frontend:
+    parsed = [_split_host_port(b) for b in backends]
+    bes = tuple(sorted(Backend(ipaddress.ip_address(h), p) for h, p in parsed))
+    return Frontend(Owner("Service", "test", "svc"), bes)
+
+
+def programmed_frontends(bpffs: Path) -> dict[str, list[str]]:
+    """What the maps under ``bpffs`` hold, as {"ip:port/PROTO": ["ip:port", ...]} (sorted)."""
+    io = maps.KernelMaps(bpffs / "maps")
+    try:
+        state = programmed.read_state(io)
+    finally:
+        io.close()
+    return {
+        str(k): sorted(str(programmed.backend_of(r)) if r else "MISSING" for r in f.slots)
+        for k, f in state.frontends.items()
+    }
+
+
+# --- the agent as a process -----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> float:
+    """Poll until ``predicate()``; returns the seconds it took."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+class AgentProcess:
+    """``balancing agent`` for one simulated node, started and stopped through the harness."""
+
+    def __init__(
+        self,
+        topo: Topology,
+        manifests: Path,
+        node: str,
+        *,
+        bpf_object: Path = OBJECT,
+        extra: list[str] | None = None,
+    ) -> None:
+        self.topo, self.manifests, self.node = topo, manifests, node
+        self.bpffs = topo.bpffs / node
+        self.cgroup = topo.node_cgroup(node)
+        self.port = free_port()
+        self.bpf_object = bpf_object
+        self.extra = extra or []
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.logs: list[str] = []
+
+    def start(self, *, wait: bool = True) -> AgentProcess:
+        argv = [
+            sys.executable,
+            "-m",
+            "balancing",
+            "agent",
+            "--manifests",
+            str(self.manifests),
+            "--node-name",
+            self.node,
+            "--cgroup",
+            str(self.cgroup),
+            "--bpffs",
+            str(self.bpffs),
+            "--health-addr",
+            f"127.0.0.1:{self.port}",
+            "--bpf-object",
+            str(self.bpf_object),
+            *(f"--{k.replace('_', '-')}={v}" for k, v in SMALL_MAPS.items()),
+            *self.extra,
+        ]
+        self.proc = self.topo.spawn(argv, label=f"agent-{self.node}")
+        if wait:
+            self.wait_ready()
+        return self
+
+    def get(self, path: str) -> tuple[int, dict[str, Any]]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as r:
+                return r.status, json.load(r)
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.load(exc)
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        def ready() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"agent exited {self.proc.returncode}:\n{self.stderr()}")
+            try:
+                return self.get("/readyz")[0] == 200
+            except OSError:
+                return False
+
+        wait_until(ready, timeout, "the agent's /readyz")
+
+    def stderr(self) -> str:
+        assert self.proc is not None
+        return self.topo.logs(self.proc)[1]
+
+    def frontends(self) -> dict[str, list[str]]:
+        return programmed_frontends(self.bpffs)
+
+    def wait_frontends(
+        self, predicate: Callable[[dict[str, list[str]]], bool], timeout: float = 3.0, what: str = "the maps"
+    ) -> float:
+        return wait_until(lambda: predicate(self.frontends()), timeout, what)
+
+    def stop(self) -> str:
+        assert self.proc is not None
+        res = self.topo.stop(self.proc)
+        return res.stderr
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(5)

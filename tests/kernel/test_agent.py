@@ -1,0 +1,243 @@
+"""The agent as an operator runs it: a process on a manifest directory, programming a test node's cgroup.
+
+Covers the manifest → maps path end to end: endpoints added and removed by editing files, readiness and
+terminating fallback, named targetPorts, pod-derived endpoints, broken manifests, restarts (SIGKILL and
+upgrade) under load with zero failed connects, several agents side by side, and the health endpoints.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support import (
+    ROOT,
+    AgentProcess,
+    endpoint,
+    endpoint_slice,
+    pod,
+    service,
+    wait_until,
+    write_manifest,
+)
+
+from helpers.topology import Cluster
+
+VIP = "10.96.0.10"
+KEY = f"{VIP}:80/TCP"
+
+
+@pytest.fixture
+def manifests(tmp_path: Path) -> Path:
+    d = tmp_path / "manifests"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def agent(cluster: Cluster, manifests: Path) -> Iterator[AgentProcess]:
+    a = AgentProcess(cluster.topo, manifests, cluster.node)
+    yield a
+    if a.proc is not None and a.proc.poll() is None:
+        a.stop()
+
+
+def web(cluster: Cluster, conditions: list[dict[str, bool | None]], port: int = 8080) -> list[dict]:  # type: ignore[type-arg]
+    eps = [endpoint(p.ip4, **c) for p, c in zip(cluster.pods, conditions, strict=False)]  # type: ignore[arg-type]
+    return [
+        service("web", [VIP], [("http", 80, "TCP", port)]),
+        endpoint_slice("web", eps, [("http", port, "TCP")]),
+    ]
+
+
+def connect(cluster: Cluster, count: int = 60, vip: str = VIP, port: int = 80) -> dict:  # type: ignore[type-arg]
+    return cluster.topo.run_client(cluster.client, None, ["tcp", vip, str(port), "--count", str(count)])
+
+
+def test_endpoints_added_and_removed_through_the_manifest_directory(
+    cluster: Cluster, manifests: Path, agent: AgentProcess
+) -> None:
+    write_manifest(manifests, "web.yaml", web(cluster, [{}]))
+    agent.start()
+    assert connect(cluster)["backends"] == {"pod-a": 60}
+    write_manifest(manifests, "web.yaml", web(cluster, [{}, {}, {}]))
+    took = agent.wait_frontends(lambda f: len(f.get(KEY, [])) == 3, what="three endpoints")
+    assert took < 1.0
+    assert set(connect(cluster, 90)["backends"]) == {"pod-a", "pod-b", "pod-c"}
+    write_manifest(manifests, "web.yaml", web(cluster, [{}, {}]))
+    agent.wait_frontends(lambda f: len(f.get(KEY, [])) == 2, what="two endpoints")
+    assert set(connect(cluster, 60)["backends"]) == {"pod-a", "pod-b"}
+    (manifests / "web.yaml").unlink()
+    took = agent.wait_frontends(lambda f: KEY not in f, what="the service to go")
+    assert took < 1.0
+    assert connect(cluster, 1)["errors"] == {"EHOSTUNREACH": 1}  # untranslated again
+
+
+def test_not_ready_endpoint_gets_no_connections(
+    cluster: Cluster, manifests: Path, agent: AgentProcess
+) -> None:
+    write_manifest(manifests, "web.yaml", web(cluster, [{}, {"ready": False}, {"ready": None}]))
+    agent.start()
+    res = connect(cluster, 90)
+    assert set(res["backends"]) == {"pod-a", "pod-c"}  # a missing ready condition counts as ready
+
+
+def test_terminating_fallback_when_nothing_is_ready(
+    cluster: Cluster, manifests: Path, agent: AgentProcess
+) -> None:
+    conditions = [
+        {"ready": False, "serving": True, "terminating": True},
+        {"ready": False, "serving": False, "terminating": True},  # never used: not serving
+        {"ready": False, "serving": True, "terminating": True},
+    ]
+    write_manifest(manifests, "web.yaml", web(cluster, conditions))
+    agent.start()
+    assert set(connect(cluster, 90)["backends"]) == {"pod-a", "pod-c"}
+    conditions[1] = {"ready": True}  # one ready endpoint: the terminating ones are no longer used
+    write_manifest(manifests, "web.yaml", web(cluster, conditions))
+    agent.wait_frontends(lambda f: len(f.get(KEY, [])) == 1)
+    assert connect(cluster, 30)["backends"] == {"pod-b": 30}
+    conditions[1] = {"ready": False, "serving": False}
+    conditions[0] = conditions[2] = {"ready": False, "serving": False}
+    write_manifest(manifests, "web.yaml", web(cluster, conditions))
+    agent.wait_frontends(lambda f: f.get(KEY) == [])
+    assert connect(cluster, 1)["errors"] == {"ECONNREFUSED": 1}
+
+
+def test_named_target_port_resolves_per_endpoint(
+    cluster: Cluster, manifests: Path, agent: AgentProcess
+) -> None:
+    topo = cluster.topo
+    topo.start_backend(cluster.pods[2], name="pod-c-9090", port=9090)
+    docs = [
+        service("web", [VIP], [("http", 80, "TCP", "web-port")]),
+        endpoint_slice("web", [endpoint(cluster.pods[0].ip4)], [("http", 8080, "TCP")], name="web-a"),
+        endpoint_slice("web", [endpoint(cluster.pods[2].ip4)], [("http", 9090, "TCP")], name="web-c"),
+    ]
+    write_manifest(manifests, "web.yaml", docs)
+    agent.start()
+    assert agent.frontends()[KEY] == sorted([f"{cluster.pods[0].ip4}:8080", f"{cluster.pods[2].ip4}:9090"])
+    assert set(connect(cluster, 60)["backends"]) == {"pod-a", "pod-c-9090"}
+
+
+def test_selector_service_without_slices_uses_matching_ready_pods(
+    cluster: Cluster, manifests: Path, agent: AgentProcess
+) -> None:
+    a, b, c = cluster.pods
+    docs = [
+        service("web", [VIP, "fd00:96::10"], [("http", 80, "TCP", "http")], selector={"app": "web"}),
+        pod("a", [a.ip4, a.ip6], {"app": "web"}, [("http", 8080, "TCP")]),
+        pod("b", [b.ip4, b.ip6], {"app": "web"}, [("http", 8080, "TCP")], ready=False),
+        pod("c", [c.ip4, c.ip6], {"app": "other"}, [("http", 8080, "TCP")]),
+    ]
+    write_manifest(manifests, "web.yaml", docs)
+    agent.start()
+    assert connect(cluster, 20)["backends"] == {"pod-a": 20}
+    v6 = cluster.topo.run_client(
+        cluster.client, None, ["tcp", "fd00:96::10", "80", "--count", "20", "--family", "6"]
+    )
+    assert v6["backends"] == {"pod-a": 20}
+
+
+def test_a_broken_manifest_keeps_the_previous_state(
+    cluster: Cluster, manifests: Path, agent: AgentProcess
+) -> None:
+    write_manifest(manifests, "web.yaml", web(cluster, [{}, {}, {}]))
+    agent.start()
+    before = agent.frontends()
+    (manifests / "web.yaml").write_text("apiVersion: v1\nkind: Service\nmetadata: {name: web\n")
+    wait_until(lambda: "web.yaml" in agent.stderr() and "invalid YAML" in agent.stderr(), what="the error")
+    docs = web(cluster, [{}])
+    docs[0]["spec"]["ports"][0]["port"] = 70000  # invalid field
+    write_manifest(manifests, "web.yaml", docs)
+    wait_until(lambda: "spec.ports[0].port" in agent.stderr(), what="the validation error")
+    assert agent.frontends() == before
+    assert set(connect(cluster, 60)["backends"]) == {"pod-a", "pod-b", "pod-c"}
+    assert agent.proc is not None and agent.proc.poll() is None
+    write_manifest(manifests, "web.yaml", web(cluster, [{}]))
+    agent.wait_frontends(lambda f: len(f.get(KEY, [])) == 1, what="the fixed file")
+
+
+def test_sigkill_and_restart_under_load_fails_no_connect(
+    cluster: Cluster, manifests: Path, agent: AgentProcess
+) -> None:
+    write_manifest(manifests, "web.yaml", web(cluster, [{}, {}, {}]))
+    agent.start()
+    loop = cluster.topo.spawn_client(cluster.client, None, ["loop", VIP, "80", "--timeout", "2"])
+    agent.kill()
+    agent.start()
+    assert re.search(r"4 maps reused, 8 programs unchanged", agent.stderr())
+    assert re.search(r"full sync: 1 frontends, 0 written, 0 removed, 0 map ops", agent.stderr())
+    res = cluster.topo.finish_client(loop)
+    assert res["ok"] > 20 and res["errors"] == {}, res
+
+
+def test_changed_bpf_object_is_swapped_in_with_no_failed_connect(
+    cluster: Cluster, manifests: Path, agent: AgentProcess
+) -> None:
+    subprocess.run(["make", "-s", "-C", str(ROOT), "build/bpf/balancing-v3.o"], check=True)
+    write_manifest(manifests, "web.yaml", web(cluster, [{}, {}, {}]))
+    agent.start()
+    loop = cluster.topo.spawn_client(cluster.client, None, ["loop", VIP, "80", "--timeout", "2"])
+    agent.stop()
+    upgraded = AgentProcess(
+        cluster.topo, manifests, cluster.node, bpf_object=ROOT / "build/bpf/balancing-v3.o"
+    )
+    upgraded.start()
+    try:
+        assert "8 programs swapped" in upgraded.stderr()
+        res = cluster.topo.finish_client(loop)
+        assert res["ok"] > 20 and res["errors"] == {}, res
+    finally:
+        upgraded.stop()
+
+
+def test_two_agents_side_by_side_stay_isolated(cluster: Cluster, manifests: Path, tmp_path: Path) -> None:
+    topo = cluster.topo
+    other_dir = tmp_path / "node-b"
+    other_dir.mkdir()
+    write_manifest(manifests, "web.yaml", web(cluster, [{}]))
+    docs = web(cluster, [{}, {}, {}])
+    docs[1]["endpoints"] = docs[1]["endpoints"][2:]  # node-b's view: pod-c only
+    write_manifest(other_dir, "web.yaml", docs)
+    a = AgentProcess(topo, manifests, "node-a").start()
+    b = AgentProcess(topo, other_dir, "node-b").start()
+    client_b = topo.add_client("client-b", node="node-b")
+    try:
+        assert connect(cluster, 20)["backends"] == {"pod-a": 20}
+        assert topo.run_client(client_b, None, ["tcp", VIP, "80", "--count", "20"])["backends"] == {
+            "pod-c": 20
+        }
+        b.stop()
+        topo.run([sys.executable, "-m", "balancing", "cleanup", "--bpffs", str(b.bpffs)])
+        assert connect(cluster, 20)["backends"] == {"pod-a": 20}
+        assert topo.run_client(client_b, None, ["tcp", VIP, "80", "--count", "1"])["errors"] == {
+            "EHOSTUNREACH": 1
+        }
+    finally:
+        a.stop()
+
+
+def test_health_endpoints(cluster: Cluster, manifests: Path, agent: AgentProcess) -> None:
+    write_manifest(manifests, "web.yaml", web(cluster, [{}]))
+    agent.start()
+    code, body = agent.get("/healthz")
+    assert code == 200 and set(body) >= {"lastUpdated", "currentTime"}
+    assert agent.get("/livez")[0] == 200
+    code, body = agent.get("/readyz")
+    assert code == 200 and body["ready"] is True
+    assert agent.get("/nope")[0] == 404
+
+
+def test_sigterm_leaves_the_datapath_translating(
+    cluster: Cluster, manifests: Path, agent: AgentProcess
+) -> None:
+    write_manifest(manifests, "web.yaml", web(cluster, [{}, {}]))
+    agent.start()
+    log = agent.stop()
+    assert "keeps translating" in log
+    assert set(connect(cluster, 40)["backends"]) == {"pod-a", "pod-b"}

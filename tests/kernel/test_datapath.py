@@ -1,0 +1,309 @@
+"""The BPF datapath on the real kernel: programs loaded into a test cgroup, real TCP/UDP between namespaces.
+
+Each test programs the maps with the real writer (no agent) and checks what clients in the node's cgroup
+experience: spread, stickiness, reverse translation, refusal, make-before-break under load, atomic upgrade.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support import OBJECT, ROOT, Datapath, programmed_frontends
+
+from balancing import errors
+from balancing.datapath import loader, maps, writer
+from helpers.topology import Cluster
+
+VIP4, VIP6 = "10.96.0.10", "fd00:96::10"
+
+
+@pytest.fixture
+def dp(cluster: Cluster) -> Iterator[Datapath]:
+    d = Datapath(cluster.cgroup, cluster.topo.bpffs / cluster.node)
+    try:
+        yield d
+    finally:
+        d.close()
+
+
+def backends4(cluster: Cluster, port: int = 8080) -> list[str]:
+    return [f"{p.ip4}:{port}" for p in cluster.pods]
+
+
+def backends6(cluster: Cluster, port: int = 8080) -> list[str]:
+    return [f"[{p.ip6}]:{port}" for p in cluster.pods]
+
+
+def client(cluster: Cluster, *args: object) -> dict:  # type: ignore[type-arg]
+    return cluster.topo.run_client(cluster.client, None, [str(a) for a in args])
+
+
+def test_tcp_spreads_over_three_backends_without_snat(cluster: Cluster, dp: Datapath) -> None:
+    dp.program({f"{VIP4}:80/TCP": backends4(cluster)})
+    res = client(cluster, "tcp", VIP4, 80, "--count", 300)
+    assert res["errors"] == {}
+    assert set(res["backends"]) == {"pod-a", "pod-b", "pod-c"}
+    assert min(res["backends"].values()) > 50, res["backends"]  # random per connect: roughly even
+    assert res["seen_by_backend"] == [cluster.client.ip4]  # the backend sees the real client address
+
+
+def test_getpeername_shows_the_vip(cluster: Cluster, dp: Datapath) -> None:
+    dp.program({f"{VIP4}:80/TCP": backends4(cluster), f"[{VIP6}]:80/TCP": backends6(cluster)})
+    assert client(cluster, "tcp", VIP4, 80, "--count", 20)["peernames"] == [[VIP4, 80]]
+    assert client(cluster, "tcp", VIP6, 80, "--count", 20, "--family", 6)["peernames"] == [[VIP6, 80]]
+
+
+def test_unconnected_udp_sticks_to_one_backend_and_replies_come_from_the_vip(
+    cluster: Cluster, dp: Datapath
+) -> None:
+    dp.program({f"{VIP4}:53/UDP": backends4(cluster), f"[{VIP6}]:53/UDP": backends6(cluster)})
+    res = client(cluster, "udp-unconnected", VIP4, 53, "--count", 50)
+    assert res["errors"] == {} and res["ok"] == 50
+    assert len(res["backends"]) == 1, "every datagram of one socket reaches the same backend"
+    assert res["reply_sources"] == [[VIP4, 53]]
+    res6 = client(cluster, "udp-unconnected", VIP6, 53, "--count", 20, "--family", 6)
+    assert len(res6["backends"]) == 1 and res6["reply_sources"] == [[VIP6, 53]]
+    # different sockets spread: 30 separate one-datagram clients reach more than one backend
+    seen = {
+        next(iter(client(cluster, "udp-unconnected", VIP4, 53, "--count", 1)["backends"])) for _ in range(12)
+    }
+    assert len(seen) > 1
+
+
+def test_connected_udp_spreads_and_shows_the_vip(cluster: Cluster, dp: Datapath) -> None:
+    dp.program({f"{VIP4}:53/UDP": backends4(cluster)})
+    res = client(cluster, "udp-connected", VIP4, 53, "--count", 60)
+    assert res["errors"] == {} and res["ok"] == 60
+    assert len(res["backends"]) > 1
+    assert res["peernames"] == [[VIP4, 53]]
+
+
+def test_v4_mapped_sockets_are_translated_both_ways(cluster: Cluster, dp: Datapath) -> None:
+    dp.program({f"{VIP4}:80/TCP": backends4(cluster), f"{VIP4}:53/UDP": backends4(cluster)})
+    tcp = client(cluster, "tcp", VIP4, 80, "--count", 60, "--family", "mapped")
+    assert tcp["errors"] == {} and len(tcp["backends"]) == 3
+    assert tcp["peernames"] == [[f"::ffff:{VIP4}", 80]]
+    udp = client(cluster, "udp-unconnected", VIP4, 53, "--count", 10, "--family", "mapped")
+    assert udp["errors"] == {} and udp["reply_sources"] == [[f"::ffff:{VIP4}", 53]]
+
+
+def test_ipv6_frontend_with_ipv6_backends(cluster: Cluster, dp: Datapath) -> None:
+    dp.program({f"[{VIP6}]:80/TCP": backends6(cluster)})
+    res = client(cluster, "tcp", VIP6, 80, "--count", 120, "--family", 6)
+    assert res["errors"] == {} and len(res["backends"]) == 3
+    assert res["seen_by_backend"] == [cluster.client.ip6]
+
+
+REFUSE_TIMER = textwrap.dedent("""
+    import json, socket, sys, time
+    out = {}
+    for family, host in ((socket.AF_INET, "10.96.0.30"), (socket.AF_INET6, "fd00:96::30")):
+        for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+            s = socket.socket(family, kind)
+            t0 = time.perf_counter()
+            try:
+                s.connect((host, 80)) if kind == socket.SOCK_STREAM else s.sendto(b"x", (host, 80))
+                out[f"{family.name}/{kind.name}"] = ["ok", 0]
+            except OSError as e:
+                out[f"{family.name}/{kind.name}"] = [e.strerror, (time.perf_counter() - t0) * 1000]
+    print(json.dumps(out))
+""")
+
+
+def test_frontend_without_backends_is_refused_at_once(cluster: Cluster, dp: Datapath) -> None:
+    dp.program(
+        {
+            "10.96.0.30:80/TCP": [],
+            "10.96.0.30:80/UDP": [],
+            "[fd00:96::30]:80/TCP": [],
+            "[fd00:96::30]:80/UDP": [],
+        }
+    )
+    res = cluster.topo.run([sys.executable, "-c", REFUSE_TIMER], netns=cluster.client, cgroup=cluster.cgroup)
+    outcome = json.loads(res.stdout)
+    for case, (error, ms) in outcome.items():
+        assert error == "Connection refused", (case, error)
+        assert ms < 100, (case, ms)
+
+
+def test_other_traffic_is_untouched(cluster: Cluster, dp: Datapath) -> None:
+    dp.program({f"{VIP4}:80/TCP": backends4(cluster)})
+    direct = client(cluster, "tcp", cluster.pods[1].ip4, 8080, "--count", 5)
+    assert direct["backends"] == {"pod-b": 5} and direct["peernames"] == [[cluster.pods[1].ip4, 8080]]
+    # a port the VIP does not serve is not translated: it meets the namespace's unreachable route
+    assert client(cluster, "tcp", VIP4, 81, "--count", 1)["errors"] == {"EHOSTUNREACH": 1}
+
+
+def test_clients_outside_the_node_cgroup_are_not_translated(cluster: Cluster, dp: Datapath) -> None:
+    dp.program({f"{VIP4}:80/TCP": backends4(cluster)})
+    other = cluster.topo.node_cgroup("node-b")
+    res = cluster.topo.run_client(cluster.client, other, ["tcp", VIP4, "80", "--count", "1"])
+    assert res["errors"] == {"EHOSTUNREACH": 1}
+
+
+def test_writer_on_kernel_maps_is_idempotent_and_recovers(cluster: Cluster, dp: Datapath) -> None:
+    want = {
+        f"{VIP4}:80/TCP": backends4(cluster),
+        f"[{VIP6}]:80/TCP": backends6(cluster),
+        "10.96.0.30:80/TCP": [],
+    }
+    assert dp.program(want).ops > 0
+    assert dp.program(want).ops == 0
+    restarted = writer.MapWriter(dp.io)
+    assert restarted.programmed() == dp.writer.programmed()
+    assert programmed_frontends(dp.bpffs) == {
+        "10.96.0.10:80/TCP": sorted(backends4(cluster)),
+        "[fd00:96::10]:80/TCP": sorted(b for b in backends6(cluster)),
+        "10.96.0.30:80/TCP": [],
+    }
+
+
+def test_backend_churn_under_load_never_fails_a_connect(cluster: Cluster, dp: Datapath) -> None:
+    """Make-before-break on the kernel: 300 backend-set changes while a client connects in a loop."""
+    sets = [[0, 1, 2], [0], [1, 2], [2], [0, 2], [1], [0, 1]]
+    dp.program({f"{VIP4}:80/TCP": backends4(cluster)})
+    loop = cluster.topo.spawn_client(cluster.client, None, ["loop", VIP4, "80", "--timeout", "2"])
+    for i in range(300):
+        chosen = [backends4(cluster)[j] for j in sets[i % len(sets)]]
+        dp.program({f"{VIP4}:80/TCP": chosen})
+    res = cluster.topo.finish_client(loop)
+    assert res["ok"] > 100
+    assert res["errors"] == {}, res["errors"]
+
+
+@pytest.fixture(scope="module")
+def variant_object() -> Path:
+    """The same programs built for BPF ISA v3: different instructions (tags), same behaviour."""
+    subprocess.run(["make", "-s", "-C", str(ROOT), "build/bpf/balancing-v3.o"], check=True)
+    return ROOT / "build/bpf/balancing-v3.o"
+
+
+def test_reload_reuses_pins_and_swaps_changed_programs_without_a_failed_connect(
+    cluster: Cluster, dp: Datapath, variant_object: Path
+) -> None:
+    assert sorted(dp.report.programs_attached) == sorted(
+        f"bl_{h}{v}" for h in ("connect", "sendmsg", "recvmsg", "getpeername") for v in (4, 6)
+    )
+    dp.program({f"{VIP4}:80/TCP": backends4(cluster)})
+    loop = cluster.topo.spawn_client(cluster.client, None, ["loop", VIP4, "80", "--timeout", "2"])
+    same = loader.load(dp.cfg)
+    assert len(same.programs_unchanged) == 8 and not same.programs_swapped
+    assert sorted(same.maps_reused) == sorted(["bl_svc_v1", "bl_be_v1", "bl_rev_v1", "bl_sock_v1"])
+    swapped = loader.load(loader.DatapathConfig(variant_object, dp.bpffs, dp.cgroup, 4096, 4096, 4096))
+    assert len(swapped.programs_swapped) == 8
+    back = loader.load(dp.cfg)
+    assert len(back.programs_swapped) == 8
+    res = cluster.topo.finish_client(loop)
+    assert res["ok"] > 20 and res["errors"] == {}, res
+    assert client(cluster, "tcp", VIP4, 80, "--count", 30)["errors"] == {}
+
+
+def test_pinned_links_keep_translating_after_the_loading_process_exits(cluster: Cluster) -> None:
+    bpffs = cluster.topo.bpffs / "node-a"
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path[:0] = [{str(ROOT / "tests/kernel")!r}, {str(ROOT / "tests")!r}]
+        from pathlib import Path
+        from support import Datapath
+        d = Datapath(Path({str(cluster.cgroup)!r}), Path({str(bpffs)!r}))
+        d.program({{"{VIP4}:80/TCP": {backends4(cluster)!r}}})
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=30)
+    try:
+        assert client(cluster, "tcp", VIP4, 80, "--count", 30)["errors"] == {}
+    finally:
+        loader.cleanup(bpffs)
+    assert client(cluster, "tcp", VIP4, 80, "--count", 1)["errors"] == {"EHOSTUNREACH": 1}
+    assert loader.cleanup(bpffs) == []  # twice is fine
+
+
+def test_two_datapaths_on_one_kernel_stay_isolated(cluster: Cluster) -> None:
+    topo = cluster.topo
+    other_client = topo.add_client("client-b", node="node-b")
+    a = Datapath(cluster.cgroup, topo.bpffs / "node-a")
+    b = Datapath(topo.node_cgroup("node-b"), topo.bpffs / "node-b")
+    try:
+        a.program({f"{VIP4}:80/TCP": [f"{cluster.pods[0].ip4}:8080"]})
+        b.program({f"{VIP4}:80/TCP": [f"{cluster.pods[2].ip4}:8080"]})
+        assert client(cluster, "tcp", VIP4, 80, "--count", 20)["backends"] == {"pod-a": 20}
+        res = topo.run_client(other_client, None, ["tcp", VIP4, "80", "--count", "20"])
+        assert res["backends"] == {"pod-c": 20}
+        b.close()
+        assert client(cluster, "tcp", VIP4, 80, "--count", 5)["backends"] == {"pod-a": 5}
+    finally:
+        a.close()
+        b.close()
+
+
+BROKEN_PROGRAM = textwrap.dedent("""
+    #include <linux/bpf.h>
+    #include <bpf/bpf_helpers.h>
+    char LICENSE[] SEC("license") = "GPL";
+    SEC("cgroup/connect4")
+    int bl_broken(struct bpf_sock_addr *ctx)
+    {
+        *(volatile __u16 *)&ctx->user_port = 0;  /* 2-byte context stores are rejected */
+        return 1;
+    }
+""")
+
+
+def test_a_rejected_program_surfaces_the_verifier_log(cluster: Cluster, tmp_path: Path) -> None:
+    src, obj = tmp_path / "broken.c", tmp_path / "broken.o"
+    src.write_text(BROKEN_PROGRAM)
+    arch = subprocess.run(
+        ["gcc", "-print-multiarch"], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    clang = shutil.which("clang")
+    assert clang
+    subprocess.run(
+        [clang, "-O2", "-g", "-target", "bpf", f"-I/usr/include/{arch}", "-c", str(src), "-o", str(obj)],
+        check=True,
+    )
+    cfg = loader.DatapathConfig(obj, cluster.topo.bpffs / "broken", cluster.cgroup)
+    with pytest.raises(errors.BpfLoadError) as info:
+        loader.load(cfg)
+    assert info.value.program == "bl_broken"
+    assert "invalid bpf_context access" in info.value.log
+    assert loader.cleanup(cfg.bpffs) == []
+
+
+def test_map_full_is_an_error_naming_the_map(cluster: Cluster) -> None:
+    d = Datapath.__new__(Datapath)
+    d.cgroup, d.bpffs, d.object_path = cluster.cgroup, cluster.topo.bpffs / "tiny", OBJECT
+    d.cfg = loader.DatapathConfig(OBJECT, d.bpffs, d.cgroup, max_services=64, max_backends=4, max_reverse=64)
+    loader.load(d.cfg)
+    d.io = maps.KernelMaps(d.cfg.map_dir)
+    d.writer = writer.MapWriter(d.io)
+    try:
+        d.program({f"{VIP4}:80/TCP": backends4(cluster)})
+        with pytest.raises(errors.MapFull) as info:
+            d.program({f"{VIP4}:80/TCP": backends4(cluster), f"{VIP4}:81/TCP": backends4(cluster, 9090)})
+        assert info.value.map == "bl_be_v1" and info.value.capacity == 4
+        # the first frontend still works and the writer's view is the kernel's
+        assert client(cluster, "tcp", VIP4, 80, "--count", 10)["errors"] == {}
+        assert d.writer.programmed() == writer.MapWriter(d.io).programmed()
+    finally:
+        d.close()
+
+
+def test_concurrent_readers_see_consistent_services_during_bulk_sync(cluster: Cluster, dp: Datapath) -> None:
+    """Bulk syncs of 2000 frontends (batched) while a client keeps connecting to one present throughout."""
+    dp.program({f"{VIP4}:80/TCP": backends4(cluster)})
+    loop = cluster.topo.spawn_client(cluster.client, None, ["loop", VIP4, "80", "--timeout", "2"])
+    for round_ in range(3):
+        many = {
+            f"10.97.{i // 250}.{i % 250 + 1}:80/TCP": [f"10.250.0.{(i + round_) % 200 + 1}:80"]
+            for i in range(2000)
+        }
+        many[f"{VIP4}:80/TCP"] = backends4(cluster)[round_ % 3 :]
+        dp.program(many)
+    res = cluster.topo.finish_client(loop)
+    assert res["errors"] == {} and res["ok"] > 0

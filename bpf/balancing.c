@@ -41,12 +41,13 @@ struct {
 	__type(value, struct bl_rev_val);
 } bl_rev_v1 SEC(".maps");
 
+/* Connected sockets: preallocated (no allocation on the connect path), deleted by sock_release. */
 struct {
-	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, int);
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, BL_DEFAULT_SOCK_ENTRIES);
+	__type(key, __u64);
 	__type(value, struct bl_sock_rev);
-} bl_sock_v1 SEC(".maps");
+} bl_sock_v2 SEC(".maps");
 
 /* The address a hook works on, in the family-neutral form of the maps. */
 struct bl_sockaddr {
@@ -107,24 +108,24 @@ static __always_inline void remember_frontend(struct bpf_sock_addr *ctx, const s
 					      const struct bl_backend *be, __u32 svc_id, int connected)
 {
 	struct bl_rev_val rev = { .port = front->port, .svc_id = svc_id };
+	__u64 cookie = bpf_get_socket_cookie(ctx);
 
 	copy_addr(rev.addr, front->addr);
 	if (connected) {
-		struct bl_sock_rev *st;
+		struct bl_sock_rev st = { .frontend = rev, .backend_port = be->port };
 
-		if (!ctx->sk)
-			return;
-		st = bpf_sk_storage_get(&bl_sock_v1, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-		if (!st)
-			return;
-		st->frontend = rev;
-		copy_addr(st->backend_addr, be->addr);
-		st->backend_port = be->port;
+		copy_addr(st.backend_addr, be->addr);
+		bpf_map_update_elem(&bl_sock_v2, &cookie, &st, BPF_ANY);
 	} else {
-		struct bl_rev_key key = { .cookie = bpf_get_socket_cookie(ctx), .port = be->port };
+		struct bl_rev_key key = { .cookie = cookie, .port = be->port };
+		struct bl_rev_val *old;
 
 		copy_addr(key.addr, be->addr);
-		bpf_map_update_elem(&bl_rev_v1, &key, &rev, BPF_ANY);
+		old = bpf_map_lookup_elem(&bl_rev_v1, &key);
+		/* one socket sends many datagrams to the same frontend: write only what changed */
+		if (!old || old->port != rev.port || old->svc_id != svc_id || old->addr[0] != rev.addr[0] ||
+		    old->addr[1] != rev.addr[1] || old->addr[2] != rev.addr[2] || old->addr[3] != rev.addr[3])
+			bpf_map_update_elem(&bl_rev_v1, &key, &rev, BPF_ANY);
 	}
 }
 
@@ -171,9 +172,10 @@ static __always_inline int translate(struct bpf_sock_addr *ctx, struct bl_sockad
 static __always_inline int reverse(struct bpf_sock_addr *ctx, struct bl_sockaddr *sa, int lookup_udp)
 {
 	struct bl_sock_rev *st;
+	__u64 cookie = bpf_get_socket_cookie(ctx);
 
 	if (lookup_udp) {
-		struct bl_rev_key key = { .cookie = bpf_get_socket_cookie(ctx), .port = sa->port };
+		struct bl_rev_key key = { .cookie = cookie, .port = sa->port };
 		struct bl_rev_val *rev;
 
 		copy_addr(key.addr, sa->addr);
@@ -184,9 +186,7 @@ static __always_inline int reverse(struct bpf_sock_addr *ctx, struct bl_sockaddr
 			return BL_XLATED;
 		}
 	}
-	if (!ctx->sk)
-		return BL_PASS;
-	st = bpf_sk_storage_get(&bl_sock_v1, ctx->sk, 0, 0);
+	st = bpf_map_lookup_elem(&bl_sock_v2, &cookie);
 	if (!st || st->backend_port != sa->port || st->backend_addr[0] != sa->addr[0] ||
 	    st->backend_addr[1] != sa->addr[1] || st->backend_addr[2] != sa->addr[2] ||
 	    st->backend_addr[3] != sa->addr[3])
@@ -301,4 +301,14 @@ SEC("cgroup/getpeername6")
 int bl_getpeername6(struct bpf_sock_addr *ctx)
 {
 	return backward6(ctx, 0);
+}
+
+/* A translated connected socket is closing: forget its reverse entry. */
+SEC("cgroup/sock_release")
+int bl_sock_release(struct bpf_sock *ctx)
+{
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+
+	bpf_map_delete_elem(&bl_sock_v2, &cookie);
+	return 1;
 }

@@ -72,7 +72,7 @@ struct bl_rev_val {
 	__u32 svc_id;    /* frontend identity */
 };
 
-/* Per-socket reverse state of connected sockets (sk_storage, freed with the socket). */
+/* Reverse state of a connected socket, keyed by socket cookie (deleted by the sock_release hook). */
 struct bl_sock_rev {
 	struct bl_rev_val frontend; /* what the app connected to */
 	__u32 backend_addr[4];      /* where it really goes */
@@ -92,5 +92,6 @@ _Static_assert(sizeof(struct bl_sock_rev) == 48, "bl_sock_rev layout");
 #define BL_DEFAULT_SVC_ENTRIES   (65536 + 1048576)  /* frontends + backend slots */
 #define BL_DEFAULT_BACKENDS      262144
 #define BL_DEFAULT_REV_ENTRIES   131072
+#define BL_DEFAULT_SOCK_ENTRIES  262144             /* live translated connected sockets */
 
 #endif /* BALANCING_H */

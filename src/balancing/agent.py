@@ -26,6 +26,7 @@ from balancing.model import desired, store
 from balancing.sources import manifests, watch
 
 log = logging.getLogger("balancing.agent")
+VERIFY_EVERY = 10  # resyncs between re-reads of the maps
 
 
 @contextlib.contextmanager
@@ -170,8 +171,14 @@ class Agent:
         self._needs_resync = True
 
     async def _resync_loop(self) -> None:
+        """Full syncs on a timer; every ``VERIFY_EVERY``-th first re-reads the maps, so a change made behind
+        the agent's back (or lost) is found and repaired, not just what the agent remembers writing."""
+        count = 0
         while True:
             await asyncio.sleep(self.cfg.resync_interval if not self._needs_resync else 1.0)
+            count += 1
+            if count % VERIFY_EVERY == 0 and self._writer is not None:
+                await asyncio.get_running_loop().run_in_executor(self._io, self._writer.recover)
             await self._full_sync()
 
 

@@ -27,7 +27,7 @@ from helpers.topology import Topology
 
 ROOT = Path(__file__).resolve().parents[2]
 OBJECT = ROOT / "build/bpf/balancing.o"
-SMALL_MAPS = {"max_services": 4096, "max_backends": 4096, "max_reverse": 4096}
+SMALL_MAPS = {"max_services": 4096, "max_backends": 4096, "max_reverse": 4096, "max_sockets": 4096}
 
 # --- manifests -----------------------------------------------------------------------------------------
 

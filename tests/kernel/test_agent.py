@@ -170,7 +170,7 @@ def test_sigkill_and_restart_under_load_fails_no_connect(
     loop = cluster.topo.spawn_client(cluster.client, None, ["loop", VIP, "80", "--timeout", "2"])
     agent.kill()
     agent.start()
-    assert re.search(r"4 maps reused, 8 programs unchanged", agent.stderr())
+    assert re.search(r"4 maps reused, 9 programs unchanged", agent.stderr())
     assert re.search(r"full sync: 1 frontends, 0 written, 0 removed, 0 map ops", agent.stderr())
     res = cluster.topo.finish_client(loop)
     assert res["ok"] > 20 and res["errors"] == {}, res
@@ -189,7 +189,7 @@ def test_changed_bpf_object_is_swapped_in_with_no_failed_connect(
     )
     upgraded.start()
     try:
-        assert "8 programs swapped" in upgraded.stderr()
+        assert "9 programs swapped" in upgraded.stderr()
         res = cluster.topo.finish_client(loop)
         assert res["ok"] > 20 and res["errors"] == {}, res
     finally:
@@ -241,3 +241,22 @@ def test_sigterm_leaves_the_datapath_translating(
     log = agent.stop()
     assert "keeps translating" in log
     assert set(connect(cluster, 40)["backends"]) == {"pod-a", "pod-b"}
+
+
+def test_resync_repairs_a_map_changed_behind_the_agents_back(
+    cluster: Cluster, manifests: Path, agent: AgentProcess
+) -> None:
+    from balancing.datapath import abi, maps
+
+    write_manifest(manifests, "web.yaml", web(cluster, [{}, {}, {}]))
+    agent.extra = ["--resync-interval", "0.1"]
+    agent.start()
+    io = maps.KernelMaps(agent.bpffs / "maps")
+    try:
+        master = [k for k, _ in io.items(abi.MAP_SERVICES) if abi.split_svc_key(k)[1] == abi.MASTER_SLOT]
+        io.delete(abi.MAP_SERVICES, master)  # as if someone ran bpftool map delete
+    finally:
+        io.close()
+    three = sorted(f"{p.ip4}:8080" for p in cluster.pods)
+    agent.wait_frontends(lambda f: f.get(KEY) == three, timeout=5, what="the repair")
+    assert set(connect(cluster, 60)["backends"]) == {"pod-a", "pod-b", "pod-c"}

@@ -7,6 +7,7 @@ experience: spread, stickiness, reverse translation, refusal, make-before-break 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -189,17 +190,18 @@ def test_reload_reuses_pins_and_swaps_changed_programs_without_a_failed_connect(
     cluster: Cluster, dp: Datapath, variant_object: Path
 ) -> None:
     assert sorted(dp.report.programs_attached) == sorted(
-        f"bl_{h}{v}" for h in ("connect", "sendmsg", "recvmsg", "getpeername") for v in (4, 6)
+        [f"bl_{h}{v}" for h in ("connect", "sendmsg", "recvmsg", "getpeername") for v in (4, 6)]
+        + ["bl_sock_release"]
     )
     dp.program({f"{VIP4}:80/TCP": backends4(cluster)})
     loop = cluster.topo.spawn_client(cluster.client, None, ["loop", VIP4, "80", "--timeout", "2"])
     same = loader.load(dp.cfg)
-    assert len(same.programs_unchanged) == 8 and not same.programs_swapped
-    assert sorted(same.maps_reused) == sorted(["bl_svc_v1", "bl_be_v1", "bl_rev_v1", "bl_sock_v1"])
-    swapped = loader.load(loader.DatapathConfig(variant_object, dp.bpffs, dp.cgroup, 4096, 4096, 4096))
-    assert len(swapped.programs_swapped) == 8
+    assert len(same.programs_unchanged) == 9 and not same.programs_swapped
+    assert sorted(same.maps_reused) == sorted(["bl_svc_v1", "bl_be_v1", "bl_rev_v1", "bl_sock_v2"])
+    swapped = loader.load(loader.DatapathConfig(variant_object, dp.bpffs, dp.cgroup, 4096, 4096, 4096, 4096))
+    assert len(swapped.programs_swapped) == 9
     back = loader.load(dp.cfg)
-    assert len(back.programs_swapped) == 8
+    assert len(back.programs_swapped) == 9
     res = cluster.topo.finish_client(loop)
     assert res["ok"] > 20 and res["errors"] == {}, res
     assert client(cluster, "tcp", VIP4, 80, "--count", 30)["errors"] == {}
@@ -307,3 +309,34 @@ def test_concurrent_readers_see_consistent_services_during_bulk_sync(cluster: Cl
         dp.program(many)
     res = cluster.topo.finish_client(loop)
     assert res["errors"] == {} and res["ok"] > 0
+
+
+def test_reverse_entries_of_closed_sockets_are_deleted(cluster: Cluster, dp: Datapath) -> None:
+    dp.program({f"{VIP4}:80/TCP": backends4(cluster), f"{VIP4}:53/UDP": backends4(cluster)})
+    assert client(cluster, "tcp", VIP4, 80, "--count", 200)["ok"] == 200
+    assert client(cluster, "udp-connected", VIP4, 53, "--count", 50)["ok"] == 50
+    sockets = maps.KernelMaps(dp.cfg.map_dir, names=["bl_sock_v2"])
+    try:
+        assert sockets.items("bl_sock_v2") == []  # the sock_release hook removed every entry
+    finally:
+        sockets.close()
+
+
+def test_pins_of_map_versions_the_object_no_longer_defines_are_retired(
+    cluster: Cluster, dp: Datapath
+) -> None:
+    from balancing.datapath import libbpf
+
+    fd = libbpf.obj_get(str(dp.cfg.map_dir / "bl_rev_v1"))
+    try:
+        libbpf.obj_pin(fd, str(dp.cfg.map_dir / "bl_old_v0"))  # stands for a pin left by an older release
+    finally:
+        os.close(fd)
+    report = loader.load(dp.cfg)
+    assert report.maps_retired == ["bl_old_v0"]
+    assert sorted(p.name for p in dp.cfg.map_dir.iterdir()) == [
+        "bl_be_v1",
+        "bl_rev_v1",
+        "bl_sock_v2",
+        "bl_svc_v1",
+    ]

@@ -105,6 +105,17 @@ def test_recovery_collects_garbage_a_crash_could_leave() -> None:
     assert resolve_all(maps, key) == {V4[0], V4[1]}
 
 
+def test_frontend_whose_master_vanished_is_rebuilt_on_its_old_slot_keys() -> None:
+    maps = FakeMaps()
+    MapWriter(maps).sync(state({0: [0, 1, 2]}))
+    key = KEYS[0]
+    del maps.data[abi.MAP_SERVICES][abi.svc_key(key.ip, key.port, key.protocol, 0).pack()]
+    writer = MapWriter(maps)  # recovery: the three slots and backends are now garbage
+    writer.sync(state({0: [0, 1, 2]}))
+    assert resolve_all(maps, key) == {V4[0], V4[1], V4[2]}
+    assert writer.programmed() == MapWriter(maps).programmed()
+
+
 def test_backend_shared_by_two_frontends_stays_while_one_uses_it() -> None:
     maps = FakeMaps()
     writer = MapWriter(maps)

@@ -74,6 +74,9 @@ def agent(
     max_reverse: Annotated[
         int, typer.Option(help="UDP reverse-translation LRU entries.")
     ] = abi.DEFAULT_REV_ENTRIES,
+    max_sockets: Annotated[
+        int, typer.Option(help="Live translated connected sockets with reverse translation.")
+    ] = abi.DEFAULT_SOCK_ENTRIES,
     resync_interval: Annotated[float, typer.Option(help="Seconds between full reconciling syncs.")] = 30.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
@@ -97,11 +100,12 @@ def agent(
             ("--max-services", max_services),
             ("--max-backends", max_backends),
             ("--max-reverse", max_reverse),
+            ("--max-sockets", max_sockets),
         ):
             if value < 1:
                 raise errors.ConfigError(flag, "must be at least 1")
         host, port = _host_port(health_addr)
-        dp = loader.DatapathConfig(obj, bpffs, cg, max_services, max_backends, max_reverse)
+        dp = loader.DatapathConfig(obj, bpffs, cg, max_services, max_backends, max_reverse, max_sockets)
         cfg = agent_mod.AgentConfig(manifests, node_name, dp, host, port, resync_interval)
         agent_mod.run(cfg)
     except errors.BalancingError as exc:

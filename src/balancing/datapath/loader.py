@@ -32,6 +32,7 @@ class DatapathConfig:
     max_services: int = abi.DEFAULT_SVC_ENTRIES
     max_backends: int = abi.DEFAULT_BACKENDS
     max_reverse: int = abi.DEFAULT_REV_ENTRIES
+    max_sockets: int = abi.DEFAULT_SOCK_ENTRIES
 
     @property
     def map_dir(self) -> Path:
@@ -46,6 +47,7 @@ class DatapathConfig:
             abi.MAP_SERVICES: self.max_services,
             abi.MAP_BACKENDS: self.max_backends,
             abi.MAP_REVERSE: self.max_reverse,
+            abi.MAP_SOCK_REVERSE: self.max_sockets,
         }.get(map_name)
 
 
@@ -53,6 +55,7 @@ class DatapathConfig:
 class LoadReport:
     maps_created: list[str] = field(default_factory=list)
     maps_reused: list[str] = field(default_factory=list)
+    maps_retired: list[str] = field(default_factory=list)
     programs_attached: list[str] = field(default_factory=list)
     programs_swapped: list[str] = field(default_factory=list)
     programs_unchanged: list[str] = field(default_factory=list)
@@ -138,6 +141,7 @@ def load(cfg: DatapathConfig) -> LoadReport:
                 libbpf.obj_pin(libbpf.map_fd(m), str(cfg.map_dir / name))
                 report.maps_created.append(name)
         _attach_all(obj, cfg, report)
+        _retire_unused_pins(obj, cfg, report)
     finally:
         libbpf.object_close(obj)
         for fd in reused_fds:
@@ -145,6 +149,16 @@ def load(cfg: DatapathConfig) -> LoadReport:
     for w in report.warnings:
         log.warning("%s", w)
     return report
+
+
+def _retire_unused_pins(obj: int, cfg: DatapathConfig, report: LoadReport) -> None:
+    """Unpin maps the loaded object no longer defines (an older layout version): once every link runs the
+    new programs nothing uses them, and they would otherwise linger until ``cleanup``."""
+    current = {libbpf.map_name(m) for m in libbpf.maps(obj)}
+    for pin in sorted(cfg.map_dir.iterdir()):
+        if pin.name not in current and pin.name.startswith("bl_"):
+            pin.unlink()
+            report.maps_retired.append(pin.name)
 
 
 def _attach_all(obj: int, cfg: DatapathConfig, report: LoadReport) -> None:

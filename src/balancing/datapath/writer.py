@@ -170,8 +170,9 @@ class MapWriter:
                 backend_id = self._backend_ids.pop(ref, None)
                 if backend_id is not None:
                     plan.stale_backends.append(abi.pack_backend_id(backend_id))
-        plan.stale_slots.extend(self._garbage_slots)
-        plan.stale_backends.extend(self._garbage_backends)
+        rewritten = {key for key, _ in plan.slots}  # a garbage key the plan writes again is live, not garbage
+        plan.stale_slots.extend(k for k in self._garbage_slots if k not in rewritten)
+        plan.stale_backends.extend(self._garbage_backends)  # new backend ids never collide: they are fresh
         self._garbage_slots, self._garbage_backends = [], []
 
     def _execute(self, plan: _Plan) -> int:

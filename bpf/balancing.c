@@ -49,6 +49,21 @@ struct {
 	__type(value, struct bl_sock_rev);
 } bl_sock_v2 SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, BL_DEFAULT_AFF_ENTRIES);
+	__type(key, struct bl_aff_key);
+	__type(value, struct bl_aff_val);
+} bl_aff_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, BL_DEFAULT_BACKENDS);
+	__type(key, struct bl_aff_match_key);
+	__type(value, __u32);
+} bl_affm_v1 SEC(".maps");
+
 /* The address a hook works on, in the family-neutral form of the maps. */
 struct bl_sockaddr {
 	__u32 addr[4];
@@ -129,6 +144,25 @@ static __always_inline void remember_frontend(struct bpf_sock_addr *ctx, const s
 	}
 }
 
+/* The backend this client was last sent to, if it is recent enough and still a valid target. */
+static __always_inline __u32 affinity_backend(struct bpf_sock_addr *ctx, const struct bl_svc_val *master,
+					      struct bl_aff_key *key, __u64 now)
+{
+	struct bl_aff_match_key match = { .svc_id = master->svc_id };
+	struct bl_aff_val *aff;
+
+	key->netns_cookie = bpf_get_netns_cookie(ctx);
+	key->svc_id = master->svc_id;
+	aff = bpf_map_lookup_elem(&bl_aff_v1, key);
+	if (!aff || now - aff->last_used_ns > (__u64)master->affinity_timeout * 1000000000ULL)
+		return 0;
+	match.backend_id = aff->backend_id;
+	if (!bpf_map_lookup_elem(&bl_affm_v1, &match))
+		return 0; /* the backend left the service or is no longer usable */
+	aff->last_used_ns = now;
+	return aff->backend_id;
+}
+
 /*
  * The worker: look the address up as a frontend and rewrite it to a backend. TCP picks a random
  * slot per connect; UDP hashes the socket cookie so every datagram of one socket reaches the same
@@ -138,8 +172,11 @@ static __always_inline int translate(struct bpf_sock_addr *ctx, struct bl_sockad
 {
 	struct bl_svc_key key = { .port = sa->port, .proto = (__u8)ctx->protocol };
 	struct bl_svc_val *master, *slot;
+	struct bl_aff_key aff_key = {};
 	struct bl_backend *be;
-	__u32 pick, svc_id;
+	__u32 pick, svc_id, backend_id = 0;
+	__u64 now = 0;
+	int affinity;
 
 	copy_addr(key.addr, sa->addr);
 	master = bpf_map_lookup_elem(&bl_svc_v1, &key);
@@ -148,17 +185,29 @@ static __always_inline int translate(struct bpf_sock_addr *ctx, struct bl_sockad
 	if (master->count == 0)
 		return BL_REFUSE;
 	svc_id = master->svc_id;
+	affinity = master->flags & BL_SVC_F_AFFINITY;
+	if (affinity) {
+		now = bpf_ktime_get_ns();
+		backend_id = affinity_backend(ctx, master, &aff_key, now);
+	}
 
-	if (ctx->protocol == IPPROTO_UDP)
-		pick = mix_cookie(bpf_get_socket_cookie(ctx));
-	else
-		pick = bpf_get_prandom_u32();
-	key.slot = (__u16)(pick % master->count) + 1;
+	if (!backend_id) {
+		if (ctx->protocol == IPPROTO_UDP)
+			pick = mix_cookie(bpf_get_socket_cookie(ctx));
+		else
+			pick = bpf_get_prandom_u32();
+		key.slot = (__u16)(pick % master->count) + 1;
+		slot = bpf_map_lookup_elem(&bl_svc_v1, &key);
+		if (!slot)
+			return BL_REFUSE;
+		backend_id = slot->backend_id;
+		if (affinity) {
+			struct bl_aff_val aff = { .last_used_ns = now, .backend_id = backend_id };
 
-	slot = bpf_map_lookup_elem(&bl_svc_v1, &key);
-	if (!slot)
-		return BL_REFUSE;
-	be = bpf_map_lookup_elem(&bl_be_v1, &slot->backend_id);
+			bpf_map_update_elem(&bl_aff_v1, &aff_key, &aff, BPF_ANY);
+		}
+	}
+	be = bpf_map_lookup_elem(&bl_be_v1, &backend_id);
 	if (!be)
 		return BL_REFUSE;
 

@@ -27,7 +27,8 @@
 #define BL_REFUSE    2   /* a frontend with no usable backend: ECONNREFUSED */
 
 /* struct bl_svc_val.flags (master entry) */
-#define BL_SVC_F_NONE 0
+#define BL_SVC_F_NONE     0
+#define BL_SVC_F_AFFINITY (1 << 0)  /* sessionAffinity ClientIP: keep a client on its backend */
 
 /* Service map: (frontend, slot) -> master entry or backend slot. */
 struct bl_svc_key {
@@ -44,7 +45,7 @@ struct bl_svc_val {
 	__u32 svc_id;     /* frontend identity (stable across restarts; used in events) */
 	__u16 count;      /* master: number of backend slots; 0 means refuse */
 	__u16 flags;      /* master: BL_SVC_F_* */
-	__u32 reserved;   /* 0 */
+	__u32 affinity_timeout; /* master with BL_SVC_F_AFFINITY: idle seconds before a client may move */
 };
 
 /* Backend map: backend id -> address. */
@@ -81,17 +82,43 @@ struct bl_sock_rev {
 	__u32 pad2;
 };
 
+/*
+ * Session affinity: the client is its network namespace (at connect time the source address is not known
+ * yet; every pod has its own namespace, host-network processes share one).
+ */
+struct bl_aff_key {
+	__u64 netns_cookie; /* bpf_get_netns_cookie() of the client */
+	__u32 svc_id;       /* frontend identity */
+	__u32 pad;          /* 0 */
+};
+
+struct bl_aff_val {
+	__u64 last_used_ns; /* bpf_ktime_get_ns() of the client's last connect */
+	__u32 backend_id;   /* the backend it keeps */
+	__u32 pad;          /* 0 */
+};
+
+/* (frontend, backend) pairs that are valid affinity targets now; written by the agent. */
+struct bl_aff_match_key {
+	__u32 svc_id;
+	__u32 backend_id;
+};
+
 _Static_assert(sizeof(struct bl_svc_key) == 24, "bl_svc_key layout");
 _Static_assert(sizeof(struct bl_svc_val) == 16, "bl_svc_val layout");
 _Static_assert(sizeof(struct bl_backend) == 24, "bl_backend layout");
 _Static_assert(sizeof(struct bl_rev_key) == 32, "bl_rev_key layout");
 _Static_assert(sizeof(struct bl_rev_val) == 24, "bl_rev_val layout");
 _Static_assert(sizeof(struct bl_sock_rev) == 48, "bl_sock_rev layout");
+_Static_assert(sizeof(struct bl_aff_key) == 16, "bl_aff_key layout");
+_Static_assert(sizeof(struct bl_aff_val) == 16, "bl_aff_val layout");
+_Static_assert(sizeof(struct bl_aff_match_key) == 8, "bl_aff_match_key layout");
 
 /* Default capacities; the loader overrides them from flags before load. */
 #define BL_DEFAULT_SVC_ENTRIES   (65536 + 1048576)  /* frontends + backend slots */
 #define BL_DEFAULT_BACKENDS      262144
 #define BL_DEFAULT_REV_ENTRIES   131072
 #define BL_DEFAULT_SOCK_ENTRIES  262144             /* live translated connected sockets */
+#define BL_DEFAULT_AFF_ENTRIES   65536              /* (client, frontend) affinity records */
 
 #endif /* BALANCING_H */

@@ -27,7 +27,13 @@ from helpers.topology import Topology
 
 ROOT = Path(__file__).resolve().parents[2]
 OBJECT = ROOT / "build/bpf/balancing.o"
-SMALL_MAPS = {"max_services": 4096, "max_backends": 4096, "max_reverse": 4096, "max_sockets": 4096}
+SMALL_MAPS = {
+    "max_services": 4096,
+    "max_backends": 4096,
+    "max_reverse": 4096,
+    "max_sockets": 4096,
+    "max_affinity": 4096,
+}
 
 # --- manifests -----------------------------------------------------------------------------------------
 
@@ -164,9 +170,11 @@ class Datapath:
         self.io = maps.KernelMaps(self.cfg.map_dir)
         self.writer = writer.MapWriter(self.io)
 
-    def program(self, frontends: dict[str, list[str]]) -> writer.WriteStats:
-        """{"10.96.0.10:80/TCP": ["10.244.1.1:8080", ...]} → maps."""
-        return self.writer.sync(DesiredState({parse_key(k): frontend(v) for k, v in frontends.items()}))
+    def program(self, frontends: dict[str, list[str]], affinity: int = 0) -> writer.WriteStats:
+        """{"10.96.0.10:80/TCP": ["10.244.1.1:8080", ...]} → maps (``affinity``: timeout for all, seconds)."""
+        return self.writer.sync(
+            DesiredState({parse_key(k): frontend(v, affinity) for k, v in frontends.items()})
+        )
 
     def close(self) -> None:
         self.io.close()
@@ -184,10 +192,10 @@ def parse_key(text: str) -> FrontendKey:
     return FrontendKey(ipaddress.ip_address(host), port, Protocol[proto])
 
 
-def frontend(backends: list[str]) -> Frontend:
+def frontend(backends: list[str], affinity: int = 0) -> Frontend:
     parsed = [_split_host_port(b) for b in backends]
     bes = tuple(sorted(Backend(ipaddress.ip_address(h), p) for h, p in parsed))
-    return Frontend(Owner("Service", "test", "svc"), bes)
+    return Frontend(Owner("Service", "test", "svc"), bes, affinity_timeout=affinity)
 
 
 def programmed_frontends(bpffs: Path) -> dict[str, list[str]]:

@@ -16,10 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import OBJECT, ROOT, Datapath, programmed_frontends
+from support import OBJECT, ROOT, SMALL_MAPS, Datapath, programmed_frontends
 
 from balancing import errors
-from balancing.datapath import loader, maps, writer
+from balancing.datapath import abi, loader, maps, writer
 from helpers.topology import Cluster
 
 VIP4, VIP6 = "10.96.0.10", "fd00:96::10"
@@ -197,8 +197,8 @@ def test_reload_reuses_pins_and_swaps_changed_programs_without_a_failed_connect(
     loop = cluster.topo.spawn_client(cluster.client, None, ["loop", VIP4, "80", "--timeout", "2"])
     same = loader.load(dp.cfg)
     assert len(same.programs_unchanged) == 9 and not same.programs_swapped
-    assert sorted(same.maps_reused) == sorted(["bl_svc_v1", "bl_be_v1", "bl_rev_v1", "bl_sock_v2"])
-    swapped = loader.load(loader.DatapathConfig(variant_object, dp.bpffs, dp.cgroup, 4096, 4096, 4096, 4096))
+    assert sorted(same.maps_reused) == sorted(abi.ALL_MAPS)
+    swapped = loader.load(loader.DatapathConfig(variant_object, dp.bpffs, dp.cgroup, **SMALL_MAPS))
     assert len(swapped.programs_swapped) == 9
     back = loader.load(dp.cfg)
     assert len(back.programs_swapped) == 9
@@ -334,9 +334,59 @@ def test_pins_of_map_versions_the_object_no_longer_defines_are_retired(
         os.close(fd)
     report = loader.load(dp.cfg)
     assert report.maps_retired == ["bl_old_v0"]
-    assert sorted(p.name for p in dp.cfg.map_dir.iterdir()) == [
-        "bl_be_v1",
-        "bl_rev_v1",
-        "bl_sock_v2",
-        "bl_svc_v1",
-    ]
+    assert sorted(p.name for p in dp.cfg.map_dir.iterdir()) == sorted(abi.ALL_MAPS)
+
+
+def one_backend_each(cluster: Cluster, clients: list[object], count: int = 20) -> list[str]:
+    """For each client namespace: the single backend all its connects reached (fails if it moved)."""
+    out = []
+    for c in clients:
+        res = cluster.topo.run_client(c, cluster.cgroup, ["tcp", VIP4, "80", "--count", str(count)])
+        assert res["errors"] == {} and len(res["backends"]) == 1, res["backends"]
+        out.append(next(iter(res["backends"])))
+    return out
+
+
+def test_session_affinity_keeps_each_client_namespace_on_one_backend(cluster: Cluster, dp: Datapath) -> None:
+    clients = [cluster.client] + [cluster.topo.add_client(f"client-{i}") for i in range(7)]
+    dp.program({f"{VIP4}:80/TCP": backends4(cluster)}, affinity=10800)
+    chosen = one_backend_each(cluster, clients)
+    assert len(set(chosen)) > 1, "different clients are spread (8 clients all on one backend: p < 0.001)"
+    assert one_backend_each(cluster, clients) == chosen, "and keep their backend"
+
+
+def test_session_affinity_record_of_a_removed_backend_is_replaced(cluster: Cluster, dp: Datapath) -> None:
+    dp.program({f"{VIP4}:80/TCP": backends4(cluster)}, affinity=10800)
+    (first,) = one_backend_each(cluster, [cluster.client])
+    rest = [b for p, b in zip(cluster.pods, backends4(cluster), strict=True) if p.name != first]
+    dp.program({f"{VIP4}:80/TCP": rest}, affinity=10800)
+    (second,) = one_backend_each(cluster, [cluster.client])
+    assert second != first
+    dp.program({f"{VIP4}:80/TCP": backends4(cluster)}, affinity=10800)
+    assert one_backend_each(cluster, [cluster.client]) == [second], "the new record holds"
+
+
+def test_session_affinity_switched_off_and_on_applies_to_new_connections(
+    cluster: Cluster, dp: Datapath
+) -> None:
+    dp.program({f"{VIP4}:80/TCP": backends4(cluster)}, affinity=10800)
+    one_backend_each(cluster, [cluster.client])
+    dp.program({f"{VIP4}:80/TCP": backends4(cluster)})
+    assert len(client(cluster, "tcp", VIP4, 80, "--count", 60)["backends"]) == 3
+    dp.program({f"{VIP4}:80/TCP": backends4(cluster)}, affinity=10800)
+    one_backend_each(cluster, [cluster.client], count=40)
+
+
+def test_session_affinity_expires_after_the_idle_timeout(cluster: Cluster, dp: Datapath) -> None:
+    import time
+
+    dp.program({f"{VIP4}:80/TCP": backends4(cluster)}, affinity=1)
+    seen = set()
+    for _ in range(8):
+        seen.update(
+            one_backend_each(cluster, [cluster.client], count=5)
+        )  # 5 connects well within 1 s: sticky
+        time.sleep(
+            1.1
+        )  # idle past the timeout: the next connect may move (8 rounds on one backend: p < 0.001)
+    assert len(seen) > 1

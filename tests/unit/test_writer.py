@@ -27,13 +27,31 @@ V4 = [Backend(ipaddress.ip_address(f"10.244.0.{i}"), 8080) for i in range(1, 7)]
 V6 = [Backend(ipaddress.ip_address(f"fd00:244::{i}"), 8080) for i in range(1, 7)]
 
 
-def state(spec: dict[int, list[int]]) -> DesiredState:
+def state(spec: dict[int, list[int]], affinity: int = 0) -> DesiredState:
     """{key index: backend indexes} → DesiredState (v6 keys get v6 backends)."""
     out = {}
     for k, idx in spec.items():
         pool = V6 if KEYS[k].ip.version == 6 else V4
-        out[KEYS[k]] = Frontend(OWNER, tuple(sorted(pool[i] for i in set(idx))))
+        out[KEYS[k]] = Frontend(OWNER, tuple(sorted(pool[i] for i in set(idx))), affinity_timeout=affinity)
     return DesiredState(out)
+
+
+def affinity_targets(maps: FakeMaps, key: FrontendKey) -> set[Backend] | None:
+    """Backends an affinity record could send a client to now; None when affinity is off."""
+    svc, bes = maps.data.get(abi.MAP_SERVICES, {}), maps.data.get(abi.MAP_BACKENDS, {})
+    master_raw = svc.get(abi.svc_key(key.ip, key.port, key.protocol, 0).pack())
+    if master_raw is None or not abi.SvcVal.unpack(master_raw).flags & abi.SVC_F_AFFINITY:
+        return None
+    svc_id = abi.SvcVal.unpack(master_raw).svc_id
+    out = set()
+    for raw in maps.data.get(abi.MAP_AFFINITY_MATCH, {}):
+        match_svc, backend_id = abi.unpack_affinity_match(raw)
+        if match_svc == svc_id:
+            be_raw = bes.get(abi.pack_backend_id(backend_id))
+            assert be_raw is not None, f"{key}: affinity match names a missing backend"
+            be = abi.BackendVal.unpack(be_raw)
+            out.add(Backend(abi.unpack_addr(be.addr), be.port))
+    return out
 
 
 def resolve_all(maps: FakeMaps, key: FrontendKey) -> set[Backend] | None:
@@ -157,13 +175,15 @@ specs = st.dictionaries(st.integers(0, 2), st.lists(st.integers(0, 5), max_size=
 
 
 @settings(max_examples=300, deadline=None)
-@given(steps=st.lists(specs, min_size=1, max_size=5))
-def test_every_instant_resolves_to_a_backend_valid_before_or_after(steps: list[dict[int, list[int]]]) -> None:
+@given(steps=st.lists(st.tuples(specs, st.sampled_from([0, 0, 30])), min_size=1, max_size=5))
+def test_every_instant_resolves_to_a_backend_valid_before_or_after(
+    steps: list[tuple[dict[int, list[int]], int]],
+) -> None:
     maps = FakeMaps()
     writer = MapWriter(maps)
     before = DesiredState()
-    for spec in steps:
-        after = state(spec)
+    for spec, affinity in steps:
+        after = state(spec, affinity)
 
         def check(before: DesiredState = before, after: DesiredState = after) -> None:
             for key in KEYS:
@@ -174,6 +194,8 @@ def test_every_instant_resolves_to_a_backend_valid_before_or_after(steps: list[d
                     continue
                 allowed = set(old.backends if old else ()) | set(new.backends if new else ())
                 assert reached <= allowed, f"{key} reaches {reached - allowed}"
+                sticky = affinity_targets(maps, key)
+                assert sticky is None or sticky <= allowed, f"{key}: affinity may reach {sticky - allowed}"
                 if not reached:
                     assert (old is None or not old.backends) or (new is None or not new.backends)
 
@@ -183,5 +205,21 @@ def test_every_instant_resolves_to_a_backend_valid_before_or_after(steps: list[d
         for key in KEYS:
             want = after.frontends.get(key)
             assert resolve_all(maps, key) == (set(want.backends) if want else None)
+            assert affinity_targets(maps, key) == (set(want.backends) if want and affinity else None)
         assert writer.sync(after).ops == 0
+        assert MapWriter(maps).sync(after).ops == 0, "a restarted writer agrees with the maps"
         before = after
+
+
+def test_affinity_toggles_rewrite_the_master_and_the_match_entries() -> None:
+    maps = FakeMaps()
+    writer = MapWriter(maps)
+    writer.sync(state({0: [0, 1]}))
+    assert affinity_targets(maps, KEYS[0]) is None
+    writer.sync(state({0: [0, 1]}, affinity=10800))
+    assert affinity_targets(maps, KEYS[0]) == {V4[0], V4[1]}
+    writer.sync(state({0: [1, 2]}, affinity=10800))
+    assert affinity_targets(maps, KEYS[0]) == {V4[1], V4[2]}
+    writer.sync(state({0: [1, 2]}))
+    assert affinity_targets(maps, KEYS[0]) is None
+    assert maps.data[abi.MAP_AFFINITY_MATCH] == {}

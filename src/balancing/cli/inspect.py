@@ -33,6 +33,7 @@ def services_json(state: programmed.ProgrammedState) -> list[dict[str, object]]:
                 "port": key.port,
                 "protocol": key.protocol.name,
                 "serviceId": f.svc_id,
+                "affinityTimeoutSeconds": f.affinity_timeout,
                 "backends": [str(programmed.backend_of(r)) if r else None for r in f.slots],
             }
         )

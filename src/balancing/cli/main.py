@@ -77,6 +77,9 @@ def agent(
     max_sockets: Annotated[
         int, typer.Option(help="Live translated connected sockets with reverse translation.")
     ] = abi.DEFAULT_SOCK_ENTRIES,
+    max_affinity: Annotated[
+        int, typer.Option(help="Session-affinity records (client namespace x frontend), LRU.")
+    ] = abi.DEFAULT_AFF_ENTRIES,
     resync_interval: Annotated[float, typer.Option(help="Seconds between full reconciling syncs.")] = 30.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
@@ -101,11 +104,14 @@ def agent(
             ("--max-backends", max_backends),
             ("--max-reverse", max_reverse),
             ("--max-sockets", max_sockets),
+            ("--max-affinity", max_affinity),
         ):
             if value < 1:
                 raise errors.ConfigError(flag, "must be at least 1")
         host, port = _host_port(health_addr)
-        dp = loader.DatapathConfig(obj, bpffs, cg, max_services, max_backends, max_reverse, max_sockets)
+        dp = loader.DatapathConfig(
+            obj, bpffs, cg, max_services, max_backends, max_reverse, max_sockets, max_affinity
+        )
         cfg = agent_mod.AgentConfig(manifests, node_name, dp, host, port, resync_interval)
         agent_mod.run(cfg)
     except errors.BalancingError as exc:

@@ -19,13 +19,18 @@ MAP_SERVICES = "bl_svc_v1"
 MAP_BACKENDS = "bl_be_v1"
 MAP_REVERSE = "bl_rev_v1"
 MAP_SOCK_REVERSE = "bl_sock_v2"
-ALL_MAPS = (MAP_SERVICES, MAP_BACKENDS, MAP_REVERSE, MAP_SOCK_REVERSE)
+MAP_AFFINITY = "bl_aff_v1"
+MAP_AFFINITY_MATCH = "bl_affm_v1"
+ALL_MAPS = (MAP_SERVICES, MAP_BACKENDS, MAP_REVERSE, MAP_SOCK_REVERSE, MAP_AFFINITY, MAP_AFFINITY_MATCH)
+
+SVC_F_AFFINITY = 1 << 0
 
 MASTER_SLOT = 0
 DEFAULT_SVC_ENTRIES = 65536 + 1048576
 DEFAULT_BACKENDS = 262144
 DEFAULT_REV_ENTRIES = 131072
 DEFAULT_SOCK_ENTRIES = 262144
+DEFAULT_AFF_ENTRIES = 65536
 
 
 @dataclass(frozen=True)
@@ -58,7 +63,7 @@ SVC_KEY = Layout(
 )
 SVC_VAL = Layout(
     "bl_svc_val",
-    (("backend_id", "I"), ("svc_id", "I"), ("count", "H"), ("flags", "H"), ("reserved", "I")),
+    (("backend_id", "I"), ("svc_id", "I"), ("count", "H"), ("flags", "H"), ("affinity_timeout", "I")),
 )
 BACKEND = Layout(
     "bl_backend", (("addr", "16s"), ("port", "2s"), ("proto", "B"), ("flags", "B"), ("pad", "I"))
@@ -72,7 +77,10 @@ SOCK_REV = Layout(
     "bl_sock_rev",
     (("frontend", "24s"), ("backend_addr", "16s"), ("backend_port", "2s"), ("pad", "H"), ("pad2", "I")),
 )
-LAYOUTS = (SVC_KEY, SVC_VAL, BACKEND, REV_KEY, REV_VAL, SOCK_REV)
+AFF_KEY = Layout("bl_aff_key", (("netns_cookie", "Q"), ("svc_id", "I"), ("pad", "I")))
+AFF_VAL = Layout("bl_aff_val", (("last_used_ns", "Q"), ("backend_id", "I"), ("pad", "I")))
+AFF_MATCH_KEY = Layout("bl_aff_match_key", (("svc_id", "I"), ("backend_id", "I")))
+LAYOUTS = (SVC_KEY, SVC_VAL, BACKEND, REV_KEY, REV_VAL, SOCK_REV, AFF_KEY, AFF_VAL, AFF_MATCH_KEY)
 
 _SVC_KEY = SVC_KEY.packer
 _SVC_VAL = SVC_VAL.packer
@@ -121,14 +129,33 @@ class SvcVal:
     svc_id: int = 0
     count: int = 0
     flags: int = 0
+    affinity_timeout: int = 0
 
     def pack(self) -> bytes:
-        return _SVC_VAL.pack(self.backend_id, self.svc_id, self.count, self.flags, 0)
+        return _SVC_VAL.pack(self.backend_id, self.svc_id, self.count, self.flags, self.affinity_timeout)
 
     @classmethod
     def unpack(cls, raw: bytes) -> SvcVal:
-        backend_id, svc_id, count, flags, _ = _SVC_VAL.unpack(raw)
-        return cls(backend_id, svc_id, count, flags)
+        return cls(*_SVC_VAL.unpack(raw))
+
+
+def master_val(svc_id: int, count: int, affinity_timeout: int) -> bytes:
+    """A frontend's master entry: its identity, backend count and session affinity."""
+    flags = SVC_F_AFFINITY if affinity_timeout else 0
+    return _SVC_VAL.pack(0, svc_id, count, flags, affinity_timeout)
+
+
+_AFF_MATCH = AFF_MATCH_KEY.packer
+AFF_MATCH_VALUE = b"\x01\x00\x00\x00"
+
+
+def pack_affinity_match(svc_id: int, backend_id: int) -> bytes:
+    return _AFF_MATCH.pack(svc_id, backend_id)
+
+
+def unpack_affinity_match(raw: bytes) -> tuple[int, int]:
+    svc_id, backend_id = _AFF_MATCH.unpack(raw)
+    return int(svc_id), int(backend_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,4 +228,6 @@ MAP_LAYOUTS: dict[str, tuple[Layout, Layout]] = {
     MAP_BACKENDS: (BACKEND_ID, BACKEND),
     MAP_REVERSE: (REV_KEY, REV_VAL),
     MAP_SOCK_REVERSE: (Layout("__u64", (("cookie", "Q"),)), SOCK_REV),
+    MAP_AFFINITY: (AFF_KEY, AFF_VAL),
+    MAP_AFFINITY_MATCH: (AFF_MATCH_KEY, Layout("__u32", (("value", "I"),))),
 }

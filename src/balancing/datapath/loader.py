@@ -33,6 +33,7 @@ class DatapathConfig:
     max_backends: int = abi.DEFAULT_BACKENDS
     max_reverse: int = abi.DEFAULT_REV_ENTRIES
     max_sockets: int = abi.DEFAULT_SOCK_ENTRIES
+    max_affinity: int = abi.DEFAULT_AFF_ENTRIES
 
     @property
     def map_dir(self) -> Path:
@@ -48,6 +49,8 @@ class DatapathConfig:
             abi.MAP_BACKENDS: self.max_backends,
             abi.MAP_REVERSE: self.max_reverse,
             abi.MAP_SOCK_REVERSE: self.max_sockets,
+            abi.MAP_AFFINITY: self.max_affinity,
+            abi.MAP_AFFINITY_MATCH: self.max_backends,
         }.get(map_name)
 
 

@@ -32,7 +32,9 @@ class KernelMaps:
     BATCH_MIN = 32  # below this, single updates are cheaper than building a batch
     BATCH_MAX = 8192
 
-    def __init__(self, map_dir: Path, names: Sequence[str] = (abi.MAP_SERVICES, abi.MAP_BACKENDS)) -> None:
+    WRITER_MAPS = (abi.MAP_SERVICES, abi.MAP_BACKENDS, abi.MAP_AFFINITY_MATCH)
+
+    def __init__(self, map_dir: Path, names: Sequence[str] = WRITER_MAPS) -> None:
         self.fds: dict[str, int] = {}
         self.capacity: dict[str, int] = {}
         self.sizes: dict[str, tuple[int, int]] = {}

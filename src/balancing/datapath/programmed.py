@@ -26,6 +26,8 @@ def backend_of(ref: BackendRef) -> Backend:
 class ProgrammedFrontend:
     svc_id: int
     slots: list[BackendRef | None]  # slot 1 first; None: the slot or its backend is missing
+    affinity_timeout: int = 0
+    affinity_matches: set[int] = field(default_factory=set)  # backend ids in the affinity match map
 
 
 @dataclass
@@ -34,6 +36,7 @@ class ProgrammedState:
     backend_ids: dict[BackendRef, int] = field(default_factory=dict)
     garbage_slots: list[bytes] = field(default_factory=list)  # service-map keys to delete
     garbage_backends: list[bytes] = field(default_factory=list)  # backend-map keys to delete
+    garbage_matches: list[bytes] = field(default_factory=list)  # affinity-match keys to delete
     max_svc_id: int = 0
     max_backend_id: int = 0
 
@@ -70,11 +73,26 @@ def read_state(io: MapIO) -> ProgrammedState:
             if entry and ref:
                 used.add(entry[1])
             refs.append(ref)
-        state.frontends[frontend_key(abi.SvcKey.unpack(raw_key))] = ProgrammedFrontend(master.svc_id, refs)
+        state.frontends[frontend_key(abi.SvcKey.unpack(raw_key))] = ProgrammedFrontend(
+            master.svc_id, refs, master.affinity_timeout if master.flags & abi.SVC_F_AFFINITY else 0
+        )
     state.garbage_slots = [raw_key for raw_key, _ in slots.values()]
+    _read_affinity_matches(io, state)
     for backend_id, ref in backends.items():
         if backend_id in used:
             state.backend_ids[ref] = backend_id
         else:
             state.garbage_backends.append(abi.pack_backend_id(backend_id))
     return state
+
+
+def _read_affinity_matches(io: MapIO, state: ProgrammedState) -> None:
+    """Attach match entries to their frontends; entries of unknown frontends or backends are garbage."""
+    by_id = {f.svc_id: f for f in state.frontends.values()}
+    for raw_key, _ in io.items(abi.MAP_AFFINITY_MATCH):
+        svc_id, backend_id = abi.unpack_affinity_match(raw_key)
+        frontend = by_id.get(svc_id)
+        if frontend is None or not frontend.affinity_timeout:
+            state.garbage_matches.append(raw_key)
+        else:
+            frontend.affinity_matches.add(backend_id)

@@ -41,6 +41,8 @@ class _Plan:
     stale_masters: list[bytes] = field(default_factory=list)
     stale_slots: list[bytes] = field(default_factory=list)
     stale_backends: list[bytes] = field(default_factory=list)
+    matches: list[tuple[bytes, bytes]] = field(default_factory=list)
+    stale_matches: list[bytes] = field(default_factory=list)
     released: set[BackendRef] = field(default_factory=set)
 
 
@@ -77,11 +79,12 @@ class MapWriter:
             r for f in state.frontends.values() for r in f.slots if r is not None
         )
         self._garbage_slots, self._garbage_backends = state.garbage_slots, state.garbage_backends
+        self._garbage_matches = state.garbage_matches
         self._next_svc_id = state.max_svc_id + 1
         self._next_backend_id = state.max_backend_id + 1
         # The backend tuples last programmed per frontend: an identical tuple (usually the very same object
         # from the model's cache) is skipped without re-encoding its backends.
-        self._applied: dict[FrontendKey, tuple[Backend, ...]] = {}
+        self._applied: dict[FrontendKey, tuple[tuple[Backend, ...], int]] = {}
 
     def programmed(self) -> dict[FrontendKey, tuple[Backend | None, ...]]:
         return {k: tuple(backend_of(r) if r else None for r in f.slots) for k, f in self._frontends.items()}
@@ -118,29 +121,41 @@ class MapWriter:
 
     def _plan_upsert(self, plan: _Plan, key: FrontendKey, frontend: Frontend) -> bool:
         old = self._frontends.get(key)
-        if old is not None and self._applied.get(key) == frontend.backends:
+        wanted = frontend.programmed_as()
+        if old is not None and self._applied.get(key) == wanted:
             return False
-        self._applied[key] = frontend.backends
+        self._applied[key] = wanted
         new = [abi.pack_backend(b.ip, b.port, key.protocol) for b in frontend.backends]
-        if old is not None and None not in old.slots and set(old.slots) == set(new):
+        timeout = frontend.affinity_timeout
+        if old is None:
+            old = ProgrammedFrontend(self._next_svc_id, [], -1)  # -1: no master written yet
+            self._next_svc_id += 1
+            self._frontends[key] = old
+        elif None not in old.slots and set(old.slots) == set(new) and old.affinity_timeout == timeout:
             return False
-        old_slots = old.slots if old else []
+        old_slots = old.slots
         slots = assign_slots(old_slots, new)
         pack_key = abi.SvcKeyPacker(key.ip, key.port, key.protocol)
         for i, ref in enumerate(slots):
             if i >= len(old_slots) or old_slots[i] != ref:
                 plan.slots.append((pack_key(i + 1), abi.pack_slot(self._backend_id(plan, ref))))
-        if old is None:
-            old = ProgrammedFrontend(self._next_svc_id, [])
-            self._next_svc_id += 1
-            self._frontends[key] = old
-        if not old_slots or len(slots) != len(old_slots) or frontend.backends == ():
-            master = abi.SvcVal(svc_id=old.svc_id, count=len(slots))
-            plan.masters.append((pack_key(abi.MASTER_SLOT), master.pack()))
+        self._plan_matches(plan, old, [self._backend_id(plan, r) for r in slots] if timeout else [])
+        if len(slots) != len(old_slots) or not slots or old.affinity_timeout != timeout:
+            plan.masters.append((pack_key(abi.MASTER_SLOT), abi.master_val(old.svc_id, len(slots), timeout)))
+            old.affinity_timeout = timeout
         for slot in range(len(slots) + 1, len(old_slots) + 1):
             plan.stale_slots.append(pack_key(slot))
         self._retarget(plan, old, slots)
         return True
+
+    def _plan_matches(self, plan: _Plan, frontend: ProgrammedFrontend, backend_ids: list[int]) -> None:
+        """Affinity match entries: new ones go in before the master, stale ones after the slots."""
+        wanted = set(backend_ids)
+        for backend_id in wanted - frontend.affinity_matches:
+            plan.matches.append((abi.pack_affinity_match(frontend.svc_id, backend_id), abi.AFF_MATCH_VALUE))
+        for backend_id in frontend.affinity_matches - wanted:
+            plan.stale_matches.append(abi.pack_affinity_match(frontend.svc_id, backend_id))
+        frontend.affinity_matches = wanted
 
     def _plan_remove(self, plan: _Plan, key: FrontendKey) -> bool:
         old = self._frontends.pop(key, None)
@@ -151,6 +166,7 @@ class MapWriter:
         plan.stale_masters.append(pack_key(abi.MASTER_SLOT))
         for slot in range(1, len(old.slots) + 1):
             plan.stale_slots.append(pack_key(slot))
+        self._plan_matches(plan, old, [])
         self._retarget(plan, old, [])
         return True
 
@@ -173,15 +189,18 @@ class MapWriter:
         rewritten = {key for key, _ in plan.slots}  # a garbage key the plan writes again is live, not garbage
         plan.stale_slots.extend(k for k in self._garbage_slots if k not in rewritten)
         plan.stale_backends.extend(self._garbage_backends)  # new backend ids never collide: they are fresh
-        self._garbage_slots, self._garbage_backends = [], []
+        plan.stale_matches.extend(self._garbage_matches)  # svc ids are fresh too
+        self._garbage_slots, self._garbage_backends, self._garbage_matches = [], [], []
 
     def _execute(self, plan: _Plan) -> int:
         steps: list[tuple[str, str, list[bytes] | list[tuple[bytes, bytes]]]] = [
             ("update", abi.MAP_BACKENDS, plan.backends),
+            ("update", abi.MAP_AFFINITY_MATCH, plan.matches),
             ("update", abi.MAP_SERVICES, plan.slots),
             ("update", abi.MAP_SERVICES, plan.masters),
             ("delete", abi.MAP_SERVICES, plan.stale_masters),
             ("delete", abi.MAP_SERVICES, plan.stale_slots),
+            ("delete", abi.MAP_AFFINITY_MATCH, plan.stale_matches),
             ("delete", abi.MAP_BACKENDS, plan.stale_backends),
         ]
         ops = 0

@@ -93,6 +93,15 @@ class Owner:
         return f"{self.kind} {ns}{self.name}{port}"
 
 
+class FrontendKind(enum.Enum):
+    """Which Service address a frontend comes from (selection rules and tools depend on it)."""
+
+    CLUSTER_IP = "ClusterIP"
+    NODE_PORT = "NodePort"
+    LOAD_BALANCER = "LoadBalancer"
+    EXTERNAL_IP = "ExternalIP"
+
+
 @dataclass(frozen=True, slots=True)
 class Frontend:
     """One frontend's owner and backends (sorted, deduplicated; empty means refuse)."""
@@ -100,6 +109,12 @@ class Frontend:
     owner: Owner
     backends: tuple[Backend, ...]
     reason: str = ""  # why the backend set is what it is (e.g. "terminating fallback"), for tools
+    kind: FrontendKind = FrontendKind.CLUSTER_IP
+    affinity_timeout: int = 0  # sessionAffinity ClientIP: seconds a client keeps its backend; 0 = none
+
+    def programmed_as(self) -> tuple[tuple[Backend, ...], int]:
+        """What the datapath programs of this frontend (a change in anything else needs no map write)."""
+        return self.backends, self.affinity_timeout
 
 
 @dataclass(slots=True)

@@ -20,9 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from balancing import errors, health
+from balancing import errors, health, healthcheck
 from balancing.datapath import loader, maps, writer
-from balancing.model import desired, store
+from balancing.model import config, desired, store
 from balancing.sources import manifests, watch
 
 log = logging.getLogger("balancing.agent")
@@ -49,17 +49,19 @@ def gc_paused() -> Iterator[None]:
 @dataclass(frozen=True)
 class AgentConfig:
     manifests: Path
-    node_name: str
+    model: config.ModelConfig
     datapath: loader.DatapathConfig
     health_host: str = "127.0.0.1"
     health_port: int = 10256
     resync_interval: float = 30.0
+    healthcheck_host: str = "0.0.0.0"  # where healthCheckNodePort servers listen
 
 
 class Agent:
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
-        self.store = store.ClusterStore(cfg.node_name)
+        self.store = store.ClusterStore(cfg.model)
+        self.health_checks = healthcheck.HealthCheckServers(cfg.healthcheck_host)
         self.source = manifests.ManifestDirectory(cfg.manifests)
         self.health = health.HealthState(stale_after=2 * cfg.resync_interval + 10)
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="datapath")
@@ -78,7 +80,9 @@ class Agent:
         )
         kernel_maps = await loop.run_in_executor(self._io, maps.KernelMaps, self.cfg.datapath.map_dir)
         self._writer = await loop.run_in_executor(self._io, writer.MapWriter, kernel_maps)
-        server = await health.serve(self.health, self.cfg.health_host, self.cfg.health_port)
+        server = await health.serve(
+            health.agent_routes(self.health), self.cfg.health_host, self.cfg.health_port
+        )
         try:
             self._ingest(self.source.load())
             await self._full_sync()
@@ -90,6 +94,7 @@ class Agent:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         finally:
+            await self.health_checks.close()
             server.close()
             await server.wait_closed()
             kernel_maps.close()
@@ -133,6 +138,7 @@ class Agent:
                 self._failed(exc)
                 return
         self._needs_resync = False
+        await self.health_checks.update(self.store.health_checks())
         self.health.synced()
         self.health.extra["frontends"] = len(wanted.frontends)
         if stats.ops or not self.health.extra.get("synced_once"):
@@ -148,6 +154,7 @@ class Agent:
 
     async def _write(self, changes: desired.FrontendChanges, seen: float) -> None:
         assert self._writer is not None
+        await self.health_checks.update(self.store.health_checks())
         if not changes:
             return
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -46,19 +47,30 @@ class HealthState:
         return (200 if self.ready else 503), {"ready": self.ready, **self.extra}
 
 
-async def _handle(state: HealthState, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+Handler = Callable[[str], tuple[int, dict[str, object]]]  # request path → (status, JSON body)
+
+
+def agent_routes(state: HealthState) -> Handler:
+    routes = {"/healthz": state.healthz, "/livez": state.healthz, "/readyz": state.readyz}
+
+    def handle(path: str) -> tuple[int, dict[str, object]]:
+        return routes[path]() if path in routes else (404, {"error": f"no such path {path!r}"})
+
+    return handle
+
+
+async def _handle(handler: Handler, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     try:
         request = await asyncio.wait_for(reader.readline(), 5)
         while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
             pass
         parts = request.decode(errors="replace").split()
-        path = parts[1].split("?")[0] if len(parts) >= 2 else ""
-        routes = {"/healthz": state.healthz, "/livez": state.healthz, "/readyz": state.readyz}
-        code, body = routes[path]() if path in routes else (404, {"error": f"no such path {path!r}"})
+        code, body = handler(parts[1].split("?")[0] if len(parts) >= 2 else "")
         payload = json.dumps(body).encode()
         reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[code]
         writer.write(
             f"HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\n"
+            "X-Content-Type-Options: nosniff\r\n"
             f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
             + payload
         )
@@ -69,5 +81,5 @@ async def _handle(state: HealthState, reader: asyncio.StreamReader, writer: asyn
         writer.close()
 
 
-async def serve(state: HealthState, host: str, port: int) -> asyncio.Server:
-    return await asyncio.start_server(lambda r, w: _handle(state, r, w), host, port)
+async def serve(handler: Handler, host: str, port: int) -> asyncio.Server:
+    return await asyncio.start_server(lambda r, w: _handle(handler, r, w), host, port)

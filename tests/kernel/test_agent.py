@@ -260,3 +260,46 @@ def test_resync_repairs_a_map_changed_behind_the_agents_back(
     three = sorted(f"{p.ip4}:8080" for p in cluster.pods)
     agent.wait_frontends(lambda f: f.get(KEY) == three, timeout=5, what="the repair")
     assert set(connect(cluster, 60)["backends"]) == {"pod-a", "pod-b", "pod-c"}
+
+
+def test_health_check_node_port_reports_ready_local_endpoints(
+    cluster: Cluster, manifests: Path, agent: AgentProcess
+) -> None:
+    import json
+    import urllib.error
+    import urllib.request
+
+    def probe() -> tuple[int, dict]:  # type: ignore[type-arg]
+        try:
+            with urllib.request.urlopen("http://127.0.0.2:32100/", timeout=2) as r:
+                return r.status, json.load(r)
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.load(exc)
+
+    def lb(conditions: list[dict[str, bool | None]]) -> list[dict]:  # type: ignore[type-arg]
+        docs = web(cluster, conditions)
+        docs[0]["spec"].update(
+            type="LoadBalancer",
+            externalTrafficPolicy="Local",
+            healthCheckNodePort=32100,
+        )
+        docs[0]["spec"]["ports"][0]["nodePort"] = 30080
+        return docs
+
+    write_manifest(manifests, "web.yaml", lb([{}, {}]))
+    agent.extra = ["--healthcheck-address", "127.0.0.2"]
+    agent.start()
+    assert probe() == (200, {"service": {"namespace": "default", "name": "web"}, "localEndpoints": 2})
+    write_manifest(manifests, "web.yaml", lb([{"ready": False}, {"ready": False}]))
+    wait_until(lambda: probe()[0] == 503, what="503 without ready local endpoints")
+    assert probe()[1]["localEndpoints"] == 0
+    (manifests / "web.yaml").unlink()
+
+    def closed() -> bool:
+        try:
+            probe()
+        except OSError:
+            return True
+        return False
+
+    wait_until(closed, what="the health check port to close")

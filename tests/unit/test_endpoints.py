@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from balancing.model import endpoints
+from balancing.model.desired import FrontendKind
 from balancing.model.endpoints import Candidate, SelectionContext, TopologyMode
 
 HERE = "node-1"
@@ -25,12 +26,13 @@ def ep(
     serving: bool | None = None,
     terminating: bool = False,
     local: bool = False,
+    node: str = "node-2",
 ) -> Candidate:
     host, port = addr.rsplit(":", 1)
     return Candidate(
         ip=ipaddress.ip_address(host),
         port=int(port),
-        node_name=HERE if local else "node-2",
+        node_name=HERE if local else node,
         ready=ready,
         serving=ready if serving is None else serving,
         terminating=terminating,
@@ -296,6 +298,7 @@ contexts = st.builds(
     external_local=st.booleans(),
     externally_accessible=st.booleans(),
     topology=st.sampled_from(list(TopologyMode)),
+    external_client=st.booleans(),
 )
 
 
@@ -314,3 +317,139 @@ def test_selection_invariants(eps: list[Candidate], ctx: SelectionContext) -> No
     if result.cluster is not None and any(c.ready for c in eps):
         assert result.cluster.endpoints, "ready endpoints exist, so topology must leave some"
     assert endpoints.select_endpoints(list(reversed(eps)), ctx) == result
+    assert result.for_frontend(FrontendKind.CLUSTER_IP) == result.internal
+    if not ctx.externally_accessible:
+        assert result.external is None and result.arriving is None
+        return
+    for kind in (FrontendKind.NODE_PORT, FrontendKind.LOAD_BALANCER, FrontendKind.EXTERNAL_IP):
+        for node in ("node-1", "node-2", "node-9", ""):
+            chosen = result.for_frontend(kind, node)
+            assert all(c.ready or c.fallback for c in chosen.endpoints)
+            if ctx.external_client and ctx.external_local and kind is FrontendKind.NODE_PORT:
+                assert all(c.node_name == node for c in chosen.endpoints)
+            elif not (ctx.external_client and ctx.external_local):
+                assert result.cluster is not None and chosen.endpoints == result.cluster.endpoints
+
+
+# --- which set each frontend kind uses ------------------------------------------------------------
+
+NP, LB, EIP, CIP = (FrontendKind.NODE_PORT, FrontendKind.LOAD_BALANCER, FrontendKind.EXTERNAL_IP,
+                    FrontendKind.CLUSTER_IP)  # fmt: skip
+SPREAD = [
+    ep("10.0.0.1:80", local=True),
+    ep("10.0.0.2:80", node="node-2"),
+    ep("10.0.0.3:80", node="node-3", ready=False, serving=True, terminating=True),
+    ep("10.0.0.4:80", node="node-3", ready=False),
+    ep("10.0.0.5:80", node=""),
+]
+READY_ANYWHERE = {"10.0.0.1:80", "10.0.0.2:80", "10.0.0.5:80"}
+
+
+@dataclass
+class KindCase:
+    """Expected endpoints per (frontend kind, node of a NodePort address)."""
+
+    name: str
+    eps: list[Candidate]
+    expect: dict[tuple[FrontendKind, str], set[str]]
+    etp_local: bool = False
+    itp_local: bool = False
+    external_client: bool = False
+    topology: TopologyMode = TopologyMode.NONE
+
+
+ALL_KINDS = [(CIP, ""), (NP, HERE), (NP, "node-2"), (NP, "node-3"), (NP, "node-4"), (NP, ""), (LB, ""),
+             (EIP, "")]  # fmt: skip
+
+
+def same(chosen: set[str], **override: set[str]) -> dict[tuple[FrontendKind, str], set[str]]:
+    """Every kind gets ``chosen``; ``override`` by "NP_node-2"-style names."""
+    expect = dict.fromkeys(ALL_KINDS, chosen)
+    for name, value in override.items():
+        kind, node = name.split("_", 1) if "_" in name else (name, "")
+        expect[{"NP": NP, "LB": LB, "EIP": EIP, "CIP": CIP}[kind], node.replace("_", "-")] = value
+    return expect
+
+
+KIND_CASES = [
+    KindCase("policies Cluster: every kind uses the cluster set", SPREAD, same(READY_ANYWHERE)),
+    KindCase("iTP Local applies to ClusterIP only", SPREAD, same(READY_ANYWHERE, CIP={"10.0.0.1:80"}),
+             itp_local=True),
+    KindCase("eTP Local, in-cluster client: short-circuit to the cluster set", SPREAD, same(READY_ANYWHERE),
+             etp_local=True),
+    KindCase("eTP Local does not apply to ClusterIP, even for external clients", SPREAD,
+             same(READY_ANYWHERE, NP_node_1={"10.0.0.1:80"}, NP_node_2={"10.0.0.2:80"},
+                  NP_node_3={"10.0.0.3:80"}, NP_node_4=set(), NP=set()),
+             etp_local=True, external_client=True),
+    KindCase("eTP Cluster, external client: cluster set everywhere", SPREAD, same(READY_ANYWHERE),
+             external_client=True),
+    KindCase("eTP Local, external client, nothing ready: LB and externalIP fall back cluster-wide",
+             [ep("10.0.0.1:80", ready=False), ep("10.0.0.3:80", node="node-3", ready=False, serving=True,
+                                                   terminating=True)],
+             same({"10.0.0.3:80"}, NP_node_1=set(), NP_node_2=set(), NP_node_4=set(), NP=set()),
+             etp_local=True, external_client=True),
+    KindCase("eTP Local, in-cluster client: topology hints apply to external frontends",
+             [ep("10.0.0.1:80", zones=("zone-a",), node="node-3"), ep("10.0.0.2:80", zones=("zone-b",))],
+             same({"10.0.0.1:80"}), etp_local=True, topology=ZONE),
+    KindCase("eTP Local, external client: topology ignored for LB, externalIP and per-node sets",
+             [ep("10.0.0.1:80", zones=("zone-a",), node="node-3"), ep("10.0.0.2:80", zones=("zone-b",))],
+             same({"10.0.0.1:80", "10.0.0.2:80"}, CIP={"10.0.0.1:80"}, NP_node_1=set(),
+                  NP_node_2={"10.0.0.2:80"}, NP_node_3={"10.0.0.1:80"}, NP_node_4=set(), NP=set()),
+             etp_local=True, external_client=True, topology=ZONE),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", KIND_CASES, ids=[c.name for c in KIND_CASES])
+def test_set_per_frontend_kind(case: KindCase) -> None:
+    ctx = SelectionContext(
+        HERE, "zone-a", case.itp_local, case.etp_local, True, case.topology, case.external_client
+    )
+    result = endpoints.select_endpoints(case.eps, ctx)
+    got = {(kind, node): names(result.for_frontend(kind, node)) for kind, node in case.expect}
+    assert got == case.expect
+
+
+EXTERNAL_REASONS = [
+    ("in-cluster, eTP Cluster", False, False, NP, "node-2", "ready"),
+    ("in-cluster, eTP Local", True, False, LB, "",
+     "externalTrafficPolicy Local: in-cluster client reaches all endpoints; ready"),
+    ("external, eTP Local, LB", True, True, LB, "",
+     "externalTrafficPolicy Local, external client via load balancer or external IP: ready on any node"),
+    ("external, eTP Local, NodePort with local ready", True, True, NP, "node-2",
+     "externalTrafficPolicy Local, external client via node node-2: local ready on node-2"),
+    ("external, eTP Local, NodePort with local fallback", True, True, NP, "node-3",
+     "externalTrafficPolicy Local, external client via node node-3: local terminating fallback "
+     "(no ready endpoint on node-3)"),
+    ("external, eTP Local, NodePort on a node without endpoints", True, True, NP, "node-4",
+     "externalTrafficPolicy Local, external client via node node-4: no endpoints on node-4"),
+    ("external, eTP Local, loopback NodePort (not created, but answered)", True, True, NP, "",
+     "externalTrafficPolicy Local, external client via node this host: no endpoints on this host"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("etp_local", "external", "kind", "node", "reason"),
+                         [r[1:] for r in EXTERNAL_REASONS], ids=[r[0] for r in EXTERNAL_REASONS])  # fmt: skip
+def test_external_reasons(
+    etp_local: bool, external: bool, kind: FrontendKind, node: str, reason: str
+) -> None:
+    ctx = SelectionContext(
+        HERE, external_local=etp_local, externally_accessible=True, external_client=external
+    )
+    assert endpoints.select_endpoints(SPREAD, ctx).for_frontend(kind, node).reason == reason
+
+
+def test_external_client_fallback_and_empty_reasons() -> None:
+    ctx = SelectionContext(HERE, external_local=True, externally_accessible=True, external_client=True)
+    prefix = "externalTrafficPolicy Local, external client via load balancer or external IP: "
+    fallback = [ep("10.0.0.3:80", ready=False, serving=True, terminating=True)]
+    assert endpoints.select_endpoints(fallback, ctx).for_frontend(LB).reason == (
+        prefix + "terminating fallback (no ready endpoint)"
+    )
+    assert endpoints.select_endpoints([], ctx).for_frontend(EIP).reason == prefix + "no endpoints"
+
+
+def test_external_sets_absent_without_external_frontends() -> None:
+    result = endpoints.select_endpoints(
+        SPREAD, SelectionContext(HERE, external_local=True, external_client=True)
+    )
+    assert result.external is None and result.arriving is None

@@ -17,6 +17,7 @@ import typer
 from balancing import errors
 from balancing.cli import inspect
 from balancing.datapath import abi, loader, mounts
+from balancing.model import config
 
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, help="Socket-level load balancing for Kubernetes."
@@ -80,6 +81,16 @@ def agent(
     max_affinity: Annotated[
         int, typer.Option(help="Session-affinity records (client namespace x frontend), LRU.")
     ] = abi.DEFAULT_AFF_ENTRIES,
+    nodeport_addresses: Annotated[
+        str, typer.Option(help="Comma-separated CIDRs: NodePorts only on node addresses inside them [all].")
+    ] = "",
+    external_ips_local_only: Annotated[
+        bool,
+        typer.Option(help="Translate an externalIP only when it is this node's address (Cilium's choice)."),
+    ] = False,
+    healthcheck_address: Annotated[
+        str, typer.Option(help="Address the healthCheckNodePort servers listen on.")
+    ] = "0.0.0.0",
     resync_interval: Annotated[float, typer.Option(help="Seconds between full reconciling syncs.")] = 30.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
@@ -109,10 +120,15 @@ def agent(
             if value < 1:
                 raise errors.ConfigError(flag, "must be at least 1")
         host, port = _host_port(health_addr)
+        try:
+            cidrs = config.parse_cidrs(nodeport_addresses.split(","))
+        except ValueError as exc:
+            raise errors.ConfigError("--nodeport-addresses", str(exc)) from exc
+        model = config.ModelConfig(node_name, cidrs, external_ips_local_only)
         dp = loader.DatapathConfig(
             obj, bpffs, cg, max_services, max_backends, max_reverse, max_sockets, max_affinity
         )
-        cfg = agent_mod.AgentConfig(manifests, node_name, dp, host, port, resync_interval)
+        cfg = agent_mod.AgentConfig(manifests, model, dp, host, port, resync_interval, healthcheck_address)
         agent_mod.run(cfg)
     except errors.BalancingError as exc:
         _fail(exc)

@@ -5,6 +5,17 @@ One pure function, ``select_endpoints``, following kube-proxy's ``CategorizeEndp
 each with its own ready → serving-and-terminating fallback, plus their union and whether any endpoint is
 usable anywhere. Every set carries the *reason* it is what it is, as data, for ``balancing trace``.
 
+On top of kube-proxy's sets, ``Selection.for_frontend`` says which set each frontend kind uses:
+
+- ClusterIP: ``internal`` (the local set with internalTrafficPolicy Local, else the cluster set).
+- NodePort, LoadBalancer, externalIP (``external``): the clients a socket LB translates are on this node,
+  i.e. inside the cluster, and kube-proxy short-circuits in-cluster clients to the cluster set even with
+  externalTrafficPolicy Local. Only when the agent runs outside the cluster (``external_client``) does eTP
+  Local restrict them: a NodePort on node X's address uses the endpoints on X (``arriving``, each node's set
+  with its own terminating fallback); a load-balancer IP or externalIP uses the ready endpoints on any node,
+  else the serving-terminating ones, topology ignored (a simplification of "the union of every node's local
+  set": the load balancer only sends to nodes whose health check says they have local endpoints).
+
 Neighbours: ``frontends`` turns EndpointSlices and Pods into ``Candidate``s and reads the result; nothing here
 knows about Kubernetes objects.
 """
@@ -86,6 +97,12 @@ class SelectionContext:
     external_local: bool = False  # externalTrafficPolicy: Local
     externally_accessible: bool = False  # has a nodePort, externalIPs or load-balancer IPs
     topology: TopologyMode = TopologyMode.NONE
+    external_client: bool = False  # clients are outside the cluster (bare-metal mode): eTP Local applies
+
+    @property
+    def external_restricted(self) -> bool:
+        """Whether eTP Local restricts what this node's clients of external frontends get."""
+        return self.external_client and self.external_local and self.externally_accessible
 
     @property
     def uses_cluster(self) -> bool:
@@ -115,9 +132,24 @@ class Selection:
 
     cluster: EndpointSet | None
     local: EndpointSet | None
-    all_reachable: EndpointSet  # union of both: every endpoint some client of this node may reach
+    all_reachable: EndpointSet  # union of both (kube-proxy's allReachableEndpoints)
     has_any: bool  # some endpoint is usable somewhere in the cluster (even if none is reachable here)
     internal: EndpointSet  # what in-cluster clients of ClusterIPs use (local if iTP Local, else cluster)
+    external: EndpointSet | None = None  # what clients of NodePort/LB/externalIP use; None: no such frontend
+    arriving: Mapping[str, EndpointSet] | None = None  # external client, eTP Local: per node a NodePort is on
+
+    def for_frontend(self, kind: desired.FrontendKind, node: str = "") -> EndpointSet:
+        """The set a frontend of ``kind`` uses (``node``: the Node a NodePort address belongs to)."""
+        if kind is desired.FrontendKind.CLUSTER_IP:
+            return self.internal
+        if kind is desired.FrontendKind.NODE_PORT and self.arriving is not None:
+            found = self.arriving.get(node)
+            if found is None:
+                where = node or "this host"
+                return EndpointSet((), f"{_ETP_LOCAL} via node {where}: no endpoints on {where}")
+            return found
+        assert self.external is not None, "external frontends need an externally accessible context"
+        return self.external
 
 
 _HintsOf = Callable[[Candidate], frozenset[str]]
@@ -132,7 +164,41 @@ def select_endpoints(candidates: Iterable[Candidate], ctx: SelectionContext) -> 
     internal = local if ctx.internal_local else cluster
     assert internal is not None  # internal_local implies uses_local; otherwise uses_cluster
     has_any = any(c.ready or c.fallback for c in eps)
-    return Selection(cluster=cluster, local=local, all_reachable=both, has_any=has_any, internal=internal)
+    external, arriving = _external_sets(eps, cluster, ctx)
+    return Selection(cluster, local, both, has_any, internal, external, arriving)
+
+
+_ETP_LOCAL = "externalTrafficPolicy Local, external client"
+
+
+def _external_sets(
+    eps: Sequence[Candidate], cluster: EndpointSet | None, ctx: SelectionContext
+) -> tuple[EndpointSet | None, dict[str, EndpointSet] | None]:
+    if not ctx.externally_accessible:
+        return None, None
+    if not ctx.external_restricted:
+        assert cluster is not None  # externally_accessible implies uses_cluster
+        if ctx.external_local:  # and the client is inside the cluster
+            note = "externalTrafficPolicy Local: in-cluster client reaches all endpoints"
+            return EndpointSet(cluster.endpoints, f"{note}; {cluster.reason}"), None
+        return cluster, None
+    ignored = _topology_ignored(ctx)
+    spread = _ready_or_fallback(
+        eps,
+        f"{_ETP_LOCAL} via load balancer or external IP: ready on any node{ignored}",
+        f"{_ETP_LOCAL} via load balancer or external IP: terminating fallback (no ready endpoint)",
+        f"{_ETP_LOCAL} via load balancer or external IP: ",
+        "",
+    )
+    by_node: dict[str, list[Candidate]] = {}
+    for c in eps:
+        if c.node_name:
+            by_node.setdefault(c.node_name, []).append(c)
+    arriving = {
+        name: _node_set(mine, name, f"{_ETP_LOCAL} via node {name}: ", ignored)
+        for name, mine in by_node.items()
+    }
+    return spread, arriving
 
 
 def _sorted(candidates: Iterable[Candidate]) -> tuple[Candidate, ...]:
@@ -149,12 +215,31 @@ def _cluster_set(eps: Sequence[Candidate], ctx: SelectionContext) -> EndpointSet
 
 def _local_set(eps: Sequence[Candidate], ctx: SelectionContext) -> EndpointSet:
     mine = [c for c in eps if c.node_name and c.node_name == ctx.node_name]
-    ignored = "; topology ignored (traffic policy Local)" if ctx.topology is not TopologyMode.NONE else ""
-    ready = [c for c in mine if c.ready]
+    return _node_set(mine, ctx.node_name, "", _topology_ignored(ctx))
+
+
+def _node_set(mine: Sequence[Candidate], node: str, prefix: str, ignored: str) -> EndpointSet:
+    """The endpoints ``mine`` (all on ``node``): ready ones, else serving-terminating ones."""
+    return _ready_or_fallback(
+        mine,
+        f"{prefix}local ready on {node}{ignored}",
+        f"{prefix}local terminating fallback (no ready endpoint on {node})",
+        prefix,
+        f" on {node}",
+    )
+
+
+def _ready_or_fallback(
+    eps: Sequence[Candidate], ready_reason: str, fallback_reason: str, prefix: str, where: str
+) -> EndpointSet:
+    ready = [c for c in eps if c.ready]
     if ready:
-        return EndpointSet(tuple(ready), f"local ready on {ctx.node_name}{ignored}")
-    fallback = f"local terminating fallback (no ready endpoint on {ctx.node_name})"
-    return _fallback(mine, fallback, _empty_reason(mine, f" on {ctx.node_name}"))
+        return EndpointSet(tuple(ready), ready_reason)
+    return _fallback(eps, fallback_reason, prefix + _empty_reason(eps, where))
+
+
+def _topology_ignored(ctx: SelectionContext) -> str:
+    return "; topology ignored (traffic policy Local)" if ctx.topology is not TopologyMode.NONE else ""
 
 
 def _fallback(eps: Sequence[Candidate], reason: str, empty_reason: str) -> EndpointSet:

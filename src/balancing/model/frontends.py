@@ -1,25 +1,36 @@
 """The frontends of one Service on this node: Kubernetes objects in, ``FrontendKey → Frontend`` out.
 
-``service_frontends`` turns a Service, its EndpointSlices (or, for a selector Service with no slice at all,
+``compute_service`` turns a Service, its EndpointSlices (or, for a selector Service with no slice at all,
 the Pods of its namespace) and this node's context into candidates per service port and IP family, asks
-``endpoints.select_endpoints`` which to use, and builds one ``desired.Frontend`` per address. Only ClusterIP
-frontends exist for now; ``_frontend_addresses`` is the one place NodePort, LoadBalancer and externalIPs
-frontends are to be added. ``store`` calls this for each service a change touches.
+``endpoints.select_endpoints`` which to use, and builds one ``desired.Frontend`` per address;
+``_frontend_addresses`` is the one place the addresses of each ``FrontendKind`` are decided. It also counts
+the Service's ready local endpoints when it wants a health check node port. ``store`` calls it for each
+service a change touches, with a ``NodeContext`` it keeps up to date from Node objects and ``ModelConfig``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from balancing.model import desired, endpoints, objects
+from balancing.model import desired, endpoints, healthcheck, objects
+from balancing.model.config import ModelConfig
 
 __all__ = [
     "NodeContext",
+    "NodeIP",
+    "ServiceResult",
+    "affinity_timeout",
+    "compute_service",
+    "node_addresses",
+    "node_context",
+    "node_port_addresses",
     "selector_matches",
+    "service_families",
     "service_frontends",
     "service_ignored",
     "slice_service_name",
+    "uses_node_ports",
     "uses_pods",
 ]
 
@@ -27,18 +38,92 @@ SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
 HEADLESS_LABEL = "service.kubernetes.io/headless"
 ZONE_LABEL = "topology.kubernetes.io/zone"
+NODE_ADDRESS_TYPES = ("InternalIP", "ExternalIP")  # the Node addresses that get NodePort frontends
+LOOPBACKS = (desired.parse_ip("127.0.0.1"), desired.parse_ip("::1"))
+DEFAULT_AFFINITY_TIMEOUT = 10800  # seconds, the API default of sessionAffinityConfig.clientIP
 
 _FAMILIES = {4: "IPv4", 6: "IPv6"}
+_FAMILY_VERSIONS = {"IPv4": 4, "IPv6": 6}
 _NO_NAMES: frozenset[str] = frozenset()
 _ServicePort = objects.ServicePort
+_Kind = desired.FrontendKind
+
+
+@dataclass(frozen=True, slots=True)
+class NodeIP:
+    """An address NodePort frontends listen on, and the Node it belongs to ("" for loopback)."""
+
+    ip: desired.IPAddress
+    node: str
 
 
 @dataclass(frozen=True, slots=True)
 class NodeContext:
-    """The node this desired state is for."""
+    """The node this desired state is for: what frontend addresses and endpoint selection need of it.
+
+    Build it with ``node_context`` (from ``ModelConfig`` and Node objects); the store keeps one up to date.
+    """
 
     name: str
     zone: str = ""  # its topology.kubernetes.io/zone label
+    node_ports: tuple[NodeIP, ...] = ()  # NodePort addresses (every Node's, filtered, plus loopback)
+    own_addresses: frozenset[desired.IPAddress] = frozenset()  # this node's InternalIP/ExternalIP
+    external_ips_local_only: bool = False
+    external_client: bool = False
+
+
+def node_addresses(node: objects.Node) -> tuple[desired.IPAddress, ...]:
+    """A Node's InternalIP and ExternalIP addresses, parsed, in order, without duplicates or bad text."""
+    found: dict[desired.IPAddress, None] = {}
+    for address in node.status.addresses:
+        if address.type in NODE_ADDRESS_TYPES:
+            try:
+                found.setdefault(desired.parse_ip(address.address))
+            except ValueError:
+                continue
+    return tuple(found)
+
+
+def node_port_addresses(
+    addresses: Mapping[str, Sequence[desired.IPAddress]], config: ModelConfig
+) -> tuple[NodeIP, ...]:
+    """Every address a NodePort frontend listens on, sorted by address, from each node's addresses.
+
+    Node addresses are those of *every* Node (a client on this node connecting to another node's NodePort
+    is translated here, at connect time), kept when ``config.nodeport_cidrs`` allows them; an address two
+    Nodes report belongs to the first by name. Loopback (``127.0.0.1``, ``::1``: a process on the host
+    using ``localhost:nodePort``, which kube-proxy's iptables mode accepts for IPv4 and Cilium's socket LB
+    for both families; kube-proxy's nftables mode never does) is added unless
+    ``nodeport_cidrs`` is given and none contains it, or in ``external_client`` mode (no node address is
+    local to an outside host).
+    """
+    owner: dict[desired.IPAddress, str] = {}
+    for name in sorted(addresses):
+        for ip in addresses[name]:
+            if config.nodeport_allows(ip):
+                owner.setdefault(ip, name)
+    if not config.external_client:
+        for ip in LOOPBACKS:
+            if config.nodeport_allows(ip):
+                owner.setdefault(ip, "")
+    ordered = sorted(owner, key=lambda ip: (ip.version, int(ip)))
+    return tuple(NodeIP(ip, owner[ip]) for ip in ordered)
+
+
+def node_context(config: ModelConfig, nodes: Iterable[objects.Node]) -> NodeContext:
+    """This node's context from the configuration and every Node object (``store`` does it incrementally)."""
+    by_name = {n.metadata.name: n for n in nodes}
+    own = by_name.get(config.node_name)
+    zone = own.metadata.labels.get(ZONE_LABEL, "") if own is not None else ""
+    addresses = {name: node_addresses(n) for name, n in by_name.items()}
+    return NodeContext(
+        name=config.node_name,
+        zone=zone,
+        node_ports=node_port_addresses(addresses, config),
+        own_addresses=frozenset(addresses.get(config.node_name, ())),
+        external_ips_local_only=config.external_ips_local_only,
+        external_client=config.external_client,
+    )
 
 
 def service_ignored(service: objects.Service) -> str | None:
@@ -50,7 +135,8 @@ def service_ignored(service: objects.Service) -> str | None:
         return f"labelled {PROXY_NAME_LABEL}={labels[PROXY_NAME_LABEL]}"
     if HEADLESS_LABEL in labels:
         return f"labelled {HEADLESS_LABEL}"
-    if not service.spec.service_ips():
+    spec = service.spec
+    if all(ip in ("", "None") for ip in spec.cluster_ips or [spec.cluster_ip or ""]):  # no parsing: cheap
         return "headless (no cluster IP)"
     return None
 
@@ -65,9 +151,51 @@ def uses_pods(service: objects.Service, has_slices: bool) -> bool:
     return bool(service.spec.selector) and not has_slices
 
 
+def uses_node_ports(service: objects.Service) -> bool:
+    """Whether the Service has NodePort frontends (so Node addresses matter to it)."""
+    spec = service.spec
+    return spec.type in ("NodePort", "LoadBalancer") and any(p.node_port for p in spec.ports)
+
+
 def selector_matches(selector: Mapping[str, str] | None, labels: Mapping[str, str]) -> bool:
     """Equality-based label selection; an absent or empty selector selects nothing."""
     return bool(selector) and all(labels.get(k) == v for k, v in (selector or {}).items())
+
+
+def service_families(
+    service: objects.Service, cluster_ips: Sequence[desired.IPAddress] | None = None
+) -> list[int]:
+    """The IP versions the Service serves: those of its cluster IPs and of ``spec.ipFamilies`` (sorted).
+
+    The API server keeps both consistent; for hand-written manifests the union never drops a cluster IP
+    and lets ``ipFamilies: [IPv4, IPv6]`` with one cluster IP still get NodePorts of both families.
+    Frontend addresses of another family (externalIPs, load-balancer IPs, node addresses) are skipped, as
+    kube-proxy's per-family proxiers do.
+    """
+    if cluster_ips is None:
+        cluster_ips = service.spec.service_ips()
+    versions: set[int] = {ip.version for ip in cluster_ips}
+    versions.update(_FAMILY_VERSIONS[f] for f in service.spec.ip_families)
+    return sorted(versions)
+
+
+def affinity_timeout(service: objects.Service) -> int:
+    """Seconds a client keeps its backend (sessionAffinity ClientIP), 0 without affinity."""
+    spec = service.spec
+    if spec.session_affinity != "ClientIP":
+        return 0
+    config = spec.session_affinity_config
+    if config is None or config.client_ip is None:
+        return DEFAULT_AFFINITY_TIMEOUT
+    return config.client_ip.timeout_seconds
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceResult:
+    """Everything one Service contributes: its frontends and, if it wants one, its health check."""
+
+    frontends: dict[desired.FrontendKey, desired.Frontend] = field(default_factory=dict)
+    health_check: tuple[int, healthcheck.HealthCheck] | None = None  # (healthCheckNodePort, answer)
 
 
 def service_frontends(
@@ -76,47 +204,98 @@ def service_frontends(
     pods: Iterable[objects.Pod],
     node: NodeContext,
 ) -> dict[desired.FrontendKey, desired.Frontend]:
-    """Every frontend of ``service`` on ``node``; one with no usable endpoint has empty backends.
+    """Every frontend of ``service`` on ``node`` (``compute_service(...).frontends``)."""
+    return compute_service(service, slices, pods, node).frontends
 
-    When two ports of one Service give the same key (invalid, but manifests can say it) the first wins.
+
+def compute_service(
+    service: objects.Service,
+    slices: Iterable[objects.EndpointSlice],
+    pods: Iterable[objects.Pod],
+    node: NodeContext,
+) -> ServiceResult:
+    """Every frontend of ``service`` on ``node`` (one with no usable endpoint has empty backends).
+
+    When two frontends of one Service give the same key (invalid, but manifests can say it) the first wins:
+    ports in order, and per port ClusterIP, externalIP, load-balancer IP, NodePort.
     """
     if service_ignored(service) is not None:
-        return {}
+        return ServiceResult()
     ordered = sorted(slices, key=lambda s: s.metadata.name)
     from_pods = uses_pods(service, bool(ordered))
     pod_list = sorted(pods, key=lambda p: p.metadata.name) if from_pods else []
     ctx = _context(service, node)
+    hc_port = healthcheck.health_check_port(service)
+    counted: list[endpoints.Candidate] = []
+    timeout = affinity_timeout(service)
     cluster_ips = service.spec.service_ips()
+    families = service_families(service, cluster_ips)
     result: dict[desired.FrontendKey, desired.Frontend] = {}
     for port in service.spec.ports:
         owner = desired.Owner("Service", service.metadata.namespace, service.metadata.name, port.name)
-        for version in sorted({ip.version for ip in cluster_ips}):
+        for version in families:
+            addresses = list(_frontend_addresses(service, cluster_ips, port, version, node))
+            if not addresses and hc_port is None:
+                continue
             if from_pods:
                 found = _pod_candidates(service, port, pod_list, version)
             else:
                 found = _slice_candidates(port, ordered, version)
+            if hc_port is not None:
+                counted.extend(found)
             selection = endpoints.select_endpoints(found, ctx)
-            for key, chosen in _frontend_addresses(cluster_ips, port, version, selection):
-                reason = f"from pods (no EndpointSlice): {chosen.reason}" if from_pods else chosen.reason
-                result.setdefault(key, desired.Frontend(owner, chosen.backends, reason))
-    return result
+            per_node = selection.arriving is not None  # else every node's NodePort shares one Frontend
+            made: dict[tuple[_Kind, str], desired.Frontend] = {}
+            for key, kind, via in addresses:
+                shared = (kind, via if per_node else "")
+                frontend = made.get(shared)
+                if frontend is None:
+                    chosen = selection.for_frontend(kind, via)
+                    reason = f"from pods (no EndpointSlice): {chosen.reason}" if from_pods else chosen.reason
+                    frontend = made[shared] = desired.Frontend(owner, chosen.backends, reason, kind, timeout)
+                result.setdefault(key, frontend)
+    health = None
+    if hc_port is not None and result:
+        local = healthcheck.count_local_ready(counted, node.name)
+        health = (hc_port, healthcheck.HealthCheck(service.metadata.namespace, service.metadata.name, local))
+    return ServiceResult(result, health)
 
 
 def _frontend_addresses(
+    service: objects.Service,
     cluster_ips: Sequence[desired.IPAddress],
     port: _ServicePort,
     version: int,
-    selection: endpoints.Selection,
-) -> Iterator[tuple[desired.FrontendKey, endpoints.EndpointSet]]:
-    """Each address a client may use for this port and family, with the endpoint set it gets.
+    node: NodeContext,
+) -> Iterator[tuple[desired.FrontendKey, _Kind, str]]:
+    """Each address a client may use for this port and family: its key, kind and (NodePort) Node.
 
-    The one place frontend kinds live. To come (pass the Service in): externalIPs and load-balancer IPs,
-    whose in-cluster clients get ``selection.cluster`` (kube-proxy's short-circuit, even with eTP Local),
-    and nodePorts on this node's addresses; add their families to the caller's ``version`` loop.
+    The one place frontend kinds live:
+    - ClusterIP: every cluster IP, any type.
+    - externalIP: every ``spec.externalIPs`` entry, any type; with ``external_ips_local_only`` only those
+      that are this node's own addresses (Cilium's CVE-2020-8554 mitigation).
+    - LoadBalancer: every ``status.loadBalancer.ingress[].ip`` of a type LoadBalancer Service, except
+      ``ipMode: Proxy`` ones (the load balancer proxies; its IP must reach it, not be short-circuited).
+    - NodePort: ``node.node_ports`` (see ``node_port_addresses``) on the port's nodePort, for types NodePort
+      and LoadBalancer.
+    Addresses of another family than ``version`` are skipped (the caller loops over the Service's families).
     """
+    spec = service.spec
+    number, protocol = port.port, port.protocol
     for ip in cluster_ips:
         if ip.version == version:
-            yield desired.FrontendKey(ip, port.port, port.protocol), selection.internal
+            yield desired.FrontendKey(ip, number, protocol), _Kind.CLUSTER_IP, ""
+    for ip in spec.external_ips:
+        if ip.version == version and (not node.external_ips_local_only or ip in node.own_addresses):
+            yield desired.FrontendKey(ip, number, protocol), _Kind.EXTERNAL_IP, ""
+    if spec.type == "LoadBalancer":
+        for ingress in service.status.load_balancer.ingress:
+            if ingress.ip is not None and ingress.ip.version == version and ingress.ip_mode != "Proxy":
+                yield desired.FrontendKey(ingress.ip, number, protocol), _Kind.LOAD_BALANCER, ""
+    if port.node_port and spec.type in ("NodePort", "LoadBalancer"):
+        for address in node.node_ports:
+            if address.ip.version == version:
+                yield desired.FrontendKey(address.ip, port.node_port, protocol), _Kind.NODE_PORT, address.node
 
 
 def _context(service: objects.Service, node: NodeContext) -> endpoints.SelectionContext:
@@ -124,7 +303,7 @@ def _context(service: objects.Service, node: NodeContext) -> endpoints.Selection
     lb_vips = spec.type == "LoadBalancer" and any(
         i.ip and i.ip_mode != "Proxy" for i in service.status.load_balancer.ingress
     )
-    external = any(p.node_port for p in spec.ports) or bool(spec.external_ips) or lb_vips
+    external = uses_node_ports(service) or bool(spec.external_ips) or lb_vips
     return endpoints.SelectionContext(
         node_name=node.name,
         zone=node.zone,
@@ -132,6 +311,7 @@ def _context(service: objects.Service, node: NodeContext) -> endpoints.Selection
         external_local=spec.external_traffic_policy == "Local",
         externally_accessible=external,
         topology=endpoints.topology_mode(service.metadata.annotations, spec.traffic_distribution),
+        external_client=node.external_client,
     )
 
 

@@ -2,20 +2,29 @@
 
 ``ClusterStore`` takes ``upsert``/``delete`` of Services, EndpointSlices, Pods and Nodes, marks the services a
 change can affect as dirty, and on ``desired()`` or ``take_changes()`` recomputes just those with
-``frontends.service_frontends``. Per-service results are cached; when two services claim the same
+``frontends.compute_service``. Per-service results are cached; when two services claim the same
 ``FrontendKey`` the older one (creationTimestamp, then namespace/name) wins and ``conflicts()`` says so.
 ``take_changes`` reports what differs from what the previous call handed out, which is what the datapath
-writer applies. Pure: no I/O, no clocks; the caller feeds objects in (``sources``) and reads state out.
+writer applies. ``health_checks`` gives the health check node ports to serve, from the same cache.
+
+What a change dirties: a Service itself; an EndpointSlice only its service; a Pod only the selector services
+of its namespace that have no slice; a Node only when it changes what the services read of Nodes: any
+node's NodePort addresses → services with NodePorts; this node's zone → services with topology hints; this
+node's addresses (with ``external_ips_local_only``) → services with externalIPs.
+Pure: no I/O, no clocks; the caller feeds objects in (``sources``) and reads state out.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 
 from balancing.model import desired as contract  # the method ``desired`` would shadow the module
-from balancing.model import frontends, objects
+from balancing.model import endpoints, frontends, objects
+from balancing.model.config import ModelConfig
+from balancing.model.healthcheck import HealthCheck
 
-__all__ = ["ClusterStore"]
+__all__ = ["ClusterStore", "HealthCheck", "ModelConfig"]
 
 ServiceKey = tuple[str, str]  # (namespace, name)
 _Owned = dict[contract.FrontendKey, contract.Frontend]
@@ -24,16 +33,23 @@ _Owned = dict[contract.FrontendKey, contract.Frontend]
 class ClusterStore:
     """Objects in, one node's desired frontends out, incrementally."""
 
-    def __init__(self, node_name: str) -> None:
-        self._node_name = node_name
-        self._zone = ""
+    def __init__(self, config: ModelConfig | str) -> None:
+        """``config``, or just this node's name for the defaults (``ModelConfig(node_name)``)."""
+        self._config = ModelConfig(config) if isinstance(config, str) else config
+        self._node_name = self._config.node_name
+        self._node = frontends.node_context(self._config, ())  # kept up to date by _put_node
+        self._node_ips: dict[str, tuple[contract.IPAddress, ...]] = {}  # per Node: InternalIP/ExternalIP
         self._services: dict[ServiceKey, objects.Service] = {}
         self._slices: dict[tuple[str, str], objects.EndpointSlice] = {}
         self._slices_of: dict[ServiceKey, dict[str, objects.EndpointSlice]] = {}
         self._pods: dict[str, dict[str, objects.Pod]] = {}
         self._selecting: dict[str, set[str]] = {}  # namespace → names of services with a selector
         self._nodes: dict[str, objects.Node] = {}
+        self._node_port_users: set[ServiceKey] = set()  # services with NodePort frontends
+        self._topology_users: set[ServiceKey] = set()  # services honouring topology hints (read the zone)
+        self._external_ip_users: set[ServiceKey] = set()  # services with spec.externalIPs
         self._dirty: set[ServiceKey] = set()
+        self._health: dict[ServiceKey, tuple[int, HealthCheck]] = {}
         self._owned: dict[ServiceKey, _Owned] = {}  # per-service cache of its frontends
         self._ages: dict[ServiceKey, tuple[str, str, str]] = {}  # precedence: older first
         self._claims: dict[contract.FrontendKey, set[ServiceKey]] = {}
@@ -42,6 +58,10 @@ class ClusterStore:
         self._changed: set[contract.FrontendKey] = set()  # keys that may differ from _taken
         self._taken: _Owned = {}  # what take_changes has handed out so far
         self._recomputed = 0
+
+    @property
+    def config(self) -> ModelConfig:
+        return self._config
 
     @property
     def recomputed(self) -> int:
@@ -98,9 +118,42 @@ class ClusterStore:
         return contract.FrontendChanges(upsert, frozenset(remove))
 
     def conflicts(self) -> list[str]:
-        """One message per frontend claimed by several services, naming the winner and the losers."""
+        """One message per frontend or health check node port claimed by several services (winner first)."""
         self._flush()
-        return [self._conflict_message(key) for key in sorted(self._contested, key=_sort_key)]
+        messages = [self._conflict_message(key) for key in sorted(self._contested, key=_sort_key)]
+        for port, claimants in sorted(self._health_claims().items()):
+            if len(claimants) > 1:
+                names = [f"Service {ns}/{name}" for _, ns, name in sorted(claimants)]
+                created = min(claimants)[0] or "no creationTimestamp"
+                messages.append(
+                    f"health check node port {port} is claimed by {names[0]} and {', '.join(names[1:])}; "
+                    f"{names[0]} wins (older: {created})"
+                )
+        return messages
+
+    def health_checks(self) -> dict[int, HealthCheck]:
+        """The health check node ports to serve, by port: Services of type LoadBalancer or NodePort with
+        externalTrafficPolicy Local and a healthCheckNodePort, with their ready endpoints on this node.
+
+        Two services with one port: the older wins (as for frontends; ``conflicts`` names them). Empty in
+        ``external_client`` mode: no load balancer health-checks a host outside the cluster.
+        """
+        self._flush()
+        found: dict[int, HealthCheck] = {}
+        for port, claimants in self._health_claims().items():
+            _, namespace, name = min(claimants)
+            found[port] = self._health[namespace, name][1]
+        return found
+
+    def _health_claims(self) -> dict[int, list[tuple[str, str, str]]]:
+        """Per health check node port, the (creationTimestamp, namespace, name) of each service wanting it."""
+        claims: dict[int, list[tuple[str, str, str]]] = {}
+        if self._config.external_client:
+            return claims
+        for key, (port, _) in self._health.items():
+            age = (self._services[key].metadata.creation_timestamp, *key)
+            claims.setdefault(port, []).append(age)
+        return claims
 
     # --- indexing ----------------------------------------------------------------------------------------
 
@@ -114,12 +167,24 @@ class ClusterStore:
             selecting.add(key[1])
         else:
             selecting.discard(key[1])
+        topology = endpoints.topology_mode(service.metadata.annotations, service.spec.traffic_distribution)
+        for users, uses in (
+            (self._node_port_users, frontends.uses_node_ports(service)),
+            (self._topology_users, topology is not endpoints.TopologyMode.NONE),
+            (self._external_ip_users, bool(service.spec.external_ips)),
+        ):
+            if uses:
+                users.add(key)
+            else:
+                users.discard(key)
         self._dirty.add(key)
 
     def _drop_service(self, key: ServiceKey) -> None:
         if self._services.pop(key, None) is None:
             return
         self._selecting.get(key[0], set()).discard(key[1])
+        for users in (self._node_port_users, self._topology_users, self._external_ip_users):
+            users.discard(key)
         self._dirty.add(key)
 
     def _put_slice(self, ref: objects.ObjectRef, new: objects.EndpointSlice | None) -> None:
@@ -172,16 +237,34 @@ class ClusterStore:
         return found
 
     def _put_node(self, name: str, new: objects.Node | None) -> None:
+        if self._nodes.get(name) == new:
+            return
         if new is None:
-            self._nodes.pop(name, None)
+            del self._nodes[name]
         else:
             self._nodes[name] = new
-        if name != self._node_name:
-            return  # only this node's zone matters (other nodes' addresses will, for NodePorts)
-        zone = new.metadata.labels.get(frontends.ZONE_LABEL, "") if new is not None else ""
-        if zone != self._zone:
-            self._zone = zone
-            self._dirty.update(self._services)
+        node = self._node
+        addresses = frontends.node_addresses(new) if new is not None else ()
+        if addresses != self._node_ips.get(name, ()):
+            if addresses:
+                self._node_ips[name] = addresses
+            else:
+                del self._node_ips[name]
+            node_ports = frontends.node_port_addresses(self._node_ips, self._config)
+            if node_ports != node.node_ports:
+                node = replace(node, node_ports=node_ports)
+                self._dirty.update(self._node_port_users)
+        if name == self._node_name:
+            own = frozenset(addresses)
+            if own != node.own_addresses:
+                node = replace(node, own_addresses=own)
+                if self._config.external_ips_local_only:
+                    self._dirty.update(self._external_ip_users)
+            zone = new.metadata.labels.get(frontends.ZONE_LABEL, "") if new is not None else ""
+            if zone != node.zone:
+                node = replace(node, zone=zone)
+                self._dirty.update(self._topology_users)
+        self._node = node
 
     # --- recomputation -----------------------------------------------------------------------------------
 
@@ -192,7 +275,12 @@ class ClusterStore:
 
     def _recompute(self, key: ServiceKey) -> None:
         self._recomputed += 1
-        new = self._compute(key)
+        result = self._compute(key)
+        new = result.frontends
+        if result.health_check is None:
+            self._health.pop(key, None)
+        else:
+            self._health[key] = result.health_check
         old = self._owned.pop(key, {})
         if new:
             self._owned[key] = new
@@ -210,14 +298,13 @@ class ClusterStore:
         for fkey in old.keys() | new.keys():
             self._elect(fkey)
 
-    def _compute(self, key: ServiceKey) -> _Owned:
+    def _compute(self, key: ServiceKey) -> frontends.ServiceResult:
         service = self._services.get(key)
         if service is None:
-            return {}
+            return frontends.ServiceResult()
         slices = list(self._slices_of.get(key, {}).values())
         pods = self._pods.get(key[0], {}).values() if frontends.uses_pods(service, bool(slices)) else ()
-        node = frontends.NodeContext(self._node_name, self._zone)
-        return frontends.service_frontends(service, slices, pods, node)
+        return frontends.compute_service(service, slices, pods, self._node)
 
     def _elect(self, fkey: contract.FrontendKey) -> None:
         """Give ``fkey`` to its oldest claimant (or drop it) and remember it may have changed."""

@@ -84,7 +84,7 @@ class MapWriter:
         self._next_backend_id = state.max_backend_id + 1
         # The backend tuples last programmed per frontend: an identical tuple (usually the very same object
         # from the model's cache) is skipped without re-encoding its backends.
-        self._applied: dict[FrontendKey, tuple[tuple[Backend, ...], int]] = {}
+        self._applied: dict[FrontendKey, tuple[object, ...]] = {}
 
     def programmed(self) -> dict[FrontendKey, tuple[Backend | None, ...]]:
         return {k: tuple(backend_of(r) if r else None for r in f.slots) for k, f in self._frontends.items()}

@@ -93,6 +93,24 @@ class Owner:
         return f"{self.kind} {ns}{self.name}{port}"
 
 
+@dataclass(frozen=True, slots=True, order=True)
+class PodRef:
+    """A pod, as the agent finds its cgroups (kubelet names them by pod UID)."""
+
+    namespace: str
+    name: str
+    uid: str
+
+
+@dataclass(frozen=True, slots=True)
+class BackendPod:
+    """A backend that is a pod on this node: connections from that pod get the loop guard (never redirected
+    to itself) and, with ``skip_redirect_from_backends``, are not redirected at all."""
+
+    pod: PodRef
+    backend: Backend
+
+
 class FrontendKind(enum.Enum):
     """Which Service address a frontend comes from (selection rules and tools depend on it)."""
 
@@ -111,10 +129,25 @@ class Frontend:
     reason: str = ""  # why the backend set is what it is (e.g. "terminating fallback"), for tools
     kind: FrontendKind = FrontendKind.CLUSTER_IP
     affinity_timeout: int = 0  # sessionAffinity ClientIP: seconds a client keeps its backend; 0 = none
+    # Policies (LocalRedirectPolicy, BalancingPolicy) layer frontends: when the primary ``backends`` are
+    # skipped for a connection (loop guard, skipRedirectFromBackend, QoS limit), ``fallback`` is the next
+    # match (a BalancingPolicy's or the Service's backends); None means such a connection is refused.
+    fallback: tuple[Backend, ...] | None = None
+    fallback_owner: Owner | None = None
+    backend_pods: tuple[BackendPod, ...] = ()  # the primary backends that are pods on this node
+    skip_redirect_from_backends: bool = False
+    qos_limit: int = 0  # primary redirections per second on this node; beyond, the fallback; 0 = none
 
-    def programmed_as(self) -> tuple[tuple[Backend, ...], int]:
+    def programmed_as(self) -> tuple[object, ...]:
         """What the datapath programs of this frontend (a change in anything else needs no map write)."""
-        return self.backends, self.affinity_timeout
+        return (
+            self.backends,
+            self.affinity_timeout,
+            self.fallback,
+            self.backend_pods,
+            self.skip_redirect_from_backends,
+            self.qos_limit,
+        )
 
 
 @dataclass(slots=True)

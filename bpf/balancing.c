@@ -64,6 +64,21 @@ struct {
 	__type(value, __u32);
 } bl_affm_v1 SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, BL_DEFAULT_CLIENT_ENTRIES);
+	__type(key, struct bl_client_key);
+	__type(value, struct bl_client_val);
+} bl_client_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, BL_DEFAULT_QOS_ENTRIES);
+	__type(key, __u32);
+	__type(value, struct bl_qos_val);
+} bl_qos_v1 SEC(".maps");
+
 /* The address a hook works on, in the family-neutral form of the maps. */
 struct bl_sockaddr {
 	__u32 addr[4];
@@ -163,49 +178,120 @@ static __always_inline __u32 affinity_backend(struct bpf_sock_addr *ctx, const s
 	return aff->backend_id;
 }
 
+/* Whether this frontend's primary tier has used up its redirections for the current second. */
+static __always_inline int qos_exceeded(__u32 svc_id, __u64 now)
+{
+	struct bl_qos_val *q = bpf_map_lookup_elem(&bl_qos_v1, &svc_id);
+
+	if (!q)
+		return 0;
+	if (now - q->window_ns >= 1000000000ULL) {
+		q->window_ns = now; /* racy across CPUs by design: at worst a few extra redirections */
+		q->count = 0;
+	}
+	if (q->count >= q->limit)
+		return 1;
+	__sync_fetch_and_add(&q->count, 1); /* result unused: ISA v1 has no fetch-and-add */
+	return 0;
+}
+
 /*
- * The worker: look the address up as a frontend and rewrite it to a backend. TCP picks a random
- * slot per connect; UDP hashes the socket cookie so every datagram of one socket reaches the same
- * backend. Returns BL_PASS, BL_XLATED or BL_REFUSE.
+ * Pick a backend id from one tier (its master given): an affinity record first, else a slot — random for
+ * TCP, by socket cookie for UDP. ``own`` is the client's own backend (loop guard): never returned; the next
+ * slot is tried instead. Returns 0 when the tier has nothing for this client.
+ */
+static __always_inline __u32 pick_backend(struct bpf_sock_addr *ctx, struct bl_svc_key *key,
+					  const struct bl_svc_val *master, __u32 own, __u64 now)
+{
+	struct bl_aff_key aff_key = {};
+	struct bl_svc_val *slot;
+	__u32 pick, backend_id = 0;
+	int affinity = master->flags & BL_SVC_F_AFFINITY;
+	__u16 count = master->count;
+
+	if (count == 0)
+		return 0;
+	if (affinity) {
+		backend_id = affinity_backend(ctx, master, &aff_key, now);
+		if (backend_id == own)
+			backend_id = 0;
+		if (backend_id)
+			return backend_id;
+	}
+	if (ctx->protocol == IPPROTO_UDP)
+		pick = mix_cookie(bpf_get_socket_cookie(ctx));
+	else
+		pick = bpf_get_prandom_u32();
+	key->slot = (__u16)(pick % count) + 1;
+	slot = bpf_map_lookup_elem(&bl_svc_v1, key);
+	if (!slot)
+		return 0;
+	backend_id = slot->backend_id;
+	if (own && backend_id == own) {
+		if (count == 1)
+			return 0;
+		key->slot = key->slot % count + 1;
+		slot = bpf_map_lookup_elem(&bl_svc_v1, key);
+		if (!slot)
+			return 0;
+		backend_id = slot->backend_id;
+	}
+	if (affinity) {
+		struct bl_aff_val aff = { .last_used_ns = now, .backend_id = backend_id };
+
+		bpf_map_update_elem(&bl_aff_v1, &aff_key, &aff, BPF_ANY);
+	}
+	return backend_id;
+}
+
+/*
+ * The worker: look the address up as a frontend and rewrite it to a backend. Policy frontends may skip
+ * their primary tier for this connection (the client is a backend pod with skipRedirectFromBackend, its
+ * only backend is the client itself, or the QoS limit is reached) and then use the fallback tier.
+ * Returns BL_PASS, BL_XLATED or BL_REFUSE.
  */
 static __always_inline int translate(struct bpf_sock_addr *ctx, struct bl_sockaddr *sa, int connected)
 {
 	struct bl_svc_key key = { .port = sa->port, .proto = (__u8)ctx->protocol };
-	struct bl_svc_val *master, *slot;
-	struct bl_aff_key aff_key = {};
+	struct bl_svc_val *master, *fallback;
 	struct bl_backend *be;
-	__u32 pick, svc_id, backend_id = 0;
+	__u32 svc_id, own = 0, backend_id = 0;
 	__u64 now = 0;
-	int affinity;
+	int skip = 0;
 
 	copy_addr(key.addr, sa->addr);
 	master = bpf_map_lookup_elem(&bl_svc_v1, &key);
 	if (!master)
 		return BL_PASS;
-	if (master->count == 0)
-		return BL_REFUSE;
 	svc_id = master->svc_id;
-	affinity = master->flags & BL_SVC_F_AFFINITY;
-	if (affinity) {
+	if (master->flags & (BL_SVC_F_AFFINITY | BL_SVC_F_QOS))
 		now = bpf_ktime_get_ns();
-		backend_id = affinity_backend(ctx, master, &aff_key, now);
-	}
+	if (master->flags & BL_SVC_F_CLIENTS) {
+		struct bl_client_key ck = { .svc_id = svc_id, .cgroup_id = bpf_get_current_cgroup_id() };
+		struct bl_client_val *client = bpf_map_lookup_elem(&bl_client_v1, &ck);
 
-	if (!backend_id) {
-		if (ctx->protocol == IPPROTO_UDP)
-			pick = mix_cookie(bpf_get_socket_cookie(ctx));
-		else
-			pick = bpf_get_prandom_u32();
-		key.slot = (__u16)(pick % master->count) + 1;
-		slot = bpf_map_lookup_elem(&bl_svc_v1, &key);
-		if (!slot)
-			return BL_REFUSE;
-		backend_id = slot->backend_id;
-		if (affinity) {
-			struct bl_aff_val aff = { .last_used_ns = now, .backend_id = backend_id };
-
-			bpf_map_update_elem(&bl_aff_v1, &aff_key, &aff, BPF_ANY);
+		if (client) {
+			if (client->flags & BL_CLIENT_F_SKIP)
+				skip = 1;
+			else
+				own = client->backend_id;
 		}
+	}
+	if (!skip && (master->flags & BL_SVC_F_QOS) && qos_exceeded(svc_id, now))
+		skip = 1;
+	if (!skip)
+		backend_id = pick_backend(ctx, &key, master, own, now);
+	if (!backend_id) {
+		if (!(master->flags & BL_SVC_F_FALLBACK))
+			return BL_REFUSE;
+		key.scope = BL_SCOPE_FALLBACK;
+		key.slot = BL_MASTER_SLOT;
+		fallback = bpf_map_lookup_elem(&bl_svc_v1, &key);
+		if (!fallback)
+			return BL_REFUSE;
+		backend_id = pick_backend(ctx, &key, fallback, 0, now);
+		if (!backend_id)
+			return BL_REFUSE;
 	}
 	be = bpf_map_lookup_elem(&bl_be_v1, &backend_id);
 	if (!be)

@@ -21,6 +21,10 @@
 /* Slot 0 of a frontend is its master entry; backend slots are 1..count. */
 #define BL_MASTER_SLOT 0
 
+/* struct bl_svc_key.scope: the primary tier, and the fallback tier policies fall through to. */
+#define BL_SCOPE_PRIMARY  0
+#define BL_SCOPE_FALLBACK 1
+
 /* Worker results (errno-like, fixed meanings); wrappers turn them into verdicts. */
 #define BL_PASS      0   /* not a frontend: untouched */
 #define BL_XLATED    1   /* rewritten to a backend */
@@ -29,13 +33,16 @@
 /* struct bl_svc_val.flags (master entry) */
 #define BL_SVC_F_NONE     0
 #define BL_SVC_F_AFFINITY (1 << 0)  /* sessionAffinity ClientIP: keep a client on its backend */
+#define BL_SVC_F_FALLBACK (1 << 1)  /* a fallback tier exists (scope 1) for connections the primary skips */
+#define BL_SVC_F_CLIENTS  (1 << 2)  /* look the client's cgroup up in the client map (policy backends) */
+#define BL_SVC_F_QOS      (1 << 3)  /* primary redirections are rate limited (QoS map) */
 
 /* Service map: (frontend, slot) -> master entry or backend slot. */
 struct bl_svc_key {
 	__u32 addr[4];   /* frontend address (IPv6 or v4-mapped IPv4), network order */
 	__u16 port;      /* frontend port, network order */
 	__u8  proto;     /* IPPROTO_TCP / IPPROTO_UDP / IPPROTO_SCTP */
-	__u8  scope;     /* reserved for external/internal scopes; 0 */
+	__u8  scope;     /* BL_SCOPE_PRIMARY or BL_SCOPE_FALLBACK */
 	__u16 slot;      /* 0: master entry; 1..count: backend slots */
 	__u16 pad;       /* 0 */
 };
@@ -104,6 +111,27 @@ struct bl_aff_match_key {
 	__u32 backend_id;
 };
 
+/* A client of a policy frontend that is one of its backend pods, by the cgroup its process runs in. */
+struct bl_client_key {
+	__u32 svc_id;      /* frontend identity */
+	__u32 pad;         /* 0 */
+	__u64 cgroup_id;   /* cgroup v2 id (inode) of one of the pod's cgroups */
+};
+
+#define BL_CLIENT_F_SKIP (1 << 0) /* skipRedirectFromBackend: the primary tier is skipped entirely */
+
+struct bl_client_val {
+	__u32 backend_id;  /* the pod's own backend: never chosen for its own connections (loop guard) */
+	__u32 flags;       /* BL_CLIENT_F_* */
+};
+
+/* QoS: primary redirections per second of one frontend on this node (a fixed one-second window). */
+struct bl_qos_val {
+	__u32 limit;       /* redirections per window; written by the agent */
+	__u32 count;       /* redirections in the current window; the datapath counts */
+	__u64 window_ns;   /* bpf_ktime_get_ns() at the window start */
+};
+
 _Static_assert(sizeof(struct bl_svc_key) == 24, "bl_svc_key layout");
 _Static_assert(sizeof(struct bl_svc_val) == 16, "bl_svc_val layout");
 _Static_assert(sizeof(struct bl_backend) == 24, "bl_backend layout");
@@ -113,6 +141,9 @@ _Static_assert(sizeof(struct bl_sock_rev) == 48, "bl_sock_rev layout");
 _Static_assert(sizeof(struct bl_aff_key) == 16, "bl_aff_key layout");
 _Static_assert(sizeof(struct bl_aff_val) == 16, "bl_aff_val layout");
 _Static_assert(sizeof(struct bl_aff_match_key) == 8, "bl_aff_match_key layout");
+_Static_assert(sizeof(struct bl_client_key) == 16, "bl_client_key layout");
+_Static_assert(sizeof(struct bl_client_val) == 8, "bl_client_val layout");
+_Static_assert(sizeof(struct bl_qos_val) == 16, "bl_qos_val layout");
 
 /* Default capacities; the loader overrides them from flags before load. */
 #define BL_DEFAULT_SVC_ENTRIES   (65536 + 1048576)  /* frontends + backend slots */
@@ -120,5 +151,7 @@ _Static_assert(sizeof(struct bl_aff_match_key) == 8, "bl_aff_match_key layout");
 #define BL_DEFAULT_REV_ENTRIES   131072
 #define BL_DEFAULT_SOCK_ENTRIES  262144             /* live translated connected sockets */
 #define BL_DEFAULT_AFF_ENTRIES   65536              /* (client, frontend) affinity records */
+#define BL_DEFAULT_CLIENT_ENTRIES 65536             /* (policy frontend, backend pod cgroup) rules */
+#define BL_DEFAULT_QOS_ENTRIES   4096               /* rate-limited policy frontends */
 
 #endif /* BALANCING_H */

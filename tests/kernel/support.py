@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from balancing.datapath import loader, maps, programmed, writer
-from balancing.model.desired import Backend, DesiredState, Frontend, FrontendKey, Owner, Protocol
+from balancing.model.desired import Backend, DesiredState, Frontend, FrontendKey, Owner, PodRef, Protocol
 from helpers.topology import Topology
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -162,13 +162,19 @@ class Datapath:
     cgroup: Path
     bpffs: Path
     object_path: Path = OBJECT
+    pod_cgroups: dict[PodRef, list[Path]] = field(default_factory=dict)
     report: loader.LoadReport = field(init=False)
 
     def __post_init__(self) -> None:
         self.cfg = loader.DatapathConfig(self.object_path, self.bpffs, self.cgroup, **SMALL_MAPS)
         self.report = loader.load(self.cfg)
         self.io = maps.KernelMaps(self.cfg.map_dir)
-        self.writer = writer.MapWriter(self.io)
+        self.writer = writer.MapWriter(
+            self.io, lambda pod: [p.stat().st_ino for p in self.pod_cgroups.get(pod, [])]
+        )
+
+    def program_frontends(self, frontends: dict[str, Frontend]) -> writer.WriteStats:
+        return self.writer.sync(DesiredState({parse_key(k): v for k, v in frontends.items()}))
 
     def program(self, frontends: dict[str, list[str]], affinity: int = 0) -> writer.WriteStats:
         """{"10.96.0.10:80/TCP": ["10.244.1.1:8080", ...]} → maps (``affinity``: timeout for all, seconds)."""
@@ -192,10 +198,13 @@ def parse_key(text: str) -> FrontendKey:
     return FrontendKey(ipaddress.ip_address(host), port, Protocol[proto])
 
 
+def backends_of(texts: list[str]) -> tuple[Backend, ...]:
+    parsed = [_split_host_port(b) for b in texts]
+    return tuple(sorted(Backend(ipaddress.ip_address(h), p) for h, p in parsed))
+
+
 def frontend(backends: list[str], affinity: int = 0) -> Frontend:
-    parsed = [_split_host_port(b) for b in backends]
-    bes = tuple(sorted(Backend(ipaddress.ip_address(h), p) for h, p in parsed))
-    return Frontend(Owner("Service", "test", "svc"), bes, affinity_timeout=affinity)
+    return Frontend(Owner("Service", "test", "svc"), backends_of(backends), affinity_timeout=affinity)
 
 
 def programmed_frontends(bpffs: Path) -> dict[str, list[str]]:

@@ -16,10 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import OBJECT, ROOT, SMALL_MAPS, Datapath, programmed_frontends
+from support import OBJECT, ROOT, SMALL_MAPS, Datapath, backends_of, programmed_frontends
 
 from balancing import errors
 from balancing.datapath import abi, loader, maps, writer
+from balancing.model.desired import BackendPod, Frontend, Owner, PodRef
 from helpers.topology import Cluster
 
 VIP4, VIP6 = "10.96.0.10", "fd00:96::10"
@@ -390,3 +391,95 @@ def test_session_affinity_expires_after_the_idle_timeout(cluster: Cluster, dp: D
             1.1
         )  # idle past the timeout: the next connect may move (8 rounds on one backend: p < 0.001)
     assert len(seen) > 1
+
+
+# --- policy tiers: fallback, client rules (loop guard, skipRedirectFromBackend), QoS -----------------------
+
+
+def lrp(
+    primary: list[str],
+    fallback: list[str] | None,
+    pods: dict[PodRef, str],
+    *,
+    skip: bool = False,
+    qos: int = 0,
+) -> Frontend:
+    return Frontend(
+        Owner("LocalRedirectPolicy", "", "node-local-dns"),
+        backends_of(primary),
+        fallback=None if fallback is None else backends_of(fallback),
+        backend_pods=tuple(BackendPod(pod, backends_of([b])[0]) for pod, b in pods.items()),
+        skip_redirect_from_backends=skip,
+        qos_limit=qos,
+    )
+
+
+@pytest.fixture
+def pod_a_cgroup(cluster: Cluster, dp: Datapath) -> tuple[PodRef, Path]:
+    """pod-a gets a kubelet-like cgroup of its own below the node's; its client processes run there."""
+    path = cluster.cgroup / "kubepods" / "podaaaa"
+    path.mkdir(parents=True)
+    ref = PodRef("default", "pod-a", "aaaa")
+    dp.pod_cgroups[ref] = [path]
+    return ref, path
+
+
+def from_pod_a(cluster: Cluster, cgroup: Path, *args: object) -> dict:  # type: ignore[type-arg]
+    return cluster.topo.run_client(cluster.pods[0], cgroup, [str(a) for a in args])
+
+
+def test_a_backend_pod_never_gets_its_own_connection_back(
+    cluster: Cluster, dp: Datapath, pod_a_cgroup: tuple[PodRef, Path]
+) -> None:
+    ref, cg = pod_a_cgroup
+    a, b, c = backends4(cluster)
+    dp.program_frontends({f"{VIP4}:53/TCP": lrp([a, b], [c], {ref: a})})
+    res = from_pod_a(cluster, cg, "tcp", VIP4, 53, "--count", 40)
+    assert res["backends"] == {"pod-b": 40}, "pod-a's own connections go to the other local backend"
+    assert set(client(cluster, "tcp", VIP4, 53, "--count", 60)["backends"]) == {"pod-a", "pod-b"}
+    dp.program_frontends({f"{VIP4}:53/TCP": lrp([a], [c], {ref: a})})
+    assert from_pod_a(cluster, cg, "tcp", VIP4, 53, "--count", 20)["backends"] == {"pod-c": 20}, (
+        "its only local backend is itself: the fallback (the Service) serves it"
+    )
+    assert client(cluster, "tcp", VIP4, 53, "--count", 20)["backends"] == {"pod-a": 20}
+
+
+def test_skip_redirect_from_backend_sends_backend_pods_to_the_fallback(
+    cluster: Cluster, dp: Datapath, pod_a_cgroup: tuple[PodRef, Path]
+) -> None:
+    ref, cg = pod_a_cgroup
+    a, b, c = backends4(cluster)
+    dp.program_frontends({f"{VIP4}:53/UDP": lrp([a, b], [c], {ref: a}, skip=True)})
+    res = from_pod_a(cluster, cg, "udp-connected", VIP4, 53, "--count", 20)
+    assert res["backends"] == {"pod-c": 20} and res["peernames"] == [[VIP4, 53]]
+    assert set(client(cluster, "udp-connected", VIP4, 53, "--count", 40)["backends"]) <= {"pod-a", "pod-b"}
+
+
+def test_address_matcher_without_fallback_refuses_the_skipped_backend(
+    cluster: Cluster, dp: Datapath, pod_a_cgroup: tuple[PodRef, Path]
+) -> None:
+    ref, cg = pod_a_cgroup
+    a = backends4(cluster)[0]
+    dp.program_frontends({"10.96.0.99:53/TCP": lrp([a], None, {ref: a})})
+    assert from_pod_a(cluster, cg, "tcp", "10.96.0.99", 53, "--count", 1)["errors"] == {"ECONNREFUSED": 1}
+    assert client(cluster, "tcp", "10.96.0.99", 53, "--count", 5)["backends"] == {"pod-a": 5}
+
+
+def test_qos_limit_sends_the_overflow_to_the_fallback(cluster: Cluster, dp: Datapath) -> None:
+    a, _, c = backends4(cluster)
+    dp.program_frontends({f"{VIP4}:53/TCP": lrp([a], [c], {}, qos=10)})
+    res = client(cluster, "tcp", VIP4, 53, "--count", 60)  # well within one or two one-second windows
+    assert res["errors"] == {}
+    assert 10 <= res["backends"].get("pod-a", 0) <= 25, res["backends"]
+    assert res["backends"].get("pod-c", 0) >= 35, res["backends"]
+
+
+def test_fallback_tier_is_added_and_removed_without_a_failed_connect(cluster: Cluster, dp: Datapath) -> None:
+    a, b, c = backends4(cluster)
+    dp.program_frontends({f"{VIP4}:53/TCP": lrp([a, b], None, {})})
+    loop = cluster.topo.spawn_client(cluster.client, None, ["loop", VIP4, "53", "--timeout", "2"])
+    for i in range(100):
+        fallback = [c] if i % 2 else None
+        dp.program_frontends({f"{VIP4}:53/TCP": lrp([a, b] if i % 3 else [b], fallback, {}, qos=i % 2)})
+    res = cluster.topo.finish_client(loop)
+    assert res["errors"] == {} and res["ok"] > 0

@@ -27,13 +27,40 @@ V4 = [Backend(ipaddress.ip_address(f"10.244.0.{i}"), 8080) for i in range(1, 7)]
 V6 = [Backend(ipaddress.ip_address(f"fd00:244::{i}"), 8080) for i in range(1, 7)]
 
 
-def state(spec: dict[int, list[int]], affinity: int = 0) -> DesiredState:
-    """{key index: backend indexes} → DesiredState (v6 keys get v6 backends)."""
+def state(
+    spec: dict[int, list[int]], affinity: int = 0, fallback: list[int] | None = None, qos: int = 0
+) -> DesiredState:
+    """{key index: backend indexes} → DesiredState (v6 keys get v6 backends); ``fallback`` for every key."""
     out = {}
     for k, idx in spec.items():
         pool = V6 if KEYS[k].ip.version == 6 else V4
-        out[KEYS[k]] = Frontend(OWNER, tuple(sorted(pool[i] for i in set(idx))), affinity_timeout=affinity)
+        out[KEYS[k]] = Frontend(
+            OWNER,
+            tuple(sorted(pool[i] for i in set(idx))),
+            affinity_timeout=affinity,
+            fallback=None if fallback is None else tuple(sorted(pool[i] for i in set(fallback))),
+            qos_limit=qos,
+        )
     return DesiredState(out)
+
+
+def resolve_fallback(maps: FakeMaps, key: FrontendKey) -> set[Backend] | None:
+    """Backends a connect that skips the primary tier could reach now; None when there is no fallback."""
+    svc = maps.data.get(abi.MAP_SERVICES, {})
+    master_raw = svc.get(abi.svc_key(key.ip, key.port, key.protocol, 0).pack())
+    if master_raw is None or not abi.SvcVal.unpack(master_raw).flags & abi.SVC_F_FALLBACK:
+        return None
+    fb_raw = svc.get(abi.svc_key(key.ip, key.port, key.protocol, 0, abi.SCOPE_FALLBACK).pack())
+    assert fb_raw is not None, f"{key}: the fallback flag is set but the fallback tier is missing"
+    reached = set()
+    for slot in range(1, abi.SvcVal.unpack(fb_raw).count + 1):
+        slot_raw = svc.get(abi.svc_key(key.ip, key.port, key.protocol, slot, abi.SCOPE_FALLBACK).pack())
+        assert slot_raw is not None, f"{key}: fallback slot {slot} missing"
+        be_raw = maps.data[abi.MAP_BACKENDS].get(abi.pack_backend_id(abi.SvcVal.unpack(slot_raw).backend_id))
+        assert be_raw is not None, f"{key}: fallback slot {slot} names a missing backend"
+        be = abi.BackendVal.unpack(be_raw)
+        reached.add(Backend(abi.unpack_addr(be.addr), be.port))
+    return reached
 
 
 def affinity_targets(maps: FakeMaps, key: FrontendKey) -> set[Backend] | None:
@@ -175,15 +202,26 @@ specs = st.dictionaries(st.integers(0, 2), st.lists(st.integers(0, 5), max_size=
 
 
 @settings(max_examples=300, deadline=None)
-@given(steps=st.lists(st.tuples(specs, st.sampled_from([0, 0, 30])), min_size=1, max_size=5))
+@given(
+    steps=st.lists(
+        st.tuples(
+            specs,
+            st.sampled_from([0, 0, 30]),
+            st.none() | st.lists(st.integers(0, 5), max_size=4),
+            st.sampled_from([0, 0, 100]),
+        ),
+        min_size=1,
+        max_size=5,
+    )
+)
 def test_every_instant_resolves_to_a_backend_valid_before_or_after(
-    steps: list[tuple[dict[int, list[int]], int]],
+    steps: list[tuple[dict[int, list[int]], int, list[int] | None, int]],
 ) -> None:
     maps = FakeMaps()
     writer = MapWriter(maps)
     before = DesiredState()
-    for spec, affinity in steps:
-        after = state(spec, affinity)
+    for spec, affinity, fallback, qos in steps:
+        after = state(spec, affinity, fallback, qos)
 
         def check(before: DesiredState = before, after: DesiredState = after) -> None:
             for key in KEYS:
@@ -196,6 +234,11 @@ def test_every_instant_resolves_to_a_backend_valid_before_or_after(
                 assert reached <= allowed, f"{key} reaches {reached - allowed}"
                 sticky = affinity_targets(maps, key)
                 assert sticky is None or sticky <= allowed, f"{key}: affinity may reach {sticky - allowed}"
+                fell = resolve_fallback(maps, key)
+                fb_allowed = set((old.fallback or ()) if old else ()) | set(
+                    (new.fallback or ()) if new else ()
+                )
+                assert fell is None or fell <= fb_allowed, f"{key}: fallback reaches {fell - fb_allowed}"
                 if not reached:
                     assert (old is None or not old.backends) or (new is None or not new.backends)
 
@@ -206,6 +249,8 @@ def test_every_instant_resolves_to_a_backend_valid_before_or_after(
             want = after.frontends.get(key)
             assert resolve_all(maps, key) == (set(want.backends) if want else None)
             assert affinity_targets(maps, key) == (set(want.backends) if want and affinity else None)
+            want_fb = None if want is None or want.fallback is None else set(want.fallback)
+            assert resolve_fallback(maps, key) == want_fb
         assert writer.sync(after).ops == 0
         assert MapWriter(maps).sync(after).ops == 0, "a restarted writer agrees with the maps"
         before = after
@@ -223,3 +268,45 @@ def test_affinity_toggles_rewrite_the_master_and_the_match_entries() -> None:
     writer.sync(state({0: [1, 2]}))
     assert affinity_targets(maps, KEYS[0]) is None
     assert maps.data[abi.MAP_AFFINITY_MATCH] == {}
+
+
+def test_client_rules_follow_backend_pods_and_their_cgroups() -> None:
+    from balancing.model.desired import BackendPod, PodRef
+
+    pod = PodRef("kube-system", "node-local-dns-x", "uid-1")
+    cgroups: dict[PodRef, list[int]] = {pod: [101, 102]}
+    maps = FakeMaps()
+    writer = MapWriter(maps, lambda p: cgroups.get(p, []))
+    base = state({0: [0, 1]}, fallback=[2]).frontends[KEYS[0]]
+
+    def with_pods(skip: bool) -> DesiredState:
+        from dataclasses import replace
+
+        return DesiredState(
+            {KEYS[0]: replace(base, backend_pods=(BackendPod(pod, V4[0]),), skip_redirect_from_backends=skip)}
+        )
+
+    def rules() -> dict[int, tuple[int, int]]:
+        out = {}
+        for raw_key, raw_val in maps.data.get(abi.MAP_CLIENTS, {}).items():
+            _, cgroup_id = abi.unpack_client_key(raw_key)
+            out[cgroup_id] = abi.CLIENT_VAL.packer.unpack(raw_val)
+        return out
+
+    writer.sync(with_pods(False))
+    own = abi.slot_backend_id(
+        maps.data[abi.MAP_SERVICES][abi.svc_key(KEYS[0].ip, 80, Protocol.TCP, 1).pack()]
+    )
+    assert rules() == {101: (own, 0), 102: (own, 0)}
+    writer.sync(with_pods(True))
+    assert rules() == {101: (0, abi.CLIENT_F_SKIP), 102: (0, abi.CLIENT_F_SKIP)}
+    cgroups[pod] = [103]  # the container restarted: new cgroup
+    writer.refresh_clients()
+    assert rules() == {103: (0, abi.CLIENT_F_SKIP)}
+    assert MapWriter(maps, lambda p: cgroups.get(p, [])).sync(with_pods(True)).ops == 0
+    writer.sync(state({0: [0, 1]}))
+    assert rules() == {}
+    master = abi.SvcVal.unpack(
+        maps.data[abi.MAP_SERVICES][abi.svc_key(KEYS[0].ip, 80, Protocol.TCP, 0).pack()]
+    )
+    assert master.flags == 0

@@ -21,9 +21,26 @@ MAP_REVERSE = "bl_rev_v1"
 MAP_SOCK_REVERSE = "bl_sock_v2"
 MAP_AFFINITY = "bl_aff_v1"
 MAP_AFFINITY_MATCH = "bl_affm_v1"
-ALL_MAPS = (MAP_SERVICES, MAP_BACKENDS, MAP_REVERSE, MAP_SOCK_REVERSE, MAP_AFFINITY, MAP_AFFINITY_MATCH)
+MAP_CLIENTS = "bl_client_v1"
+MAP_QOS = "bl_qos_v1"
+ALL_MAPS = (
+    MAP_SERVICES,
+    MAP_BACKENDS,
+    MAP_REVERSE,
+    MAP_SOCK_REVERSE,
+    MAP_AFFINITY,
+    MAP_AFFINITY_MATCH,
+    MAP_CLIENTS,
+    MAP_QOS,
+)
 
+SCOPE_PRIMARY = 0
+SCOPE_FALLBACK = 1
 SVC_F_AFFINITY = 1 << 0
+SVC_F_FALLBACK = 1 << 1
+SVC_F_CLIENTS = 1 << 2
+SVC_F_QOS = 1 << 3
+CLIENT_F_SKIP = 1 << 0
 
 MASTER_SLOT = 0
 DEFAULT_SVC_ENTRIES = 65536 + 1048576
@@ -31,6 +48,8 @@ DEFAULT_BACKENDS = 262144
 DEFAULT_REV_ENTRIES = 131072
 DEFAULT_SOCK_ENTRIES = 262144
 DEFAULT_AFF_ENTRIES = 65536
+DEFAULT_CLIENT_ENTRIES = 65536
+DEFAULT_QOS_ENTRIES = 4096
 
 
 @dataclass(frozen=True)
@@ -80,7 +99,23 @@ SOCK_REV = Layout(
 AFF_KEY = Layout("bl_aff_key", (("netns_cookie", "Q"), ("svc_id", "I"), ("pad", "I")))
 AFF_VAL = Layout("bl_aff_val", (("last_used_ns", "Q"), ("backend_id", "I"), ("pad", "I")))
 AFF_MATCH_KEY = Layout("bl_aff_match_key", (("svc_id", "I"), ("backend_id", "I")))
-LAYOUTS = (SVC_KEY, SVC_VAL, BACKEND, REV_KEY, REV_VAL, SOCK_REV, AFF_KEY, AFF_VAL, AFF_MATCH_KEY)
+CLIENT_KEY = Layout("bl_client_key", (("svc_id", "I"), ("pad", "I"), ("cgroup_id", "Q")))
+CLIENT_VAL = Layout("bl_client_val", (("backend_id", "I"), ("flags", "I")))
+QOS_VAL = Layout("bl_qos_val", (("limit", "I"), ("count", "I"), ("window_ns", "Q")))
+LAYOUTS = (
+    SVC_KEY,
+    SVC_VAL,
+    BACKEND,
+    REV_KEY,
+    REV_VAL,
+    SOCK_REV,
+    AFF_KEY,
+    AFF_VAL,
+    AFF_MATCH_KEY,
+    CLIENT_KEY,
+    CLIENT_VAL,
+    QOS_VAL,
+)
 
 _SVC_KEY = SVC_KEY.packer
 _SVC_VAL = SVC_VAL.packer
@@ -113,14 +148,15 @@ class SvcKey:
     port: int
     proto: int
     slot: int
+    scope: int = SCOPE_PRIMARY
 
     def pack(self) -> bytes:
-        return _SVC_KEY.pack(self.addr, pack_port(self.port), self.proto, 0, self.slot, 0)
+        return _SVC_KEY.pack(self.addr, pack_port(self.port), self.proto, self.scope, self.slot, 0)
 
     @classmethod
     def unpack(cls, raw: bytes) -> SvcKey:
-        addr, port, proto, _scope, slot, _pad = _SVC_KEY.unpack(raw)
-        return cls(addr, unpack_port(port), proto, slot)
+        addr, port, proto, scope, slot, _pad = _SVC_KEY.unpack(raw)
+        return cls(addr, unpack_port(port), proto, slot, scope)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,10 +175,41 @@ class SvcVal:
         return cls(*_SVC_VAL.unpack(raw))
 
 
-def master_val(svc_id: int, count: int, affinity_timeout: int) -> bytes:
-    """A frontend's master entry: its identity, backend count and session affinity."""
-    flags = SVC_F_AFFINITY if affinity_timeout else 0
+def master_val(svc_id: int, count: int, flags: int, affinity_timeout: int) -> bytes:
+    """A tier's master entry: the frontend's identity, the tier's backend count, flags, affinity timeout."""
     return _SVC_VAL.pack(0, svc_id, count, flags, affinity_timeout)
+
+
+_CLIENT_KEY = CLIENT_KEY.packer
+_CLIENT_VAL = CLIENT_VAL.packer
+_QOS_VAL = QOS_VAL.packer
+_U32_KEY = struct.Struct("=I")
+
+
+def pack_client_key(svc_id: int, cgroup_id: int) -> bytes:
+    return _CLIENT_KEY.pack(svc_id, 0, cgroup_id)
+
+
+def unpack_client_key(raw: bytes) -> tuple[int, int]:
+    svc_id, _pad, cgroup_id = _CLIENT_KEY.unpack(raw)
+    return int(svc_id), int(cgroup_id)
+
+
+def pack_client_val(backend_id: int, flags: int) -> bytes:
+    return _CLIENT_VAL.pack(backend_id, flags)
+
+
+def pack_qos_key(svc_id: int) -> bytes:
+    return _U32_KEY.pack(svc_id)
+
+
+def unpack_qos(raw_key: bytes, raw_val: bytes) -> tuple[int, int]:
+    """(svc_id, limit) of a QoS entry."""
+    return int(_U32_KEY.unpack(raw_key)[0]), int(_QOS_VAL.unpack(raw_val)[0])
+
+
+def pack_qos_val(limit: int) -> bytes:
+    return _QOS_VAL.pack(limit, 0, 0)
 
 
 _AFF_MATCH = AFF_MATCH_KEY.packer
@@ -206,20 +273,25 @@ def unpack_backend_id(raw: bytes) -> int:
     return int(_BACKEND_ID.unpack(raw)[0])
 
 
-def svc_key(ip: IPAddress, port: int, protocol: Protocol | int, slot: int) -> SvcKey:
-    return SvcKey(pack_addr(ip), port, int(protocol), slot)
+def svc_key(
+    ip: IPAddress, port: int, protocol: Protocol | int, slot: int, scope: int = SCOPE_PRIMARY
+) -> SvcKey:
+    return SvcKey(pack_addr(ip), port, int(protocol), slot, scope)
 
 
 class SvcKeyPacker:
-    """Packs the keys of one frontend's entries, encoding its address and port once."""
+    """Packs the keys of one frontend tier's entries, encoding its address and port once."""
 
-    __slots__ = ("_addr", "_port", "_proto")
+    __slots__ = ("_addr", "_port", "_proto", "_scope")
 
-    def __init__(self, ip: IPAddress, port: int, protocol: Protocol | int) -> None:
+    def __init__(
+        self, ip: IPAddress, port: int, protocol: Protocol | int, scope: int = SCOPE_PRIMARY
+    ) -> None:
         self._addr, self._port, self._proto = pack_addr(ip), pack_port(port), int(protocol)
+        self._scope = scope
 
     def __call__(self, slot: int) -> bytes:
-        return _SVC_KEY.pack(self._addr, self._port, self._proto, 0, slot, 0)
+        return _SVC_KEY.pack(self._addr, self._port, self._proto, self._scope, slot, 0)
 
 
 # Map name → (key layout, value layout) for tools that read maps generically.
@@ -230,4 +302,6 @@ MAP_LAYOUTS: dict[str, tuple[Layout, Layout]] = {
     MAP_SOCK_REVERSE: (Layout("__u64", (("cookie", "Q"),)), SOCK_REV),
     MAP_AFFINITY: (AFF_KEY, AFF_VAL),
     MAP_AFFINITY_MATCH: (AFF_MATCH_KEY, Layout("__u32", (("value", "I"),))),
+    MAP_CLIENTS: (CLIENT_KEY, CLIENT_VAL),
+    MAP_QOS: (Layout("__u32", (("svc_id", "I"),)), QOS_VAL),
 }

@@ -34,6 +34,8 @@ class DatapathConfig:
     max_reverse: int = abi.DEFAULT_REV_ENTRIES
     max_sockets: int = abi.DEFAULT_SOCK_ENTRIES
     max_affinity: int = abi.DEFAULT_AFF_ENTRIES
+    max_clients: int = abi.DEFAULT_CLIENT_ENTRIES
+    max_qos: int = abi.DEFAULT_QOS_ENTRIES
 
     @property
     def map_dir(self) -> Path:
@@ -51,6 +53,8 @@ class DatapathConfig:
             abi.MAP_SOCK_REVERSE: self.max_sockets,
             abi.MAP_AFFINITY: self.max_affinity,
             abi.MAP_AFFINITY_MATCH: self.max_backends,
+            abi.MAP_CLIENTS: self.max_clients,
+            abi.MAP_QOS: self.max_qos,
         }.get(map_name)
 
 

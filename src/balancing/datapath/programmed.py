@@ -1,9 +1,9 @@
-"""Read what the service and backend maps hold, decoded into model terms.
+"""Read what the datapath maps hold, decoded into model terms.
 
 Used by the writer to recover its state on start (nothing is flushed: it converges from what is there) and by
 ``balancing inspect`` to show the maps as they are. Inconsistencies a crash could leave (slots past the
-count, slots without a master, backends no slot uses, slots naming a missing backend) are reported as
-garbage keys or ``None`` slots rather than hidden.
+count, slots or fallback tiers without a master, backends no slot uses, client/QoS/affinity entries of
+unknown frontends) are reported as garbage keys or ``None`` slots rather than hidden.
 """
 
 from __future__ import annotations
@@ -23,22 +23,46 @@ def backend_of(ref: BackendRef) -> Backend:
 
 
 @dataclass
+class Tier:
+    """One tier of a frontend as programmed: its master entry and its slots (slot 1 first)."""
+
+    master: bytes  # the packed master value
+    slots: list[BackendRef | None]  # None: the slot or its backend is missing
+
+
+@dataclass
 class ProgrammedFrontend:
     svc_id: int
-    slots: list[BackendRef | None]  # slot 1 first; None: the slot or its backend is missing
-    affinity_timeout: int = 0
+    primary: Tier
+    fallback: Tier | None = None
     affinity_matches: set[int] = field(default_factory=set)  # backend ids in the affinity match map
+    clients: dict[int, bytes] = field(default_factory=dict)  # cgroup id → packed client rule
+    qos: bytes | None = None  # the packed QoS entry
+
+    @property
+    def slots(self) -> list[BackendRef | None]:
+        return self.primary.slots
+
+    @property
+    def master(self) -> abi.SvcVal:
+        return abi.SvcVal.unpack(self.primary.master)
+
+    @property
+    def affinity_timeout(self) -> int:
+        m = self.master
+        return m.affinity_timeout if m.flags & abi.SVC_F_AFFINITY else 0
 
 
 @dataclass
 class ProgrammedState:
     frontends: dict[FrontendKey, ProgrammedFrontend] = field(default_factory=dict)
     backend_ids: dict[BackendRef, int] = field(default_factory=dict)
-    garbage_slots: list[bytes] = field(default_factory=list)  # service-map keys to delete
-    garbage_backends: list[bytes] = field(default_factory=list)  # backend-map keys to delete
-    garbage_matches: list[bytes] = field(default_factory=list)  # affinity-match keys to delete
+    garbage: dict[str, list[bytes]] = field(default_factory=dict)  # map name → keys to delete
     max_svc_id: int = 0
     max_backend_id: int = 0
+
+    def junk(self, map_name: str, key: bytes) -> None:
+        self.garbage.setdefault(map_name, []).append(key)
 
 
 def frontend_key(key: abi.SvcKey) -> FrontendKey:
@@ -53,46 +77,75 @@ def read_state(io: MapIO) -> ProgrammedState:
         backends[backend_id] = raw
         state.max_backend_id = max(state.max_backend_id, backend_id)
 
-    masters: dict[bytes, tuple[bytes, abi.SvcVal]] = {}
+    masters: dict[bytes, tuple[bytes, bytes]] = {}  # key prefix (address, port, proto, scope) → master
     slots: dict[tuple[bytes, int], tuple[bytes, int]] = {}
     for raw_key, raw_val in io.items(abi.MAP_SERVICES):
         prefix, slot = abi.split_svc_key(raw_key)
         if slot == abi.MASTER_SLOT:
-            master = abi.SvcVal.unpack(raw_val)
-            masters[prefix] = (raw_key, master)
-            state.max_svc_id = max(state.max_svc_id, master.svc_id)
+            masters[prefix] = (raw_key, raw_val)
+            state.max_svc_id = max(state.max_svc_id, abi.SvcVal.unpack(raw_val).svc_id)
         else:
             slots[(prefix, slot)] = (raw_key, abi.slot_backend_id(raw_val))
 
     used: set[int] = set()
-    for prefix, (raw_key, master) in masters.items():
+
+    def tier(prefix: bytes, raw_val: bytes) -> Tier:
         refs: list[BackendRef | None] = []
-        for slot in range(1, master.count + 1):
+        for slot in range(1, abi.SvcVal.unpack(raw_val).count + 1):
             entry = slots.pop((prefix, slot), None)
             ref = backends.get(entry[1]) if entry else None
             if entry and ref:
                 used.add(entry[1])
             refs.append(ref)
-        state.frontends[frontend_key(abi.SvcKey.unpack(raw_key))] = ProgrammedFrontend(
-            master.svc_id, refs, master.affinity_timeout if master.flags & abi.SVC_F_AFFINITY else 0
-        )
-    state.garbage_slots = [raw_key for raw_key, _ in slots.values()]
-    _read_affinity_matches(io, state)
+        return Tier(raw_val, refs)
+
+    fallbacks = {}
+    for prefix, (raw_key, raw_val) in masters.items():
+        key = abi.SvcKey.unpack(raw_key)
+        if key.scope == abi.SCOPE_PRIMARY:
+            state.frontends[frontend_key(key)] = ProgrammedFrontend(
+                abi.SvcVal.unpack(raw_val).svc_id, tier(prefix, raw_val)
+            )
+        else:
+            fallbacks[frontend_key(key)] = (prefix, raw_key, raw_val)
+    for fkey, (prefix, raw_key, raw_val) in fallbacks.items():
+        frontend = state.frontends.get(fkey)
+        if frontend is None:
+            state.junk(abi.MAP_SERVICES, raw_key)  # a fallback tier without its frontend: slots go too
+        else:
+            frontend.fallback = tier(prefix, raw_val)
+    for raw_key, _ in slots.values():
+        state.junk(abi.MAP_SERVICES, raw_key)
+    _read_extras(io, state)
     for backend_id, ref in backends.items():
         if backend_id in used:
             state.backend_ids[ref] = backend_id
         else:
-            state.garbage_backends.append(abi.pack_backend_id(backend_id))
+            state.junk(abi.MAP_BACKENDS, abi.pack_backend_id(backend_id))
     return state
 
 
-def _read_affinity_matches(io: MapIO, state: ProgrammedState) -> None:
-    """Attach match entries to their frontends; entries of unknown frontends or backends are garbage."""
+def _read_extras(io: MapIO, state: ProgrammedState) -> None:
+    """Attach affinity matches, client rules and QoS entries to their frontends; the rest is garbage."""
     by_id = {f.svc_id: f for f in state.frontends.values()}
     for raw_key, _ in io.items(abi.MAP_AFFINITY_MATCH):
         svc_id, backend_id = abi.unpack_affinity_match(raw_key)
         frontend = by_id.get(svc_id)
         if frontend is None or not frontend.affinity_timeout:
-            state.garbage_matches.append(raw_key)
+            state.junk(abi.MAP_AFFINITY_MATCH, raw_key)
         else:
             frontend.affinity_matches.add(backend_id)
+    for raw_key, raw_val in io.items(abi.MAP_CLIENTS):
+        svc_id, cgroup_id = abi.unpack_client_key(raw_key)
+        frontend = by_id.get(svc_id)
+        if frontend is None:
+            state.junk(abi.MAP_CLIENTS, raw_key)
+        else:
+            frontend.clients[cgroup_id] = raw_val
+    for raw_key, raw_val in io.items(abi.MAP_QOS):
+        svc_id, _limit = abi.unpack_qos(raw_key, raw_val)
+        frontend = by_id.get(svc_id)
+        if frontend is None:
+            state.junk(abi.MAP_QOS, raw_key)
+        else:
+            frontend.qos = abi.pack_qos_val(_limit)

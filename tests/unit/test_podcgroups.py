@@ -1,0 +1,60 @@
+"""Pod cgroup discovery over kubelet-named directory trees (both drivers, every QoS class)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from balancing.sources import podcgroups
+
+UID = "3f1c9a2e-8b7d-4c1e-9f00-123456789abc"
+CID = "0123456789abcdef" * 4
+
+
+@pytest.mark.parametrize(
+    ("pod_dir", "container_dir"),
+    [
+        (f"kubepods/pod{UID}", CID),
+        (f"kubepods/burstable/pod{UID}", CID),
+        (f"kubepods/besteffort/pod{UID}", CID),
+        (f"kubepods.slice/kubepods-pod{UID.replace('-', '_')}.slice", f"cri-containerd-{CID}.scope"),
+        (
+            f"kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID.replace('-', '_')}.slice",
+            f"crio-{CID}.scope",
+        ),
+        (
+            f"kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{UID.replace('-', '_')}.slice",
+            f"docker-{CID}.scope",
+        ),
+    ],
+    ids=[
+        "cgroupfs-guaranteed",
+        "cgroupfs-burstable",
+        "cgroupfs-besteffort",
+        "systemd-guaranteed-containerd",
+        "systemd-burstable-crio",
+        "systemd-besteffort-docker",
+    ],
+)
+def test_pod_and_container_cgroups_are_found(tmp_path: Path, pod_dir: str, container_dir: str) -> None:
+    pod = tmp_path / pod_dir
+    (pod / container_dir).mkdir(parents=True)
+    (tmp_path / "system.slice" / "sshd.service").mkdir(parents=True)
+    index = podcgroups.scan(tmp_path)
+    assert set(index.by_pod) == {UID}
+    ids = index.cgroups_of(UID)
+    assert ids == tuple(sorted([pod.stat().st_ino, (pod / container_dir).stat().st_ino]))
+    assert index.by_cgroup[(pod / container_dir).stat().st_ino] == podcgroups.CgroupOwner(UID, CID)
+    assert index.by_cgroup[pod.stat().st_ino] == podcgroups.CgroupOwner(UID, "")
+
+
+def test_other_directories_are_not_pods(tmp_path: Path) -> None:
+    for d in (
+        "kubepods/burstable",
+        "kubepods.slice/kubepods-besteffort.slice",
+        "user.slice/user-0.slice",
+        "podcast",
+    ):
+        (tmp_path / d).mkdir(parents=True)
+    assert podcgroups.scan(tmp_path).by_pod == {}

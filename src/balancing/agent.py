@@ -23,7 +23,7 @@ from pathlib import Path
 from balancing import errors, health, healthcheck
 from balancing.datapath import loader, maps, writer
 from balancing.model import config, desired, store
-from balancing.sources import manifests, watch
+from balancing.sources import manifests, podcgroups, watch
 
 log = logging.getLogger("balancing.agent")
 VERIFY_EVERY = 10  # resyncs between re-reads of the maps
@@ -55,6 +55,7 @@ class AgentConfig:
     health_port: int = 10256
     resync_interval: float = 30.0
     healthcheck_host: str = "0.0.0.0"  # where healthCheckNodePort servers listen
+    cgroup_rescan_interval: float = 2.0  # seconds between scans for pod cgroups (policy client rules)
 
 
 class Agent:
@@ -66,6 +67,7 @@ class Agent:
         self.health = health.HealthState(stale_after=2 * cfg.resync_interval + 10)
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="datapath")
         self._writer: writer.MapWriter | None = None
+        self._pods = podcgroups.PodCgroupIndex()
         self._needs_resync = False
         self._conflicts: set[str] = set()
 
@@ -79,14 +81,19 @@ class Agent:
             report.summary(),
         )
         kernel_maps = await loop.run_in_executor(self._io, maps.KernelMaps, self.cfg.datapath.map_dir)
-        self._writer = await loop.run_in_executor(self._io, writer.MapWriter, kernel_maps)
+        self._pods = await loop.run_in_executor(self._io, podcgroups.scan, self.cfg.datapath.cgroup)
+        self._writer = await loop.run_in_executor(self._io, writer.MapWriter, kernel_maps, self._pod_cgroups)
         server = await health.serve(
             health.agent_routes(self.health), self.cfg.health_host, self.cfg.health_port
         )
         try:
             self._ingest(self.source.load())
             await self._full_sync()
-            tasks = [asyncio.create_task(self._follow()), asyncio.create_task(self._resync_loop())]
+            tasks = [
+                asyncio.create_task(self._follow()),
+                asyncio.create_task(self._resync_loop()),
+                asyncio.create_task(self._pod_cgroup_loop()),
+            ]
             await stop.wait()
             for task in tasks:
                 task.cancel()
@@ -171,6 +178,26 @@ class Agent:
             stats.ops,
             (time.perf_counter() - seen) * 1000,
         )
+
+    def _pod_cgroups(self, pod: desired.PodRef) -> tuple[int, ...]:
+        return self._pods.cgroups_of(pod.uid)
+
+    async def _pod_cgroup_loop(self) -> None:
+        """Containers start and restart with new cgroups: keep the policies' client rules on them."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.cfg.cgroup_rescan_interval)
+            index = await loop.run_in_executor(self._io, podcgroups.scan, self.cfg.datapath.cgroup)
+            if index.by_pod == self._pods.by_pod or self._writer is None:
+                continue
+            self._pods = index
+            try:
+                stats = await loop.run_in_executor(self._io, self._writer.refresh_clients)
+            except errors.DatapathError as exc:
+                self._failed(exc)
+                continue
+            if stats.ops:
+                log.info("pod cgroups changed: %d client rules written", stats.ops)
 
     def _failed(self, exc: errors.DatapathError) -> None:
         log.error("programming the datapath failed, keeping what is programmed and retrying: %s", exc)

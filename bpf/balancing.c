@@ -79,6 +79,40 @@ struct {
 	__type(value, struct bl_qos_val);
 } bl_qos_v1 SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, BL_DEFAULT_STAT_ENTRIES);
+	__type(key, struct bl_stat_key);
+	__type(value, __u64);
+} bl_stats_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct bl_config);
+} bl_cfg_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, BL_DEFAULT_EVENT_BYTES);
+} bl_events_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, BL_EVSTAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} bl_evstat_v1 SEC(".maps");
+
+/* Ring-buffer records are only ever locals, which get no BTF: this prototype (never called) puts
+ * struct bl_event in the object's BTF so readers and the ABI test can see its layout. */
+__attribute__((used)) static __noinline int bl_event_layout(struct bl_event *ev)
+{
+	return ev != 0;
+}
+
 /* The address a hook works on, in the family-neutral form of the maps. */
 struct bl_sockaddr {
 	__u32 addr[4];
@@ -124,6 +158,15 @@ static __always_inline void copy_addr(__u32 *dst, const __u32 *src)
 	dst[1] = src[1];
 	dst[2] = src[2];
 	dst[3] = src[3];
+}
+
+static __always_inline void clear_addr(struct bl_sockaddr *sa)
+{
+	sa->addr[0] = 0;
+	sa->addr[1] = 0;
+	sa->addr[2] = 0;
+	sa->addr[3] = 0;
+	sa->port = 0;
 }
 
 static __always_inline __u32 mix_cookie(__u64 cookie)
@@ -201,7 +244,7 @@ static __always_inline int qos_exceeded(__u32 svc_id, __u64 now)
  * slot is tried instead. Returns 0 when the tier has nothing for this client.
  */
 static __always_inline __u32 pick_backend(struct bpf_sock_addr *ctx, struct bl_svc_key *key,
-					  const struct bl_svc_val *master, __u32 own, __u64 now)
+					  const struct bl_svc_val *master, __u32 own, __u64 now, __u8 *result)
 {
 	struct bl_aff_key aff_key = {};
 	struct bl_svc_val *slot;
@@ -215,9 +258,12 @@ static __always_inline __u32 pick_backend(struct bpf_sock_addr *ctx, struct bl_s
 		backend_id = affinity_backend(ctx, master, &aff_key, now);
 		if (backend_id == own)
 			backend_id = 0;
-		if (backend_id)
+		if (backend_id) {
+			*result = BL_RES_AFFINITY;
 			return backend_id;
+		}
 	}
+	*result = BL_RES_TRANSLATED;
 	if (ctx->protocol == IPPROTO_UDP)
 		pick = mix_cookie(bpf_get_socket_cookie(ctx));
 	else
@@ -230,6 +276,7 @@ static __always_inline __u32 pick_backend(struct bpf_sock_addr *ctx, struct bl_s
 	if (own && backend_id == own) {
 		if (count == 1)
 			return 0;
+		*result = BL_RES_LOOP_GUARD_NEXT;
 		key->slot = key->slot % count + 1;
 		slot = bpf_map_lookup_elem(&bl_svc_v1, key);
 		if (!slot)
@@ -244,67 +291,136 @@ static __always_inline __u32 pick_backend(struct bpf_sock_addr *ctx, struct bl_s
 	return backend_id;
 }
 
+/* What the worker decided, for counters and events. */
+struct bl_outcome {
+	__u32 svc_id;
+	__u8  result; /* BL_RES_* */
+};
+
 /*
  * The worker: look the address up as a frontend and rewrite it to a backend. Policy frontends may skip
  * their primary tier for this connection (the client is a backend pod with skipRedirectFromBackend, its
  * only backend is the client itself, or the QoS limit is reached) and then use the fallback tier.
- * Returns BL_PASS, BL_XLATED or BL_REFUSE.
+ * Returns BL_PASS, BL_XLATED or BL_REFUSE; ``out`` says why.
  */
-static __always_inline int translate(struct bpf_sock_addr *ctx, struct bl_sockaddr *sa, int connected)
+static __always_inline int translate(struct bpf_sock_addr *ctx, struct bl_sockaddr *sa, int connected,
+				     struct bl_outcome *out)
 {
 	struct bl_svc_key key = { .port = sa->port, .proto = (__u8)ctx->protocol };
 	struct bl_svc_val *master, *fallback;
 	struct bl_backend *be;
-	__u32 svc_id, own = 0, backend_id = 0;
+	__u32 own = 0, backend_id = 0;
 	__u64 now = 0;
-	int skip = 0;
+	__u8 why = 0;
 
 	copy_addr(key.addr, sa->addr);
 	master = bpf_map_lookup_elem(&bl_svc_v1, &key);
 	if (!master)
 		return BL_PASS;
-	svc_id = master->svc_id;
+	out->svc_id = master->svc_id;
+	out->result = BL_RES_REFUSED;
 	if (master->flags & (BL_SVC_F_AFFINITY | BL_SVC_F_QOS))
 		now = bpf_ktime_get_ns();
 	if (master->flags & BL_SVC_F_CLIENTS) {
-		struct bl_client_key ck = { .svc_id = svc_id, .cgroup_id = bpf_get_current_cgroup_id() };
+		struct bl_client_key ck = { .svc_id = out->svc_id, .cgroup_id = bpf_get_current_cgroup_id() };
 		struct bl_client_val *client = bpf_map_lookup_elem(&bl_client_v1, &ck);
 
 		if (client) {
 			if (client->flags & BL_CLIENT_F_SKIP)
-				skip = 1;
+				why = BL_RES_FALLBACK_SKIP;
 			else
 				own = client->backend_id;
 		}
 	}
-	if (!skip && (master->flags & BL_SVC_F_QOS) && qos_exceeded(svc_id, now))
-		skip = 1;
-	if (!skip)
-		backend_id = pick_backend(ctx, &key, master, own, now);
+	if (!why && (master->flags & BL_SVC_F_QOS) && qos_exceeded(out->svc_id, now))
+		why = BL_RES_FALLBACK_QOS;
+	if (!why) {
+		backend_id = pick_backend(ctx, &key, master, own, now, &out->result);
+		if (!backend_id)
+			why = master->count ? BL_RES_FALLBACK_LOOP : BL_RES_FALLBACK_EMPTY;
+	}
 	if (!backend_id) {
 		if (!(master->flags & BL_SVC_F_FALLBACK))
-			return BL_REFUSE;
+			goto refuse;
 		key.scope = BL_SCOPE_FALLBACK;
 		key.slot = BL_MASTER_SLOT;
 		fallback = bpf_map_lookup_elem(&bl_svc_v1, &key);
 		if (!fallback)
-			return BL_REFUSE;
-		backend_id = pick_backend(ctx, &key, fallback, 0, now);
+			goto refuse;
+		backend_id = pick_backend(ctx, &key, fallback, 0, now, &out->result);
 		if (!backend_id)
-			return BL_REFUSE;
+			goto refuse;
+		out->result = why;
 	}
 	be = bpf_map_lookup_elem(&bl_be_v1, &backend_id);
 	if (!be)
-		return BL_REFUSE;
+		goto refuse;
 
-	remember_frontend(ctx, sa, be, svc_id, connected);
+	remember_frontend(ctx, sa, be, out->svc_id, connected);
 	copy_addr(sa->addr, be->addr);
 	sa->port = be->port;
 	return BL_XLATED;
+refuse:
+	out->result = BL_RES_REFUSED;
+	return BL_REFUSE;
+}
+
+/* Count the resolution and, when events are on (and sampled in), queue an event for the agent. ``to`` is
+ * the backend (all zero when refused). */
+static __always_inline void account(struct bpf_sock_addr *ctx, __u8 hook, const struct bl_sockaddr *orig,
+				    const struct bl_sockaddr *to, const struct bl_outcome *out)
+{
+	struct bl_stat_key sk = { .svc_id = out->svc_id, .result = out->result, .proto = (__u8)ctx->protocol,
+				  .hook = hook };
+	struct bl_config *cfg;
+	struct bl_event *ev;
+	__u32 zero = 0;
+	__u64 *count = bpf_map_lookup_elem(&bl_stats_v1, &sk);
+
+	if (count) {
+		*count += 1; /* per CPU: no atomics needed */
+	} else {
+		__u64 one = 1;
+
+		bpf_map_update_elem(&bl_stats_v1, &sk, &one, BPF_NOEXIST);
+	}
+	cfg = bpf_map_lookup_elem(&bl_cfg_v1, &zero);
+	if (!cfg || cfg->events == BL_EVENTS_OFF)
+		return;
+	if (out->result == BL_RES_REVERSED && !cfg->reverse_events)
+		return;
+	if (cfg->events == BL_EVENTS_SAMPLED && cfg->sample_every > 1 && bpf_get_prandom_u32() % cfg->sample_every)
+		return;
+	ev = bpf_ringbuf_reserve(&bl_events_v1, sizeof(*ev), 0);
+	if (!ev) {
+		__u64 *lost = bpf_map_lookup_elem(&bl_evstat_v1, &zero);
+
+		if (lost)
+			*lost += 1;
+		return;
+	}
+	ev->ts_ns = bpf_ktime_get_ns();
+	ev->cgroup_id = bpf_get_current_cgroup_id();
+	ev->netns_cookie = bpf_get_netns_cookie(ctx);
+	ev->sock_cookie = bpf_get_socket_cookie(ctx);
+	ev->pid = bpf_get_current_pid_tgid() >> 32;
+	ev->svc_id = out->svc_id;
+	copy_addr(ev->orig_addr, orig->addr);
+	ev->orig_port = orig->port;
+	copy_addr(ev->backend_addr, to->addr);
+	ev->backend_port = to->port;
+	ev->hook = hook;
+	ev->proto = (__u8)ctx->protocol;
+	ev->result = out->result;
+	ev->pad = 0;
+	bpf_get_current_comm(ev->comm, sizeof(ev->comm));
+	bpf_ringbuf_submit(ev, bpf_ringbuf_query(&bl_events_v1, BPF_RB_AVAIL_DATA) >= cfg->wakeup_bytes ?
+				       BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
 }
 
 /* The reverse worker: if the peer is a backend this socket was sent to, show the frontend. */
-static __always_inline int reverse(struct bpf_sock_addr *ctx, struct bl_sockaddr *sa, int lookup_udp)
+static __always_inline int reverse(struct bpf_sock_addr *ctx, struct bl_sockaddr *sa, int lookup_udp,
+				   struct bl_outcome *out)
 {
 	struct bl_sock_rev *st;
 	__u64 cookie = bpf_get_socket_cookie(ctx);
@@ -318,6 +434,7 @@ static __always_inline int reverse(struct bpf_sock_addr *ctx, struct bl_sockaddr
 		if (rev) {
 			copy_addr(sa->addr, rev->addr);
 			sa->port = rev->port;
+			out->svc_id = rev->svc_id;
 			return BL_XLATED;
 		}
 	}
@@ -328,6 +445,7 @@ static __always_inline int reverse(struct bpf_sock_addr *ctx, struct bl_sockaddr
 		return BL_PASS;
 	copy_addr(sa->addr, st->frontend.addr);
 	sa->port = st->frontend.port;
+	out->svc_id = st->frontend.svc_id;
 	return BL_XLATED;
 }
 
@@ -340,102 +458,123 @@ static __always_inline int verdict(int res)
 	return 1;
 }
 
-static __always_inline int forward4(struct bpf_sock_addr *ctx, int connected)
+static __always_inline int forward4(struct bpf_sock_addr *ctx, int connected, __u8 hook)
 {
-	struct bl_sockaddr sa;
+	struct bl_sockaddr sa, orig;
+	struct bl_outcome out = {};
 	int res;
 
 	addr_from_v4(&sa, ctx->user_ip4, ctx->user_port);
-	res = translate(ctx, &sa, connected);
+	orig = sa;
+	res = translate(ctx, &sa, connected, &out);
+	if (res == BL_XLATED && !addr_is_v4(sa.addr)) {
+		res = BL_REFUSE; /* an IPv6 backend cannot serve an AF_INET socket */
+		out.result = BL_RES_REFUSED;
+	}
 	if (res == BL_XLATED) {
-		if (!addr_is_v4(sa.addr))
-			return verdict(BL_REFUSE); /* an IPv6 backend cannot serve an AF_INET socket */
 		ctx->user_ip4 = sa.addr[3];
 		ctx->user_port = (__u32)sa.port;
 	}
+	if (res == BL_REFUSE)
+		clear_addr(&sa);
+	if (res != BL_PASS)
+		account(ctx, hook, &orig, &sa, &out);
 	return verdict(res);
 }
 
-static __always_inline int forward6(struct bpf_sock_addr *ctx, int connected)
+static __always_inline int forward6(struct bpf_sock_addr *ctx, int connected, __u8 hook)
 {
-	struct bl_sockaddr sa;
+	struct bl_sockaddr sa, orig;
+	struct bl_outcome out = {};
 	int res;
 
 	addr_from_v6(&sa, ctx);
-	res = translate(ctx, &sa, connected);
+	orig = sa;
+	res = translate(ctx, &sa, connected, &out);
 	if (res == BL_XLATED)
 		addr_to_v6(ctx, &sa);
+	if (res == BL_REFUSE)
+		clear_addr(&sa);
+	if (res != BL_PASS)
+		account(ctx, hook, &orig, &sa, &out);
 	return verdict(res);
 }
 
-static __always_inline int backward4(struct bpf_sock_addr *ctx, int lookup_udp)
+static __always_inline int backward4(struct bpf_sock_addr *ctx, int lookup_udp, __u8 hook)
 {
-	struct bl_sockaddr sa;
+	struct bl_sockaddr sa, seen;
+	struct bl_outcome out = { .result = BL_RES_REVERSED };
 
 	addr_from_v4(&sa, ctx->user_ip4, ctx->user_port);
-	if (reverse(ctx, &sa, lookup_udp) == BL_XLATED && addr_is_v4(sa.addr)) {
+	seen = sa;
+	if (reverse(ctx, &sa, lookup_udp, &out) == BL_XLATED && addr_is_v4(sa.addr)) {
 		ctx->user_ip4 = sa.addr[3];
 		ctx->user_port = (__u32)sa.port;
+		account(ctx, hook, &sa, &seen, &out);
 	}
 	return 1;
 }
 
-static __always_inline int backward6(struct bpf_sock_addr *ctx, int lookup_udp)
+static __always_inline int backward6(struct bpf_sock_addr *ctx, int lookup_udp, __u8 hook)
 {
-	struct bl_sockaddr sa;
+	struct bl_sockaddr sa, seen;
+	struct bl_outcome out = { .result = BL_RES_REVERSED };
 
 	addr_from_v6(&sa, ctx);
-	if (reverse(ctx, &sa, lookup_udp) == BL_XLATED)
+	seen = sa;
+	if (reverse(ctx, &sa, lookup_udp, &out) == BL_XLATED) {
 		addr_to_v6(ctx, &sa);
+		account(ctx, hook, &sa, &seen, &out);
+	}
 	return 1;
 }
 
 SEC("cgroup/connect4")
 int bl_connect4(struct bpf_sock_addr *ctx)
 {
-	return forward4(ctx, 1);
+	return forward4(ctx, 1, BL_HOOK_CONNECT4);
 }
 
 SEC("cgroup/connect6")
 int bl_connect6(struct bpf_sock_addr *ctx)
 {
-	return forward6(ctx, 1);
+	return forward6(ctx, 1, BL_HOOK_CONNECT6);
 }
 
 SEC("cgroup/sendmsg4")
 int bl_sendmsg4(struct bpf_sock_addr *ctx)
 {
-	return forward4(ctx, 0);
+	return forward4(ctx, 0, BL_HOOK_SENDMSG4);
 }
 
 SEC("cgroup/sendmsg6")
 int bl_sendmsg6(struct bpf_sock_addr *ctx)
 {
-	return forward6(ctx, 0);
+	return forward6(ctx, 0, BL_HOOK_SENDMSG6);
 }
 
 SEC("cgroup/recvmsg4")
 int bl_recvmsg4(struct bpf_sock_addr *ctx)
 {
-	return backward4(ctx, 1);
+	return backward4(ctx, 1, BL_HOOK_RECVMSG4);
 }
 
 SEC("cgroup/recvmsg6")
 int bl_recvmsg6(struct bpf_sock_addr *ctx)
 {
-	return backward6(ctx, 1);
+	return backward6(ctx, 1, BL_HOOK_RECVMSG6);
 }
 
 SEC("cgroup/getpeername4")
 int bl_getpeername4(struct bpf_sock_addr *ctx)
 {
-	return backward4(ctx, 0);
+	return backward4(ctx, 0, BL_HOOK_GETPEERNAME4);
 }
 
 SEC("cgroup/getpeername6")
 int bl_getpeername6(struct bpf_sock_addr *ctx)
 {
-	return backward6(ctx, 0);
+	return backward6(ctx, 0, BL_HOOK_GETPEERNAME6);
 }
 
 /* A translated connected socket is closing: forget its reverse entry. */

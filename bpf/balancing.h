@@ -132,6 +132,69 @@ struct bl_qos_val {
 	__u64 window_ns;   /* bpf_ktime_get_ns() at the window start */
 };
 
+/* Why a hook did what it did: counters and events carry one of these. */
+#define BL_RES_TRANSLATED      1  /* primary tier, a slot */
+#define BL_RES_AFFINITY        2  /* primary tier, the client's affinity record */
+#define BL_RES_LOOP_GUARD_NEXT 3  /* primary tier, the slot after the client's own backend */
+#define BL_RES_FALLBACK_SKIP   4  /* fallback tier: the client is a backend pod (skipRedirectFromBackend) */
+#define BL_RES_FALLBACK_LOOP   5  /* fallback tier: the client's own backend is the only one (loop guard) */
+#define BL_RES_FALLBACK_QOS    6  /* fallback tier: the frontend's QoS limit was reached */
+#define BL_RES_FALLBACK_EMPTY  7  /* fallback tier: the primary tier has no backend */
+#define BL_RES_REFUSED         8  /* no usable backend: ECONNREFUSED */
+#define BL_RES_REVERSED        9  /* recvmsg/getpeername showed the frontend instead of the backend */
+
+#define BL_HOOK_CONNECT4     1
+#define BL_HOOK_CONNECT6     2
+#define BL_HOOK_SENDMSG4     3
+#define BL_HOOK_SENDMSG6     4
+#define BL_HOOK_RECVMSG4     5
+#define BL_HOOK_RECVMSG6     6
+#define BL_HOOK_GETPEERNAME4 7
+#define BL_HOOK_GETPEERNAME6 8
+
+/* Resolution counters (per CPU, summed at scrape time). */
+struct bl_stat_key {
+	__u32 svc_id;      /* frontend identity */
+	__u8  result;      /* BL_RES_* */
+	__u8  proto;       /* IPPROTO_* */
+	__u8  hook;        /* BL_HOOK_* */
+	__u8  pad;         /* 0 */
+};
+
+/* Run-time settings written by the agent (array of one). */
+#define BL_EVENTS_OFF     0
+#define BL_EVENTS_SAMPLED 1
+#define BL_EVENTS_ALL     2
+
+struct bl_config {
+	__u32 events;        /* BL_EVENTS_* */
+	__u32 sample_every;  /* with BL_EVENTS_SAMPLED: one event in this many resolutions */
+	__u32 wakeup_bytes;  /* wake the reader only once this much is queued (it also polls on a timer) */
+	__u32 reverse_events;/* also emit BL_RES_REVERSED events */
+};
+
+/* One resolution, as the ring buffer carries it. */
+struct bl_event {
+	__u64 ts_ns;          /* bpf_ktime_get_ns() */
+	__u64 cgroup_id;      /* the client's cgroup v2 id */
+	__u64 netns_cookie;   /* the client's network namespace */
+	__u64 sock_cookie;    /* the socket */
+	__u32 pid;            /* the client's process (tgid) */
+	__u32 svc_id;         /* frontend identity */
+	__u32 orig_addr[4];   /* what the application asked for (the frontend) */
+	__u32 backend_addr[4];/* where it goes (zero when refused) */
+	__u16 orig_port;      /* network order */
+	__u16 backend_port;   /* network order */
+	__u8  hook;           /* BL_HOOK_* */
+	__u8  proto;          /* IPPROTO_* */
+	__u8  result;         /* BL_RES_* */
+	__u8  pad;
+	char  comm[16];       /* the client's command */
+};
+
+#define BL_EVSTAT_LOST 0      /* index in the per-CPU event counters: events dropped, ring buffer full */
+#define BL_EVSTAT_MAX  1
+
 _Static_assert(sizeof(struct bl_svc_key) == 24, "bl_svc_key layout");
 _Static_assert(sizeof(struct bl_svc_val) == 16, "bl_svc_val layout");
 _Static_assert(sizeof(struct bl_backend) == 24, "bl_backend layout");
@@ -144,6 +207,9 @@ _Static_assert(sizeof(struct bl_aff_match_key) == 8, "bl_aff_match_key layout");
 _Static_assert(sizeof(struct bl_client_key) == 16, "bl_client_key layout");
 _Static_assert(sizeof(struct bl_client_val) == 8, "bl_client_val layout");
 _Static_assert(sizeof(struct bl_qos_val) == 16, "bl_qos_val layout");
+_Static_assert(sizeof(struct bl_stat_key) == 8, "bl_stat_key layout");
+_Static_assert(sizeof(struct bl_config) == 16, "bl_config layout");
+_Static_assert(sizeof(struct bl_event) == 96, "bl_event layout");
 
 /* Default capacities; the loader overrides them from flags before load. */
 #define BL_DEFAULT_SVC_ENTRIES   (65536 + 1048576)  /* frontends + backend slots */
@@ -153,5 +219,7 @@ _Static_assert(sizeof(struct bl_qos_val) == 16, "bl_qos_val layout");
 #define BL_DEFAULT_AFF_ENTRIES   65536              /* (client, frontend) affinity records */
 #define BL_DEFAULT_CLIENT_ENTRIES 65536             /* (policy frontend, backend pod cgroup) rules */
 #define BL_DEFAULT_QOS_ENTRIES   4096               /* rate-limited policy frontends */
+#define BL_DEFAULT_STAT_ENTRIES  262144             /* (frontend, result, proto, hook) counters */
+#define BL_DEFAULT_EVENT_BYTES   (4 << 20)          /* ring buffer */
 
 #endif /* BALANCING_H */

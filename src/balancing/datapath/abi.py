@@ -23,6 +23,10 @@ MAP_AFFINITY = "bl_aff_v1"
 MAP_AFFINITY_MATCH = "bl_affm_v1"
 MAP_CLIENTS = "bl_client_v1"
 MAP_QOS = "bl_qos_v1"
+MAP_STATS = "bl_stats_v1"
+MAP_CONFIG = "bl_cfg_v1"
+MAP_EVENTS = "bl_events_v1"
+MAP_EVENT_STATS = "bl_evstat_v1"
 ALL_MAPS = (
     MAP_SERVICES,
     MAP_BACKENDS,
@@ -32,6 +36,10 @@ ALL_MAPS = (
     MAP_AFFINITY_MATCH,
     MAP_CLIENTS,
     MAP_QOS,
+    MAP_STATS,
+    MAP_CONFIG,
+    MAP_EVENTS,
+    MAP_EVENT_STATS,
 )
 
 SCOPE_PRIMARY = 0
@@ -42,6 +50,31 @@ SVC_F_CLIENTS = 1 << 2
 SVC_F_QOS = 1 << 3
 CLIENT_F_SKIP = 1 << 0
 
+# Resolution results (struct bl_stat_key.result, struct bl_event.result) and their names in metrics/events.
+RESULTS = {
+    1: "translated",
+    2: "affinity",
+    3: "loop_guard_next",
+    4: "fallback_skip_redirect_from_backend",
+    5: "fallback_loop_guard",
+    6: "fallback_qos",
+    7: "fallback_no_primary_backend",
+    8: "refused",
+    9: "reversed",
+}
+HOOKS = {
+    1: "connect4",
+    2: "connect6",
+    3: "sendmsg4",
+    4: "sendmsg6",
+    5: "recvmsg4",
+    6: "recvmsg6",
+    7: "getpeername4",
+    8: "getpeername6",
+}
+EVENTS_OFF, EVENTS_SAMPLED, EVENTS_ALL = 0, 1, 2
+EVSTAT_LOST = 0
+
 MASTER_SLOT = 0
 DEFAULT_SVC_ENTRIES = 65536 + 1048576
 DEFAULT_BACKENDS = 262144
@@ -50,6 +83,8 @@ DEFAULT_SOCK_ENTRIES = 262144
 DEFAULT_AFF_ENTRIES = 65536
 DEFAULT_CLIENT_ENTRIES = 65536
 DEFAULT_QOS_ENTRIES = 4096
+DEFAULT_STAT_ENTRIES = 262144
+DEFAULT_EVENT_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -102,6 +137,32 @@ AFF_MATCH_KEY = Layout("bl_aff_match_key", (("svc_id", "I"), ("backend_id", "I")
 CLIENT_KEY = Layout("bl_client_key", (("svc_id", "I"), ("pad", "I"), ("cgroup_id", "Q")))
 CLIENT_VAL = Layout("bl_client_val", (("backend_id", "I"), ("flags", "I")))
 QOS_VAL = Layout("bl_qos_val", (("limit", "I"), ("count", "I"), ("window_ns", "Q")))
+STAT_KEY = Layout(
+    "bl_stat_key", (("svc_id", "I"), ("result", "B"), ("proto", "B"), ("hook", "B"), ("pad", "B"))
+)
+CONFIG = Layout(
+    "bl_config", (("events", "I"), ("sample_every", "I"), ("wakeup_bytes", "I"), ("reverse_events", "I"))
+)
+EVENT = Layout(
+    "bl_event",
+    (
+        ("ts_ns", "Q"),
+        ("cgroup_id", "Q"),
+        ("netns_cookie", "Q"),
+        ("sock_cookie", "Q"),
+        ("pid", "I"),
+        ("svc_id", "I"),
+        ("orig_addr", "16s"),
+        ("backend_addr", "16s"),
+        ("orig_port", "2s"),
+        ("backend_port", "2s"),
+        ("hook", "B"),
+        ("proto", "B"),
+        ("result", "B"),
+        ("pad", "B"),
+        ("comm", "16s"),
+    ),
+)
 LAYOUTS = (
     SVC_KEY,
     SVC_VAL,
@@ -115,6 +176,9 @@ LAYOUTS = (
     CLIENT_KEY,
     CLIENT_VAL,
     QOS_VAL,
+    STAT_KEY,
+    CONFIG,
+    EVENT,
 )
 
 _SVC_KEY = SVC_KEY.packer
@@ -304,4 +368,60 @@ MAP_LAYOUTS: dict[str, tuple[Layout, Layout]] = {
     MAP_AFFINITY_MATCH: (AFF_MATCH_KEY, Layout("__u32", (("value", "I"),))),
     MAP_CLIENTS: (CLIENT_KEY, CLIENT_VAL),
     MAP_QOS: (Layout("__u32", (("svc_id", "I"),)), QOS_VAL),
+    MAP_STATS: (STAT_KEY, Layout("__u64", (("count", "Q"),))),
+    MAP_CONFIG: (Layout("__u32", (("index", "I"),)), CONFIG),
 }
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One decoded resolution event."""
+
+    ts_ns: int
+    cgroup_id: int
+    netns_cookie: int
+    sock_cookie: int
+    pid: int
+    svc_id: int
+    orig: tuple[IPAddress, int]
+    backend: tuple[IPAddress, int] | None  # None when refused
+    hook: str
+    proto: int
+    result: str
+    comm: str
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> Event:
+        (ts, cg, netns, sock, pid, svc_id, orig, be, oport, bport, hook, proto, result, _pad, comm) = (
+            _EVENT.unpack_from(raw)
+        )
+        backend = None if be == bytes(16) else (unpack_addr(be), unpack_port(bport))
+        return cls(
+            ts,
+            cg,
+            netns,
+            sock,
+            pid,
+            svc_id,
+            (unpack_addr(orig), unpack_port(oport)),
+            backend,
+            HOOKS.get(hook, str(hook)),
+            proto,
+            RESULTS.get(result, str(result)),
+            comm.split(b"\0", 1)[0].decode(errors="replace"),
+        )
+
+
+_EVENT = EVENT.packer
+_STAT_KEY = STAT_KEY.packer
+_CONFIG = CONFIG.packer
+
+
+def unpack_stat_key(raw: bytes) -> tuple[int, str, int, str]:
+    """(svc_id, result name, protocol number, hook name) of a counter key."""
+    svc_id, result, proto, hook, _ = _STAT_KEY.unpack(raw)
+    return int(svc_id), RESULTS.get(result, str(result)), int(proto), HOOKS.get(hook, str(hook))
+
+
+def pack_config(events: int, sample_every: int, wakeup_bytes: int, reverse_events: bool) -> bytes:
+    return _CONFIG.pack(events, sample_every, wakeup_bytes, int(reverse_events))

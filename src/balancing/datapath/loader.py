@@ -36,6 +36,8 @@ class DatapathConfig:
     max_affinity: int = abi.DEFAULT_AFF_ENTRIES
     max_clients: int = abi.DEFAULT_CLIENT_ENTRIES
     max_qos: int = abi.DEFAULT_QOS_ENTRIES
+    max_stats: int = abi.DEFAULT_STAT_ENTRIES
+    event_bytes: int = abi.DEFAULT_EVENT_BYTES  # ring buffer size: a power of two, at least a page
 
     @property
     def map_dir(self) -> Path:
@@ -55,6 +57,8 @@ class DatapathConfig:
             abi.MAP_AFFINITY_MATCH: self.max_backends,
             abi.MAP_CLIENTS: self.max_clients,
             abi.MAP_QOS: self.max_qos,
+            abi.MAP_STATS: self.max_stats,
+            abi.MAP_EVENTS: self.event_bytes,
         }.get(map_name)
 
 

@@ -1,0 +1,230 @@
+"""The datapath's metrics, read at scrape time: resolutions by owner, lost events, map usage, programs.
+
+The BPF programs count every resolution in a per-CPU hash map keyed by (frontend id, result, protocol,
+hook); nothing per connect crosses to user space. At each scrape ``DatapathCollector`` reads those sums
+(``kernel.KernelReader``) and names each frontend id by its owner through ``owner_of`` (the agent's
+``OwnerIndex``).
+
+Counters stay monotonic although owners change under them: the collector keeps, per map key, the value it
+last attributed and adds only the *increase* since then to the owner's series. A frontend that a policy
+takes over (same id, new owner), a Service deleted and recreated (new id, same owner) or a map entry
+recreated (its count restarts) therefore never makes a series go down. An id with no owner is held back for
+``unknown_grace`` seconds (the agent's first sync after a restart, a scrape racing a write), then counted
+under ``service_id`` with empty owner labels. A series whose owner no longer owns any counted frontend is
+dropped after ``retention`` seconds, so deleted Services do not accumulate.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Protocol
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from balancing.metrics import kernel
+from balancing.model.desired import Frontend, FrontendChanges, FrontendKey, Owner
+from balancing.model.desired import Protocol as IPProtocol
+
+log = logging.getLogger(__name__)
+
+RESOLUTION_LABELS = ("kind", "namespace", "name", "port", "protocol", "result", "hook", "service_id")
+Labels = tuple[str, str, str, str, str, str, str, str]
+OwnerOf = Callable[[int], Owner | None]
+
+
+class Reader(Protocol):
+    def read(self) -> kernel.Snapshot: ...
+
+
+class OwnerIndex:
+    """Frontend id → owner of what the writer programmed; the agent refreshes it after each write.
+
+    Scrapes call it from the metrics thread: lookups are single dict reads, and ``replace`` swaps whole
+    dicts, so a reader sees the old or the new state, never a half-built one.
+    """
+
+    def __init__(self) -> None:
+        self._ids: dict[FrontendKey, int] = {}
+        self._owners: dict[int, Owner] = {}
+
+    def __call__(self, svc_id: int) -> Owner | None:
+        return self._owners.get(svc_id)
+
+    def __len__(self) -> int:
+        return len(self._owners)
+
+    def replace(
+        self, frontends: Mapping[FrontendKey, Frontend], svc_id: Callable[[FrontendKey], int | None]
+    ) -> None:
+        """After a full sync: exactly these frontends (``svc_id``: the writer's ``MapWriter.svc_id``)."""
+        ids = {k: i for k in frontends if (i := svc_id(k)) is not None}
+        owners = {i: frontends[k].owner for k, i in ids.items()}
+        self._ids, self._owners = ids, owners
+
+    def apply(self, changes: FrontendChanges, svc_id: Callable[[FrontendKey], int | None]) -> None:
+        """After a partial sync: set the upserted frontends, forget the removed ones."""
+        for key in changes.remove - changes.upsert.keys():
+            old = self._ids.pop(key, None)
+            if old is not None:
+                self._owners.pop(old, None)
+        for key, frontend in changes.upsert.items():
+            i = svc_id(key)
+            if i is not None:
+                self._ids[key] = i
+                self._owners[i] = frontend.owner
+
+
+def _protocol(number: int) -> str:
+    try:
+        return IPProtocol(number).name
+    except ValueError:
+        return str(number)
+
+
+class DatapathCollector(Collector):
+    """A prometheus-client collector over the datapath pinned under ``bpffs``."""
+
+    def __init__(
+        self,
+        bpffs: Path,
+        owner_of: OwnerOf,
+        *,
+        entries_every: float = 30.0,
+        unknown_grace: float = 60.0,
+        retention: float = 3600.0,
+        reader: Reader | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.reader: Reader = reader or kernel.KernelReader(bpffs, entries_every=entries_every, clock=clock)
+        self.owner_of = owner_of
+        self.unknown_grace = unknown_grace
+        self.retention = retention
+        self._clock = clock
+        self._lock = threading.Lock()  # the HTTP server runs concurrent scrapes in threads
+        self._last: dict[kernel.StatKey, int] = {}  # per map key: the value already attributed
+        self._totals: dict[Labels, int] = {}
+        self._mapped_at: dict[Labels, float] = {}  # when a counted frontend last had these labels
+        self._unknown_since: dict[int, float] = {}
+        self._was_up = True
+
+    def describe(self) -> Iterable[Metric]:
+        """The families, without reading the kernel (registration checks names with this)."""
+        return self._families(kernel.Snapshot(), {}, up=True, took=0.0)
+
+    def collect(self) -> Iterable[Metric]:
+        with self._lock:
+            started = self._clock()
+            snap = self.reader.read()
+            up = not snap.errors
+            if up != self._was_up:
+                (log.info if up else log.warning)(
+                    "datapath metrics %s", "readable again" if up else f"unreadable: {'; '.join(snap.errors)}"
+                )
+                self._was_up = up
+            totals = self._account(snap.resolutions, started)
+            return self._families(snap, totals, up=up, took=self._clock() - started)
+
+    # --- attribution ---------------------------------------------------------------------------------------
+
+    def _account(self, counts: Mapping[kernel.StatKey, int], now: float) -> dict[Labels, int]:
+        owners: dict[int, Owner | None] = {}
+        for key, value in counts.items():
+            svc_id = key[0]
+            if svc_id not in owners:
+                owners[svc_id] = self._owner(svc_id, now)
+            owner = owners[svc_id]
+            if owner is None and now - self._unknown_since[svc_id] < self.unknown_grace:
+                continue  # held back: its increase goes to the owner once known
+            labels = self._labels(owner, key)
+            last = self._last.get(key, 0)
+            self._last[key] = value
+            delta = value - last if value >= last else value  # smaller: the entry was recreated
+            if delta:
+                self._totals[labels] = self._totals.get(labels, 0) + delta
+            if labels in self._totals:
+                self._mapped_at[labels] = now
+        for key in self._last.keys() - counts.keys():
+            del self._last[key]
+        for svc_id in self._unknown_since.keys() - owners.keys():
+            del self._unknown_since[svc_id]
+        for labels in [lb for lb, at in self._mapped_at.items() if now - at > self.retention]:
+            del self._mapped_at[labels], self._totals[labels]
+        return dict(self._totals)
+
+    def _owner(self, svc_id: int, now: float) -> Owner | None:
+        owner = self.owner_of(svc_id)
+        if owner is None:
+            self._unknown_since.setdefault(svc_id, now)
+        else:
+            self._unknown_since.pop(svc_id, None)
+        return owner
+
+    @staticmethod
+    def _labels(owner: Owner | None, key: kernel.StatKey) -> Labels:
+        svc_id, result, proto, hook = key
+        if owner is None:
+            return ("", "", "", "", _protocol(proto), result, hook, str(svc_id))
+        return (owner.kind, owner.namespace, owner.name, owner.port_name, _protocol(proto), result, hook, "")
+
+    # --- exposition ----------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _families(
+        snap: kernel.Snapshot, totals: Mapping[Labels, int], *, up: bool, took: float
+    ) -> list[Metric]:
+        resolutions = CounterMetricFamily(
+            "balancing_resolutions",
+            "Connects and datagrams the datapath resolved, by frontend owner, protocol, result and hook.",
+            labels=RESOLUTION_LABELS,
+        )
+        for labels, value in sorted(totals.items()):
+            resolutions.add_metric(labels, value)
+        families: list[Metric] = [resolutions]
+        lost = CounterMetricFamily(
+            "balancing_events_lost", "Resolution events dropped because the ring buffer was full."
+        )
+        if snap.events_lost is not None:
+            lost.add_metric([], snap.events_lost)
+        families.append(lost)
+        entries = GaugeMetricFamily(
+            "balancing_map_entries",
+            "Entries in a BPF hash map (the counter map's at each scrape, the others' cached a while).",
+            labels=("map", "type"),
+        )
+        capacity = GaugeMetricFamily(
+            "balancing_map_capacity", "Maximum entries of a BPF hash map.", labels=("map", "type")
+        )
+        for name, usage in sorted(snap.maps.items()):
+            entries.add_metric((name, usage.type), usage.entries)
+            capacity.add_metric((name, usage.type), usage.capacity)
+        families += [entries, capacity]
+        families.append(
+            GaugeMetricFamily(
+                "balancing_programs_loaded", "BPF programs pinned by a link.", value=snap.programs_loaded
+            )
+        )
+        families.append(
+            GaugeMetricFamily(
+                "balancing_programs_attached",
+                "BPF programs attached to a live cgroup.",
+                value=snap.programs_attached,
+            )
+        )
+        families.append(
+            GaugeMetricFamily(
+                "balancing_datapath_up", "1 if every pinned map and link could be read.", value=int(up)
+            )
+        )
+        families.append(
+            GaugeMetricFamily(
+                "balancing_datapath_scrape_duration_seconds",
+                "Time the last scrape spent reading the datapath.",
+                value=took,
+            )
+        )
+        return families

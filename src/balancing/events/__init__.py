@@ -1,4 +1,10 @@
-"""Resolution events: ring buffer → attribution to pods → sinks (log, metrics). Filled in by the events work.
+"""Resolution events: ring buffer → attribution to pods → sinks (log, metrics) and the live stream.
 
-May import ``balancing.model`` types and the datapath ABI; never writes maps.
+Modules, in the order records flow: ``pipeline`` (reads the pinned ring buffer through
+``datapath.ringbuf``, counts seen/lost/dropped, fans out), ``attribution`` (cgroup id → pod and container,
+or the host), ``record`` (the JSON schema), ``sinks`` (JSON lines on stdout and a rotating file),
+``stream`` (NDJSON on a unix socket for ``balancing monitor``).
+
+May import ``balancing.model`` types, ``balancing.sources.podcgroups`` and the datapath ABI and ring buffer
+reader; never writes maps (the agent writes the events config through ``datapath.ringbuf``).
 """

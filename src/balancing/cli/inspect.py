@@ -1,77 +1,129 @@
-"""``balancing inspect``: what the pinned maps hold, as rich tables or stable JSON.
+"""``balancing inspect``: what the pinned maps hold, joined with the agent's names, as tables or stable JSON.
 
-Reads the maps through the datapath's own decoder (``programmed.read_state``), so it shows exactly what
-connects see, including inconsistencies (missing slots or backends).
+Reads the maps through the datapath's own decoders, so it shows exactly what connects see, including
+inconsistencies (missing slots or backends). With ``--agent URL`` it joins the agent's ``GET /state``
+(``balancing.agentstate``): owners, frontend kinds, the model's reasons, the pods behind backend addresses.
+Without it, or when the agent does not answer within a second or two, it shows the maps alone and says that
+names are unavailable (the name fields are then ``null``).
+
+JSON output (``-o json``; stable: keys are only ever added). Every document also has
+``"agent": {"url": str | null, "available": bool, "error": str | null}``. ``owner`` objects are the agent's:
+``{"kind", "namespace", "name", "portName"}``; ``pod`` objects ``{"namespace", "name", "node"}``; a ``null``
+in a backend list marks a slot whose entry is missing::
+
+    services:  {"services": [{"frontend": "ip:port/PROTO", "address", "port", "protocol", "serviceId",
+                 "affinityTimeoutSeconds", "backends": ["ip:port" | null], "fallback": [...] | null,
+                 "flags": ["affinity" | "fallback" | "clients" | "qos"], "owner": {...} | null,
+                 "kind": "ClusterIP" | "NodePort" | "LoadBalancer" | "ExternalIP" | null,
+                 "reason": str | null, "fallbackOwner": {...} | null}],
+                "unprogrammed": ["ip:port/PROTO"],       # in the agent's model, not in the maps
+                "usage": {map: {"entries": int, "capacity": int | null}}}
+    backends:  {"backends": [{"backendId", "backend": "ip:port", "protocol", "pod": {...} | null,
+                 "usedBy": [{"frontend", "serviceId", "tier": "primary" | "fallback", "slot"}]}]}
+    policies:  {"policies": [{"frontend", "serviceId", "owner", "kind", "reason", "fallbackOwner",
+                 "primary": [...], "fallback": [...] | null,
+                 "qos": {"limit", "count", "windowAgeSeconds", "exceeded"} | null,
+                 "clientRules": {"total", "skip", "loopGuard"}, "skipRedirectFromBackend": bool | null,
+                 "backendPods": [{"namespace", "name", "uid", "backend"}] | null}],
+                "status": [agent's policy status objects] | null}   # null until the agent serves them
+    affinity:  {"affinity": [{"netnsCookie", "serviceId", "frontend" | null, "owner", "backendId",
+                 "backend" | null, "pod", "idleSeconds", "timeoutSeconds", "expired", "matched", "valid"}]}
+    nodes:     {"nodes": [{"address", "node": str | null, "local": bool | null,
+                 "frontends": [{"frontend", "port", "protocol", "serviceId" | null, "owner", "reason",
+                   "backends": [...], "programmed": bool}]}]}
+
+``policies`` lists frontends owned by a LocalRedirectPolicy or BalancingPolicy, and (names or not) every
+frontend with a fallback tier, client rules or a QoS limit. ``nodes`` needs the agent (frontend kinds are
+the model's); ``local`` says whether the address is one of this host's.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import socket
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
-from balancing.datapath import abi, maps, programmed
+from balancing.cli import agentclient, inspect_data, inspect_render
+from balancing.cli.agentclient import AgentView, Json
+from balancing.cli.inspect_common import DEFAULT_BPFFS, AgentOpt, BpffsOpt, OutputOpt, check_output, open_maps
+from balancing.datapath.maps import MapIO
+from balancing.model.desired import parse_ip
 
-app = typer.Typer(no_args_is_help=True, help="Show what the datapath maps hold.")
+app = typer.Typer(no_args_is_help=True, help="Show what the datapath maps hold, with the agent's names.")
 
-OutputOpt = Annotated[str, typer.Option("-o", "--output", help="table or json.")]
+Builder = Callable[[MapIO, AgentView], Json]
+Renderer = Callable[[Json, AgentView, bool], Iterable[Table | str]]
 
 
-def services_json(state: programmed.ProgrammedState) -> list[dict[str, object]]:
-    out = []
-    for key in sorted(state.frontends):
-        f = state.frontends[key]
-        out.append(
-            {
-                "frontend": str(key),
-                "address": str(key.ip),
-                "port": key.port,
-                "protocol": key.protocol.name,
-                "serviceId": f.svc_id,
-                "affinityTimeoutSeconds": f.affinity_timeout,
-                "backends": [str(programmed.backend_of(r)) if r else None for r in f.slots],
-            }
-        )
-    return out
+def services_json(io: MapIO, view: AgentView | None = None) -> list[Json]:
+    """The ``services`` rows (kept for callers of the original JSON)."""
+    rows: list[Json] = inspect_data.services_doc(io, view or AgentView())["services"]
+    return rows
+
+
+def is_local_address(address: str) -> bool:
+    """Whether ``address`` is one of this host's (binding to it succeeds)."""
+    ip = parse_ip(address)
+    family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        try:
+            s.bind((address, 0))
+        except OSError as exc:
+            if exc.errno == errno.EADDRNOTAVAIL:
+                return False
+            raise
+    return True
+
+
+def _run(bpffs: Path, agent: str | None, output: str, build: Builder, render: Renderer) -> None:
+    output = check_output(output)
+    view = agentclient.fetch(agent)
+    with open_maps(bpffs) as io:
+        doc = build(io, view)
+    if output == "json":
+        typer.echo(json.dumps({**doc, "agent": view.describe()}, indent=2))
+        return
+    out = inspect_render.console(output == "wide")
+    inspect_render.print_note(out, view)
+    for item in render(doc, view, output == "wide"):
+        if item != "":
+            out.print(item)
 
 
 @app.command()
-def services(
-    bpffs: Annotated[Path, typer.Option("--bpffs")] = Path("/sys/fs/bpf/balancing"),
-    output: OutputOpt = "table",
-) -> None:
-    """Frontends and their backends as the maps hold them."""
-    try:
-        io = maps.KernelMaps(bpffs / "maps")
-    except OSError as exc:
-        typer.secho(f"error: cannot open the maps under {bpffs}/maps: {exc}", fg="red", err=True)
-        raise typer.Exit(2) from exc
-    try:
-        state = programmed.read_state(io)
-        usage = {
-            name: (len(io.items(name)), io.capacity[name]) for name in (abi.MAP_SERVICES, abi.MAP_BACKENDS)
-        }
-    finally:
-        io.close()
-    rows = services_json(state)
-    if output == "json":
-        typer.echo(json.dumps({"services": rows}, indent=2))
-        return
-    table = Table(title=f"frontends in {bpffs}")
-    for col in ("frontend", "id", "backends"):
-        table.add_column(col)
-    for row in rows:
-        backends = row["backends"]
-        assert isinstance(backends, list)
-        shown = (
-            escape(", ".join(b or "[missing]" for b in backends)) or "[red]none: connects are refused[/red]"
-        )
-        table.add_row(escape(str(row["frontend"])), str(row["serviceId"]), shown)
-    console = Console()
-    console.print(table)
-    console.print(" ".join(f"{n}: {used}/{cap}" for n, (used, cap) in usage.items()), style="dim")
+def services(bpffs: BpffsOpt = DEFAULT_BPFFS, agent: AgentOpt = None, output: OutputOpt = "table") -> None:
+    """Frontends: their backends and fallback as the maps hold them, owners and reasons from the agent."""
+    _run(bpffs, agent, output, inspect_data.services_doc, inspect_render.services)
+
+
+@app.command()
+def backends(bpffs: BpffsOpt = DEFAULT_BPFFS, agent: AgentOpt = None, output: OutputOpt = "table") -> None:
+    """Backends: id, address, the frontends and tiers that use them, the pod behind them."""
+    _run(bpffs, agent, output, inspect_data.backends_doc, inspect_render.backends)
+
+
+@app.command()
+def policies(bpffs: BpffsOpt = DEFAULT_BPFFS, agent: AgentOpt = None, output: OutputOpt = "table") -> None:
+    """Policy frontends (LocalRedirectPolicy, BalancingPolicy): tiers, QoS, client rules."""
+    _run(bpffs, agent, output, inspect_data.policies_doc, inspect_render.policies)
+
+
+@app.command()
+def affinity(bpffs: BpffsOpt = DEFAULT_BPFFS, agent: AgentOpt = None, output: OutputOpt = "table") -> None:
+    """Session-affinity records: client network namespace, frontend, backend, idle time, validity."""
+    _run(bpffs, agent, output, inspect_data.affinity_doc, inspect_render.affinity)
+
+
+@app.command()
+def nodes(bpffs: BpffsOpt = DEFAULT_BPFFS, agent: AgentOpt = None, output: OutputOpt = "table") -> None:
+    """NodePort frontends grouped by node address (needs --agent: frontend kinds are the model's)."""
+
+    def build(io: MapIO, view: AgentView) -> Json:
+        return inspect_data.nodes_doc(io, view, is_local_address)
+
+    _run(bpffs, agent, output, build, inspect_render.nodes)

@@ -103,6 +103,8 @@ def run_demo(topo: Topology, manifests: Path) -> None:
         "4096",
         "--max-reverse",
         "4096",
+        "--metrics-addr",
+        f"127.0.0.1:{port + 1}",
     ]
     agent = topo.spawn(argv, label="agent")
     try:

@@ -17,12 +17,12 @@ import signal
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from balancing import errors, health, healthcheck
+from balancing import agent_events, agentstate, errors, health, healthcheck, metrics
 from balancing.datapath import loader, maps, writer
-from balancing.model import config, desired, store
+from balancing.model import config, desired, objects, store
 from balancing.sources import manifests, podcgroups, watch
 
 log = logging.getLogger("balancing.agent")
@@ -56,6 +56,8 @@ class AgentConfig:
     resync_interval: float = 30.0
     healthcheck_host: str = "0.0.0.0"  # where healthCheckNodePort servers listen
     cgroup_rescan_interval: float = 2.0  # seconds between scans for pod cgroups (policy client rules)
+    metrics_addr: tuple[str, int] | None = ("127.0.0.1", 10249)  # None: no metrics server
+    events: agent_events.EventsConfig = field(default_factory=agent_events.EventsConfig)
 
 
 class Agent:
@@ -70,6 +72,13 @@ class Agent:
         self._pods = podcgroups.PodCgroupIndex()
         self._needs_resync = False
         self._conflicts: set[str] = set()
+        self.metrics = metrics.Metrics(clock=time.perf_counter)
+        self.owners = metrics.OwnerIndex()
+        self._pods_by_uid: dict[str, objects.Pod] = {}
+        self._uid_of: dict[objects.ObjectRef, str] = {}
+        self.events = agent_events.AgentEvents(
+            cfg.events, cfg.datapath, self.owners, self._pods_by_uid.get, cfg.cgroup_rescan_interval
+        )
 
     async def run(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
@@ -83,9 +92,17 @@ class Agent:
         kernel_maps = await loop.run_in_executor(self._io, maps.KernelMaps, self.cfg.datapath.map_dir)
         self._pods = await loop.run_in_executor(self._io, podcgroups.scan, self.cfg.datapath.cgroup)
         self._writer = await loop.run_in_executor(self._io, writer.MapWriter, kernel_maps, self._pod_cgroups)
-        server = await health.serve(
-            health.agent_routes(self.health), self.cfg.health_host, self.cfg.health_port
-        )
+        routes = health.agent_routes(self.health, {"/state": self._state})
+        server = await health.serve(routes, self.cfg.health_host, self.cfg.health_port)
+        metrics_server = None
+        if self.cfg.metrics_addr is not None:
+            self.metrics.watch_datapath(self.cfg.datapath.bpffs, self.owners)
+            try:
+                metrics_server = self.metrics.serve(*self.cfg.metrics_addr)
+            except OSError as exc:
+                host, port = self.cfg.metrics_addr
+                log.error("metrics cannot be served on %s:%d: %s (continuing without)", host, port, exc)
+        await self.events.configure(self._io)
         try:
             self._ingest(self.source.load())
             await self._full_sync()
@@ -93,6 +110,7 @@ class Agent:
                 asyncio.create_task(self._follow()),
                 asyncio.create_task(self._resync_loop()),
                 asyncio.create_task(self._pod_cgroup_loop()),
+                *self.events.start(self._pods, stop),
             ]
             await stop.wait()
             for task in tasks:
@@ -101,7 +119,10 @@ class Agent:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         finally:
+            await self.events.close(self._io)
             await self.health_checks.close()
+            if metrics_server is not None:
+                metrics_server.close()
             server.close()
             await server.wait_closed()
             kernel_maps.close()
@@ -113,10 +134,22 @@ class Agent:
     def _ingest(self, update: manifests.SourceUpdate) -> None:
         for err in update.errors:
             log.error("manifest rejected, keeping the last good version of the file: %s", err)
+            self.metrics.source_error("manifests", "invalid")
         for ref in update.deletes:
             self.store.delete(ref)
+            uid = self._uid_of.pop(ref, None)
+            if uid is not None:
+                self._pods_by_uid.pop(uid, None)
         for obj in update.upserts:
             self.store.upsert(obj)
+            if isinstance(obj, objects.Pod) and obj.metadata.uid:
+                ref = objects.ref(obj)
+                self._pods_by_uid.pop(self._uid_of.get(ref, ""), None)
+                self._uid_of[ref], self._pods_by_uid[obj.metadata.uid] = obj.metadata.uid, obj
+        endpoints_kinds = ("EndpointSlice", "Pod")
+        changed = [o.kind for o in update.upserts] + [r[0] for r in update.deletes]
+        n_endpoints = sum(1 for k in changed if k in endpoints_kinds)
+        self.metrics.changes(len(changed) - n_endpoints, n_endpoints)
         conflicts = set(self.store.conflicts())
         for msg in sorted(conflicts - self._conflicts):
             log.error("frontend conflict: %s", msg)
@@ -145,6 +178,9 @@ class Agent:
                 self._failed(exc)
                 return
         self._needs_resync = False
+        self.owners.replace(wanted.frontends, self._writer.svc_id)
+        self.metrics.sync_done(time.perf_counter() - started, full=True)
+        self.metrics.pending(0, 0)
         await self.health_checks.update(self.store.health_checks())
         self.health.synced()
         self.health.extra["frontends"] = len(wanted.frontends)
@@ -169,6 +205,10 @@ class Agent:
         except errors.DatapathError as exc:
             self._failed(exc)
             return
+        self.owners.apply(changes, self._writer.svc_id)
+        self.metrics.sync_done(time.perf_counter() - seen, full=False)
+        self.metrics.programmed(seen)
+        self.metrics.pending(0, 0)
         self.health.synced()
         log.info(
             "applied %d frontend changes (%d written, %d removed, %d map ops) %.2f ms after the change",
@@ -191,6 +231,7 @@ class Agent:
             if index.by_pod == self._pods.by_pod or self._writer is None:
                 continue
             self._pods = index
+            self.events.pods_changed(index)
             try:
                 stats = await loop.run_in_executor(self._io, self._writer.refresh_clients)
             except errors.DatapathError as exc:
@@ -203,6 +244,19 @@ class Agent:
         log.error("programming the datapath failed, keeping what is programmed and retrying: %s", exc)
         self.health.last_error = str(exc)
         self._needs_resync = True
+        self.metrics.write_failed(getattr(exc, "map", ""))
+
+    def _state(self) -> tuple[int, dict[str, object]]:
+        """``GET /state``: the agent's view for the operator tools (see ``agentstate``)."""
+        svc_id = self._writer.svc_id if self._writer is not None else (lambda _k: None)
+        body = agentstate.build(
+            self.cfg.model.node_name,
+            self.store.desired(),
+            svc_id,
+            self._pods_by_uid.values(),
+            self.store.conflicts(),
+        )
+        return 200, body
 
     async def _resync_loop(self) -> None:
         """Full syncs on a timer; every ``VERIFY_EVERY``-th first re-reads the maps, so a change made behind

@@ -50,8 +50,10 @@ class HealthState:
 Handler = Callable[[str], tuple[int, dict[str, object]]]  # request path → (status, JSON body)
 
 
-def agent_routes(state: HealthState) -> Handler:
-    routes = {"/healthz": state.healthz, "/livez": state.healthz, "/readyz": state.readyz}
+def agent_routes(
+    state: HealthState, extra: dict[str, Callable[[], tuple[int, dict[str, object]]]] | None = None
+) -> Handler:
+    routes = {"/healthz": state.healthz, "/livez": state.healthz, "/readyz": state.readyz, **(extra or {})}
 
     def handle(path: str) -> tuple[int, dict[str, object]]:
         return routes[path]() if path in routes else (404, {"error": f"no such path {path!r}"})

@@ -278,6 +278,8 @@ class AgentProcess:
             f"127.0.0.1:{self.port}",
             "--bpf-object",
             str(self.bpf_object),
+            "--metrics-addr",
+            f"127.0.0.1:{free_port()}",
             *(f"--{k.replace('_', '-')}={v}" for k, v in SMALL_MAPS.items()),
             *self.extra,
         ]

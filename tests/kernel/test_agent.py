@@ -302,3 +302,76 @@ def test_health_check_node_port_reports_ready_local_endpoints(
         return False
 
     wait_until(closed, what="the health check port to close")
+
+
+def test_events_metrics_and_state_through_the_agent(
+    cluster: Cluster, manifests: Path, agent: AgentProcess, tmp_path: Path
+) -> None:
+    import json
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+    from support import free_port
+
+    sock, metrics_port = tmp_path / "events.sock", free_port()
+    write_manifest(manifests, "web.yaml", web(cluster, [{}, {}, {}]))
+    agent.extra = [
+        "--events",
+        "all",
+        "--events-socket",
+        str(sock),
+        "--metrics-addr",
+        f"127.0.0.1:{metrics_port}",
+    ]
+    agent.start()
+    wait_until(sock.exists, what="the event socket")
+    monitor = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "balancing",
+            "monitor",
+            "--socket",
+            str(sock),
+            "--service",
+            "default/web",
+            "-o",
+            "json",
+            "--count",
+            "25",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    made = 0
+    try:
+        while monitor.poll() is None and made < 500:  # the monitor needs a moment to connect
+            made += connect(cluster, 5)["ok"]
+        out, _ = monitor.communicate(timeout=15)
+    finally:
+        if monitor.poll() is None:
+            monitor.kill()
+    events = [json.loads(line) for line in out.splitlines()]
+    assert len(events) == 25
+    assert {e["owner"]["name"] for e in events} == {"web"} and {e["result"] for e in events} == {"translated"}
+    assert all(e["client"].get("host") or e["client"].get("pod") for e in events)
+    assert {e["frontend"] for e in events} == {f"{VIP}:80"}
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        if family.name == "balancing_resolutions":
+            for s in family.samples:
+                if (
+                    s.name.endswith("_total")
+                    and s.labels.get("name") == "web"
+                    and s.labels["result"] == "translated"
+                ):
+                    total += s.value
+    assert total == made, "the per-CPU counters count every connect, read at scrape time"
+
+    code, state = agent.get("/state")
+    assert code == 200
+    (fe,) = [f for f in state["frontends"] if f["frontend"] == KEY]
+    assert fe["owner"]["name"] == "web" and fe["kind"] == "ClusterIP" and len(fe["backends"]) == 3

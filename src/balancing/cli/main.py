@@ -1,137 +1,30 @@
 """The ``balancing`` command line (typer): flags are parsed and checked here, work happens in the stages.
 
-Subcommands: ``agent`` (run the node agent on a manifest directory), ``inspect`` (what the maps hold),
+Subcommands: ``agent`` (run the node agent, in ``agent_cmd``), ``inspect`` (what the maps hold), ``trace``
+(replay the datapath's decision for one frontend), ``monitor`` (stream resolution events from an agent),
 ``cleanup`` (detach and unpin everything). Flag errors name the flag.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from balancing import errors
-from balancing.cli import inspect
-from balancing.datapath import abi, loader, mounts
-from balancing.model import config
+from balancing.cli import agent_cmd, inspect, monitor, trace
+from balancing.cli.inspect_common import DEFAULT_BPFFS
+from balancing.datapath import loader
 
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, help="Socket-level load balancing for Kubernetes."
 )
+app.command()(agent_cmd.agent)
 app.add_typer(inspect.app, name="inspect")
+app.command()(trace.trace)
+app.command()(monitor.monitor)
 
-DEFAULT_BPFFS = Path("/sys/fs/bpf/balancing")
 BpffsOpt = Annotated[Path, typer.Option("--bpffs", help="Directory on bpffs holding this agent's pins.")]
-
-
-def default_object() -> Path:
-    """The compiled BPF object: $BALANCING_BPF_OBJECT, the repo's build/, or the installed package's copy."""
-    env = os.environ.get("BALANCING_BPF_OBJECT")
-    candidates = [Path(env)] if env else []
-    here = Path(__file__).resolve()
-    candidates += [here.parents[3] / "build/bpf/balancing.o", here.parents[1] / "bpf/balancing.o"]
-    for c in candidates:
-        if c.is_file():
-            return c
-    return candidates[0]
-
-
-def _host_port(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise errors.ConfigError("--health-addr", f"{value!r} is not HOST:PORT")
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
-def _fail(exc: errors.BalancingError) -> None:
-    typer.secho(f"error: {exc}", fg="red", err=True)
-    if isinstance(exc, errors.BpfLoadError) and exc.log:
-        typer.echo(exc.log[-4000:], err=True)
-    raise typer.Exit(2)
-
-
-@app.command()
-def agent(
-    manifests: Annotated[Path, typer.Option(help="Directory of Kubernetes manifests (YAML/JSON).")],
-    node_name: Annotated[str, typer.Option(help="This node's name (as in Node objects and pod nodeName).")],
-    cgroup: Annotated[
-        Path | None, typer.Option(help="cgroup v2 directory to attach to [cgroup2 root].")
-    ] = None,
-    bpffs: BpffsOpt = DEFAULT_BPFFS,
-    health_addr: Annotated[
-        str, typer.Option(help="HOST:PORT for /healthz, /livez, /readyz.")
-    ] = "0.0.0.0:10256",
-    bpf_object: Annotated[
-        Path | None, typer.Option(help="Compiled BPF object [build/bpf/balancing.o].")
-    ] = None,
-    max_services: Annotated[
-        int, typer.Option(help="Service map entries (frontends + slots).")
-    ] = abi.DEFAULT_SVC_ENTRIES,
-    max_backends: Annotated[int, typer.Option(help="Backend map entries.")] = abi.DEFAULT_BACKENDS,
-    max_reverse: Annotated[
-        int, typer.Option(help="UDP reverse-translation LRU entries.")
-    ] = abi.DEFAULT_REV_ENTRIES,
-    max_sockets: Annotated[
-        int, typer.Option(help="Live translated connected sockets with reverse translation.")
-    ] = abi.DEFAULT_SOCK_ENTRIES,
-    max_affinity: Annotated[
-        int, typer.Option(help="Session-affinity records (client namespace x frontend), LRU.")
-    ] = abi.DEFAULT_AFF_ENTRIES,
-    nodeport_addresses: Annotated[
-        str, typer.Option(help="Comma-separated CIDRs: NodePorts only on node addresses inside them [all].")
-    ] = "",
-    external_ips_local_only: Annotated[
-        bool,
-        typer.Option(help="Translate an externalIP only when it is this node's address (Cilium's choice)."),
-    ] = False,
-    healthcheck_address: Annotated[
-        str, typer.Option(help="Address the healthCheckNodePort servers listen on.")
-    ] = "0.0.0.0",
-    resync_interval: Annotated[float, typer.Option(help="Seconds between full reconciling syncs.")] = 30.0,
-    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
-) -> None:
-    """Run the node agent: program the datapath from a manifest directory and follow its changes."""
-    from balancing import agent as agent_mod
-
-    logging.getLogger("watchfiles").setLevel(logging.WARNING)
-    logging.basicConfig(
-        level=log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        if not manifests.is_dir():
-            raise errors.ConfigError("--manifests", f"{manifests} is not a directory")
-        obj = bpf_object or default_object()
-        if not obj.is_file():
-            raise errors.ConfigError("--bpf-object", f"{obj} does not exist (run `make bpf`)")
-        cg = cgroup or mounts.cgroup2_root()
-        if mounts.fs_type_of(cg) != "cgroup2" or not cg.is_dir():
-            raise errors.ConfigError("--cgroup", f"{cg} is not a cgroup v2 directory")
-        for flag, value in (
-            ("--max-services", max_services),
-            ("--max-backends", max_backends),
-            ("--max-reverse", max_reverse),
-            ("--max-sockets", max_sockets),
-            ("--max-affinity", max_affinity),
-        ):
-            if value < 1:
-                raise errors.ConfigError(flag, "must be at least 1")
-        host, port = _host_port(health_addr)
-        try:
-            cidrs = config.parse_cidrs(nodeport_addresses.split(","))
-        except ValueError as exc:
-            raise errors.ConfigError("--nodeport-addresses", str(exc)) from exc
-        model = config.ModelConfig(node_name, cidrs, external_ips_local_only)
-        dp = loader.DatapathConfig(
-            obj, bpffs, cg, max_services, max_backends, max_reverse, max_sockets, max_affinity
-        )
-        cfg = agent_mod.AgentConfig(manifests, model, dp, host, port, resync_interval, healthcheck_address)
-        agent_mod.run(cfg)
-    except errors.BalancingError as exc:
-        _fail(exc)
 
 
 @app.command()

@@ -1,0 +1,177 @@
+"""``balancing agent``: the node agent's flags, checked here (errors name the flag), then ``agent.run``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from balancing import agent_events, errors
+from balancing.cli.inspect_common import DEFAULT_BPFFS
+from balancing.datapath import abi, loader, mounts
+from balancing.events import stream
+from balancing.model import config
+
+BpffsOpt = Annotated[Path, typer.Option("--bpffs", help="Directory on bpffs holding this agent's pins.")]
+
+
+def default_object() -> Path:
+    """The compiled BPF object: $BALANCING_BPF_OBJECT, the repo's build/, or the installed package's copy."""
+    env = os.environ.get("BALANCING_BPF_OBJECT")
+    candidates = [Path(env)] if env else []
+    here = Path(__file__).resolve()
+    candidates += [here.parents[3] / "build/bpf/balancing.o", here.parents[1] / "bpf/balancing.o"]
+    for c in candidates:
+        if c.is_file():
+            return c
+    return candidates[0]
+
+
+def _host_port(flag: str, value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise errors.ConfigError(flag, f"{value!r} is not HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _fail(exc: errors.BalancingError) -> None:
+    typer.secho(f"error: {exc}", fg="red", err=True)
+    if isinstance(exc, errors.BpfLoadError) and exc.log:
+        typer.echo(exc.log[-4000:], err=True)
+    raise typer.Exit(2)
+
+
+def agent(
+    manifests: Annotated[Path, typer.Option(help="Directory of Kubernetes manifests (YAML/JSON).")],
+    node_name: Annotated[str, typer.Option(help="This node's name (as in Node objects and pod nodeName).")],
+    cgroup: Annotated[
+        Path | None, typer.Option(help="cgroup v2 directory to attach to [cgroup2 root].")
+    ] = None,
+    bpffs: BpffsOpt = DEFAULT_BPFFS,
+    health_addr: Annotated[
+        str, typer.Option(help="HOST:PORT for /healthz, /livez, /readyz.")
+    ] = "0.0.0.0:10256",
+    bpf_object: Annotated[
+        Path | None, typer.Option(help="Compiled BPF object [build/bpf/balancing.o].")
+    ] = None,
+    max_services: Annotated[
+        int, typer.Option(help="Service map entries (frontends + slots).")
+    ] = abi.DEFAULT_SVC_ENTRIES,
+    max_backends: Annotated[int, typer.Option(help="Backend map entries.")] = abi.DEFAULT_BACKENDS,
+    max_reverse: Annotated[
+        int, typer.Option(help="UDP reverse-translation LRU entries.")
+    ] = abi.DEFAULT_REV_ENTRIES,
+    max_sockets: Annotated[
+        int, typer.Option(help="Live translated connected sockets with reverse translation.")
+    ] = abi.DEFAULT_SOCK_ENTRIES,
+    max_affinity: Annotated[
+        int, typer.Option(help="Session-affinity records (client namespace x frontend), LRU.")
+    ] = abi.DEFAULT_AFF_ENTRIES,
+    nodeport_addresses: Annotated[
+        str, typer.Option(help="Comma-separated CIDRs: NodePorts only on node addresses inside them [all].")
+    ] = "",
+    external_ips_local_only: Annotated[
+        bool,
+        typer.Option(help="Translate an externalIP only when it is this node's address (Cilium's choice)."),
+    ] = False,
+    healthcheck_address: Annotated[
+        str, typer.Option(help="Address the healthCheckNodePort servers listen on.")
+    ] = "0.0.0.0",
+    resync_interval: Annotated[float, typer.Option(help="Seconds between full reconciling syncs.")] = 30.0,
+    metrics_addr: Annotated[
+        str, typer.Option(help="HOST:PORT for Prometheus metrics (kube-proxy's default); empty: no metrics.")
+    ] = "127.0.0.1:10249",
+    events: Annotated[str, typer.Option(help="Resolution events: off, sampled or all.")] = "off",
+    event_sample_every: Annotated[
+        int, typer.Option(help="With --events sampled: one in N resolutions.")
+    ] = 100,
+    event_reverse: Annotated[bool, typer.Option(help="Also emit reverse-translation events.")] = False,
+    event_bytes: Annotated[
+        int, typer.Option(help="Event ring buffer size (a power of two, at least 4096).")
+    ] = abi.DEFAULT_EVENT_BYTES,
+    event_stdout: Annotated[bool, typer.Option(help="Write events as JSON lines to stdout.")] = False,
+    event_log: Annotated[Path | None, typer.Option(help="Write events as JSON lines to this file.")] = None,
+    event_log_max_bytes: Annotated[int, typer.Option(help="Rotate the event log at this size.")] = 100 << 20,
+    event_log_backups: Annotated[int, typer.Option(help="Rotated event logs to keep.")] = 3,
+    events_socket: Annotated[
+        Path, typer.Option(help="Unix socket streaming events to `balancing monitor`.")
+    ] = stream.DEFAULT_SOCKET,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Run the node agent: program the datapath from a manifest directory and follow its changes."""
+    from balancing import agent as agent_mod
+
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)
+    logging.basicConfig(
+        level=log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        if not manifests.is_dir():
+            raise errors.ConfigError("--manifests", f"{manifests} is not a directory")
+        obj = bpf_object or default_object()
+        if not obj.is_file():
+            raise errors.ConfigError("--bpf-object", f"{obj} does not exist (run `make bpf`)")
+        cg = cgroup or mounts.cgroup2_root()
+        if mounts.fs_type_of(cg) != "cgroup2" or not cg.is_dir():
+            raise errors.ConfigError("--cgroup", f"{cg} is not a cgroup v2 directory")
+        for flag, value in (
+            ("--max-services", max_services),
+            ("--max-backends", max_backends),
+            ("--max-reverse", max_reverse),
+            ("--max-sockets", max_sockets),
+            ("--max-affinity", max_affinity),
+        ):
+            if value < 1:
+                raise errors.ConfigError(flag, "must be at least 1")
+        host, port = _host_port("--health-addr", health_addr)
+        metrics_at = _host_port("--metrics-addr", metrics_addr) if metrics_addr else None
+        if events not in agent_events.MODES:
+            raise errors.ConfigError("--events", f"{events!r} is not one of off, sampled, all")
+        if event_bytes < 4096 or event_bytes & (event_bytes - 1):
+            raise errors.ConfigError("--event-bytes", f"{event_bytes} is not a power of two of at least 4096")
+        if event_sample_every < 1:
+            raise errors.ConfigError("--event-sample-every", "must be at least 1")
+        events_cfg = agent_events.EventsConfig(
+            events,
+            event_sample_every,
+            event_reverse,
+            event_log,
+            event_stdout,
+            event_log_max_bytes,
+            event_log_backups,
+            events_socket,
+        )
+        try:
+            cidrs = config.parse_cidrs(nodeport_addresses.split(","))
+        except ValueError as exc:
+            raise errors.ConfigError("--nodeport-addresses", str(exc)) from exc
+        model = config.ModelConfig(node_name, cidrs, external_ips_local_only)
+        dp = loader.DatapathConfig(
+            obj,
+            bpffs,
+            cg,
+            max_services,
+            max_backends,
+            max_reverse,
+            max_sockets,
+            max_affinity,
+            event_bytes=event_bytes,
+        )
+        cfg = agent_mod.AgentConfig(
+            manifests,
+            model,
+            dp,
+            host,
+            port,
+            resync_interval,
+            healthcheck_address,
+            metrics_addr=metrics_at,
+            events=events_cfg,
+        )
+        agent_mod.run(cfg)
+    except errors.BalancingError as exc:
+        _fail(exc)

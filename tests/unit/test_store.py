@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from balancing.model import frontends as frontends_module
-from balancing.model import objects
+from balancing.model import objects, policies
 from balancing.model.config import ModelConfig, parse_cidrs
 from balancing.model.desired import Backend, Frontend, FrontendChanges, FrontendKey, FrontendKind, Protocol
 from balancing.model.store import ClusterStore, HealthCheck
@@ -64,8 +64,11 @@ def eps(
     return objects.EndpointSlice.model_validate(doc)
 
 
-def pod(name: str, ip: str, *, ns: str = "default", app: str = "web", ready: bool = True) -> objects.Pod:
-    doc = {"metadata": {"name": name, "namespace": ns, "labels": {"app": app}},
+def pod(
+    name: str, ip: str, *, ns: str = "default", app: str = "web", ready: bool = True, node_name: str = ""
+) -> objects.Pod:
+    doc = {"metadata": {"name": name, "namespace": ns, "labels": {"app": app}, "uid": f"{ns}-{name}"},
+           "spec": {"nodeName": node_name},
            "status": {"phase": "Running", "podIP": ip,
                       "conditions": [{"type": "Ready", "status": str(ready)}]}}  # fmt: skip
     return objects.Pod.model_validate(doc)
@@ -322,9 +325,11 @@ def slices(draw: st.DrawFn) -> objects.EndpointSlice:
     return objects.EndpointSlice.model_validate(doc)
 
 
-pods = st.builds(pod, st.sampled_from(["p1", "p2", "p3"]), st.sampled_from(["10.0.1.1", "10.0.1.2"]),
+pods = st.builds(pod, st.sampled_from(["p1", "p2", "p3"]),
+                 st.sampled_from(["10.0.1.1", "10.0.1.2", "fd00::5"]),
                  ns=st.sampled_from(NAMESPACES), app=st.sampled_from(["web", "db"]),
-                 ready=st.booleans())  # fmt: skip
+                 ready=st.booleans(),
+                 node_name=st.sampled_from(["", "node-1", "node-1", "node-2"]))  # fmt: skip
 NODE_ADDRESSES = ["192.168.0.1", "192.168.0.2", "fd00:1::1", "10.1.1.1"]
 nodes = st.builds(lambda name, zone, addresses: node(name, zone, *addresses),
                   st.sampled_from(["node-1", "node-2", "node-3"]),
@@ -336,11 +341,78 @@ CONFIGS = [
     ModelConfig("node-1", external_client=True),
 ]
 configs = st.sampled_from(CONFIGS)
-kube_objects = st.one_of(services(), slices(), pods, nodes)
-refs = st.tuples(st.sampled_from(["Service", "EndpointSlice", "Pod", "Node"]),
+
+
+@st.composite
+def policy_objects(draw: st.DrawFn) -> objects.KubeObject:
+    """Random valid policies over the same names, addresses and labels as the other objects."""
+    kind = draw(st.sampled_from(["LocalRedirectPolicy", "BalancingPolicy"]))
+    http = {"port": "80", "protocol": "TCP", "name": "http"}
+    if draw(st.booleans()):
+        matcher: dict[str, Any] = {
+            "serviceName": draw(st.sampled_from(NAMES)),
+            "namespace": draw(st.sampled_from(NAMESPACES)),
+        }
+        if draw(st.booleans()):
+            matcher["toPorts"] = [http]
+        frontend = {"serviceMatcher": matcher}
+    else:
+        frontend = {
+            "addressMatcher": {
+                "ip": draw(st.sampled_from([*CLUSTER_IPS, "169.254.0.1", "192.168.0.1"])),
+                "toPorts": [http],
+            }
+        }
+    back_ports = [{"port": draw(st.sampled_from(["8080", "9090"])), "protocol": "TCP", "name": "http"}]
+    selector = {"matchLabels": {"app": draw(st.sampled_from(["web", "db"]))}}
+    likely = st.sampled_from([True, True, True, False])
+    config: dict[str, Any] = {"enableOutCluster": draw(likely)}
+    if not draw(likely):
+        config["nodeLabelSelector"] = {"matchLabels": {"topology.kubernetes.io/zone": "zone-a"}}
+    spec: dict[str, Any] = {"frontend": frontend, "config": config, "enabled": draw(likely)}
+    if kind == "LocalRedirectPolicy":
+        spec["backend"] = {"endpointSelector": selector, "toPorts": back_ports}
+        spec["skipRedirectFromBackend"] = draw(st.booleans())
+        config["qosLimit"] = draw(st.sampled_from([0, 100]))
+    elif draw(st.booleans()):
+        spec["backend"] = {
+            "serviceEndpoint": {
+                "endpointSelector": selector,
+                "toPorts": back_ports,
+                "redirectMode": draw(st.sampled_from(policies.REDIRECT_MODES)),
+            }
+        }
+    else:
+        spec["backend"] = {
+            "addressEndpoint": {
+                "addresses": draw(
+                    st.lists(
+                        st.sampled_from(["192.0.2.1", "192.0.2.2", "2001:db8::1"]), min_size=1, max_size=2
+                    )
+                ),
+                "toPorts": back_ports,
+            }
+        }
+    doc = {
+        "apiVersion": "balancing.elf.io/v1beta1",
+        "kind": kind,
+        "metadata": {
+            "name": draw(st.sampled_from(["r1", "r2", "r3"])),
+            "creationTimestamp": draw(st.sampled_from(CREATED)),
+        },
+        "spec": spec,
+    }
+    return objects.parse_object(doc)
+
+
+kube_objects = st.one_of(services(), slices(), pods, nodes, policy_objects())
+CLUSTER_SCOPED = ("Node", "LocalRedirectPolicy", "BalancingPolicy")
+refs = st.tuples(st.sampled_from(["Service", "EndpointSlice", "Pod", "Node", "LocalRedirectPolicy",
+                                  "BalancingPolicy"]),
                  st.sampled_from([*NAMESPACES, ""]),
-                 st.sampled_from([*NAMES, "e1", "e2", "p1", "p2", "node-1", "node-2", "node-3"])).map(
-    lambda r: (r[0], "" if r[0] == "Node" else r[1], r[2]))  # Nodes are cluster-scoped  # fmt: skip
+                 st.sampled_from([*NAMES, "e1", "e2", "p1", "p2", "node-1", "node-2", "node-3", "r1",
+                                  "r2"])).map(
+    lambda r: (r[0], "" if r[0] in CLUSTER_SCOPED else r[1], r[2]))  # fmt: skip
 
 
 @settings(max_examples=200, deadline=None)
@@ -353,6 +425,7 @@ def test_same_objects_in_any_order_give_the_same_state(
     assert first.desired() == second.desired()
     assert first.conflicts() == second.conflicts()
     assert first.health_checks() == second.health_checks()
+    assert first.policy_status() == second.policy_status()
 
 
 @settings(max_examples=200, deadline=None)
@@ -382,6 +455,7 @@ def test_changes_sum_to_the_diff_and_match_a_fresh_store(
     assert applied == store.desired().frontends == fresh.desired().frontends
     assert store.conflicts() == fresh.conflicts()
     assert store.health_checks() == fresh.health_checks()
+    assert store.policy_status() == fresh.policy_status()
 
 
 def apply(applied: dict[FrontendKey, Frontend], changes: FrontendChanges) -> None:

@@ -1,4 +1,5 @@
-"""Typed Kubernetes objects the model reads: Service, EndpointSlice, Pod and Node (the fields we use).
+"""Typed Kubernetes objects the model reads: Service, EndpointSlice, Pod, Node (the fields we use) and the
+two policy kinds of ``balancing.elf.io/v1beta1`` (defined in ``policies``, registered here in ``KINDS``).
 
 Parsed from the API's JSON shape (camelCase); unknown fields are ignored so real manifests and API objects
 load as they are. Validation errors are pydantic ``ValidationError``s whose locations name the field; the
@@ -8,41 +9,54 @@ sources turn them into errors naming the file or object. Nothing here does I/O.
 from __future__ import annotations
 
 import ipaddress
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
-from pydantic.alias_generators import to_camel
+from pydantic import Field, field_validator
 
 from balancing.model.desired import IPAddress, Protocol, parse_ip
+from balancing.model.meta import KubeModel, ObjectMeta, Port, ProtocolField
+from balancing.model.policies import BalancingPolicy, LocalRedirectPolicy
 
-
-class KubeModel(BaseModel):
-    """Base for every object: camelCase aliases, unknown fields ignored, immutable."""
-
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True)
-
-
-def _protocol(value: Any) -> Any:
-    if isinstance(value, str):
-        try:
-            return Protocol[value.upper()]
-        except KeyError:
-            raise ValueError(f"unknown protocol {value!r} (expected TCP, UDP or SCTP)") from None
-    return value
-
-
-ProtocolField = Annotated[Protocol, BeforeValidator(_protocol)]
-Port = Annotated[int, Field(ge=1, le=65535)]
-
-
-class ObjectMeta(KubeModel):
-    name: str = Field(min_length=1)
-    namespace: str = ""
-    uid: str = ""
-    resource_version: str = ""
-    creation_timestamp: str = ""  # RFC 3339; compared as text, which sorts chronologically
-    labels: dict[str, str] = Field(default_factory=dict)
-    annotations: dict[str, str] = Field(default_factory=dict)
+__all__ = [
+    "KINDS",
+    "POLICY_API_VERSION",
+    "BalancingPolicy",
+    "ClientIPConfig",
+    "Container",
+    "ContainerPort",
+    "Endpoint",
+    "EndpointConditions",
+    "EndpointHints",
+    "EndpointPort",
+    "EndpointSlice",
+    "ForNode",
+    "ForZone",
+    "KubeModel",
+    "KubeObject",
+    "LoadBalancerIngress",
+    "LoadBalancerStatus",
+    "LocalRedirectPolicy",
+    "Node",
+    "NodeAddress",
+    "NodeStatus",
+    "ObjectMeta",
+    "ObjectRef",
+    "Pod",
+    "PodCondition",
+    "PodIP",
+    "PodSpec",
+    "PodStatus",
+    "Port",
+    "ProtocolField",
+    "Service",
+    "ServicePort",
+    "ServiceSpec",
+    "ServiceStatus",
+    "SessionAffinityConfig",
+    "UnknownKind",
+    "parse_object",
+    "ref",
+]
 
 
 # --- Service -------------------------------------------------------------------------------------------
@@ -242,13 +256,16 @@ class Node(KubeModel):
     status: NodeStatus = Field(default_factory=NodeStatus)
 
 
-KubeObject = Service | EndpointSlice | Pod | Node
+KubeObject = Service | EndpointSlice | Pod | Node | LocalRedirectPolicy | BalancingPolicy
 
+POLICY_API_VERSION = "balancing.elf.io/v1beta1"
 KINDS: dict[tuple[str, str], type[KubeModel]] = {
     ("v1", "Service"): Service,
     ("discovery.k8s.io/v1", "EndpointSlice"): EndpointSlice,
     ("v1", "Pod"): Pod,
     ("v1", "Node"): Node,
+    (POLICY_API_VERSION, "LocalRedirectPolicy"): LocalRedirectPolicy,
+    (POLICY_API_VERSION, "BalancingPolicy"): BalancingPolicy,
 }
 
 
@@ -263,12 +280,14 @@ def parse_object(doc: dict[str, Any]) -> KubeObject:
     if model is None:
         raise UnknownKind(f"apiVersion {key[0]!r} kind {key[1]!r} is not read by balancing")
     obj = model.model_validate(doc)
-    assert isinstance(obj, Service | EndpointSlice | Pod | Node)
+    assert isinstance(obj, Service | EndpointSlice | Pod | Node | LocalRedirectPolicy | BalancingPolicy)
     return obj
 
 
-ObjectRef = tuple[str, str, str]  # (kind, namespace, name)
+ObjectRef = tuple[str, str, str]  # (kind, namespace, name); namespace "" for Nodes and the policy kinds
 
 
 def ref(obj: KubeObject) -> ObjectRef:
+    """The object's identity. The policy kinds are cluster-scoped: their namespace is always "" (a
+    ``metadata.namespace`` in a manifest is dropped when parsing, as the API server ignores it)."""
     return (obj.kind, obj.metadata.namespace, obj.metadata.name)

@@ -11,23 +11,54 @@ What a change dirties: a Service itself; an EndpointSlice only its service; a Po
 of its namespace that have no slice; a Node only when it changes what the services read of Nodes: any
 node's NodePort addresses → services with NodePorts; this node's zone → services with topology hints; this
 node's addresses (with ``external_ips_local_only``) → services with externalIPs.
+
+Policies (``LocalRedirectPolicy``, ``BalancingPolicy``) are recomputed the same way, with
+``policy_frontends.compute_policy``: a policy change recomputes that policy; a Service change the policies
+whose serviceMatcher names it; a Pod change the policies whose backend selector matches its old or new labels
+(a LocalRedirectPolicy only for pods on this node); a change of this node's labels the policies with a
+nodeLabelSelector; a change of a node's InternalIPs or nodeProxy annotations the hostPort/nodeProxy
+BalancingPolicies with a selected pod on it. Per frontend key the older policy of each kind wins (creation
+timestamp, then name; ``conflicts()`` names both), and ``layering.combine`` layers LocalRedirectPolicy over
+BalancingPolicy over Service into the one ``Frontend`` the datapath gets. ``policy_status`` says, per
+policy, whether it is in force on this node and why.
 Pure: no I/O, no clocks; the caller feeds objects in (``sources``) and reads state out.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from balancing.model import desired as contract  # the method ``desired`` would shadow the module
-from balancing.model import endpoints, frontends, objects
+from balancing.model import endpoints, frontends, layering, objects, policies, policy_frontends
 from balancing.model.config import ModelConfig
 from balancing.model.healthcheck import HealthCheck
+from balancing.model.policy_frontends import PolicyKey
 
-__all__ = ["ClusterStore", "HealthCheck", "ModelConfig"]
+__all__ = ["ClusterStore", "HealthCheck", "ModelConfig", "PolicyKey", "PolicyStatus"]
 
 ServiceKey = tuple[str, str]  # (namespace, name)
 _Owned = dict[contract.FrontendKey, contract.Frontend]
+_POLICY_KINDS = (policies.LOCAL_REDIRECT_POLICY, policies.BALANCING_POLICY)  # precedence order
+CONFLICT = "Conflict"  # PolicyStatus.reason when every frontend of the policy went to an older one
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyStatus:
+    """A policy on this node: what ``status.conditions[Ready]`` and ``balancing inspect policies`` show.
+
+    ``reason``: Ready, NoBackends, NoFrontends, ServiceNotFound, NodeNotSelected, OutOfClusterDisabled,
+    Disabled or Conflict. ``backends``: distinct backends of the frontends it holds here; ``frontends``: the
+    frontend keys it holds (those it claims, less those an older policy of its kind won).
+    """
+
+    kind: str
+    name: str
+    ready: bool
+    reason: str
+    message: str
+    backends: int = 0
+    frontends: int = 0
 
 
 class ClusterStore:
@@ -54,7 +85,20 @@ class ClusterStore:
         self._ages: dict[ServiceKey, tuple[str, str, str]] = {}  # precedence: older first
         self._claims: dict[contract.FrontendKey, set[ServiceKey]] = {}
         self._contested: set[contract.FrontendKey] = set()
-        self._frontends: _Owned = {}  # the winners: the desired state
+        self._policies: dict[PolicyKey, policies.Policy] = {}
+        self._selected: dict[PolicyKey, dict[tuple[str, str], objects.Pod]] = {}  # candidate backend pods
+        self._service_policies: dict[ServiceKey, set[PolicyKey]] = {}  # serviceMatcher → policies
+        self._node_users: set[PolicyKey] = set()  # BalancingPolicies redirecting to node addresses
+        self._node_selecting: set[PolicyKey] = set()  # policies with a nodeLabelSelector
+        self._own_labels: dict[str, str] | None = None  # this node's Node labels (None: no Node object)
+        self._policy_dirty: set[PolicyKey] = set()
+        self._policy_results: dict[PolicyKey, policy_frontends.PolicyResult] = {}
+        self._policy_ages: dict[PolicyKey, tuple[str, str]] = {}  # precedence within a kind: older first
+        self._policy_claims: dict[contract.FrontendKey, set[PolicyKey]] = {}
+        self._policy_contested: set[contract.FrontendKey] = set()
+        self._relayer: set[contract.FrontendKey] = set()  # keys whose layers may have changed
+        self._policy_recomputed = 0
+        self._frontends: _Owned = {}  # the layered winners: the desired state
         self._changed: set[contract.FrontendKey] = set()  # keys that may differ from _taken
         self._taken: _Owned = {}  # what take_changes has handed out so far
         self._recomputed = 0
@@ -68,6 +112,11 @@ class ClusterStore:
         """How many service recomputations ran since creation (for tests and metrics)."""
         return self._recomputed
 
+    @property
+    def policy_recomputed(self) -> int:
+        """How many policy recomputations ran since creation (for tests and metrics)."""
+        return self._policy_recomputed
+
     # --- input -------------------------------------------------------------------------------------------
 
     def upsert(self, obj: objects.KubeObject) -> None:
@@ -78,8 +127,10 @@ class ClusterStore:
             self._put_slice(objects.ref(obj), obj)
         elif isinstance(obj, objects.Pod):
             self._put_pod(obj.metadata.namespace, obj.metadata.name, obj)
-        else:
+        elif isinstance(obj, objects.Node):
             self._put_node(obj.metadata.name, obj)
+        else:
+            self._put_policy(obj)
 
     def delete(self, ref: objects.ObjectRef) -> None:
         """Remove one object by (kind, namespace, name); an absent object is a no-op."""
@@ -92,6 +143,8 @@ class ClusterStore:
             self._put_pod(namespace, name, None)
         elif kind == "Node":
             self._put_node(name, None)
+        elif kind in _POLICY_KINDS:
+            self._drop_policy((kind, name))  # cluster-scoped: the namespace plays no part
 
     # --- output ------------------------------------------------------------------------------------------
 
@@ -118,9 +171,13 @@ class ClusterStore:
         return contract.FrontendChanges(upsert, frozenset(remove))
 
     def conflicts(self) -> list[str]:
-        """One message per frontend or health check node port claimed by several services (winner first)."""
+        """One message per frontend claimed by several services, per frontend and policy kind claimed by
+        several policies of that kind, and per health check node port claimed by several services (each
+        naming the winner first)."""
         self._flush()
         messages = [self._conflict_message(key) for key in sorted(self._contested, key=_sort_key)]
+        for fkey in sorted(self._policy_contested, key=_sort_key):
+            messages += self._policy_conflict_messages(fkey)
         for port, claimants in sorted(self._health_claims().items()):
             if len(claimants) > 1:
                 names = [f"Service {ns}/{name}" for _, ns, name in sorted(claimants)]
@@ -144,6 +201,39 @@ class ClusterStore:
             _, namespace, name = min(claimants)
             found[port] = self._health[namespace, name][1]
         return found
+
+    def policy_status(self) -> dict[PolicyKey, PolicyStatus]:
+        """Every policy's state on this node, by (kind, name), in that order."""
+        self._flush()
+        found: dict[PolicyKey, PolicyStatus] = {}
+        for pkey in sorted(self._policies):
+            found[pkey] = self._status(pkey)
+        return found
+
+    def _status(self, pkey: PolicyKey) -> PolicyStatus:
+        kind, name = pkey
+        result = self._policy_results[pkey]
+        if not result.frontends:
+            return PolicyStatus(kind, name, False, result.reason, result.message)
+        held: list[contract.FrontendKey] = []
+        winners: set[str] = set()
+        for fkey in result.frontends:
+            winner = self._policy_winner(fkey, kind)
+            if winner == pkey:
+                held.append(fkey)
+            elif winner is not None:
+                winners.add(winner[1])
+        lost = len(result.frontends) - len(held)
+        others = ", ".join(f"{kind} {w}" for w in sorted(winners))
+        if not held:
+            message = f"every frontend ({lost}) is held by an older {others}"
+            return PolicyStatus(kind, name, False, CONFLICT, message)
+        backends = len({b for fkey in held for b in result.frontends[fkey].backends})
+        message = result.message
+        if lost:
+            message += f"; {lost} frontend{'' if lost == 1 else 's'} held by an older {others}"
+        reason = result.reason if backends else policy_frontends.NO_BACKENDS
+        return PolicyStatus(kind, name, backends > 0, reason, message, backends, len(held))
 
     def _health_claims(self) -> dict[int, list[tuple[str, str, str]]]:
         """Per health check node port, the (creationTimestamp, namespace, name) of each service wanting it."""
@@ -178,6 +268,7 @@ class ClusterStore:
             else:
                 users.discard(key)
         self._dirty.add(key)
+        self._policy_dirty.update(self._service_policies.get(key, ()))
 
     def _drop_service(self, key: ServiceKey) -> None:
         if self._services.pop(key, None) is None:
@@ -186,6 +277,7 @@ class ClusterStore:
         for users in (self._node_port_users, self._topology_users, self._external_ip_users):
             users.discard(key)
         self._dirty.add(key)
+        self._policy_dirty.update(self._service_policies.get(key, ()))
 
     def _put_slice(self, ref: objects.ObjectRef, new: objects.EndpointSlice | None) -> None:
         skey = (ref[1], ref[2])
@@ -225,6 +317,14 @@ class ClusterStore:
             self._pods.setdefault(namespace, {})[name] = new
         labels = [p.metadata.labels for p in (old, new) if p is not None]
         self._dirty.update(self._pod_users(namespace, labels))
+        for pkey, selected in self._selected.items():
+            was = selected.pop((namespace, name), None) is not None
+            now = new is not None and self._selects(self._policies[pkey], new)
+            if now:
+                assert new is not None
+                selected[namespace, name] = new
+            if was or now:
+                self._policy_dirty.add(pkey)
 
     def _pod_users(self, namespace: str, labels: Iterable[dict[str, str]]) -> list[ServiceKey]:
         """Services of the namespace whose endpoints come from pods and that select any of ``labels``."""
@@ -237,8 +337,10 @@ class ClusterStore:
         return found
 
     def _put_node(self, name: str, new: objects.Node | None) -> None:
-        if self._nodes.get(name) == new:
+        old = self._nodes.get(name)
+        if old == new:
             return
+        self._policy_node_change(name, old, new)
         if new is None:
             del self._nodes[name]
         else:
@@ -266,12 +368,77 @@ class ClusterStore:
                 self._dirty.update(self._topology_users)
         self._node = node
 
+    def _policy_node_change(self, name: str, old: objects.Node | None, new: objects.Node | None) -> None:
+        """Dirty the policies a Node change touches (this node's labels; a node's addresses for some)."""
+        if self._node_users and policy_frontends.node_entry(old) != policy_frontends.node_entry(new):
+            for pkey in self._node_users:
+                if any(p.spec.node_name == name for p in self._selected.get(pkey, {}).values()):
+                    self._policy_dirty.add(pkey)
+        if name == self._node_name:
+            labels = dict(new.metadata.labels) if new is not None else None
+            if labels != self._own_labels:
+                self._own_labels = labels
+                if not self._config.external_client:
+                    self._policy_dirty.update(self._node_selecting)
+
+    def _put_policy(self, policy: policies.Policy) -> None:
+        pkey = policy_frontends.policy_key(policy)
+        old = self._policies.get(pkey)
+        if old == policy:
+            return
+        if old is not None:
+            self._unindex_policy(pkey, old)
+        self._policies[pkey] = policy
+        matcher = policy.spec.frontend.service_matcher
+        if matcher is not None:
+            self._service_policies.setdefault((matcher.namespace, matcher.service_name), set()).add(pkey)
+        if policy_frontends.uses_nodes(policy):
+            self._node_users.add(pkey)
+        selector = policy.spec.config.node_label_selector
+        if selector is not None and not selector.empty:
+            self._node_selecting.add(pkey)
+        if policy_frontends.backend_selector(policy) is not None:
+            self._selected[pkey] = {
+                (namespace, name): pod
+                for namespace, pods in self._pods.items()
+                for name, pod in pods.items()
+                if self._selects(policy, pod)
+            }
+        self._policy_dirty.add(pkey)
+
+    def _drop_policy(self, pkey: PolicyKey) -> None:
+        old = self._policies.pop(pkey, None)
+        if old is not None:
+            self._unindex_policy(pkey, old)
+            self._policy_dirty.add(pkey)
+
+    def _unindex_policy(self, pkey: PolicyKey, policy: policies.Policy) -> None:
+        matcher = policy.spec.frontend.service_matcher
+        if matcher is not None:
+            skey = (matcher.namespace, matcher.service_name)
+            users = self._service_policies[skey]
+            users.discard(pkey)
+            if not users:
+                del self._service_policies[skey]
+        self._node_users.discard(pkey)
+        self._node_selecting.discard(pkey)
+        self._selected.pop(pkey, None)
+
+    def _selects(self, policy: policies.Policy, pod: objects.Pod) -> bool:
+        return policy_frontends.selects_pod(policy, pod, self._node_name, self._config.external_client)
+
     # --- recomputation -----------------------------------------------------------------------------------
 
     def _flush(self) -> None:
         for key in self._dirty:
             self._recompute(key)
         self._dirty.clear()
+        for pkey in self._policy_dirty:
+            self._recompute_policy(pkey)
+        self._policy_dirty.clear()
+        for fkey in self._relayer:
+            self._layer(fkey)
+        self._relayer.clear()
 
     def _recompute(self, key: ServiceKey) -> None:
         self._recomputed += 1
@@ -295,8 +462,7 @@ class ClusterStore:
                 del self._claims[fkey]
         for fkey in new:
             self._claims.setdefault(fkey, set()).add(key)
-        for fkey in old.keys() | new.keys():
-            self._elect(fkey)
+        self._relayer.update(old.keys() | new.keys())
 
     def _compute(self, key: ServiceKey) -> frontends.ServiceResult:
         service = self._services.get(key)
@@ -306,20 +472,88 @@ class ClusterStore:
         pods = self._pods.get(key[0], {}).values() if frontends.uses_pods(service, bool(slices)) else ()
         return frontends.compute_service(service, slices, pods, self._node)
 
-    def _elect(self, fkey: contract.FrontendKey) -> None:
-        """Give ``fkey`` to its oldest claimant (or drop it) and remember it may have changed."""
-        claimants = self._claims.get(fkey)
+    def _recompute_policy(self, pkey: PolicyKey) -> None:
+        self._policy_recomputed += 1
+        old = self._policy_results.pop(pkey, None)
+        old_keys = set(old.frontends) if old is not None else set()
+        policy = self._policies.get(pkey)
+        if policy is None:
+            self._policy_ages.pop(pkey, None)
+            new_keys: set[contract.FrontendKey] = set()
+        else:
+            matcher = policy.spec.frontend.service_matcher
+            service = self._services.get((matcher.namespace, matcher.service_name)) if matcher else None
+            ctx = policy_frontends.PolicyContext(
+                self._node_name, self._config.external_client, self._own_labels, self._nodes
+            )
+            pods = self._selected.get(pkey, {}).values()
+            result = self._policy_results[pkey] = policy_frontends.compute_policy(policy, service, pods, ctx)
+            self._policy_ages[pkey] = (policy.metadata.creation_timestamp, policy.metadata.name)
+            new_keys = set(result.frontends)
+        for fkey in old_keys - new_keys:
+            claimants = self._policy_claims[fkey]
+            claimants.discard(pkey)
+            if not claimants:
+                del self._policy_claims[fkey]
+                self._policy_contested.discard(fkey)  # _layer skips the policies of unclaimed keys
+        for fkey in new_keys:
+            self._policy_claims.setdefault(fkey, set()).add(pkey)
+        self._relayer.update(old_keys | new_keys)
+
+    def _layer(self, fkey: contract.FrontendKey) -> None:
+        """Elect ``fkey``'s service and policy of each kind, layer them, and remember it may have changed."""
         self._changed.add(fkey)
-        if not claimants:
-            self._frontends.pop(fkey, None)
-            self._contested.discard(fkey)
-            return
-        winner = min(claimants, key=self._ages.__getitem__)
-        self._frontends[fkey] = self._owned[winner][fkey]
-        if len(claimants) > 1:
+        service = None
+        claimants = self._claims.get(fkey)
+        if claimants:
+            winner = min(claimants, key=self._ages.__getitem__)
+            service = self._owned[winner][fkey]
+        if claimants and len(claimants) > 1:
             self._contested.add(fkey)
         else:
             self._contested.discard(fkey)
+        final = service if fkey not in self._policy_claims else self._layer_policies(fkey, service)
+        if final is None:
+            self._frontends.pop(fkey, None)
+        else:
+            self._frontends[fkey] = final
+
+    def _layer_policies(
+        self, fkey: contract.FrontendKey, service: contract.Frontend | None
+    ) -> contract.Frontend | None:
+        layers: list[layering.Layer | None] = []
+        contested = False
+        for kind in _POLICY_KINDS:
+            pkey = self._policy_winner(fkey, kind)
+            layers.append(self._policy_results[pkey].frontends[fkey] if pkey is not None else None)
+            contested |= sum(1 for p in self._policy_claims.get(fkey, ()) if p[0] == kind) > 1
+        if contested:
+            self._policy_contested.add(fkey)
+        else:
+            self._policy_contested.discard(fkey)
+        return layering.combine(layers[0], layers[1], service)
+
+    def _policy_winner(self, fkey: contract.FrontendKey, kind: str) -> PolicyKey | None:
+        """The oldest policy of ``kind`` claiming ``fkey`` (creation timestamp, then name), if any."""
+        mine = [p for p in self._policy_claims.get(fkey, ()) if p[0] == kind]
+        return min(mine, key=self._policy_ages.__getitem__) if mine else None
+
+    def _policy_conflict_messages(self, fkey: contract.FrontendKey) -> list[str]:
+        messages = []
+        for kind in _POLICY_KINDS:
+            ranked = sorted(
+                (p for p in self._policy_claims.get(fkey, ()) if p[0] == kind),
+                key=self._policy_ages.__getitem__,
+            )
+            if len(ranked) < 2:
+                continue
+            owners = [self._policy_results[p].frontends[fkey].owner for p in ranked]
+            losers = ", ".join(str(o) for o in owners[1:])
+            created = self._policy_ages[ranked[0]][0] or "no creationTimestamp"
+            messages.append(
+                f"frontend {fkey} is claimed by {owners[0]} and {losers}; {owners[0]} wins (older: {created})"
+            )
+        return messages
 
     def _conflict_message(self, fkey: contract.FrontendKey) -> str:
         ranked = sorted(self._claims[fkey], key=self._ages.__getitem__)

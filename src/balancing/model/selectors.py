@@ -1,0 +1,139 @@
+"""Kubernetes label selectors (``metav1.LabelSelector``): validation and matching.
+
+``LabelSelector`` validates as the API server does (label keys are qualified names, values are label values,
+``In``/``NotIn`` need values, ``Exists``/``DoesNotExist`` take none) and matches as
+``metav1.LabelSelectorAsSelector`` does: an empty selector matches everything, ``NotIn`` matches when the
+key is absent. Pods are matched on ``pod_labels``: their labels plus ``io.kubernetes.pod.namespace`` (as
+Cilium does), so a policy's endpoint selector picks pods in any namespace unless it names one.
+Neighbours: ``policies`` uses ``LabelSelector`` for endpoint and node selectors; ``policy_frontends`` and
+``store`` call ``matches``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from balancing.model.meta import PrunedModel
+
+__all__ = [
+    "NAMESPACE_LABEL",
+    "LabelSelector",
+    "LabelSelectorRequirement",
+    "check_label_key",
+    "check_label_value",
+    "pod_labels",
+]
+
+NAMESPACE_LABEL = "io.kubernetes.pod.namespace"
+
+_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")  # used with fullmatch: no "$" newline
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_NAME_MAX = 63
+_PREFIX_MAX = 253
+MAX_TERMS = 64  # matchLabels entries and matchExpressions, as the CRDs bound them
+
+
+def check_label_key(key: str) -> str:
+    """``key`` if it is a qualified name (``[prefix/]name``), else ``ValueError`` saying why."""
+    prefix, slash, name = key.rpartition("/")
+    if slash and (not prefix or len(prefix) > _PREFIX_MAX or not _DNS_SUBDOMAIN.fullmatch(prefix)):
+        raise ValueError(f"label key {key!r}: the prefix must be a DNS subdomain (lowercase, at most 253)")
+    if not name or len(name) > _NAME_MAX or not _NAME.fullmatch(name):
+        raise ValueError(
+            f"label key {key!r}: the name must be 1-63 characters of [A-Za-z0-9-_.], "
+            "starting and ending with a letter or digit"
+        )
+    return key
+
+
+def check_label_value(value: str) -> str:
+    """``value`` if it is a valid label value (empty, or like a key's name part), else ``ValueError``."""
+    if value and (len(value) > _NAME_MAX or not _NAME.fullmatch(value)):
+        raise ValueError(
+            f"label value {value!r}: must be empty or 1-63 characters of [A-Za-z0-9-_.], "
+            "starting and ending with a letter or digit"
+        )
+    return value
+
+
+class LabelSelectorRequirement(PrunedModel):
+    key: str
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
+    values: list[str] = Field(default_factory=list)
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, value: str) -> str:
+        return check_label_key(value)
+
+    @field_validator("values")
+    @classmethod
+    def _values(cls, value: list[str]) -> list[str]:
+        for item in value:
+            check_label_value(item)
+        return value
+
+    @model_validator(mode="after")
+    def _values_fit_operator(self) -> LabelSelectorRequirement:
+        if self.operator in ("In", "NotIn") and not self.values:
+            raise ValueError(f"operator {self.operator} needs at least one value")
+        if self.operator in ("Exists", "DoesNotExist") and self.values:
+            raise ValueError(f"operator {self.operator} takes no values")
+        return self
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        value = labels.get(self.key)
+        if self.operator == "In":
+            return value is not None and value in self.values
+        if self.operator == "NotIn":
+            return value is None or value not in self.values
+        if self.operator == "Exists":
+            return value is not None
+        return value is None  # DoesNotExist
+
+    def __str__(self) -> str:
+        if self.operator == "Exists":
+            return self.key
+        if self.operator == "DoesNotExist":
+            return f"!{self.key}"
+        op = "in" if self.operator == "In" else "notin"
+        return f"{self.key} {op} ({','.join(sorted(set(self.values)))})"
+
+
+class LabelSelector(PrunedModel):
+    """``matchLabels`` and ``matchExpressions``, all of which must hold (an empty selector matches all)."""
+
+    match_labels: dict[str, str] = Field(default_factory=dict, max_length=MAX_TERMS)
+    match_expressions: list[LabelSelectorRequirement] = Field(default_factory=list, max_length=MAX_TERMS)
+
+    @field_validator("match_labels")
+    @classmethod
+    def _labels(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, item in value.items():
+            check_label_key(key)
+            check_label_value(item)
+        return value
+
+    @property
+    def empty(self) -> bool:
+        return not self.match_labels and not self.match_expressions
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        return all(labels.get(k) == v for k, v in self.match_labels.items()) and all(
+            r.matches(labels) for r in self.match_expressions
+        )
+
+    def __str__(self) -> str:
+        """As ``kubectl`` prints selectors: ``app=web,tier in (a,b),!canary``; ``<all>`` when empty."""
+        parts = [f"{k}={v}" for k, v in sorted(self.match_labels.items())]
+        parts += [str(r) for r in self.match_expressions]
+        return ",".join(parts) or "<all>"
+
+
+def pod_labels(namespace: str, labels: Mapping[str, str]) -> dict[str, str]:
+    """What endpoint selectors see of a pod: its labels and ``io.kubernetes.pod.namespace`` (which wins)."""
+    return {**labels, NAMESPACE_LABEL: namespace}

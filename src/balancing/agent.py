@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 import signal
@@ -72,6 +73,7 @@ class Agent:
         self._pods = podcgroups.PodCgroupIndex()
         self._needs_resync = False
         self._conflicts: set[str] = set()
+        self._policy_status: dict[tuple[str, str], tuple[bool, str, str]] = {}
         self.metrics = metrics.Metrics(clock=time.perf_counter)
         self.owners = metrics.OwnerIndex()
         self._pods_by_uid: dict[str, objects.Pod] = {}
@@ -154,6 +156,7 @@ class Agent:
         for msg in sorted(conflicts - self._conflicts):
             log.error("frontend conflict: %s", msg)
         self._conflicts = conflicts
+        self._log_policy_status()
 
     async def _follow(self) -> None:
         async for update in watch.watch_manifests(self.source):
@@ -246,6 +249,19 @@ class Agent:
         self._needs_resync = True
         self.metrics.write_failed(getattr(exc, "map", ""))
 
+    def _log_policy_status(self) -> None:
+        """Standalone mode has no status subresource: policy readiness changes go to the log."""
+        status = {k: (s.ready, s.reason, s.message) for k, s in self.store.policy_status().items()}
+        for (kind, name), (ready, reason, message) in sorted(status.items()):
+            if self._policy_status.get((kind, name)) != (ready, reason, message):
+                level = logging.INFO if ready else logging.WARNING
+                log.log(
+                    level, "%s %s: %s (%s) %s", kind, name, "Ready" if ready else "not ready", reason, message
+                )
+        for kind, name in sorted(self._policy_status.keys() - status.keys()):
+            log.info("%s %s: removed", kind, name)
+        self._policy_status = status
+
     def _state(self) -> tuple[int, dict[str, object]]:
         """``GET /state``: the agent's view for the operator tools (see ``agentstate``)."""
         svc_id = self._writer.svc_id if self._writer is not None else (lambda _k: None)
@@ -256,6 +272,7 @@ class Agent:
             self._pods_by_uid.values(),
             self.store.conflicts(),
         )
+        body["policies"] = [dataclasses.asdict(s) for s in self.store.policy_status().values()]
         return 200, body
 
     async def _resync_loop(self) -> None:

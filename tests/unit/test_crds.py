@@ -961,12 +961,7 @@ def _per_location_cases() -> list[Case]:
 CASES += _per_location_cases()
 
 # Where the model and the CRDs disagree (case id -> why). Each is a strict xfail in the agreement test.
-KNOWN_DISAGREEMENTS: dict[str, str] = {
-    "lrp/null-match-label": (
-        "the API server prunes a null matchLabels value (the label is dropped); the model refuses it "
-        "(LabelSelector.match_labels is dict[str, str])"
-    ),
-}
+KNOWN_DISAGREEMENTS: dict[str, str] = {}
 
 
 def test_corpus_ids_are_unique_and_cover_both_kinds() -> None:

@@ -219,11 +219,19 @@ class PodIP(KubeModel):
     ip: IPAddress
 
 
+class ContainerStatus(KubeModel):
+    name: str
+    container_id: str = Field(default="", alias="containerID")  # "containerd://<id>", "cri-o://<id>", ...
+
+
 class PodStatus(KubeModel):
     phase: str = ""
     pod_ip: IPAddress | None = Field(default=None, alias="podIP")
     pod_ips: list[PodIP] = Field(default_factory=list, alias="podIPs")
     conditions: list[PodCondition] = Field(default_factory=list)
+    container_statuses: list[ContainerStatus] = Field(default_factory=list)
+    init_container_statuses: list[ContainerStatus] = Field(default_factory=list)
+    ephemeral_container_statuses: list[ContainerStatus] = Field(default_factory=list)
 
     def ips(self) -> list[IPAddress]:
         if self.pod_ips:

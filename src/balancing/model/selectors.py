@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -109,6 +109,14 @@ class LabelSelector(PrunedModel):
 
     match_labels: dict[str, str] = Field(default_factory=dict, max_length=MAX_TERMS)
     match_expressions: list[LabelSelectorRequirement] = Field(default_factory=list, max_length=MAX_TERMS)
+
+    @field_validator("match_labels", mode="before")
+    @classmethod
+    def _prune_nulls(cls, value: Any) -> Any:
+        """The API server prunes null map values before validation; so do we (same verdicts as the CRD)."""
+        if isinstance(value, dict):
+            return {k: v for k, v in value.items() if v is not None}
+        return value
 
     @field_validator("match_labels")
     @classmethod

@@ -92,7 +92,7 @@ struct {
 	__uint(max_entries, 1);
 	__type(key, __u32);
 	__type(value, struct bl_config);
-} bl_cfg_v1 SEC(".maps");
+} bl_cfg_v2 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -291,6 +291,14 @@ static __always_inline __u32 pick_backend(struct bpf_sock_addr *ctx, struct bl_s
 	return backend_id;
 }
 
+static __always_inline int in_host_netns(struct bpf_sock_addr *ctx)
+{
+	__u32 zero = 0;
+	struct bl_config *cfg = bpf_map_lookup_elem(&bl_cfg_v2, &zero);
+
+	return cfg && cfg->host_netns_cookie && bpf_get_netns_cookie(ctx) == cfg->host_netns_cookie;
+}
+
 /* What the worker decided, for counters and events. */
 struct bl_outcome {
 	__u32 svc_id;
@@ -317,6 +325,8 @@ static __always_inline int translate(struct bpf_sock_addr *ctx, struct bl_sockad
 	master = bpf_map_lookup_elem(&bl_svc_v1, &key);
 	if (!master)
 		return BL_PASS;
+	if ((master->flags & BL_SVC_F_HOST_ONLY) && !in_host_netns(ctx))
+		return BL_PASS; /* e.g. a pod's own 127.0.0.1:<nodePort> */
 	out->svc_id = master->svc_id;
 	out->result = BL_RES_REFUSED;
 	if (master->flags & (BL_SVC_F_AFFINITY | BL_SVC_F_QOS))
@@ -384,7 +394,7 @@ static __always_inline void account(struct bpf_sock_addr *ctx, __u8 hook, const 
 
 		bpf_map_update_elem(&bl_stats_v1, &sk, &one, BPF_NOEXIST);
 	}
-	cfg = bpf_map_lookup_elem(&bl_cfg_v1, &zero);
+	cfg = bpf_map_lookup_elem(&bl_cfg_v2, &zero);
 	if (!cfg || cfg->events == BL_EVENTS_OFF)
 		return;
 	if (out->result == BL_RES_REVERSED && !cfg->reverse_events)

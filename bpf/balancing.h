@@ -36,6 +36,7 @@
 #define BL_SVC_F_FALLBACK (1 << 1)  /* a fallback tier exists (scope 1) for connections the primary skips */
 #define BL_SVC_F_CLIENTS  (1 << 2)  /* look the client's cgroup up in the client map (policy backends) */
 #define BL_SVC_F_QOS      (1 << 3)  /* primary redirections are rate limited (QoS map) */
+#define BL_SVC_F_HOST_ONLY (1 << 4) /* only for clients in the host network namespace (loopback NodePorts) */
 
 /* Service map: (frontend, slot) -> master entry or backend slot. */
 struct bl_svc_key {
@@ -171,6 +172,7 @@ struct bl_config {
 	__u32 sample_every;  /* with BL_EVENTS_SAMPLED: one event in this many resolutions */
 	__u32 wakeup_bytes;  /* wake the reader only once this much is queued (it also polls on a timer) */
 	__u32 reverse_events;/* also emit BL_RES_REVERSED events */
+	__u64 host_netns_cookie; /* the host's network namespace (BL_SVC_F_HOST_ONLY frontends) */
 };
 
 /* One resolution, as the ring buffer carries it. */
@@ -208,7 +210,7 @@ _Static_assert(sizeof(struct bl_client_key) == 16, "bl_client_key layout");
 _Static_assert(sizeof(struct bl_client_val) == 8, "bl_client_val layout");
 _Static_assert(sizeof(struct bl_qos_val) == 16, "bl_qos_val layout");
 _Static_assert(sizeof(struct bl_stat_key) == 8, "bl_stat_key layout");
-_Static_assert(sizeof(struct bl_config) == 16, "bl_config layout");
+_Static_assert(sizeof(struct bl_config) == 24, "bl_config layout");
 _Static_assert(sizeof(struct bl_event) == 96, "bl_event layout");
 
 /* Default capacities; the loader overrides them from flags before load. */

@@ -19,10 +19,11 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from balancing import agent_events, agentstate, errors, health, healthcheck, metrics
-from balancing.datapath import loader, maps, writer
+from balancing.datapath import loader, maps, netns, writer
 from balancing.model import config, desired, objects, store
 from balancing.sources import manifests, podcgroups, watch
 
@@ -59,6 +60,7 @@ class AgentConfig:
     cgroup_rescan_interval: float = 2.0  # seconds between scans for pod cgroups (policy client rules)
     metrics_addr: tuple[str, int] | None = ("127.0.0.1", 10249)  # None: no metrics server
     events: agent_events.EventsConfig = field(default_factory=agent_events.EventsConfig)
+    host_netns: Path | None = None  # the host's network namespace; None: the agent's own
 
 
 class Agent:
@@ -104,7 +106,11 @@ class Agent:
             except OSError as exc:
                 host, port = self.cfg.metrics_addr
                 log.error("metrics cannot be served on %s:%d: %s (continuing without)", host, port, exc)
-        await self.events.configure(self._io)
+        host_ns = self.cfg.host_netns
+        cookie = await loop.run_in_executor(
+            self._io, netns.own_cookie if host_ns is None else partial(netns.cookie_of, host_ns)
+        )
+        await self.events.configure(self._io, cookie)
         try:
             self._ingest(self.source.load())
             await self._full_sync()

@@ -53,8 +53,8 @@ class AgentEvents:
         self.pipeline: pipeline.EventPipeline | None = None
         self._log: sinks.EventLog | None = None
 
-    async def configure(self, executor: Executor) -> None:
-        """Switch the datapath's events to the configured mode (also switches them off)."""
+    async def configure(self, executor: Executor, host_netns_cookie: int) -> None:
+        """Write the datapath's run-time settings: the event mode (also off) and the host's netns."""
         write = functools.partial(
             ringbuf.write_config,
             self.datapath.map_dir,
@@ -62,6 +62,7 @@ class AgentEvents:
             sample_every=self.cfg.sample_every,
             wakeup_bytes=ringbuf.default_wakeup_bytes(self.datapath.event_bytes),
             reverse_events=self.cfg.reverse,
+            host_netns_cookie=host_netns_cookie,
         )
         await asyncio.get_running_loop().run_in_executor(executor, write)
 

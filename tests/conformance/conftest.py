@@ -61,7 +61,7 @@ from twonodes import (  # noqa: E402
     write_manifest,
 )
 
-from helpers.topology import Topology  # noqa: E402
+from helpers.topology import Host, Topology  # noqa: E402
 
 _HERE = Path(__file__).resolve().parent
 
@@ -101,7 +101,14 @@ class _Cluster:
         topo.start_backends([p for n in NODES for p in pods[n]], port=BACKEND_PORT)
         write_manifest(manifests, "nodes.yaml", [node_object(n, hosts[n]) for n in NODES])
         nodes = [
-            Node(n, hosts[n], pods[n], clients[n], _agent(topo, manifests, n, []), HEALTHCHECK_ADDRESS[n])
+            Node(
+                n,
+                hosts[n],
+                pods[n],
+                clients[n],
+                _agent(topo, manifests, n, [], hosts[n]),
+                HEALTHCHECK_ADDRESS[n],
+            )
             for n in NODES
         ]
         cluster = cls(topo, manifests, nodes, frozenset(topo.backends))
@@ -120,7 +127,7 @@ class _Cluster:
             return
         for node in self.nodes:
             node.agent.stop()
-            node.agent = _agent(self.topo, self.manifests, node.name, args)
+            node.agent = _agent(self.topo, self.manifests, node.name, args, node.host)
         self.agent_args = list(args)
         self.start_agents()
 
@@ -145,8 +152,10 @@ class _Cluster:
         return "\n".join(parts)
 
 
-def _agent(topo: Topology, manifests: Path, node: str, args: list[str]) -> AgentProcess:
+def _agent(topo: Topology, manifests: Path, node: str, args: list[str], host: Host) -> AgentProcess:
     extra = list(args)
+    if "--host-netns" in agent_flags():  # the node's host network is a namespace of its own here
+        extra += ["--host-netns", str(host.netns_path)]
     if "--healthcheck-address" in agent_flags():  # both agents share the host: one address each
         extra += ["--healthcheck-address", HEALTHCHECK_ADDRESS[node]]
     return AgentProcess(topo, manifests, node, extra=extra)

@@ -181,12 +181,6 @@ def test_nodeport_addresses_limits_the_node_port_frontends(two_nodes: TwoNodes) 
         assert c.tcp(node.host, node.ip6, NODE_PORT, 1)["errors"] == {"ECONNREFUSED": 1}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: the connect/sendmsg hooks translate 127.0.0.1:<nodePort> (and ::1) in every network "
-    "namespace of the node's cgroup, pods included; only the host network should get loopback NodePorts "
-    "(model/frontends.py adds LOOPBACKS for 'a process on the host', the datapath does not check the netns)",
-)
 def test_loopback_node_port_in_a_pod_is_the_pods_own_loopback(two_nodes: TwoNodes) -> None:
     """No e2e counterpart: ``localhost:nodePort`` is a node-port frontend on the node's host network only.
 

@@ -665,3 +665,28 @@ def test_health_check(case: HealthCase) -> None:
         assert result.health_check is None
     else:
         assert result.health_check == (32000, HealthCheck("default", "web", case.expect))
+
+
+def test_only_loopback_node_ports_are_host_only() -> None:
+    from balancing.model import frontends as fe
+    from balancing.model import objects
+    from balancing.model.config import ModelConfig
+
+    svc = objects.Service.model_validate(
+        {
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {
+                "type": "NodePort",
+                "clusterIPs": ["10.96.0.10"],
+                "ports": [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30080}],
+            },
+        }
+    )
+    node = objects.Node.model_validate(
+        {"metadata": {"name": "n1"}, "status": {"addresses": [{"type": "InternalIP", "address": "10.0.0.1"}]}}
+    )
+    ctx = fe.node_context(ModelConfig("n1"), [node])
+    out = fe.service_frontends(svc, [], [], ctx)
+    host_only = {str(k) for k, f in out.items() if f.host_only}
+    assert host_only == {"127.0.0.1:30080/TCP"}
+    assert {str(k) for k in out} == {"10.96.0.10:80/TCP", "10.0.0.1:30080/TCP", "127.0.0.1:30080/TCP"}

@@ -85,6 +85,12 @@ def agent(
     metrics_addr: Annotated[
         str, typer.Option(help="HOST:PORT for Prometheus metrics (kube-proxy's default); empty: no metrics.")
     ] = "127.0.0.1:10249",
+    host_netns: Annotated[
+        Path | None,
+        typer.Option(
+            help="The host's network namespace (loopback NodePorts are its alone) [the agent's own]."
+        ),
+    ] = None,
     events: Annotated[str, typer.Option(help="Resolution events: off, sampled or all.")] = "off",
     event_sample_every: Annotated[
         int, typer.Option(help="With --events sampled: one in N resolutions.")
@@ -129,6 +135,8 @@ def agent(
                 raise errors.ConfigError(flag, "must be at least 1")
         host, port = _host_port("--health-addr", health_addr)
         metrics_at = _host_port("--metrics-addr", metrics_addr) if metrics_addr else None
+        if host_netns is not None and not host_netns.exists():
+            raise errors.ConfigError("--host-netns", f"{host_netns} does not exist")
         if events not in agent_events.MODES:
             raise errors.ConfigError("--events", f"{events!r} is not one of off, sampled, all")
         if event_bytes < 4096 or event_bytes & (event_bytes - 1):
@@ -171,6 +179,7 @@ def agent(
             healthcheck_address,
             metrics_addr=metrics_at,
             events=events_cfg,
+            host_netns=host_netns,
         )
         agent_mod.run(cfg)
     except errors.BalancingError as exc:

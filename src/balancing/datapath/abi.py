@@ -24,7 +24,7 @@ MAP_AFFINITY_MATCH = "bl_affm_v1"
 MAP_CLIENTS = "bl_client_v1"
 MAP_QOS = "bl_qos_v1"
 MAP_STATS = "bl_stats_v1"
-MAP_CONFIG = "bl_cfg_v1"
+MAP_CONFIG = "bl_cfg_v2"
 MAP_EVENTS = "bl_events_v1"
 MAP_EVENT_STATS = "bl_evstat_v1"
 ALL_MAPS = (
@@ -48,6 +48,7 @@ SVC_F_AFFINITY = 1 << 0
 SVC_F_FALLBACK = 1 << 1
 SVC_F_CLIENTS = 1 << 2
 SVC_F_QOS = 1 << 3
+SVC_F_HOST_ONLY = 1 << 4
 CLIENT_F_SKIP = 1 << 0
 
 # Resolution results (struct bl_stat_key.result, struct bl_event.result) and their names in metrics/events.
@@ -141,7 +142,14 @@ STAT_KEY = Layout(
     "bl_stat_key", (("svc_id", "I"), ("result", "B"), ("proto", "B"), ("hook", "B"), ("pad", "B"))
 )
 CONFIG = Layout(
-    "bl_config", (("events", "I"), ("sample_every", "I"), ("wakeup_bytes", "I"), ("reverse_events", "I"))
+    "bl_config",
+    (
+        ("events", "I"),
+        ("sample_every", "I"),
+        ("wakeup_bytes", "I"),
+        ("reverse_events", "I"),
+        ("host_netns_cookie", "Q"),
+    ),
 )
 EVENT = Layout(
     "bl_event",
@@ -423,5 +431,7 @@ def unpack_stat_key(raw: bytes) -> tuple[int, str, int, str]:
     return int(svc_id), RESULTS.get(result, str(result)), int(proto), HOOKS.get(hook, str(hook))
 
 
-def pack_config(events: int, sample_every: int, wakeup_bytes: int, reverse_events: bool) -> bytes:
-    return _CONFIG.pack(events, sample_every, wakeup_bytes, int(reverse_events))
+def pack_config(
+    events: int, sample_every: int, wakeup_bytes: int, reverse_events: bool, host_netns_cookie: int = 0
+) -> bytes:
+    return _CONFIG.pack(events, sample_every, wakeup_bytes, int(reverse_events), host_netns_cookie)

@@ -156,13 +156,15 @@ def write_config(
     sample_every: int = 1,
     wakeup_bytes: int = MAX_WAKEUP_BYTES,
     reverse_events: bool = False,
+    host_netns_cookie: int = 0,
 ) -> None:
-    """Set what the datapath emits (``abi.EVENTS_OFF/SAMPLED/ALL``); takes effect on the next resolution."""
+    """Set the datapath's run-time settings: what it emits (``abi.EVENTS_OFF/SAMPLED/ALL``) and which network
+    namespace is the host's (loopback NodePorts); takes effect on the next resolution."""
     if events not in (abi.EVENTS_OFF, abi.EVENTS_SAMPLED, abi.EVENTS_ALL):
         raise ValueError(f"events mode {events} is not EVENTS_OFF, EVENTS_SAMPLED or EVENTS_ALL")
     if sample_every < 1:
         raise ValueError(f"sample_every must be at least 1, not {sample_every}")
-    value = abi.pack_config(events, sample_every, wakeup_bytes, reverse_events)
+    value = abi.pack_config(events, sample_every, wakeup_bytes, reverse_events, host_netns_cookie)
     fd = libbpf.obj_get(str(map_dir / abi.MAP_CONFIG))
     try:
         libbpf.map_update(fd, _ZERO_KEY, value)
@@ -177,7 +179,7 @@ def read_config(map_dir: Path) -> tuple[int, int, int, bool]:
         raw = libbpf.map_lookup(fd, _ZERO_KEY, abi.CONFIG.size)
     finally:
         os.close(fd)
-    events, sample_every, wakeup, reverse = abi.CONFIG.packer.unpack(raw or bytes(abi.CONFIG.size))
+    events, sample_every, wakeup, reverse, _host = abi.CONFIG.packer.unpack(raw or bytes(abi.CONFIG.size))
     return int(events), int(sample_every), int(wakeup), bool(reverse)
 
 

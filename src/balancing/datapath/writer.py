@@ -250,6 +250,7 @@ class MapWriter:
             | (abi.SVC_F_FALLBACK if old.fallback is not None else 0)
             | (abi.SVC_F_CLIENTS if old.clients else 0)
             | (abi.SVC_F_QOS if old.qos is not None else 0)
+            | (abi.SVC_F_HOST_ONLY if frontend.host_only else 0)
         )
         master = abi.master_val(old.svc_id, len(old.primary.slots), flags, timeout)
         if master != old.primary.master:

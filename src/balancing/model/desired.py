@@ -137,6 +137,7 @@ class Frontend:
     backend_pods: tuple[BackendPod, ...] = ()  # the primary backends that are pods on this node
     skip_redirect_from_backends: bool = False
     qos_limit: int = 0  # primary redirections per second on this node; beyond, the fallback; 0 = none
+    host_only: bool = False  # only clients in the host network namespace (loopback NodePorts)
 
     def programmed_as(self) -> tuple[object, ...]:
         """What the datapath programs of this frontend (a change in anything else needs no map write)."""
@@ -147,6 +148,7 @@ class Frontend:
             self.backend_pods,
             self.skip_redirect_from_backends,
             self.qos_limit,
+            self.host_only,
         )
 
 

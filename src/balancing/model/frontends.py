@@ -245,14 +245,18 @@ def compute_service(
                 counted.extend(found)
             selection = endpoints.select_endpoints(found, ctx)
             per_node = selection.arriving is not None  # else every node's NodePort shares one Frontend
-            made: dict[tuple[_Kind, str], desired.Frontend] = {}
+            made: dict[tuple[_Kind, str, bool], desired.Frontend] = {}
             for key, kind, via in addresses:
-                shared = (kind, via if per_node else "")
+                # a loopback NodePort is the host's own: a pod's 127.0.0.1 is the pod's, never translated
+                host_only = kind is _Kind.NODE_PORT and key.ip.is_loopback
+                shared = (kind, via if per_node else "", host_only)
                 frontend = made.get(shared)
                 if frontend is None:
                     chosen = selection.for_frontend(kind, via)
                     reason = f"from pods (no EndpointSlice): {chosen.reason}" if from_pods else chosen.reason
-                    frontend = made[shared] = desired.Frontend(owner, chosen.backends, reason, kind, timeout)
+                    frontend = made[shared] = desired.Frontend(
+                        owner, chosen.backends, reason, kind, timeout, host_only=host_only
+                    )
                 result.setdefault(key, frontend)
     health = None
     if hc_port is not None and result:

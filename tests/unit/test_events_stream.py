@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import json
 import socket
@@ -19,6 +20,7 @@ from typer.testing import CliRunner
 
 from balancing.cli import monitor
 from balancing.datapath import abi
+from balancing.events import stream
 from balancing.events.attribution import Attributor
 from balancing.events.pipeline import EventPipeline
 from balancing.events.stream import EventStreamServer
@@ -154,6 +156,78 @@ def test_close_removes_the_socket(tmp_path: Path) -> None:
     assert not a.server.path.exists()
 
 
+async def publish_then_close(agent: Agent, iterations: int) -> float:
+    """Publish MIXED, let the loop run ``iterations`` times, close the server; how long the close took."""
+    for raw in MIXED:
+        agent.pipeline.ingest(raw)
+    agent.pipeline.process()
+    for _ in range(iterations):
+        await asyncio.sleep(0)
+    start = time.monotonic()
+    await agent.server.close()
+    return time.monotonic() - start
+
+
+def test_close_ends_every_stream_whatever_a_client_is_doing(agent: Agent) -> None:
+    # close at every step of taking, writing and draining a batch (on Python 3.11 a close that cancelled
+    # the client while its drain completed was swallowed by asyncio.wait_for: close() hung)
+    for iterations in range(16):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(agent.server.path))
+            s.settimeout(5)
+            agent.wait_clients(1)
+            took = agent.call(functools.partial(publish_then_close, agent, iterations))
+            assert took < stream.CLOSE_GRACE, f"close after {iterations} iterations waited for a client"
+            with s.makefile("rb") as f:
+                lines = f.readlines()  # to the end of the stream
+            assert [json.loads(line)["serviceId"] for line in lines] == [1, 2, 1, 2], iterations
+        assert agent.call(lambda: (agent.server.clients, agent.pipeline.subscribers)) == (0, 0)
+        assert not agent.server.path.exists()
+        agent.call(agent.server.start)
+
+
+def stall(agent: Agent, client: socket.socket) -> None:
+    """Publish until ``client`` (which reads nothing) has records stuck on their way to it."""
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    for _ in range(3):
+        agent.publish(*[raw_event(1, POD_CGROUP)] * 1024)
+        time.sleep(0.05)
+    assert agent.call(lambda: agent.pipeline.subscriber_drops) > 0, "the server's writes to it are stalled"
+
+
+def read_to_the_end(client: socket.socket) -> None:
+    client.settimeout(5)
+    while client.recv(1 << 16):
+        pass
+
+
+def test_close_drops_a_stuck_client_promptly(agent: Agent) -> None:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(agent.server.path))
+        agent.wait_clients(1)
+        stall(agent, s)
+        start = time.monotonic()
+        agent.call(agent.server.close)
+        assert time.monotonic() - start < stream.CLOSE_GRACE + 1
+        assert agent.call(lambda: (agent.server.clients, agent.pipeline.subscribers)) == (0, 0)
+        assert not agent.server.path.exists()
+        read_to_the_end(s)
+
+
+def test_a_stuck_client_is_disconnected(agent: Agent, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stream, "STUCK_AFTER", 0.2)
+    with socket.socket(socket.AF_UNIX) as s, socket.socket(socket.AF_UNIX) as other:
+        s.connect(str(agent.server.path))
+        other.connect(str(agent.server.path))
+        agent.wait_clients(2)
+        other.close()
+        agent.wait_clients(1)
+        stall(agent, s)
+        agent.wait_clients(0)
+        assert agent.call(lambda: agent.pipeline.subscribers) == 0
+        read_to_the_end(s)
+
+
 def run_monitor(agent: Agent, *args: str, publish: tuple[bytes, ...] = MIXED) -> Any:
     app = typer.Typer()
     app.command()(monitor.monitor)
@@ -202,9 +276,11 @@ def test_monitor_ends_with_the_stream(agent: Agent) -> None:
     closer.start()
     res = CliRunner().invoke(app, ["--socket", str(agent.server.path), "-o", "json"])
     closer.join(10)
-    assert res.exit_code == 0
-    assert len(res.stdout.splitlines()) == len(MIXED)
+    assert not closer.is_alive(), "the server's close returned"
+    assert res.exit_code == 0, res.output
+    assert [json.loads(line)["serviceId"] for line in res.stdout.splitlines()] == [1, 2, 1, 2]
     assert "the event stream ended" in res.stderr
+    assert not agent.server.path.exists()
 
 
 def test_monitor_without_agent_says_why(tmp_path: Path) -> None:

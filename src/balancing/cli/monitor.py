@@ -104,11 +104,14 @@ def connect(path: Path) -> sockets.socket:
 
 
 def read_lines(sock: sockets.socket) -> Iterator[str]:
-    """The stream's lines until the agent closes it."""
+    """The stream's lines until the agent closes it (or drops this client, or resets the connection)."""
     with sock.makefile("r", encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if line.strip():
-                yield line
+        try:
+            for line in f:
+                if line.strip():
+                    yield line
+        except ConnectionResetError:
+            return
 
 
 def monitor(

@@ -190,6 +190,7 @@ class Agent:
         self.owners.replace(wanted.frontends, self._writer.svc_id)
         self.metrics.sync_done(time.perf_counter() - started, full=True)
         self.metrics.pending(0, 0)
+        self._report_no_local()
         await self.health_checks.update(self.store.health_checks())
         self.health.synced()
         self.health.extra["frontends"] = len(wanted.frontends)
@@ -218,6 +219,7 @@ class Agent:
         self.metrics.sync_done(time.perf_counter() - seen, full=False)
         self.metrics.programmed(seen)
         self.metrics.pending(0, 0)
+        self._report_no_local()
         self.health.synced()
         log.info(
             "applied %d frontend changes (%d written, %d removed, %d map ops) %.2f ms after the change",
@@ -254,6 +256,10 @@ class Agent:
         self.health.last_error = str(exc)
         self._needs_resync = True
         self.metrics.write_failed(getattr(exc, "map", ""))
+
+    def _report_no_local(self) -> None:
+        for policy, n in self.store.no_local_endpoints().items():
+            self.metrics.no_local_endpoints(policy, n)
 
     def _log_policy_status(self) -> None:
         """Standalone mode has no status subresource: policy readiness changes go to the log."""

@@ -803,3 +803,45 @@ def test_health_check_port_conflict_is_reported() -> None:
         "Service default/a wins (older: no creationTimestamp)"
     ]
     assert store.health_checks() == {32000: HealthCheck("default", "a", 0)}
+
+
+def test_no_local_endpoints_counts_local_policies_without_a_local_endpoint() -> None:
+    from balancing.model import objects
+    from balancing.model.store import ClusterStore
+
+    def svc(name: str, itp: str, etp: str, kind: str = "NodePort") -> objects.Service:
+        return objects.Service.model_validate(
+            {
+                "metadata": {"name": name, "namespace": "ns"},
+                "spec": {
+                    "type": kind,
+                    "clusterIPs": [f"10.96.0.{len(name)}"],
+                    "internalTrafficPolicy": itp,
+                    "externalTrafficPolicy": etp,
+                    "ports": [{"name": "p", "port": 80, "targetPort": 8080, "nodePort": 30000 + len(name)}],
+                },
+            }
+        )
+
+    def eps(name: str, node: str) -> objects.EndpointSlice:
+        return objects.EndpointSlice.model_validate(
+            {
+                "metadata": {"name": name, "namespace": "ns", "labels": {"kubernetes.io/service-name": name}},
+                "addressType": "IPv4",
+                "ports": [{"name": "p", "port": 8080}],
+                "endpoints": [{"addresses": ["10.244.9.9"], "nodeName": node}],
+            }
+        )
+
+    st = ClusterStore("n1")
+    for obj in (
+        svc("a", "Local", "Cluster"),
+        eps("a", "n2"),
+        svc("bb", "Cluster", "Local"),
+        eps("bb", "n2"),
+        svc("ccc", "Local", "Local"),
+        eps("ccc", "n1"),
+        svc("dddd", "Local", "Local"),
+    ):
+        st.upsert(obj)
+    assert st.no_local_endpoints() == {"internal": 1, "external": 1}  # dddd has no endpoints anywhere

@@ -196,6 +196,9 @@ class ServiceResult:
 
     frontends: dict[desired.FrontendKey, desired.Frontend] = field(default_factory=dict)
     health_check: tuple[int, healthcheck.HealthCheck] | None = None  # (healthCheckNodePort, answer)
+    # Traffic policies ("internal", "external") that are Local while this node has no usable local endpoint
+    # though some exist elsewhere (kube-proxy's sync_proxy_rules_no_local_endpoints_total).
+    no_local: frozenset[str] = frozenset()
 
 
 def service_frontends(
@@ -231,6 +234,7 @@ def compute_service(
     cluster_ips = service.spec.service_ips()
     families = service_families(service, cluster_ips)
     result: dict[desired.FrontendKey, desired.Frontend] = {}
+    no_local: set[str] = set()
     for port in service.spec.ports:
         owner = desired.Owner("Service", service.metadata.namespace, service.metadata.name, port.name)
         for version in families:
@@ -244,6 +248,7 @@ def compute_service(
             if hc_port is not None:
                 counted.extend(found)
             selection = endpoints.select_endpoints(found, ctx)
+            no_local |= _no_local(ctx, selection)
             per_node = selection.arriving is not None  # else every node's NodePort shares one Frontend
             made: dict[tuple[_Kind, str, bool], desired.Frontend] = {}
             for key, kind, via in addresses:
@@ -262,7 +267,19 @@ def compute_service(
     if hc_port is not None and result:
         local = healthcheck.count_local_ready(counted, node.name)
         health = (hc_port, healthcheck.HealthCheck(service.metadata.namespace, service.metadata.name, local))
-    return ServiceResult(result, health)
+    return ServiceResult(result, health, frozenset(no_local) if result else frozenset())
+
+
+def _no_local(ctx: endpoints.SelectionContext, selection: endpoints.Selection) -> set[str]:
+    if not selection.has_any:
+        return set()
+    local_missing = selection.local is None or not selection.local.endpoints
+    out = set()
+    if ctx.internal_local and not selection.internal.endpoints:
+        out.add("internal")
+    if ctx.external_local and ctx.externally_accessible and local_missing:
+        out.add("external")
+    return out
 
 
 def _frontend_addresses(

@@ -81,6 +81,7 @@ class ClusterStore:
         self._external_ip_users: set[ServiceKey] = set()  # services with spec.externalIPs
         self._dirty: set[ServiceKey] = set()
         self._health: dict[ServiceKey, tuple[int, HealthCheck]] = {}
+        self._no_local: dict[ServiceKey, frozenset[str]] = {}
         self._owned: dict[ServiceKey, _Owned] = {}  # per-service cache of its frontends
         self._ages: dict[ServiceKey, tuple[str, str, str]] = {}  # precedence: older first
         self._claims: dict[contract.FrontendKey, set[ServiceKey]] = {}
@@ -187,6 +188,15 @@ class ClusterStore:
                     f"{names[0]} wins (older: {created})"
                 )
         return messages
+
+    def no_local_endpoints(self) -> dict[str, int]:
+        """Services per traffic policy ("internal", "external") that are Local with no local endpoint here."""
+        self._flush()
+        counts = {"internal": 0, "external": 0}
+        for wanted in self._no_local.values():
+            for policy in wanted:
+                counts[policy] += 1
+        return counts
 
     def health_checks(self) -> dict[int, HealthCheck]:
         """The health check node ports to serve, by port: Services of type LoadBalancer or NodePort with
@@ -444,6 +454,10 @@ class ClusterStore:
         self._recomputed += 1
         result = self._compute(key)
         new = result.frontends
+        if result.no_local:
+            self._no_local[key] = result.no_local
+        else:
+            self._no_local.pop(key, None)
         if result.health_check is None:
             self._health.pop(key, None)
         else:

@@ -328,3 +328,147 @@ class AgentProcess:
         assert self.proc is not None
         self.proc.kill()
         self.proc.wait(5)
+
+
+# --- policy manifests (balancing.elf.io/v1beta1) and Nodes -----------------------------------------------
+
+POLICY_API = "balancing.elf.io/v1beta1"
+PolicyPorts = Iterable[tuple[str, int, str]]  # (name, port, protocol); name "" for an unnamed port
+
+
+def _policy_ports(ports: PolicyPorts) -> list[dict[str, str]]:
+    out = []
+    for name, port, protocol in ports:
+        entry = {"port": str(port), "protocol": protocol}
+        if name:
+            entry["name"] = name
+        out.append(entry)
+    return out
+
+
+def _policy_frontend(service: str | None, address: str | None, ports: PolicyPorts | None) -> dict[str, Any]:
+    """``service`` "namespace/name" (serviceMatcher) or ``address`` (addressMatcher)."""
+    if (service is None) == (address is None):
+        raise ValueError("give exactly one of service= or address=")
+    if service is not None:
+        namespace, _, name = service.rpartition("/")
+        matcher: dict[str, Any] = {"serviceName": name, "namespace": namespace or "default"}
+        if ports is not None:
+            matcher["toPorts"] = _policy_ports(ports)
+        return {"serviceMatcher": matcher}
+    return {"addressMatcher": {"ip": address, "toPorts": _policy_ports(ports or [])}}
+
+
+def _policy_config(
+    node_selector: dict[str, Any] | None, enable_out_cluster: bool | None, qos_limit: int | None = None
+) -> dict[str, Any]:
+    config: dict[str, Any] = {}
+    if node_selector is not None:
+        config["nodeLabelSelector"] = node_selector
+    if enable_out_cluster is not None:
+        config["enableOutCluster"] = enable_out_cluster
+    if qos_limit is not None:
+        config["qosLimit"] = qos_limit
+    return config
+
+
+def _policy_doc(kind: str, name: str, created: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": POLICY_API,
+        "kind": kind,
+        "metadata": {"name": name, "creationTimestamp": created},
+        "spec": spec,
+    }
+
+
+def local_redirect_policy(
+    name: str,
+    *,
+    service: str | None = None,
+    address: str | None = None,
+    front_ports: PolicyPorts | None = None,
+    selector: dict[str, str] | dict[str, Any],
+    back_ports: PolicyPorts,
+    skip_redirect_from_backend: bool | None = None,
+    qos_limit: int | None = None,
+    node_selector: dict[str, Any] | None = None,
+    enable_out_cluster: bool | None = None,
+    enabled: bool | None = None,
+    created: str = "2026-01-01T00:00:00Z",
+) -> dict[str, Any]:
+    """A LocalRedirectPolicy. ``selector``: matchLabels, or a full LabelSelector when it has
+    ``matchLabels``/``matchExpressions`` keys. ``service`` is "namespace/name"."""
+    spec: dict[str, Any] = {
+        "frontend": _policy_frontend(service, address, front_ports),
+        "backend": {"endpointSelector": _selector(selector), "toPorts": _policy_ports(back_ports)},
+    }
+    if skip_redirect_from_backend is not None:
+        spec["skipRedirectFromBackend"] = skip_redirect_from_backend
+    config = _policy_config(node_selector, enable_out_cluster, qos_limit)
+    if config:
+        spec["config"] = config
+    if enabled is not None:
+        spec["enabled"] = enabled
+    return _policy_doc("LocalRedirectPolicy", name, created, spec)
+
+
+def balancing_policy(
+    name: str,
+    *,
+    service: str | None = None,
+    address: str | None = None,
+    front_ports: PolicyPorts | None = None,
+    selector: dict[str, str] | dict[str, Any] | None = None,
+    addresses: Iterable[str] | None = None,
+    back_ports: PolicyPorts,
+    mode: str | None = None,
+    node_selector: dict[str, Any] | None = None,
+    enable_out_cluster: bool | None = None,
+    enabled: bool | None = None,
+    created: str = "2026-01-01T00:00:00Z",
+) -> dict[str, Any]:
+    """A BalancingPolicy: ``selector`` (serviceEndpoint, with ``mode`` as redirectMode) or ``addresses``
+    (addressEndpoint)."""
+    if (selector is None) == (addresses is None):
+        raise ValueError("give exactly one of selector= or addresses=")
+    backend: dict[str, Any]
+    if selector is not None:
+        endpoint_: dict[str, Any] = {
+            "endpointSelector": _selector(selector),
+            "toPorts": _policy_ports(back_ports),
+        }
+        if mode is not None:
+            endpoint_["redirectMode"] = mode
+        backend = {"serviceEndpoint": endpoint_}
+    else:
+        assert addresses is not None
+        backend = {"addressEndpoint": {"addresses": list(addresses), "toPorts": _policy_ports(back_ports)}}
+    spec: dict[str, Any] = {"frontend": _policy_frontend(service, address, front_ports), "backend": backend}
+    config = _policy_config(node_selector, enable_out_cluster)
+    if config:
+        spec["config"] = config
+    if enabled is not None:
+        spec["enabled"] = enabled
+    return _policy_doc("BalancingPolicy", name, created, spec)
+
+
+def _selector(selector: dict[str, Any]) -> dict[str, Any]:
+    if "matchLabels" in selector or "matchExpressions" in selector:
+        return selector
+    return {"matchLabels": selector}
+
+
+def node(
+    name: str,
+    internal_ips: Iterable[str] = (),
+    *,
+    labels: dict[str, str] | None = None,
+    annotations: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """A Node with InternalIP addresses, labels and annotations."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "labels": labels or {}, "annotations": annotations or {}},
+        "status": {"addresses": [{"type": "InternalIP", "address": ip} for ip in internal_ips]},
+    }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import functools
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -79,6 +80,7 @@ _map_lookup_batch = _fn(
     ctypes.POINTER(ctypes.c_uint32),
     c_void_p,
 )
+_num_possible_cpus = _fn("libbpf_num_possible_cpus", c_int)
 _prog_get_fd_by_id = _fn("bpf_prog_get_fd_by_id", c_int, ctypes.c_uint32)
 
 
@@ -318,9 +320,22 @@ def map_delete_batch(fd: int, keys: bytes, count: int) -> None:
     _check("bpf_map_delete_batch", _map_delete_batch(fd, keys, ctypes.byref(n), ctypes.byref(opts)))
 
 
-def map_dump(fd: int, key_size: int, value_size: int, chunk: int = 4096) -> list[tuple[bytes, bytes]]:
-    """Every (key, value) of a hash map through batched lookups (a snapshot; fast for large maps)."""
-    out: list[tuple[bytes, bytes]] = []
+@functools.cache
+def possible_cpus() -> int:
+    """The number of possible CPUs: per-CPU maps hold one value slot for each (not just online ones)."""
+    n = int(_num_possible_cpus())
+    if n <= 0:
+        raise OSError(-n or errno.EINVAL, f"libbpf_num_possible_cpus: {os.strerror(-n or errno.EINVAL)}")
+    return n
+
+
+BATCH_BYTES = 1 << 20  # value bytes per batched lookup: bounds the buffers whatever the map or CPU count
+
+
+def map_batches(fd: int, key_size: int, value_size: int) -> Iterator[tuple[bytes, memoryview, int]]:
+    """(keys, values, count) per batched lookup of a hash map; ``value_size`` per key as the kernel fills it
+    (for per-CPU maps: every possible CPU's slot). Buffers are reused: consume each batch before the next."""
+    chunk = max(64, BATCH_BYTES // max(value_size, 1))
     in_batch = ctypes.create_string_buffer(max(key_size, 8))
     out_batch = ctypes.create_string_buffer(max(key_size, 8))
     keys = ctypes.create_string_buffer(key_size * chunk)
@@ -336,12 +351,21 @@ def map_dump(fd: int, key_size: int, value_size: int, chunk: int = 4096) -> list
         err = ctypes.get_errno() if ret < 0 else 0
         if ret < 0 and err != errno.ENOENT:
             raise _error("bpf_map_lookup_batch", ret)
-        kraw, vraw = keys.raw, values.raw
-        out.extend(
-            (kraw[i * key_size : (i + 1) * key_size], vraw[i * value_size : (i + 1) * value_size])
-            for i in range(n.value)
-        )
+        if n.value:
+            yield keys.raw[: n.value * key_size], memoryview(values)[: n.value * value_size], n.value
         if err == errno.ENOENT:
-            return out
+            return
         ctypes.memmove(in_batch, out_batch, len(out_batch))
         first = False
+
+
+def map_dump(fd: int, key_size: int, value_size: int) -> list[tuple[bytes, bytes]]:
+    """Every (key, value) of a hash map through batched lookups (a snapshot; fast for large maps)."""
+    out: list[tuple[bytes, bytes]] = []
+    for keys, values, n in map_batches(fd, key_size, value_size):
+        raw = bytes(values)
+        out.extend(
+            (keys[i * key_size : (i + 1) * key_size], raw[i * value_size : (i + 1) * value_size])
+            for i in range(n)
+        )
+    return out

@@ -56,7 +56,6 @@ _rb_free = _fn("ring_buffer__free", None, _VOIDP)
 _rb_poll = _fn("ring_buffer__poll", ctypes.c_int, _VOIDP, ctypes.c_int)
 _rb_consume = _fn("ring_buffer__consume", ctypes.c_int, _VOIDP)
 _rb_epoll_fd = _fn("ring_buffer__epoll_fd", ctypes.c_int, _VOIDP)
-_num_possible_cpus = _fn("libbpf_num_possible_cpus", ctypes.c_int)
 
 RECORD_OVERHEAD = 8  # the ring buffer's per-record header (struct bpf_ringbuf_hdr)
 MAX_WAKEUP_BYTES = 256 << 10
@@ -64,10 +63,7 @@ MAX_WAKEUP_BYTES = 256 << 10
 
 def num_possible_cpus() -> int:
     """CPUs a per-CPU map has a value slot for (libbpf reads /sys/devices/system/cpu/possible)."""
-    n = int(_num_possible_cpus())
-    if n <= 0:
-        raise OSError(-n or 1, f"libbpf_num_possible_cpus: {os.strerror(-n or 1)}")
-    return n
+    return libbpf.possible_cpus()
 
 
 def default_wakeup_bytes(ring_bytes: int) -> int:

@@ -375,3 +375,39 @@ def test_events_metrics_and_state_through_the_agent(
     assert code == 200
     (fe,) = [f for f in state["frontends"] if f["frontend"] == KEY]
     assert fe["owner"]["name"] == "web" and fe["kind"] == "ClusterIP" and len(fe["backends"]) == 3
+
+
+def test_out_of_cluster_host_honours_enable_out_cluster(
+    cluster: Cluster, manifests: Path, agent: AgentProcess
+) -> None:
+    """Bare-metal mode (--out-of-cluster): policies apply only with enableOutCluster (default true)."""
+    from support import balancing_policy
+
+    a, b, _ = cluster.pods
+    write_manifest(
+        manifests,
+        "policies.yaml",
+        [
+            balancing_policy(
+                "on",
+                address="10.96.7.1",
+                front_ports=[("", 80, "TCP")],
+                addresses=[a.ip4],
+                back_ports=[("", 8080, "TCP")],
+            ),
+            balancing_policy(
+                "off",
+                address="10.96.7.2",
+                front_ports=[("", 80, "TCP")],
+                addresses=[b.ip4],
+                back_ports=[("", 8080, "TCP")],
+                enable_out_cluster=False,
+            ),
+        ],
+    )
+    agent.extra = ["--out-of-cluster"]
+    agent.start()
+    assert connect(cluster, 10, vip="10.96.7.1")["backends"] == {"pod-a": 10}
+    assert connect(cluster, 1, vip="10.96.7.2")["errors"] == {"EHOSTUNREACH": 1}  # not applied: untranslated
+    status = {p["name"]: p for p in agent.get("/state")[1]["policies"]}
+    assert status["on"]["ready"] and status["off"]["reason"] == "OutOfClusterDisabled"

@@ -85,6 +85,13 @@ def agent(
     metrics_addr: Annotated[
         str, typer.Option(help="HOST:PORT for Prometheus metrics (kube-proxy's default); empty: no metrics.")
     ] = "127.0.0.1:10249",
+    out_of_cluster: Annotated[
+        bool,
+        typer.Option(
+            help="This host is not a Node (bare-metal mode): its clients are external clients "
+            "(externalTrafficPolicy Local applies, no loopback NodePorts, policies need enableOutCluster)."
+        ),
+    ] = False,
     host_netns: Annotated[
         Path | None,
         typer.Option(
@@ -157,7 +164,7 @@ def agent(
             cidrs = config.parse_cidrs(nodeport_addresses.split(","))
         except ValueError as exc:
             raise errors.ConfigError("--nodeport-addresses", str(exc)) from exc
-        model = config.ModelConfig(node_name, cidrs, external_ips_local_only)
+        model = config.ModelConfig(node_name, cidrs, external_ips_local_only, out_of_cluster)
         dp = loader.DatapathConfig(
             obj,
             bpffs,

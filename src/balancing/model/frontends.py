@@ -6,6 +6,9 @@ the Pods of its namespace) and this node's context into candidates per service p
 ``_frontend_addresses`` is the one place the addresses of each ``FrontendKind`` are decided. It also counts
 the Service's ready local endpoints when it wants a health check node port. ``store`` calls it for each
 service a change touches, with a ``NodeContext`` it keeps up to date from Node objects and ``ModelConfig``.
+
+One module on purpose (over 400 lines): every kind of frontend address and the endpoint candidates of one
+Service are decided here together, so a new frontend kind is added in one place.
 """
 
 from __future__ import annotations

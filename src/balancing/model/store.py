@@ -22,6 +22,10 @@ timestamp, then name; ``conflicts()`` names both), and ``layering.combine`` laye
 BalancingPolicy over Service into the one ``Frontend`` the datapath gets. ``policy_status`` says, per
 policy, whether it is in force on this node and why.
 Pure: no I/O, no clocks; the caller feeds objects in (``sources``) and reads state out.
+
+One module on purpose (over 400 lines): the object indexes, the dirty sets and the per-service and
+per-policy caches are one piece of state; the pure computations live in ``frontends``,
+``policy_frontends`` and ``layering``.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Subcommands: ``agent`` (run the node agent, in ``agent_cmd``), ``inspect`` (what the maps hold), ``trace``
 (replay the datapath's decision for one frontend), ``monitor`` (stream resolution events from an agent),
-``cleanup`` (detach and unpin everything). Flag errors name the flag.
+``controller`` (the policies' admission webhooks), ``cleanup`` (detach and unpin everything). Flag errors
+name the flag.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from balancing.cli import agent_cmd, inspect, monitor, trace
+from balancing.cli import agent_cmd, controller_cmd, inspect, monitor, trace
 from balancing.cli.inspect_common import DEFAULT_BPFFS
 from balancing.datapath import loader
 
@@ -23,6 +24,7 @@ app.command()(agent_cmd.agent)
 app.add_typer(inspect.app, name="inspect")
 app.command()(trace.trace)
 app.command()(monitor.monitor)
+app.command()(controller_cmd.controller)
 
 BpffsOpt = Annotated[Path, typer.Option("--bpffs", help="Directory on bpffs holding this agent's pins.")]
 

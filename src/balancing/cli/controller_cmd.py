@@ -1,0 +1,81 @@
+"""``balancing controller``: the admission webhooks for the policy kinds (``balancing.controller``).
+
+Serves ``/validate``, ``/mutate``, ``/healthz``, ``/readyz`` and ``/metrics`` over HTTPS with the given
+certificate and key, or with a generated CA and serving certificate for the Service's DNS names (the CA
+bundle is written to ``--ca-bundle`` for the webhook configuration). Existing policies, for the
+older-wins conflict check, come from a provider the API-server informer will feed; until then none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from balancing import controller as webhooks
+from balancing.model import policies
+
+__all__ = ["controller"]
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise typer.BadParameter(f"{value!r} is not HOST:PORT", param_hint="--listen")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _no_policies() -> list[policies.Policy]:
+    return []
+
+
+async def _run(webhook: webhooks.Webhook, host: str, port: int, context: ssl.SSLContext) -> None:
+    server = await webhooks.serve(webhook, host, port, context)
+    async with server:
+        await server.serve_forever()
+
+
+def controller(
+    listen: Annotated[str, typer.Option(help="HOST:PORT for the HTTPS webhook server.")] = "0.0.0.0:9443",
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="Serving certificate (PEM); with --tls-key. [generated]")
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="Its private key (PEM).")] = None,
+    service_name: Annotated[
+        str, typer.Option(help="The webhook Service's name (for a generated certificate).")
+    ] = "balancing-controller",
+    namespace: Annotated[str, typer.Option(help="The webhook Service's namespace.")] = "kube-system",
+    cert_dir: Annotated[
+        Path | None, typer.Option(help="Where a generated certificate is written. [a temporary directory]")
+    ] = None,
+    ca_bundle: Annotated[
+        Path | None, typer.Option(help="Write the CA bundle (the webhook configuration's caBundle) here.")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
+) -> None:
+    """Run the validating and mutating admission webhooks for LocalRedirectPolicy and BalancingPolicy."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    host, port = _host_port(listen)
+    if (tls_cert is None) != (tls_key is None):
+        raise typer.BadParameter("give both --tls-cert and --tls-key, or neither", param_hint="--tls-cert")
+    directory = cert_dir or Path(tempfile.mkdtemp(prefix="balancing-controller-"))
+    try:
+        context = webhooks.load_or_generate(
+            tls_cert,
+            tls_key,
+            dns_names=webhooks.service_dns_names(service_name, namespace),
+            cert_dir=directory,
+            ca_bundle=ca_bundle,
+        )
+    except (OSError, ValueError) as exc:
+        typer.secho(f"error: TLS: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    webhook = webhooks.Webhook(_no_policies)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_run(webhook, host, port, context))

@@ -1,0 +1,222 @@
+"""Admission decisions for the policy kinds: pure functions of an AdmissionReview's ``request``.
+
+``validate`` answers ``(allowed, message)``; ``mutate`` the JSONPatch of the defaults to add;
+``admission_response`` wraps either in an AdmissionReview v1 response. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from balancing.model import objects, policies
+
+__all__ = [
+    "POLICY_KINDS",
+    "Claim",
+    "admission_response",
+    "conflicts",
+    "frontend_claims",
+    "mutate",
+    "validate",
+    "validation_messages",
+]
+
+POLICY_KINDS = (policies.LOCAL_REDIRECT_POLICY, policies.BALANCING_POLICY)
+Existing = Callable[[], Iterable[policies.Policy]]
+
+# A frontend a policy claims: ("service", namespace, name, port, protocol) with port 0 / protocol "*" for
+# every port of the Service, or ("address", ip, port, protocol).
+Claim = tuple[str, ...]
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    text = ""
+    for part in loc:
+        text = f"{text}[{part}]" if isinstance(part, int) else _join(text, str(part))
+    return text
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
+def _document_loc(item: Any, loc: tuple[int | str, ...], *, missing: bool) -> tuple[int | str, ...]:
+    """The part of a pydantic location that names the document's fields (not union branch tags)."""
+    node, kept = item, list[int | str]()
+    for part in loc:
+        present = (isinstance(node, dict) and part in node) or (
+            isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+        )
+        if not present:
+            if missing and isinstance(node, dict):
+                kept.append(part)
+            break
+        node = node[part]
+        kept.append(part)
+    return tuple(kept)
+
+
+def validation_messages(doc: dict[str, Any], exc: ValidationError) -> list[str]:
+    """``field.path: message`` per field, as the agent reports them (a union's alternatives joined)."""
+    by_field: dict[str, list[str]] = {}
+    for error in exc.errors():
+        loc = _document_loc(doc, tuple(error["loc"]), missing=error["type"] == "missing")
+        message = str(error["msg"]).removeprefix("Value error, ")
+        messages = by_field.setdefault(_field_path(loc) or "(object)", [])
+        if message not in messages:
+            messages.append(message)
+    return [f"{field}: {'; '.join(messages)}" for field, messages in by_field.items()]
+
+
+def parse_policy(doc: Any) -> tuple[policies.Policy | None, list[str]]:
+    """The policy in ``doc``, or the reasons it is not a valid one."""
+    if not isinstance(doc, dict):
+        return None, ["the object is not a JSON object"]
+    try:
+        obj = objects.parse_object(doc)
+    except objects.UnknownKind as exc:
+        return None, [str(exc)]
+    except ValidationError as exc:
+        return None, validation_messages(doc, exc)
+    if not isinstance(obj, policies.LocalRedirectPolicy | policies.BalancingPolicy):
+        return None, [f"kind {obj.kind!r} is not a policy kind"]
+    return obj, []
+
+
+def frontend_claims(policy: policies.Policy) -> set[Claim]:
+    """The frontends the policy claims (empty when ``spec.enabled`` is false: it claims nothing)."""
+    if not policy.spec.enabled:
+        return set()
+    frontend = policy.spec.frontend
+    if frontend.address_matcher is not None:
+        ip = str(frontend.address_matcher.ip)
+        return {("address", ip, str(p.port), p.protocol.name) for p in frontend.address_matcher.to_ports}
+    matcher = frontend.service_matcher
+    assert matcher is not None
+    where = ("service", matcher.namespace, matcher.service_name)
+    if not matcher.to_ports:
+        return {(*where, "0", "*")}
+    return {(*where, str(p.port), p.protocol.name) for p in matcher.to_ports}
+
+
+def _overlap(a: set[Claim], b: set[Claim]) -> list[Claim]:
+    found: set[Claim] = set(a & b)
+    for x in a:
+        for y in b:
+            if x[0] == y[0] == "service" and x[1:3] == y[1:3] and "*" in (x[4], y[4]):
+                found.add(x if x[4] != "*" else y)
+    return sorted(found)
+
+
+def describe_claim(claim: Claim) -> str:
+    if claim[0] == "service":
+        ports = "all ports" if claim[4] == "*" else f"{claim[3]}/{claim[4]}"
+        return f"Service {claim[1]}/{claim[2]} {ports}"
+    ip = f"[{claim[1]}]" if ":" in claim[1] else claim[1]
+    return f"address {ip} {claim[2]}/{claim[3]}"
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _age(policy: policies.Policy, *, new: bool) -> tuple[str, str]:
+    """Precedence as the model ranks it (creationTimestamp, then name); a policy being created has no
+    timestamp yet, so it is as young as now."""
+    created = policy.metadata.creation_timestamp or (_now() if new else "")
+    return created, policy.metadata.name
+
+
+def conflicts(policy: policies.Policy, existing: Iterable[policies.Policy]) -> list[str]:
+    """Why ``policy`` loses a frontend to an older existing policy of its kind (empty: it loses none)."""
+    claims = frontend_claims(policy)
+    if not claims:
+        return []
+    age = _age(policy, new=True)
+    found: list[str] = []
+    for other in sorted(existing, key=lambda p: _age(p, new=False)):
+        if other.kind != policy.kind or other.metadata.name == policy.metadata.name:
+            continue
+        other_age = _age(other, new=False)
+        if other_age >= age:
+            continue  # newer: this policy wins there, the other one is told so in its status
+        for claim in _overlap(claims, frontend_claims(other)):
+            created = other_age[0] or "no creationTimestamp"
+            found.append(
+                f"frontend {describe_claim(claim)} is already claimed by the older {other.kind} "
+                f"{other.metadata.name} (created {created})"
+            )
+    return found
+
+
+def validate(request: dict[str, Any], existing: Existing) -> tuple[bool, str]:
+    """The validating webhook's decision on an AdmissionRequest: ``(allowed, message)``."""
+    operation = request.get("operation", "")
+    if operation not in ("CREATE", "UPDATE"):
+        return True, ""  # DELETE (and CONNECT) are never refused
+    doc = request.get("object")
+    policy, problems = parse_policy(doc)
+    if policy is None:
+        return False, "; ".join(problems)
+    found = conflicts(policy, existing())
+    if found:
+        return False, "; ".join(found)
+    return True, ""
+
+
+def _absent(parent: dict[str, Any], key: str) -> bool:
+    return parent.get(key) is None  # null counts as absent (the API server prunes it)
+
+
+def _escape(key: str) -> str:
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+def mutate(request: dict[str, Any]) -> list[dict[str, Any]]:
+    """The JSONPatch adding the defaults a CREATE or UPDATE leaves out (empty: nothing to add)."""
+    doc = request.get("object")
+    if request.get("operation") not in ("CREATE", "UPDATE") or not isinstance(doc, dict):
+        return []
+    kind = doc.get("kind")
+    spec = doc.get("spec")
+    if kind not in POLICY_KINDS or not isinstance(spec, dict):
+        return []
+    patch: list[dict[str, Any]] = []
+
+    def add(path: list[str], value: Any) -> None:
+        patch.append({"op": "add", "path": "/" + "/".join(_escape(p) for p in path), "value": value})
+
+    if _absent(spec, "enabled"):
+        add(["spec", "enabled"], True)
+    config = spec.get("config")
+    if config is None:
+        add(["spec", "config"], {"enableOutCluster": True})
+    elif isinstance(config, dict) and _absent(config, "enableOutCluster"):
+        add(["spec", "config", "enableOutCluster"], True)
+    if kind == policies.LOCAL_REDIRECT_POLICY and _absent(spec, "skipRedirectFromBackend"):
+        add(["spec", "skipRedirectFromBackend"], False)
+    backend = spec.get("backend")
+    if kind == policies.BALANCING_POLICY and isinstance(backend, dict):
+        endpoint = backend.get("serviceEndpoint")
+        if isinstance(endpoint, dict) and _absent(endpoint, "redirectMode"):
+            add(["spec", "backend", "serviceEndpoint", "redirectMode"], "podEndpoint")
+    return patch
+
+
+def admission_response(
+    request: dict[str, Any], allowed: bool, message: str = "", patch: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """An AdmissionReview v1 answering ``request``."""
+    response: dict[str, Any] = {"uid": request.get("uid", ""), "allowed": allowed}
+    if not allowed:
+        response["status"] = {"code": 403, "reason": "Invalid", "message": message}
+    if patch:
+        response["patchType"] = "JSONPatch"
+        response["patch"] = base64.b64encode(json.dumps(patch).encode()).decode()
+    return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response}

@@ -1,0 +1,135 @@
+"""The webhook's TLS: a provided certificate and key, or a self-signed CA and a serving certificate for the
+Service's DNS names (the CA bundle is what the webhook configuration's ``caBundle`` holds)."""
+
+from __future__ import annotations
+
+import datetime
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+__all__ = ["ServingCert", "generate_serving_cert", "load_or_generate", "server_context", "service_dns_names"]
+
+
+@dataclass(frozen=True, slots=True)
+class ServingCert:
+    cert_pem: bytes  # the serving certificate
+    key_pem: bytes  # its private key (PKCS#8, unencrypted)
+    ca_pem: bytes  # the CA that signed it: the webhook configuration's caBundle
+
+
+def service_dns_names(service: str, namespace: str) -> list[str]:
+    """The names the API server may use for the webhook Service."""
+    return [
+        service,
+        f"{service}.{namespace}",
+        f"{service}.{namespace}.svc",
+        f"{service}.{namespace}.svc.cluster.local",
+    ]
+
+
+_CA_USAGE = x509.KeyUsage(
+    digital_signature=True,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=True,
+    crl_sign=True,
+    encipher_only=False,
+    decipher_only=False,
+)
+
+
+def _pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def generate_serving_cert(dns_names: list[str], *, days: int = 3650) -> ServingCert:
+    """A new self-signed CA and a certificate it signs for ``dns_names`` (the first is the subject)."""
+    if not dns_names:
+        raise ValueError("a serving certificate needs at least one DNS name")
+    now = datetime.datetime.now(datetime.UTC)
+    start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "balancing-controller-ca")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_CA_USAGE, critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_names[0])]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in dns_names]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    return ServingCert(
+        cert.public_bytes(serialization.Encoding.PEM),
+        _pem(key),
+        ca_cert.public_bytes(serialization.Encoding.PEM),
+    )
+
+
+def server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert_file, key_file)
+    return context
+
+
+def load_or_generate(
+    cert_file: Path | None,
+    key_file: Path | None,
+    *,
+    dns_names: list[str],
+    cert_dir: Path,
+    ca_bundle: Path | None = None,
+) -> ssl.SSLContext:
+    """A server context from ``cert_file``/``key_file`` when both are given, else from a generated CA and
+    serving certificate written under ``cert_dir`` (``tls.crt``, ``tls.key``, ``ca.crt``). The CA bundle
+    (generated, or the provided certificate when no CA is known) is copied to ``ca_bundle`` if given."""
+    if (cert_file is None) != (key_file is None):
+        raise ValueError("give both a certificate and a key, or neither")
+    if cert_file is not None and key_file is not None:
+        context = server_context(cert_file, key_file)
+        if ca_bundle is not None:
+            ca_bundle.write_bytes(cert_file.read_bytes())
+        return context
+    generated = generate_serving_cert(dns_names)
+    cert_dir.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = cert_dir / "tls.crt", cert_dir / "tls.key"
+    cert_path.write_bytes(generated.cert_pem)
+    key_path.touch(mode=0o600)
+    key_path.write_bytes(generated.key_pem)
+    (cert_dir / "ca.crt").write_bytes(generated.ca_pem)
+    if ca_bundle is not None:
+        ca_bundle.parent.mkdir(parents=True, exist_ok=True)
+        ca_bundle.write_bytes(generated.ca_pem)
+    return server_context(cert_path, key_path)

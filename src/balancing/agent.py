@@ -16,7 +16,7 @@ import gc
 import logging
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -25,7 +25,7 @@ from pathlib import Path
 from balancing import agent_events, agentstate, errors, health, healthcheck, metrics
 from balancing.datapath import loader, maps, netns, writer
 from balancing.model import config, desired, objects, store
-from balancing.sources import manifests, podcgroups, watch
+from balancing.sources import kube, manifests, podcgroups, watch
 
 log = logging.getLogger("balancing.agent")
 VERIFY_EVERY = 10  # resyncs between re-reads of the maps
@@ -49,8 +49,16 @@ def gc_paused() -> Iterator[None]:
 
 
 @dataclass(frozen=True)
+class KubeSourceConfig:
+    """Where the API server is: a kubeconfig, a plain URL (``kubectl proxy``), or neither: in-cluster."""
+
+    kubeconfig: Path | None = None
+    api_server: str | None = None
+
+
+@dataclass(frozen=True)
 class AgentConfig:
-    manifests: Path
+    manifests: Path | None  # the standalone source; None: the Kubernetes API (``kube``)
     model: config.ModelConfig
     datapath: loader.DatapathConfig
     health_host: str = "127.0.0.1"
@@ -61,6 +69,7 @@ class AgentConfig:
     metrics_addr: tuple[str, int] | None = ("127.0.0.1", 10249)  # None: no metrics server
     events: agent_events.EventsConfig = field(default_factory=agent_events.EventsConfig)
     host_netns: Path | None = None  # the host's network namespace; None: the agent's own
+    kube: KubeSourceConfig | None = None  # the Kubernetes API source, when ``manifests`` is None
 
 
 class Agent:
@@ -68,7 +77,7 @@ class Agent:
         self.cfg = cfg
         self.store = store.ClusterStore(cfg.model)
         self.health_checks = healthcheck.HealthCheckServers(cfg.healthcheck_host)
-        self.source = manifests.ManifestDirectory(cfg.manifests)
+        self.source = manifests.ManifestDirectory(cfg.manifests) if cfg.manifests is not None else None
         self.health = health.HealthState(stale_after=2 * cfg.resync_interval + 10)
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="datapath")
         self._writer: writer.MapWriter | None = None
@@ -112,10 +121,11 @@ class Agent:
         )
         await self.events.configure(self._io, cookie)
         try:
-            self._ingest(self.source.load())
+            updates = self._updates()
+            self._ingest(await anext(updates))  # the initial state: everything the source has
             await self._full_sync()
             tasks = [
-                asyncio.create_task(self._follow()),
+                asyncio.create_task(self._follow(updates)),
                 asyncio.create_task(self._resync_loop()),
                 asyncio.create_task(self._pod_cgroup_loop()),
                 *self.events.start(self._pods, stop),
@@ -142,7 +152,7 @@ class Agent:
     def _ingest(self, update: manifests.SourceUpdate) -> None:
         for err in update.errors:
             log.error("manifest rejected, keeping the last good version of the file: %s", err)
-            self.metrics.source_error("manifests", "invalid")
+            self.metrics.source_error("manifests" if self.source is not None else "kubernetes", "invalid")
         for ref in update.deletes:
             self.store.delete(ref)
             uid = self._uid_of.pop(ref, None)
@@ -164,8 +174,21 @@ class Agent:
         self._conflicts = conflicts
         self._log_policy_status()
 
-    async def _follow(self) -> None:
-        async for update in watch.watch_manifests(self.source):
+    async def _updates(self) -> AsyncGenerator[manifests.SourceUpdate, None]:
+        """The source's updates, the first one being its whole state: the manifest directory or the API."""
+        if self.source is not None:
+            yield self.source.load()
+            async for update in watch.watch_manifests(self.source):
+                yield update
+            return
+        k = self.cfg.kube or KubeSourceConfig()
+        source = kube.KubeSource(self.cfg.model.node_name, api_base_url=k.api_server, kubeconfig=k.kubeconfig)
+        async with contextlib.aclosing(source.updates()) as updates:
+            async for update in updates:
+                yield update
+
+    async def _follow(self, updates: AsyncGenerator[manifests.SourceUpdate, None]) -> None:
+        async for update in updates:
             seen = time.perf_counter()
             self._ingest(update)
             if self._needs_resync:

@@ -260,14 +260,13 @@ class AgentProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.logs: list[str] = []
 
-    def start(self, *, wait: bool = True) -> AgentProcess:
+    def start(self, *, wait: bool = True, manifests_flag: bool = True) -> AgentProcess:
         argv = [
             sys.executable,
             "-m",
             "balancing",
             "agent",
-            "--manifests",
-            str(self.manifests),
+            *(["--manifests", str(self.manifests)] if manifests_flag else []),
             "--node-name",
             self.node,
             "--cgroup",

@@ -411,3 +411,31 @@ def test_out_of_cluster_host_honours_enable_out_cluster(
     assert connect(cluster, 1, vip="10.96.7.2")["errors"] == {"EHOSTUNREACH": 1}  # not applied: untranslated
     status = {p["name"]: p for p in agent.get("/state")[1]["policies"]}
     assert status["on"]["ready"] and status["off"]["reason"] == "OutOfClusterDisabled"
+
+
+def test_kubernetes_mode_follows_the_api_server_and_survives_its_outage(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """--api-server: the same model and writer from list+watch; the datapath keeps translating while the API
+    server is gone."""
+    from helpers.fakeapi import ThreadedApi
+
+    svc, eps = web(cluster, [{}])
+    with ThreadedApi() as api:
+        api.call(api.fake.put, "/api/v1/services", svc)
+        api.call(api.fake.put, "/apis/discovery.k8s.io/v1/endpointslices", eps)
+        agent = AgentProcess(cluster.topo, tmp_path, cluster.node, extra=["--api-server", api.url])
+        try:
+            agent.start(manifests_flag=False)
+            assert connect(cluster, 20)["backends"] == {"pod-a": 20}
+            api.call(api.fake.put, "/apis/discovery.k8s.io/v1/endpointslices", web(cluster, [{}, {}])[1])
+            agent.wait_frontends(lambda f: len(f.get(KEY, [])) == 2, what="the watch event")
+            assert set(connect(cluster, 40)["backends"]) == {"pod-a", "pod-b"}
+            api.stop_serving()
+            assert set(connect(cluster, 40)["backends"]) == {"pod-a", "pod-b"}, (
+                "translating with the API gone"
+            )
+            assert agent.proc is not None and agent.proc.poll() is None
+        finally:
+            if agent.proc is not None and agent.proc.poll() is None:
+                agent.stop()

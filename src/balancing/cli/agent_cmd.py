@@ -46,8 +46,19 @@ def _fail(exc: errors.BalancingError) -> None:
 
 
 def agent(
-    manifests: Annotated[Path, typer.Option(help="Directory of Kubernetes manifests (YAML/JSON).")],
     node_name: Annotated[str, typer.Option(help="This node's name (as in Node objects and pod nodeName).")],
+    manifests: Annotated[
+        Path | None, typer.Option(help="Standalone mode: a directory of Kubernetes manifests (YAML/JSON).")
+    ] = None,
+    kubeconfig: Annotated[
+        Path | None, typer.Option(help="Kubernetes mode: read the API server named by this kubeconfig.")
+    ] = None,
+    api_server: Annotated[
+        str | None, typer.Option(help="Kubernetes mode: a plain-HTTP API server URL (e.g. kubectl proxy).")
+    ] = None,
+    in_cluster: Annotated[
+        bool, typer.Option(help="Kubernetes mode with the pod's service account (in-cluster config).")
+    ] = False,
     cgroup: Annotated[
         Path | None, typer.Option(help="cgroup v2 directory to attach to [cgroup2 root].")
     ] = None,
@@ -123,8 +134,26 @@ def agent(
         level=log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        if not manifests.is_dir():
+        chosen = [
+            f
+            for f, v in (
+                ("--manifests", manifests),
+                ("--kubeconfig", kubeconfig),
+                ("--api-server", api_server),
+                ("--in-cluster", in_cluster),
+            )
+            if v
+        ]
+        if len(chosen) != 1:
+            raise errors.ConfigError(
+                "--manifests",
+                "give exactly one source: --manifests, --kubeconfig, --api-server or --in-cluster"
+                + (f" (got {', '.join(chosen)})" if chosen else ""),
+            )
+        if manifests is not None and not manifests.is_dir():
             raise errors.ConfigError("--manifests", f"{manifests} is not a directory")
+        if kubeconfig is not None and not kubeconfig.is_file():
+            raise errors.ConfigError("--kubeconfig", f"{kubeconfig} is not a file")
         obj = bpf_object or default_object()
         if not obj.is_file():
             raise errors.ConfigError("--bpf-object", f"{obj} does not exist (run `make bpf`)")
@@ -187,6 +216,7 @@ def agent(
             metrics_addr=metrics_at,
             events=events_cfg,
             host_netns=host_netns,
+            kube=None if manifests is not None else agent_mod.KubeSourceConfig(kubeconfig, api_server),
         )
         agent_mod.run(cfg)
     except errors.BalancingError as exc:

@@ -1,0 +1,293 @@
+"""One Kubernetes resource followed by list+watch, kept as the parsed objects currently in force.
+
+``Informer`` lists a collection (e.g. ``/api/v1/services``), then watches it from the list's
+``resourceVersion``, and turns every change into a ``SourceUpdate`` holding only the difference:
+
+- ADDED/MODIFIED upsert an object (nothing if it parses to the same object), DELETED removes it, BOOKMARK
+  only advances the resourceVersion the next watch resumes from;
+- a dropped or timed-out watch resumes from the last resourceVersion seen; a 410 Gone (HTTP status or
+  ERROR event) relists and emits the difference (deletes for objects that vanished meanwhile);
+- a periodic resync relists too, so it emits nothing when nothing changed;
+- failures retry with exponential backoff and jitter (capped);
+- a collection not served (404, e.g. policy CRDs not installed) counts as empty and is relisted after a
+  backoff until it appears;
+- a malformed object is skipped with a ``KubeObjectError`` naming kind, namespace/name and field; the last
+  good version of it (if any) stays in force, and the error is reported once per resourceVersion.
+
+Only the parsed objects in force are kept (plus the resourceVersion of malformed ones), never raw lists.
+
+Neighbours: ``sources.kube.KubeSource`` runs one informer per resource and merges their updates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx2 as httpx
+from pydantic import ValidationError
+
+from balancing.errors import ManifestError
+from balancing.model.objects import KubeObject, ObjectRef, UnknownKind, parse_object, ref
+from balancing.sources.manifests import SourceUpdate, _validation_errors
+
+log = logging.getLogger(__name__)
+
+Headers = Callable[[], dict[str, str]]
+
+
+class KubeObjectError(ManifestError):
+    """An object read from the API server is invalid (``obj``: ``"Service default/web"``, ``field``)."""
+
+    def __init__(self, obj: str, field: str, message: str) -> None:
+        super().__init__(Path("kube-apiserver"), 0, obj, field, message)
+
+    def __str__(self) -> str:
+        field = f"{self.field}: " if self.field else ""
+        return f"API server object {self.obj or '?'}: {field}{self.message}"
+
+
+class Gone(Exception):
+    """The resourceVersion to resume from is too old (HTTP 410): relist."""
+
+
+@dataclass(frozen=True)
+class Resource:
+    """A collection to follow: its URL path, the apiVersion/kind of its items, optional field selector."""
+
+    path: str
+    api_version: str
+    kind: str
+    field_selector: str = ""
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Informer timings (seconds)."""
+
+    resync: float = 300.0  # full relist this often
+    watch_timeout: int = 240  # server-side watch timeout
+    read_slack: float = 30.0  # client read timeout beyond the server-side one (a silent server)
+    backoff_base: float = 0.5
+    backoff_cap: float = 30.0
+
+
+class Informer:
+    """List+watch of one ``Resource``; see the module docstring."""
+
+    def __init__(
+        self, client: httpx.AsyncClient, resource: Resource, headers: Headers, timing: Timing
+    ) -> None:
+        self.client = client
+        self.resource = resource
+        self.headers = headers
+        self.timing = timing
+        self.objects: dict[ObjectRef, KubeObject] = {}
+        self.resource_version = ""
+        self._bad: dict[tuple[str, str], str] = {}  # (namespace, name) -> resourceVersion reported
+        self._failures = 0
+        self._next_resync = 0.0
+        self.missing = False  # the collection is not served (404): relisted after a backoff, not watched
+
+    # --- listing ---------------------------------------------------------------------------------------
+
+    async def list_until_done(self) -> SourceUpdate:
+        """Relist, retrying with backoff until it succeeds; the difference against what was in force."""
+        while True:
+            try:
+                update = await self.relist()
+            except (httpx.HTTPError, ValueError, Gone) as exc:
+                await self._backoff(f"listing {self.resource.path} failed: {_describe(exc)}")
+                continue
+            self._failures = 0
+            return update
+
+    async def relist(self) -> SourceUpdate:
+        params = self._params()
+        response = await self.client.get(self.resource.path, params=params, headers=self.headers())
+        if response.status_code == 410:
+            raise Gone()
+        if response.status_code == 404:  # e.g. the policy CRDs are not installed (yet)
+            if not self.missing:
+                log.warning("%s not served by the API server (404); treating it as empty", self.resource.path)
+            self.missing = True
+            body: Any = {"items": []}
+        else:
+            response.raise_for_status()
+            body = response.json()
+            self.missing = False
+        if not isinstance(body, dict) or not isinstance(body.get("items"), list):
+            raise ValueError("list response has no items")
+        new: dict[ObjectRef, KubeObject] = {}
+        errors: list[ManifestError] = []
+        seen_bad: set[tuple[str, str]] = set()
+        for item in body["items"]:
+            obj, error, key = self._parse(item)
+            if obj is not None:
+                new[ref(obj)] = obj
+            elif key is not None:
+                seen_bad.add(key)
+                old = self._old_for(key)
+                if old is not None:
+                    new[ref(old)] = old  # keep the last good version
+                errors.extend(error)
+            else:
+                errors.extend(error)
+        self._bad = {k: v for k, v in self._bad.items() if k in seen_bad}
+        upserts = [obj for r, obj in new.items() if self.objects.get(r) != obj]
+        deletes = sorted(r for r in self.objects if r not in new)
+        self.objects = new
+        self.resource_version = str((body.get("metadata") or {}).get("resourceVersion") or "")
+        self._next_resync = time.monotonic() + self.timing.resync
+        return SourceUpdate(upserts, deletes, errors)
+
+    # --- watching --------------------------------------------------------------------------------------
+
+    async def run(self, emit: Callable[[SourceUpdate], Awaitable[None]]) -> None:
+        """Watch forever (after ``list_until_done``), emitting every non-empty update."""
+        while True:
+            if time.monotonic() >= self._next_resync:
+                update = await self.list_until_done()
+                if update:
+                    await emit(update)
+            if self.missing:
+                await self._backoff(f"{self.resource.path} still not served")
+                self._next_resync = 0.0
+                continue
+            try:
+                await self._watch_once(emit)
+                self._failures = 0
+            except Gone:
+                log.info("%s: resourceVersion %s gone; relisting", self.resource.path, self.resource_version)
+                self._next_resync = 0.0
+            except (httpx.HTTPError, ValueError) as exc:
+                await self._backoff(f"watching {self.resource.path} failed: {_describe(exc)}")
+
+    async def _watch_once(self, emit: Callable[[SourceUpdate], Awaitable[None]]) -> None:
+        remaining = max(0.0, self._next_resync - time.monotonic())
+        server_timeout = max(1, min(self.timing.watch_timeout, int(remaining) + 1))
+        params = {
+            **self._params(),
+            "watch": "1",
+            "allowWatchBookmarks": "true",
+            "resourceVersion": self.resource_version,
+            "timeoutSeconds": str(server_timeout),
+        }
+        timeout = httpx.Timeout(10.0, read=server_timeout + self.timing.read_slack)
+        try:
+            async with asyncio.timeout(remaining):
+                request = self.client.build_request(
+                    "GET", self.resource.path, params=params, headers=self.headers(), timeout=timeout
+                )
+                response = await self.client.send(request, stream=True)
+                try:
+                    if response.status_code == 410:
+                        raise Gone()
+                    if response.status_code >= 400:
+                        await response.aread()
+                        response.raise_for_status()
+                    async for line in response.aiter_lines():
+                        if line.strip():
+                            update = self._event(json.loads(line))
+                            if update:
+                                await emit(update)
+                finally:
+                    await response.aclose()
+        except TimeoutError:
+            pass  # time to resync
+
+    def _event(self, event: Any) -> SourceUpdate:
+        if not isinstance(event, dict):
+            raise ValueError("watch event is not an object")
+        kind, item = event.get("type"), event.get("object")
+        if not isinstance(item, dict):
+            raise ValueError("watch event has no object")
+        if kind == "ERROR":
+            if item.get("code") == 410:
+                raise Gone()
+            raise ValueError(f"watch error: {item.get('message') or item}")
+        rv = str((item.get("metadata") or {}).get("resourceVersion") or "")
+        if rv:
+            self.resource_version = rv
+        if kind == "BOOKMARK":
+            return SourceUpdate()
+        if kind == "DELETED":
+            obj, _, key = self._parse(item)
+            if key is None:
+                return SourceUpdate()
+            self._bad.pop(key, None)
+            gone = self._old_for(key)
+            if gone is None:
+                return SourceUpdate()
+            del self.objects[ref(gone)]
+            return SourceUpdate(deletes=[ref(gone)])
+        if kind not in ("ADDED", "MODIFIED"):
+            log.warning("%s: ignoring watch event of type %r", self.resource.path, kind)
+            return SourceUpdate()
+        obj, errors, _ = self._parse(item)
+        if obj is None:
+            return SourceUpdate(errors=errors)
+        if self.objects.get(ref(obj)) == obj:
+            return SourceUpdate()
+        self.objects[ref(obj)] = obj
+        return SourceUpdate(upserts=[obj])
+
+    # --- helpers ---------------------------------------------------------------------------------------
+
+    def _params(self) -> dict[str, str]:
+        return {"fieldSelector": self.resource.field_selector} if self.resource.field_selector else {}
+
+    def _parse(self, item: Any) -> tuple[KubeObject | None, list[ManifestError], tuple[str, str] | None]:
+        """The object, or the errors it has (once per resourceVersion), and its (namespace, name)."""
+        if not isinstance(item, dict):
+            return None, [KubeObjectError(self.resource.kind, "", "expected an object")], None
+        doc = {**item, "apiVersion": self.resource.api_version, "kind": self.resource.kind}
+        meta = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
+        assert isinstance(meta, dict)
+        key = (str(meta.get("namespace") or ""), str(meta.get("name") or ""))
+        try:
+            obj = parse_object(doc)
+        except ValidationError as exc:
+            described = _describe_item(self.resource.kind, key)
+            errors: list[ManifestError] = [
+                KubeObjectError(described, e.field, e.message)
+                for e in _validation_errors(Path("kube"), 0, "", doc, exc)
+            ]
+            rv = str(meta.get("resourceVersion") or "")
+            if self._bad.get(key) == rv and rv:
+                errors = []  # already reported
+            self._bad[key] = rv
+            return None, errors, key if key[1] else None
+        except UnknownKind as exc:  # not expected: the resource's kind is always one the model reads
+            return None, [KubeObjectError(self.resource.kind, "", str(exc))], None
+        self._bad.pop(key, None)
+        return obj, [], key
+
+    def _old_for(self, key: tuple[str, str]) -> KubeObject | None:
+        for r in ((self.resource.kind, key[0], key[1]), (self.resource.kind, "", key[1])):
+            if r in self.objects:
+                return self.objects[r]
+        return None
+
+    async def _backoff(self, message: str) -> None:
+        delay = min(self.timing.backoff_cap, self.timing.backoff_base * 2**self._failures)
+        delay *= random.uniform(0.5, 1.0)
+        self._failures = min(self._failures + 1, 30)
+        log.warning("%s; retrying in %.1fs", message, delay)
+        await asyncio.sleep(delay)
+
+
+def _describe_item(kind: str, key: tuple[str, str]) -> str:
+    namespace, name = key
+    return f"{kind} {namespace}/{name}" if namespace and name else f"{kind} {name}".strip()
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -1,0 +1,189 @@
+"""A small fake Kubernetes API server: list and watch (JSON lines) over plain HTTP, with resourceVersions,
+history replay, compaction (410 Gone), dropped connections, stalls and field selectors. Used by the
+Kubernetes source's unit tests and by agent tests; start it with ``asyncio.start_server(fake.handle, ...)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+Key = tuple[str, str]
+
+
+class FakeApi:
+    """Collections keyed by path; every change gets a resourceVersion and goes to open watches."""
+
+    def __init__(self) -> None:
+        self.rv = 100
+        self.objects: dict[str, dict[Key, dict[str, Any]]] = {}
+        self.history: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+        self.compacted = 0
+        self.watches: dict[str, list[asyncio.Queue[dict[str, Any] | None]]] = {}
+        self.requests: list[tuple[str, dict[str, str]]] = []
+        self.stall_watches = False
+        self.missing: set[str] = set()  # paths answered with 404
+        self.headers: dict[str, str] = {}  # of the last request
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    # --- changing state --------------------------------------------------------------------------------
+
+    def put(self, path: str, obj: dict[str, Any], *, notify: bool = True) -> None:
+        obj = copy.deepcopy(obj)
+        meta = obj.setdefault("metadata", {})
+        key = (meta.get("namespace", ""), meta["name"])
+        kind = "MODIFIED" if key in self.objects.setdefault(path, {}) else "ADDED"
+        self._record(path, kind, obj, notify)
+        self.objects[path][key] = obj
+
+    def delete(self, path: str, namespace: str, name: str, *, notify: bool = True) -> None:
+        obj = self.objects[path].pop((namespace, name))
+        self._record(path, "DELETED", copy.deepcopy(obj), notify)
+
+    def bookmark(self, path: str) -> None:
+        self.rv += 1
+        self._send(path, {"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": str(self.rv)}}})
+
+    def compact(self) -> None:
+        """Forget history: watches from older resourceVersions get 410 Gone."""
+        self.compacted = self.rv
+        self.history.clear()
+
+    def drop_watches(self) -> None:
+        for queues in self.watches.values():
+            for queue in queues:
+                queue.put_nowait(None)
+
+    def _record(self, path: str, kind: str, obj: dict[str, Any], notify: bool) -> None:
+        self.rv += 1
+        obj["metadata"]["resourceVersion"] = str(self.rv)
+        event = {"type": kind, "object": obj}
+        self.history.setdefault(path, []).append((self.rv, event))
+        if notify:
+            self._send(path, event)
+
+    def _send(self, path: str, event: dict[str, Any]) -> None:
+        for queue in self.watches.get(path, []):
+            queue.put_nowait(event)
+
+    # --- serving ---------------------------------------------------------------------------------------
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.add(task)
+        try:
+            request = (await reader.readline()).decode()
+            while line := (await reader.readline()).decode().strip():
+                name, _, value = line.partition(":")
+                self.headers[name.strip().lower()] = value.strip()
+            url = urlsplit(request.split()[1])
+            params = dict(parse_qsl(url.query))
+            self.requests.append((url.path, params))
+            if url.path in self.missing:
+                writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                await writer.drain()
+            elif params.get("watch"):
+                await self._watch(url.path, params, writer)
+            else:
+                items = [o for o in self.objects.get(url.path, {}).values() if _selected(o, params)]
+                body = {"kind": "List", "metadata": {"resourceVersion": str(self.rv)}, "items": items}
+                data = json.dumps(body).encode()
+                head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+                writer.write(head.encode() + b"Connection: close\r\n\r\n" + data)
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+            self.tasks.discard(task)
+
+    async def _watch(self, path: str, params: dict[str, str], writer: asyncio.StreamWriter) -> None:
+        if self.stall_watches:
+            await asyncio.sleep(3600)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n")
+        since = int(params.get("resourceVersion") or 0)
+        if since < self.compacted:
+            gone = {"kind": "Status", "code": 410, "reason": "Expired", "message": "too old"}
+            writer.write(json.dumps({"type": "ERROR", "object": gone}).encode() + b"\n")
+            await writer.drain()
+            return
+        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        for rv, past in self.history.get(path, []):
+            if rv > since:
+                queue.put_nowait(past)
+        self.watches.setdefault(path, []).append(queue)
+        try:
+            while (event := await queue.get()) is not None:
+                if event["type"] == "BOOKMARK" or _selected(event["object"], params):
+                    writer.write(json.dumps(event).encode() + b"\n")
+                    await writer.drain()
+        finally:
+            self.watches[path].remove(queue)
+
+
+def _selected(obj: dict[str, Any], params: dict[str, str]) -> bool:
+    selector = params.get("fieldSelector", "")
+    if not selector:
+        return True
+    field, _, value = selector.partition("=")
+    assert field == "spec.nodeName"
+    return bool(obj.get("spec", {}).get("nodeName") == value)
+
+
+class ThreadedApi:
+    """A FakeApi served from a thread of its own (for tests whose client is another process, e.g. the agent).
+
+    ``call(fn, *args)`` runs ``fn`` in the server's loop; ``stop_serving()`` closes the listener and drops the
+    watches (an API-server outage); leaving the ``with`` block closes everything.
+    """
+
+    def __init__(self) -> None:
+        import threading
+
+        self.fake = FakeApi()
+        self.loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True, name="fake-api")
+        self.server: asyncio.AbstractServer | None = None
+        self.url = ""
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.server = self.loop.run_until_complete(asyncio.start_server(self.fake.handle, "127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        self._started.set()
+        self.loop.run_forever()
+
+    def __enter__(self) -> ThreadedApi:
+        self._thread.start()
+        if not self._started.wait(5):
+            raise RuntimeError("the fake API server did not start")
+        return self
+
+    def call(self, fn: Any, *args: Any) -> None:
+        self.loop.call_soon_threadsafe(fn, *args)
+
+    def stop_serving(self) -> None:
+        assert self.server is not None
+        self.call(self.server.close)
+        self.call(self.fake.drop_watches)
+
+    def __exit__(self, *_exc: object) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+
+        async def shutdown() -> None:
+            assert self.server is not None
+            self.server.close()
+            await self.server.wait_closed()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        self.loop.run_until_complete(shutdown())
+        self.loop.close()

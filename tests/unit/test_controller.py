@@ -380,3 +380,47 @@ def test_provided_cert_and_key(tmp_path: Path) -> None:
     assert not (tmp_path / "unused").exists()
     with pytest.raises(ValueError, match="both"):
         load_or_generate(tmp_path / "gen/tls.crt", None, dns_names=["x"], cert_dir=tmp_path)
+
+
+@pytest.mark.asyncio
+async def test_existing_policies_come_from_the_api_server() -> None:
+    """The conflict check follows the API server: not ready before the first list; an existing older policy
+    there makes a conflicting CREATE be denied."""
+    import asyncio
+    import contextlib
+
+    from balancing.controller.policyindex import PolicyIndex
+    from balancing.sources.kube import KubeSource, Timing
+    from helpers.fakeapi import FakeApi
+
+    fake = FakeApi()
+    older = lrp_doc("older", "2025-06-01T00:00:00Z")
+    fake.put(f"/apis/{API}/localredirectpolicies", older)
+    server = await asyncio.start_server(fake.handle, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    index = PolicyIndex()
+    webhook = Webhook(index.existing, ready=index.ready)
+    assert webhook.handle("GET", "/readyz", b"")[0] == 503
+    timing = Timing(resync=3600, watch_timeout=60, read_slack=5, backoff_base=0.02, backoff_cap=0.1)
+    follow = asyncio.create_task(index.follow(KubeSource("", api_base_url=url, timing=timing)))
+    try:
+        for _ in range(200):
+            if index.ready():
+                break
+            await asyncio.sleep(0.01)
+        assert [p.metadata.name for p in index.existing()] == ["older"]
+        assert webhook.handle("GET", "/readyz", b"")[0] == 200
+        new = lrp_doc("newer")
+        new["metadata"].pop("creationTimestamp")
+        answer = call(webhook, "/validate", review("CREATE", new))
+        assert answer["response"]["allowed"] is False
+        assert "older LocalRedirectPolicy older" in answer["response"]["status"]["message"]
+    finally:
+        follow.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follow
+        server.close()
+        for task in list(fake.tasks):
+            task.cancel()
+        await asyncio.gather(*fake.tasks, return_exceptions=True)
+        await server.wait_closed()

@@ -19,7 +19,10 @@ from typing import Annotated
 import typer
 
 from balancing import controller as webhooks
+from balancing.controller import policyindex
+from balancing.errors import SourceError
 from balancing.model import policies
+from balancing.sources import kube
 
 __all__ = ["controller"]
 
@@ -35,10 +38,24 @@ def _no_policies() -> list[policies.Policy]:
     return []
 
 
-async def _run(webhook: webhooks.Webhook, host: str, port: int, context: ssl.SSLContext) -> None:
+async def _run(
+    webhook: webhooks.Webhook,
+    host: str,
+    port: int,
+    context: ssl.SSLContext,
+    source: kube.KubeSource | None = None,
+    index: policyindex.PolicyIndex | None = None,
+) -> None:
     server = await webhooks.serve(webhook, host, port, context)
-    async with server:
-        await server.serve_forever()
+    follow = asyncio.create_task(index.follow(source)) if source is not None and index is not None else None
+    try:
+        async with server:
+            await server.serve_forever()
+    finally:
+        if follow is not None:
+            follow.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follow
 
 
 def controller(
@@ -57,6 +74,16 @@ def controller(
     ca_bundle: Annotated[
         Path | None, typer.Option(help="Write the CA bundle (the webhook configuration's caBundle) here.")
     ] = None,
+    kubeconfig: Annotated[
+        Path | None,
+        typer.Option(help="Follow existing policies (conflict check) from this kubeconfig's API server."),
+    ] = None,
+    api_server: Annotated[
+        str | None, typer.Option(help="... or from this plain-HTTP API server URL.")
+    ] = None,
+    in_cluster: Annotated[
+        bool, typer.Option(help="... or in-cluster, with the pod's service account.")
+    ] = False,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
 ) -> None:
     """Run the validating and mutating admission webhooks for LocalRedirectPolicy and BalancingPolicy."""
@@ -76,6 +103,19 @@ def controller(
     except (OSError, ValueError) as exc:
         typer.secho(f"error: TLS: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None
-    webhook = webhooks.Webhook(_no_policies)
+    source, index = None, None
+    if kubeconfig is not None or api_server is not None or in_cluster:
+        try:
+            source = kube.KubeSource("", api_base_url=api_server, kubeconfig=kubeconfig)
+        except SourceError as exc:
+            typer.secho(f"error: {exc}", fg="red", err=True)
+            raise typer.Exit(2) from None
+        index = policyindex.PolicyIndex()
+        webhook = webhooks.Webhook(index.existing, ready=index.ready)
+    else:
+        logging.getLogger(__name__).warning(
+            "no API server given: the conflict check sees no existing policies"
+        )
+        webhook = webhooks.Webhook(_no_policies)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_run(webhook, host, port, context))
+        asyncio.run(_run(webhook, host, port, context, source, index))

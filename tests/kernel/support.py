@@ -163,10 +163,11 @@ class Datapath:
     bpffs: Path
     object_path: Path = OBJECT
     pod_cgroups: dict[PodRef, list[Path]] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=lambda: dict(SMALL_MAPS))  # DatapathConfig capacities
     report: loader.LoadReport = field(init=False)
 
     def __post_init__(self) -> None:
-        self.cfg = loader.DatapathConfig(self.object_path, self.bpffs, self.cgroup, **SMALL_MAPS)
+        self.cfg = loader.DatapathConfig(self.object_path, self.bpffs, self.cgroup, **self.sizes)
         self.report = loader.load(self.cfg)
         self.io = maps.KernelMaps(self.cfg.map_dir)
         self.writer = writer.MapWriter(

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import OBJECT, ROOT, SMALL_MAPS, Datapath, backends_of, programmed_frontends
+from support import ROOT, SMALL_MAPS, Datapath, backends_of, programmed_frontends
 
 from balancing import errors
 from balancing.datapath import abi, loader, maps, writer
@@ -279,12 +279,8 @@ def test_a_rejected_program_surfaces_the_verifier_log(cluster: Cluster, tmp_path
 
 
 def test_map_full_is_an_error_naming_the_map(cluster: Cluster) -> None:
-    d = Datapath.__new__(Datapath)
-    d.cgroup, d.bpffs, d.object_path = cluster.cgroup, cluster.topo.bpffs / "tiny", OBJECT
-    d.cfg = loader.DatapathConfig(OBJECT, d.bpffs, d.cgroup, max_services=64, max_backends=4, max_reverse=64)
-    loader.load(d.cfg)
-    d.io = maps.KernelMaps(d.cfg.map_dir)
-    d.writer = writer.MapWriter(d.io)
+    tiny = {**SMALL_MAPS, "max_services": 64, "max_backends": 4, "max_reverse": 64}
+    d = Datapath(cluster.cgroup, cluster.topo.bpffs / "tiny", sizes=tiny)
     try:
         d.program({f"{VIP4}:80/TCP": backends4(cluster)})
         with pytest.raises(errors.MapFull) as info:

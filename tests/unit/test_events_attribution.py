@@ -12,10 +12,10 @@ import pytest
 from balancing.events.attribution import Attributor, ClientPod, container_names
 from balancing.model import objects
 from balancing.sources import podcgroups
+from helpers import kubelet
+from helpers.kubelet import CID, UID
 
-UID = "3f1c9a2e-8b7d-4c1e-9f00-123456789abc"
 UID2 = "9a9a9a9a-0000-4000-8000-000000000002"
-CID = "0123456789abcdef" * 4
 CID2 = "fedcba9876543210" * 4
 
 
@@ -51,31 +51,7 @@ def systemd_pod(root: Path, uid: str, qos: str = "burstable") -> Path:
     return root / "kubepods.slice" / f"kubepods-{qos}.slice" / f"kubepods-{qos}-pod{u}.slice"
 
 
-@pytest.mark.parametrize(
-    ("pod_dir", "container_dir"),
-    [
-        (f"kubepods/pod{UID}", CID),
-        (f"kubepods/burstable/pod{UID}", CID),
-        (f"kubepods/besteffort/pod{UID}", CID),
-        (f"kubepods.slice/kubepods-pod{UID.replace('-', '_')}.slice", f"cri-containerd-{CID}.scope"),
-        (
-            f"kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID.replace('-', '_')}.slice",
-            f"crio-{CID}.scope",
-        ),
-        (
-            f"kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{UID.replace('-', '_')}.slice",
-            f"docker-{CID}.scope",
-        ),
-    ],
-    ids=[
-        "cgroupfs-guaranteed",
-        "cgroupfs-burstable",
-        "cgroupfs-besteffort",
-        "systemd-guaranteed-containerd",
-        "systemd-burstable-crio",
-        "systemd-besteffort-docker",
-    ],
-)
+@pytest.mark.parametrize(("pod_dir", "container_dir"), kubelet.LAYOUTS)
 def test_container_and_pod_cgroups_name_the_pod(tmp_path: Path, pod_dir: str, container_dir: str) -> None:
     (tmp_path / pod_dir / container_dir).mkdir(parents=True)
     pods = {UID: pod_doc()}

@@ -7,36 +7,11 @@ from pathlib import Path
 import pytest
 
 from balancing.sources import podcgroups
+from helpers import kubelet
+from helpers.kubelet import CID, UID
 
-UID = "3f1c9a2e-8b7d-4c1e-9f00-123456789abc"
-CID = "0123456789abcdef" * 4
 
-
-@pytest.mark.parametrize(
-    ("pod_dir", "container_dir"),
-    [
-        (f"kubepods/pod{UID}", CID),
-        (f"kubepods/burstable/pod{UID}", CID),
-        (f"kubepods/besteffort/pod{UID}", CID),
-        (f"kubepods.slice/kubepods-pod{UID.replace('-', '_')}.slice", f"cri-containerd-{CID}.scope"),
-        (
-            f"kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID.replace('-', '_')}.slice",
-            f"crio-{CID}.scope",
-        ),
-        (
-            f"kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{UID.replace('-', '_')}.slice",
-            f"docker-{CID}.scope",
-        ),
-    ],
-    ids=[
-        "cgroupfs-guaranteed",
-        "cgroupfs-burstable",
-        "cgroupfs-besteffort",
-        "systemd-guaranteed-containerd",
-        "systemd-burstable-crio",
-        "systemd-besteffort-docker",
-    ],
-)
+@pytest.mark.parametrize(("pod_dir", "container_dir"), kubelet.LAYOUTS)
 def test_pod_and_container_cgroups_are_found(tmp_path: Path, pod_dir: str, container_dir: str) -> None:
     pod = tmp_path / pod_dir
     (pod / container_dir).mkdir(parents=True)

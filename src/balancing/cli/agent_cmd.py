@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from balancing import agent_events, errors
+from balancing.cli import flags
 from balancing.cli.inspect_common import DEFAULT_BPFFS
 from balancing.datapath import abi, loader, mounts
 from balancing.events import stream
@@ -29,13 +30,6 @@ def default_object() -> Path:
         if c.is_file():
             return c
     return candidates[0]
-
-
-def _host_port(flag: str, value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise errors.ConfigError(flag, f"{value!r} is not HOST:PORT")
-    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 def _fail(exc: errors.BalancingError) -> None:
@@ -169,8 +163,8 @@ def agent(
         ):
             if value < 1:
                 raise errors.ConfigError(flag, "must be at least 1")
-        host, port = _host_port("--health-addr", health_addr)
-        metrics_at = _host_port("--metrics-addr", metrics_addr) if metrics_addr else None
+        host, port = flags.host_port("--health-addr", health_addr)
+        metrics_at = flags.host_port("--metrics-addr", metrics_addr) if metrics_addr else None
         if host_netns is not None and not host_netns.exists():
             raise errors.ConfigError("--host-netns", f"{host_netns} does not exist")
         if events not in agent_events.MODES:

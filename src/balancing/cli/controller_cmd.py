@@ -19,19 +19,14 @@ from typing import Annotated
 import typer
 
 from balancing import controller as webhooks
+from balancing import errors
+from balancing.cli import flags
 from balancing.controller import policyindex
 from balancing.errors import SourceError
 from balancing.model import policies
 from balancing.sources import kube
 
 __all__ = ["controller"]
-
-
-def _host_port(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise typer.BadParameter(f"{value!r} is not HOST:PORT", param_hint="--listen")
-    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 def _no_policies() -> list[policies.Policy]:
@@ -88,7 +83,10 @@ def controller(
 ) -> None:
     """Run the validating and mutating admission webhooks for LocalRedirectPolicy and BalancingPolicy."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    host, port = _host_port(listen)
+    try:
+        host, port = flags.host_port("--listen", listen)
+    except errors.ConfigError as exc:
+        raise typer.BadParameter(exc.message, param_hint="--listen") from None
     if (tls_cert is None) != (tls_key is None):
         raise typer.BadParameter("give both --tls-cert and --tls-key, or neither", param_hint="--tls-cert")
     directory = cert_dir or Path(tempfile.mkdtemp(prefix="balancing-controller-"))

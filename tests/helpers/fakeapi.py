@@ -1,6 +1,8 @@
 """A small fake Kubernetes API server: list and watch (JSON lines) over plain HTTP, with resourceVersions,
-history replay, compaction (410 Gone), dropped connections, stalls and field selectors. Used by the
-Kubernetes source's unit tests and by agent tests; start it with ``asyncio.start_server(fake.handle, ...)``.
+history replay, compaction (410 Gone), dropped connections, stalls, field selectors (``spec.nodeName``),
+label selectors (``=``, ``!=``, ``in``, ``notin``, exists, ``!`` not exists) and namespaced collection paths
+(``/api/v1/namespaces/NS/pods`` reads ``/api/v1/pods`` of one namespace). Used by the Kubernetes source's
+unit tests and by agent tests; start it with ``asyncio.start_server(fake.handle, ...)``.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import re
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -83,13 +86,16 @@ class FakeApi:
             url = urlsplit(request.split()[1])
             params = dict(parse_qsl(url.query))
             self.requests.append((url.path, params))
-            if url.path in self.missing:
+            path, namespace = _collection(url.path)
+            if namespace:
+                params = {**params, "namespace": namespace}
+            if url.path in self.missing or path in self.missing:
                 writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
                 await writer.drain()
             elif params.get("watch"):
-                await self._watch(url.path, params, writer)
+                await self._watch(path, params, writer)
             else:
-                items = [o for o in self.objects.get(url.path, {}).values() if _selected(o, params)]
+                items = [o for o in self.objects.get(path, {}).values() if _selected(o, params)]
                 body = {"kind": "List", "metadata": {"resourceVersion": str(self.rv)}, "items": items}
                 data = json.dumps(body).encode()
                 head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n"
@@ -125,13 +131,52 @@ class FakeApi:
             self.watches[path].remove(queue)
 
 
+_NAMESPACED = re.compile(r"^/api/v1/namespaces/([^/]+)/([^/]+)$")
+
+
+def _collection(path: str) -> tuple[str, str]:
+    """The cluster-wide collection a path reads, and the namespace it narrows to ("" for all)."""
+    match = _NAMESPACED.match(path)
+    return (f"/api/v1/{match[2]}", match[1]) if match else (path, "")
+
+
 def _selected(obj: dict[str, Any], params: dict[str, str]) -> bool:
+    meta = obj.get("metadata") or {}
+    if params.get("namespace") and meta.get("namespace") != params["namespace"]:
+        return False
+    if not _labels_match(meta.get("labels") or {}, params.get("labelSelector", "")):
+        return False
     selector = params.get("fieldSelector", "")
     if not selector:
         return True
     field, _, value = selector.partition("=")
     assert field == "spec.nodeName"
     return bool(obj.get("spec", {}).get("nodeName") == value)
+
+
+_TERM = re.compile(
+    r"\s*(!?)([^\s,!=()]+)\s*(?:(=|==|!=)\s*([^\s,()]*)|\s+(in|notin)\s*\(([^)]*)\))?\s*(?:,|$)"
+)
+
+
+def _labels_match(labels: dict[str, str], selector: str) -> bool:
+    """The API server's label selector syntax, as much of it as the source sends."""
+    pos = 0
+    while pos < len(selector):
+        term = _TERM.match(selector, pos)
+        assert term and term.end() > pos, f"unparsable labelSelector {selector!r} at {pos}"
+        pos = term.end()
+        negated, key, op, value, set_op, values = term.groups()
+        if op:
+            if (labels.get(key) == value) != (op != "!="):
+                return False
+        elif set_op:
+            members = {v.strip() for v in values.split(",") if v.strip()}
+            if (labels.get(key) in members) != (set_op == "in"):
+                return False
+        elif (key in labels) == bool(negated):
+            return False
+    return True
 
 
 class ThreadedApi:

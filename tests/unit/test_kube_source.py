@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -261,3 +262,153 @@ def test_kubeconfig_errors_are_source_errors(tmp_path: Path) -> None:
     path.write_text("current-context: missing\ncontexts: []\n")
     with pytest.raises(SourceError, match="missing"):
         KubeSource("node-1", kubeconfig=path)
+
+
+# --- the pods BalancingPolicies select anywhere ----------------------------------------------------------
+
+BALANCING = "/apis/balancing.elf.io/v1beta1/balancingpolicies"
+
+
+def labelled_pod(name: str, node: str, namespace: str = "default", **labels: str) -> dict[str, Any]:
+    meta = {"name": name, "namespace": namespace, "labels": labels}
+    return {"metadata": meta, "spec": {"nodeName": node}}
+
+
+def selecting(name: str, selector: dict[str, Any], *, enabled: bool = True) -> dict[str, Any]:
+    """A BalancingPolicy whose serviceEndpoint picks pods by ``selector``."""
+    spec: dict[str, Any] = copy.deepcopy(POLICY["spec"])
+    spec["backend"]["serviceEndpoint"]["endpointSelector"] = selector
+    spec["enabled"] = enabled
+    return {"metadata": {"name": name}, "spec": spec}
+
+
+def pod_names(update: SourceUpdate) -> set[str]:
+    return {o.metadata.name for o in update.upserts if o.kind == "Pod"}
+
+
+def pod_watches(fake: FakeApi) -> list[tuple[str, dict[str, str]]]:
+    return [(path, p) for path, p in fake.requests if "pods" in path and p.get("watch")]
+
+
+@pytest.mark.asyncio
+async def test_pods_a_policy_selects_on_other_nodes_are_in_the_initial_state(
+    api: tuple[FakeApi, str],
+) -> None:
+    fake, url = api
+    fake.put(PODS, labelled_pod("web-here", "node-1", app="web"))
+    fake.put(PODS, labelled_pod("web-there", "node-2", app="web"))
+    fake.put(PODS, labelled_pod("db-there", "node-2", app="db"))
+    fake.put(BALANCING, selecting("p", {"matchLabels": {"app": "web"}}))
+    async with following(url) as updates:
+        first = await next_update(updates)
+        assert pod_names(first) == {"web-here", "web-there"}, "each pod once, though two watches see web-here"
+        selector_lists = [p for path, p in fake.requests if path == PODS and p.get("labelSelector")]
+        assert selector_lists == [{"labelSelector": "app=web"}]
+        await no_update(updates, fake)
+
+
+@pytest.mark.asyncio
+async def test_a_new_policy_brings_its_pods_and_its_deletion_takes_them_away(
+    api: tuple[FakeApi, str],
+) -> None:
+    fake, url = api
+    fake.put(PODS, labelled_pod("web-here", "node-1", app="web"))
+    fake.put(PODS, labelled_pod("web-there", "node-2", app="web"))
+    async with following(url) as updates:
+        assert pod_names(await next_update(updates)) == {"web-here"}
+        await watching(fake, BALANCING)
+        fake.put(BALANCING, selecting("p", {"matchLabels": {"app": "web"}}))
+        assert names(await next_update(updates)) == {("BalancingPolicy", "p")}
+        assert pod_names(await next_update(updates)) == {"web-there"}
+        await watching(fake, PODS, 2)
+        fake.put(PODS, labelled_pod("web-later", "node-3", app="web"))
+        assert pod_names(await next_update(updates)) == {"web-later"}
+        fake.delete(PODS, "default", "web-there")
+        assert (await next_update(updates)).deletes == [("Pod", "default", "web-there")]
+        fake.delete(BALANCING, "", "p")
+        assert (await next_update(updates)).deletes == [("BalancingPolicy", "", "p")]
+        gone = await next_update(updates)
+        assert gone.deletes == [("Pod", "default", "web-later")], (
+            "this node's pod stays: its own watch holds it"
+        )
+        await no_update(updates, fake)
+
+
+@pytest.mark.asyncio
+async def test_a_changed_selector_lists_the_new_pods_before_dropping_the_old(
+    api: tuple[FakeApi, str],
+) -> None:
+    fake, url = api
+    fake.put(PODS, labelled_pod("blue", "node-2", app="web", colour="blue"))
+    fake.put(PODS, labelled_pod("green", "node-2", app="web", colour="green"))
+    fake.put(BALANCING, selecting("p", {"matchLabels": {"colour": "blue"}}))
+    async with following(url) as updates:
+        assert pod_names(await next_update(updates)) == {"blue"}
+        await watching(fake, BALANCING)
+        fake.put(BALANCING, selecting("p", {"matchLabels": {"colour": "green"}}))
+        assert names(await next_update(updates)) == {("BalancingPolicy", "p")}
+        new = await next_update(updates)
+        assert pod_names(new) == {"green"} and not new.deletes
+        old = await next_update(updates)
+        assert old.deletes == [("Pod", "default", "blue")] and not old.upserts
+
+
+@pytest.mark.asyncio
+async def test_equal_selectors_share_one_watch_and_disabled_policies_need_none(
+    api: tuple[FakeApi, str],
+) -> None:
+    fake, url = api
+    fake.put(PODS, labelled_pod("web", "node-2", app="web"))
+    fake.put(PODS, labelled_pod("off", "node-2", app="off"))
+    fake.put(BALANCING, selecting("a", {"matchLabels": {"app": "web"}}))
+    fake.put(
+        BALANCING, selecting("b", {"matchExpressions": [{"key": "app", "operator": "In", "values": ["web"]}]})
+    )
+    fake.put(BALANCING, selecting("c", {"matchLabels": {"app": "web"}}))
+    fake.put(BALANCING, selecting("d", {"matchLabels": {"app": "off"}}, enabled=False))
+    async with following(url) as updates:
+        assert pod_names(await next_update(updates)) == {"web"}
+        await watching(fake, PODS, 3)  # this node's, app=web, app in (web)
+        selectors = sorted(p.get("labelSelector", "") for _, p in pod_watches(fake))
+        assert selectors == ["", "app in (web)", "app=web"]
+        fake.delete(BALANCING, "", "a")  # c still needs app=web
+        assert (await next_update(updates)).deletes == [("BalancingPolicy", "", "a")]
+        await no_update(updates, fake)
+
+
+@pytest.mark.asyncio
+async def test_a_namespace_in_the_selector_narrows_the_watch_to_it(api: tuple[FakeApi, str]) -> None:
+    fake, url = api
+    fake.put(PODS, labelled_pod("dns", "node-2", namespace="kube-system", app="dns"))
+    fake.put(PODS, labelled_pod("dns", "node-2", namespace="default", app="dns"))
+    selector = {"matchLabels": {"io.kubernetes.pod.namespace": "kube-system", "app": "dns"}}
+    fake.put(BALANCING, selecting("p", selector))
+    async with following(url) as updates:
+        first = await next_update(updates)
+        assert {(o.metadata.namespace, o.metadata.name) for o in first.upserts if o.kind == "Pod"} == {
+            ("kube-system", "dns")
+        }
+        assert ("/api/v1/namespaces/kube-system/pods", {"labelSelector": "app=dns"}) in fake.requests
+
+
+@pytest.mark.asyncio
+async def test_relist_of_a_selector_watch_after_gone_emits_only_the_difference(
+    api: tuple[FakeApi, str],
+) -> None:
+    fake, url = api
+    fake.put(PODS, labelled_pod("a", "node-2", app="web"))
+    fake.put(PODS, labelled_pod("b", "node-2", app="web"))
+    fake.put(BALANCING, selecting("p", {"matchLabels": {"app": "web"}}))
+    async with following(url) as updates:
+        assert pod_names(await next_update(updates)) == {"a", "b"}
+        await watching(fake, PODS, 2)
+        fake.drop_watches()
+        fake.delete(PODS, "default", "a", notify=False)
+        fake.put(PODS, labelled_pod("c", "node-2", app="web"), notify=False)
+        fake.compact()
+        seen = SourceUpdate()
+        while len(seen.upserts) + len(seen.deletes) < 2:  # one update per collection that changed
+            update = await next_update(updates)
+            seen.upserts.extend(update.upserts)
+            seen.deletes.extend(update.deletes)
+        assert pod_names(seen) == {"c"} and seen.deletes == [("Pod", "default", "a")]

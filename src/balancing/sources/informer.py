@@ -60,12 +60,14 @@ class Gone(Exception):
 
 @dataclass(frozen=True)
 class Resource:
-    """A collection to follow: its URL path, the apiVersion/kind of its items, optional field selector."""
+    """A collection to follow: its URL path, the apiVersion/kind of its items, optional field and label
+    selectors."""
 
     path: str
     api_version: str
     kind: str
     field_selector: str = ""
+    label_selector: str = ""
 
 
 @dataclass(frozen=True)
@@ -242,7 +244,11 @@ class Informer:
     # --- helpers ---------------------------------------------------------------------------------------
 
     def _params(self) -> dict[str, str]:
-        return {"fieldSelector": self.resource.field_selector} if self.resource.field_selector else {}
+        params = {
+            "fieldSelector": self.resource.field_selector,
+            "labelSelector": self.resource.label_selector,
+        }
+        return {k: v for k, v in params.items() if v}
 
     def _parse(self, item: Any) -> tuple[KubeObject | None, list[ManifestError], tuple[str, str] | None]:
         """The object, or the errors it has (once per resourceVersion), and its (namespace, name)."""

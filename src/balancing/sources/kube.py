@@ -1,8 +1,10 @@
 """The Kubernetes API source: the objects in force read from an API server by list+watch.
 
 ``KubeSource(node_name, api_base_url=... | kubeconfig=... | neither for in-cluster)`` follows Services,
-EndpointSlices, Nodes, LocalRedirectPolicies, BalancingPolicies, and the Pods scheduled on ``node_name``
-(``fieldSelector=spec.nodeName=<node>``). ``updates()`` yields ``SourceUpdate``\\ s like the manifest source:
+EndpointSlices, Nodes, LocalRedirectPolicies, BalancingPolicies, the Pods scheduled on ``node_name``
+(``fieldSelector=spec.nodeName=<node>``), and the Pods the BalancingPolicies' endpoint selectors pick
+anywhere (one ``labelSelector`` watch per distinct selector, started and retired as policies change; see
+``sources.selected_pods``). ``updates()`` yields ``SourceUpdate``\\ s like the manifest source:
 the first is the full initial state (every object as an upsert, plus the errors found), each later one
 only a difference. Malformed objects are skipped with a ``KubeObjectError`` (a ``ManifestError`` subclass,
 so it fits ``SourceUpdate.errors``) naming kind, namespace/name and field. Watch, relist, resync and
@@ -22,7 +24,7 @@ import logging
 import os
 import ssl
 import tempfile
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ from balancing.errors import SourceError
 from balancing.model.objects import POLICY_API_VERSION
 from balancing.sources.informer import Informer, KubeObjectError, Resource, Timing
 from balancing.sources.manifests import SourceUpdate
+from balancing.sources.selected_pods import PodQuery, PodUnion, pod_queries
 
 __all__ = ["KubeConnection", "KubeObjectError", "KubeSource", "Timing", "resources_for"]
 
@@ -184,26 +187,124 @@ class KubeSource:
 
     async def updates(self) -> AsyncGenerator[SourceUpdate, None]:
         """The full initial state, then every non-empty difference, forever (close to stop)."""
-        queue: asyncio.Queue[SourceUpdate] = asyncio.Queue()
-
-        async def emit(update: SourceUpdate) -> None:
-            await queue.put(update)
-
         async with httpx.AsyncClient(
             base_url=self.connection.base_url, verify=self.connection.verify, timeout=30.0
         ) as client:
-            informers = [Informer(client, r, self.connection.headers, self.timing) for r in self.resources]
-            initial = await asyncio.gather(*(i.list_until_done() for i in informers))
-            tasks = [asyncio.create_task(i.run(emit), name=f"watch {i.resource.path}") for i in informers]
+            run = _Run(client, self.connection, self.timing)
             try:
-                yield SourceUpdate(
-                    [o for u in initial for o in u.upserts],
-                    [d for u in initial for d in u.deletes],
-                    [e for u in initial for e in u.errors],
-                )
+                yield await run.start(self.resources)
                 while True:
-                    yield await queue.get()
+                    yield await run.queue.get()
             finally:
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+                await run.stop()
+
+
+_NODE_PODS = "this node's pods"  # the PodUnion holder of the spec.nodeName watch
+
+
+class _Run:
+    """One ``updates()`` run: the fixed informers, plus one pod informer per ``PodQuery`` the
+    BalancingPolicies in force need, started and retired as policies change.
+
+    A query's informer is retired only once every newly needed query has been listed, so a policy whose
+    selector changes keeps its old pods until the new ones are known (make before break)."""
+
+    def __init__(self, client: httpx.AsyncClient, connection: KubeConnection, timing: Timing) -> None:
+        self.client = client
+        self.connection = connection
+        self.timing = timing
+        self.queue: asyncio.Queue[SourceUpdate] = asyncio.Queue()
+        self.pods = PodUnion()
+        self.tasks: dict[Hashable, asyncio.Task[None]] = {}
+        self.policies: Informer | None = None
+        self.listed: set[PodQuery] = set()  # queries whose informer has delivered its first list
+        self.retiring: set[asyncio.Task[None]] = set()  # cancelled, not finished yet
+
+    async def start(self, resources: list[Resource]) -> SourceUpdate:
+        """List everything (the policies decide which pods to list next), then watch: the initial state."""
+        fixed = {r: self._informer(r) for r in resources}
+        lists = await asyncio.gather(*(i.list_until_done() for i in fixed.values()))
+        combined = SourceUpdate()
+        for resource, listed in zip(fixed, lists, strict=True):
+            if resource.kind == "BalancingPolicy":
+                self.policies = fixed[resource]
+            _extend(combined, self.pods.apply(_NODE_PODS, listed) if resource.kind == "Pod" else listed)
+        queries = sorted(self._needed())
+        informers = {q: self._informer(_query_resource(q)) for q in queries}
+        lists = await asyncio.gather(*(i.list_until_done() for i in informers.values()))
+        for query, update in zip(queries, lists, strict=True):
+            _extend(combined, self.pods.apply(query, update))
+            self.listed.add(query)
+        for resource, informer in fixed.items():
+            holder = _NODE_PODS if resource.kind == "Pod" else resource
+            self._spawn(holder, informer.run(self._emitter(resource.kind, holder)))
+        for query, informer in informers.items():
+            self._spawn(query, informer.run(self._emitter("Pod", query)))
+        return combined
+
+    async def stop(self) -> None:
+        tasks = [*self.tasks.values(), *self.retiring]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.tasks.clear()
+
+    # --- following the policies ----------------------------------------------------------------------
+
+    def _needed(self) -> set[PodQuery]:
+        return pod_queries(self.policies.objects.values()) if self.policies is not None else set()
+
+    def _reconcile(self) -> None:
+        """Start the informers newly needed queries want; retire the unneeded ones when it is safe."""
+        needed = self._needed()
+        for query in sorted(needed - self.tasks.keys()):
+            log.info("following %s for BalancingPolicies", query)
+            self._spawn(query, self._follow(query))
+        pending = {q for q in needed if q not in self.listed}
+        if pending:
+            return  # retire once the new queries are listed
+        for holder in [h for h in self.tasks if isinstance(h, PodQuery) and h not in needed]:
+            log.info("no longer following %s", holder)
+            task = self.tasks.pop(holder)
+            task.cancel()
+            self.retiring.add(task)
+            task.add_done_callback(self.retiring.discard)
+            self.listed.discard(holder)
+            self._put(self.pods.drop(holder))
+
+    async def _follow(self, query: PodQuery) -> None:
+        informer = self._informer(_query_resource(query))
+        self._put(self.pods.apply(query, await informer.list_until_done()))
+        self.listed.add(query)
+        self._reconcile()
+        await informer.run(self._emitter("Pod", query))
+
+    # --- plumbing --------------------------------------------------------------------------------------
+
+    def _informer(self, resource: Resource) -> Informer:
+        return Informer(self.client, resource, self.connection.headers, self.timing)
+
+    def _spawn(self, holder: Hashable, work: Coroutine[Any, Any, None]) -> None:
+        self.tasks[holder] = asyncio.create_task(work, name=f"follow {holder}")
+
+    def _emitter(self, kind: str, holder: Hashable) -> Callable[[SourceUpdate], Awaitable[None]]:
+        async def emit(update: SourceUpdate) -> None:
+            self._put(self.pods.apply(holder, update) if kind == "Pod" else update)
+            if kind == "BalancingPolicy":
+                self._reconcile()
+
+        return emit
+
+    def _put(self, update: SourceUpdate) -> None:
+        if update:
+            self.queue.put_nowait(update)
+
+
+def _query_resource(query: PodQuery) -> Resource:
+    return Resource(query.path, "v1", "Pod", label_selector=query.label_selector)
+
+
+def _extend(into: SourceUpdate, update: SourceUpdate) -> None:
+    into.upserts.extend(update.upserts)
+    into.deletes.extend(update.deletes)
+    into.errors.extend(update.errors)

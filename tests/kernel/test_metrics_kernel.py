@@ -202,3 +202,21 @@ def test_frontend_taken_over_keeps_its_counts_where_they_were_made(
     samples = get_samples(server)
     assert resolutions(samples, name="web", hook="connect4") == 7
     assert resolutions(samples, kind="LocalRedirectPolicy", name="web-local", hook="connect4") == 4
+
+
+def test_forget_deletes_the_counters_of_the_given_ids_only(
+    cluster: Cluster, scrape: tuple[Metrics, MetricsServer, OwnerIndex], dp: Datapath
+) -> None:
+    """The collector deletes counters of ids no longer programmed; the kernel reader does it on the map."""
+    from balancing.metrics import KernelReader
+
+    assert client(cluster, "tcp", VIP, 80, "--count", 3)["ok"] == 3
+    assert client(cluster, "tcp", VIP_EMPTY, 80, "--count", 2)["errors"] == {"ECONNREFUSED": 2}
+    reader = KernelReader(dp.bpffs)
+    web_id, empty_id = (dp.writer.svc_id(parse_key(f"{ip}:80/TCP")) for ip in (VIP, VIP_EMPTY))
+    assert web_id is not None and empty_id is not None
+    assert {k[0] for k in reader.read().resolutions} == {web_id, empty_id}
+    assert reader.forget({empty_id, 999_999}) == 1
+    assert {k[0] for k in reader.read().resolutions} == {web_id}
+    assert client(cluster, "tcp", VIP_EMPTY, 80, "--count", 1)["errors"] == {"ECONNREFUSED": 1}
+    assert reader.read().resolutions[(empty_id, "refused", 6, "connect4")] == 1, "recreated from zero"

@@ -49,10 +49,19 @@ class FakeReader:
     def __init__(self, snap: kernel.Snapshot | None = None) -> None:
         self.snap = snap or kernel.Snapshot()
         self.reads = 0
+        self.forgotten: set[int] = set()
 
     def read(self) -> kernel.Snapshot:
         self.reads += 1
         return self.snap
+
+    def forget(self, svc_ids: set[int]) -> int:
+        """As the kernel map would: the keys of these ids go."""
+        doomed = [k for k in self.snap.resolutions if k[0] in svc_ids]
+        for k in doomed:
+            del self.snap.resolutions[k]
+        self.forgotten |= svc_ids
+        return len(doomed)
 
 
 def samples_of(m: metrics.Metrics) -> Samples:
@@ -199,6 +208,32 @@ def test_unknown_ids_wait_for_their_owner_then_are_labelled_by_service_id(
     assert resolution_series(samples_of(m)) == {("web", "translated", ""): 6}  # the whole count, once known
     clock.now += 31
     assert resolution_series(samples_of(m)) == {("web", "translated", ""): 6, ("", "translated", "9"): 4}
+    assert reader.forgotten == {9} and key(9) not in reader.snap.resolutions, "counted, then deleted"
+    reader.snap.resolutions[key(9)] = 1  # a late datagram recreates it: counted from zero
+    clock.now += 61
+    assert resolution_series(samples_of(m))[("", "translated", "9")] == 5
+
+
+def test_a_removed_frontends_last_counts_still_go_to_its_owner(reader: FakeReader, clock: FakeClock) -> None:
+    index = metrics.OwnerIndex(linger=300, clock=clock)
+    fkey = FrontendKey(parse_ip("10.96.0.1"), 80, IPProtocol.TCP)
+    index.replace({fkey: Frontend(WEB, ())}, {fkey: 1}.get)
+    mt = metrics.Metrics(clock=clock)
+    mt.registry.register(
+        metrics.DatapathCollector(Path("/nonexistent"), index, reader=reader, clock=clock, unknown_grace=60)
+    )
+    reader.snap = kernel.Snapshot(resolutions={key(1): 5})
+    samples_of(mt)
+    index.replace({}, {fkey: 1}.get)  # the Service is deleted between two scrapes
+    reader.snap = kernel.Snapshot(resolutions={key(1): 7})
+    clock.now += 10
+    assert resolution_series(samples_of(mt)) == {("web", "translated", ""): 7}
+    clock.now += 300  # the owner is forgotten; 60 s later the counters are deleted
+    samples_of(mt)
+    assert not reader.forgotten
+    clock.now += 61
+    assert resolution_series(samples_of(mt)) == {("web", "translated", ""): 7}
+    assert reader.forgotten == {1} and not reader.snap.resolutions
 
 
 def test_a_new_owner_of_a_frontend_counts_only_what_came_after(
@@ -278,12 +313,12 @@ def test_the_kernel_reader_reports_a_missing_datapath_as_errors(tmp_path: Path) 
     assert len(snap.errors) == len(abi.ALL_MAPS)
 
 
-def test_owner_index_follows_full_and_partial_syncs() -> None:
+def test_owner_index_follows_full_and_partial_syncs(clock: FakeClock) -> None:
     def fk(ip: str, port: int = 80) -> FrontendKey:
         return FrontendKey(parse_ip(ip), port, IPProtocol.TCP)
 
     ids = {fk("10.96.0.1"): 1, fk("10.96.0.2"): 2, fk("10.96.0.3"): 3}
-    index = metrics.OwnerIndex()
+    index = metrics.OwnerIndex(linger=300, clock=clock)
     index.replace({fk("10.96.0.1"): Frontend(WEB, ()), fk("10.96.0.2"): Frontend(WEB, ())}, ids.get)
     assert index(1) == WEB and index(2) == WEB and index(3) is None and len(index) == 2
     index.apply(
@@ -293,9 +328,11 @@ def test_owner_index_follows_full_and_partial_syncs() -> None:
         ),
         ids.get,
     )
-    assert index(1) is None and index(2) == POLICY and index(3) == POLICY
+    assert index(1) == WEB and index(2) == POLICY and index(3) == POLICY, "1 removed: its owner lingers"
     index.replace({}, ids.get)
     assert len(index) == 0
+    clock.now += 301
+    assert index(1) is None and index(2) is None and index(3) is None
 
 
 # --- exposition ------------------------------------------------------------------------------------------

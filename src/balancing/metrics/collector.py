@@ -8,10 +8,13 @@ hook); nothing per connect crosses to user space. At each scrape ``DatapathColle
 Counters stay monotonic although owners change under them: the collector keeps, per map key, the value it
 last attributed and adds only the *increase* since then to the owner's series. A frontend that a policy
 takes over (same id, new owner), a Service deleted and recreated (new id, same owner) or a map entry
-recreated (its count restarts) therefore never makes a series go down. An id with no owner is held back for
-``unknown_grace`` seconds (the agent's first sync after a restart, a scrape racing a write), then counted
-under ``service_id`` with empty owner labels. A series whose owner no longer owns any counted frontend is
-dropped after ``retention`` seconds, so deleted Services do not accumulate.
+recreated (its count restarts) therefore never makes a series go down. A removed frontend's owner is
+remembered for ``OwnerIndex.linger`` seconds, so its last counts (and UDP replies of sockets still open) go
+to the right series. An id with no owner is held back for ``unknown_grace`` seconds (the agent's first sync
+after a restart, a scrape racing a write), then counted under ``service_id`` with empty owner labels, and
+its keys are deleted from the kernel map (``Reader.forget``): ids are never reused, so without this the
+counters of Services long gone would fill the map. A series whose owner no longer owns any counted frontend
+is dropped after ``retention`` seconds, so deleted Services do not accumulate.
 """
 
 from __future__ import annotations
@@ -40,20 +43,35 @@ OwnerOf = Callable[[int], Owner | None]
 class Reader(Protocol):
     def read(self) -> kernel.Snapshot: ...
 
+    def forget(self, svc_ids: set[int]) -> int: ...
+
 
 class OwnerIndex:
-    """Frontend id → owner of what the writer programmed; the agent refreshes it after each write.
+    """Frontend id → owner of what the writer programmed; the agent refreshes it after each write. The
+    owner of a removed id is still given for ``linger`` seconds.
 
     Scrapes call it from the metrics thread: lookups are single dict reads, and ``replace`` swaps whole
     dicts, so a reader sees the old or the new state, never a half-built one.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, linger: float = 300.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.linger = linger
+        self._clock = clock
         self._ids: dict[FrontendKey, int] = {}
         self._owners: dict[int, Owner] = {}
+        self._retired: dict[int, tuple[Owner, float]] = {}  # removed id → (owner, when removed)
 
     def __call__(self, svc_id: int) -> Owner | None:
-        return self._owners.get(svc_id)
+        owner = self._owners.get(svc_id)
+        if owner is not None:
+            return owner
+        retired = self._retired.get(svc_id)
+        return retired[0] if retired is not None and self._clock() - retired[1] < self.linger else None
+
+    def _retire(self, gone: Mapping[int, Owner]) -> None:
+        now = self._clock()
+        kept = {i: r for i, r in self._retired.items() if now - r[1] < self.linger}
+        self._retired = {**kept, **{i: (owner, now) for i, owner in gone.items()}}
 
     def __len__(self) -> int:
         return len(self._owners)
@@ -64,14 +82,17 @@ class OwnerIndex:
         """After a full sync: exactly these frontends (``svc_id``: the writer's ``MapWriter.svc_id``)."""
         ids = {k: i for k in frontends if (i := svc_id(k)) is not None}
         owners = {i: frontends[k].owner for k, i in ids.items()}
+        self._retire({i: o for i, o in self._owners.items() if i not in owners})
         self._ids, self._owners = ids, owners
 
     def apply(self, changes: FrontendChanges, svc_id: Callable[[FrontendKey], int | None]) -> None:
         """After a partial sync: set the upserted frontends, forget the removed ones."""
+        gone: dict[int, Owner] = {}
         for key in changes.remove - changes.upsert.keys():
             old = self._ids.pop(key, None)
-            if old is not None:
-                self._owners.pop(old, None)
+            if old is not None and (owner := self._owners.pop(old, None)) is not None:
+                gone[old] = owner
+        self._retire(gone)
         for key, frontend in changes.upsert.items():
             i = svc_id(key)
             if i is not None:
@@ -133,6 +154,7 @@ class DatapathCollector(Collector):
 
     def _account(self, counts: Mapping[kernel.StatKey, int], now: float) -> dict[Labels, int]:
         owners: dict[int, Owner | None] = {}
+        expired: set[int] = set()  # not programmed (past the grace): counted now, then deleted
         for key, value in counts.items():
             svc_id = key[0]
             if svc_id not in owners:
@@ -148,6 +170,9 @@ class DatapathCollector(Collector):
                 self._totals[labels] = self._totals.get(labels, 0) + delta
             if labels in self._totals:
                 self._mapped_at[labels] = now
+            if owner is None:
+                expired.add(svc_id)
+        self._forget(expired)
         for key in self._last.keys() - counts.keys():
             del self._last[key]
         for svc_id in self._unknown_since.keys() - owners.keys():
@@ -155,6 +180,18 @@ class DatapathCollector(Collector):
         for labels in [lb for lb, at in self._mapped_at.items() if now - at > self.retention]:
             del self._mapped_at[labels], self._totals[labels]
         return dict(self._totals)
+
+    def _forget(self, svc_ids: set[int]) -> None:
+        if not svc_ids:
+            return
+        try:
+            deleted = self.reader.forget(svc_ids)
+        except OSError as exc:
+            log.warning("cannot delete the counters of %d retired frontend ids: %s", len(svc_ids), exc)
+            return
+        log.debug("deleted %d counters of %d retired frontend ids", deleted, len(svc_ids))
+        for key in [k for k in self._last if k[0] in svc_ids]:
+            del self._last[key]  # a key that comes back counts from zero
 
     def _owner(self, svc_id: int, now: float) -> Owner | None:
         owner = self.owner_of(svc_id)

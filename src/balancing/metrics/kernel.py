@@ -78,6 +78,20 @@ class KernelReader:
         self._read_links(snap)
         return snap
 
+    def forget(self, svc_ids: set[int]) -> int:
+        """Delete the counters of these frontend ids (no longer programmed, already attributed); how many
+        keys went. The map is small next to the service map, so walking its keys is cheap."""
+        if not svc_ids:
+            return 0
+        fd = libbpf.obj_get(str(self.bpffs / "maps" / abi.MAP_STATS))
+        try:
+            doomed = [
+                k for k in libbpf.map_keys(fd, abi.STAT_KEY.size) if abi.unpack_stat_key(k)[0] in svc_ids
+            ]
+            return sum(libbpf.map_delete(fd, k) for k in doomed)
+        finally:
+            os.close(fd)
+
     def _read_map(self, name: str, fd: int, snap: Snapshot) -> None:
         info = libbpf.MapInfo()
         libbpf.obj_get_info(fd, info)

@@ -12,6 +12,7 @@ Layout (``P`` = the prefix)::
                         pods and clients: "unreachable" routes for the VIP ranges (10.96.0.0/12,
                         fd00:96::/108), no default route -> untranslated VIP traffic fails at once
                         with EHOSTUNREACH, anything else with ENETUNREACH
+    netns P-<name>      add_netns(): bare (lo up), wired by the caller (routed layouts: nodes, routers)
     cgroup2             <cgroup2 mount>/P/<node>          (node_cgroup(node))
     bpffs               /sys/fs/bpf/P/                    (bpffs is mounted on /sys/fs/bpf if needed)
 
@@ -733,6 +734,23 @@ class Topology:
         client = self._add_host(Client, name, node, 2, "c")
         assert isinstance(client, Client)
         return client
+
+    def add_netns(self, name: str) -> str:
+        """A bare network namespace ``<prefix>-<name>`` with only lo up, for layouts the helpers above do not
+        build (routers, nodes, hosts on links of their own); wire it with ``ip_batch``. Deleted at teardown
+        like every other namespace of the topology (its veths and netfilter rules go with it). Returns its
+        name."""
+        self._check_open()
+        if not NAME_RE.match(name):
+            raise ValueError(f"bad name {name!r}: use [a-z0-9-], at most 32 characters")
+        netns = f"{self.prefix}-{name}"
+        if netns in self._netns or name in self.pods or name in self.clients:
+            raise ValueError(f"name {name!r} already used in this topology")
+        t0 = time.perf_counter()
+        self._add_netns(netns)
+        ip_batch(netns, ["link set lo up"])
+        self.setup_seconds += time.perf_counter() - t0
+        return netns
 
     def hosts(self) -> list[Host]:
         return [*self.pods.values(), *self.clients.values()]

@@ -153,6 +153,21 @@ def test_unknown_kind_denied() -> None:
     assert not allowed and "is not read by balancing" in message
 
 
+def test_update_of_a_policy_being_deleted_is_allowed_even_if_invalid_or_conflicting() -> None:
+    """Removing a finalizer from a policy on its way out must never be refused (Kubernetes < 1.28 has no
+    matchConditions to skip such requests before they reach the webhook)."""
+    older = parsed(lrp_doc("older", "2020-01-01T00:00:00Z"))
+    leaving = lrp_doc("newer")
+    leaving["metadata"]["deletionTimestamp"] = "2026-02-01T00:00:00Z"
+    assert validate(request("UPDATE", leaving), lambda: [older]) == (True, "")
+    broken = {
+        "kind": "LocalRedirectPolicy",
+        "metadata": {"name": "x", "deletionTimestamp": "2026-02-01T00:00:00Z"},
+    }
+    assert validate(request("UPDATE", broken), no_policies) == (True, "")
+    assert not validate(request("UPDATE", lrp_doc("newer")), lambda: [older])[0], "not leaving: conflict"
+
+
 @pytest.mark.parametrize("doc", [lrp_doc(), {"kind": "BalancingPolicy", "spec": "garbage"}, None])
 def test_delete_always_allowed(doc: dict[str, Any] | None) -> None:
     older = parsed(lrp_doc("older", "2020-01-01T00:00:00Z"))

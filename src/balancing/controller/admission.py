@@ -161,6 +161,12 @@ def validate(request: dict[str, Any], existing: Existing) -> tuple[bool, str]:
     if operation not in ("CREATE", "UPDATE"):
         return True, ""  # DELETE (and CONNECT) are never refused
     doc = request.get("object")
+    if (
+        operation == "UPDATE"
+        and isinstance(doc, dict)
+        and (doc.get("metadata") or {}).get("deletionTimestamp")
+    ):
+        return True, ""  # a policy on its way out (e.g. a finalizer being removed) is never held back
     policy, problems = parse_policy(doc)
     if policy is None:
         return False, "; ".join(problems)

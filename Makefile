@@ -6,17 +6,24 @@ ARCH := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
 MULTIARCH := $(shell gcc -print-multiarch 2>/dev/null || echo $(shell uname -m)-linux-gnu)
 BPF_CFLAGS := -O2 -g -Wall -Werror -target bpf -D__TARGET_ARCH_$(ARCH) -I/usr/include/$(MULTIARCH)
 BPF_OBJ := $(BUILD)/bpf/balancing.o
+SOCKTERM_OBJ := $(BUILD)/bpf/sockterm.o
 
-.PHONY: all setup bpf lint test test-unit test-kernel demo bench clean
+.PHONY: all setup bpf lint test test-unit test-kernel demo bench bench-memory clean
 
 all: bpf
 
 setup:
 	@bash scripts/setup.sh
 
-bpf: $(BPF_OBJ)
+bpf: $(BPF_OBJ) $(SOCKTERM_OBJ)
 
 $(BPF_OBJ): bpf/balancing.c bpf/balancing.h
+	@mkdir -p $(dir $@)
+	clang $(BPF_CFLAGS) -c $< -o $@
+
+# Socket termination (iter/udp + bpf_sock_destroy, kernel >= 6.5): a separate object, so that the datapath
+# still loads where the kfunc is missing. Kernel types come from CO-RE declarations in the source, not vmlinux.h.
+$(SOCKTERM_OBJ): bpf/sockterm.c bpf/balancing.h
 	@mkdir -p $(dir $@)
 	clang $(BPF_CFLAGS) -c $< -o $@
 
@@ -46,6 +53,10 @@ demo: setup bpf
 
 bench: setup bpf
 	$(PY) bench/run.py
+
+# Memory over a long Kubernetes-mode run under churn (no kernel, no root); e.g. ARGS="--duration 120 -o json".
+bench-memory: setup
+	$(PY) bench/memory.py $(ARGS)
 
 clean:
 	rm -rf $(BUILD)

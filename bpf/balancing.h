@@ -1,9 +1,9 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
  * The Balancing BPF ABI: every map name, key, value and constant shared by the BPF programs
- * (balancing.c) and the control plane. Mirrored by exactly one Python module,
- * src/balancing/datapath/abi.py; tests/kernel/test_abi.py checks that mirror against the BTF
- * of the compiled object, so an edit on one side only fails a test, not a node.
+ * (balancing.c; sockterm.c for socket termination) and the control plane. Mirrored by exactly one
+ * Python module, src/balancing/datapath/abi.py; tests/kernel/test_abi.py checks that mirror against
+ * the BTF of the compiled object, so an edit on one side only fails a test, not a node.
  *
  * Addresses are always 16 bytes in network order: IPv6 as is, IPv4 as ::ffff:a.b.c.d. One key
  * shape therefore serves connect4, connect6 and v4-mapped IPv6 sockets alike.
@@ -194,6 +194,31 @@ struct bl_event {
 	char  comm[16];       /* the client's command */
 };
 
+/*
+ * Socket termination (bpf/sockterm.c, a separate object loaded only where the kernel has bpf_sock_destroy()):
+ * a connected UDP socket keeps the backend connect() gave it, so when that backend leaves the frontend the
+ * agent puts the (frontend, backend) pair in the doomed map and runs an iter/udp program in each client
+ * network namespace; it destroys the sockets whose reverse state (bl_sock_rev, looked up by socket cookie)
+ * names a doomed pair. The frontend is part of the key: a pod behind two Services that leaves one of them
+ * keeps the sockets of the other.
+ */
+struct bl_doom_key {
+	__u32 frontend_addr[4]; /* what the socket connected to (bl_sock_rev.frontend.addr), v4-mapped for IPv4 */
+	__u32 backend_addr[4];  /* where it went (bl_sock_rev.backend_addr) */
+	__u16 frontend_port;    /* network order */
+	__u16 backend_port;     /* network order */
+	__u8  proto;            /* IPPROTO_UDP: only UDP sockets are terminated */
+	__u8  pad;              /* 0 */
+	__u16 pad2;             /* 0 */
+};
+
+/* One socket the iterator destroyed, as it writes it to the iterator's output (read by the agent). */
+struct bl_term_rec {
+	__u64 cookie;  /* socket cookie */
+	__u32 svc_id;  /* frontend identity (bl_sock_rev.frontend.svc_id) */
+	__s32 err;     /* bpf_sock_destroy(): 0 or -errno */
+};
+
 #define BL_EVSTAT_LOST 0      /* index in the per-CPU event counters: events dropped, ring buffer full */
 #define BL_EVSTAT_MAX  1
 
@@ -212,6 +237,8 @@ _Static_assert(sizeof(struct bl_qos_val) == 16, "bl_qos_val layout");
 _Static_assert(sizeof(struct bl_stat_key) == 8, "bl_stat_key layout");
 _Static_assert(sizeof(struct bl_config) == 24, "bl_config layout");
 _Static_assert(sizeof(struct bl_event) == 96, "bl_event layout");
+_Static_assert(sizeof(struct bl_doom_key) == 40, "bl_doom_key layout");
+_Static_assert(sizeof(struct bl_term_rec) == 16, "bl_term_rec layout");
 
 /* Default capacities; the loader overrides them from flags before load. */
 #define BL_DEFAULT_SVC_ENTRIES   (65536 + 1048576)  /* frontends + backend slots */
@@ -223,5 +250,6 @@ _Static_assert(sizeof(struct bl_event) == 96, "bl_event layout");
 #define BL_DEFAULT_QOS_ENTRIES   4096               /* rate-limited policy frontends */
 #define BL_DEFAULT_STAT_ENTRIES  262144             /* (frontend, result, proto, hook) counters */
 #define BL_DEFAULT_EVENT_BYTES   (4 << 20)          /* ring buffer */
+#define BL_DEFAULT_DOOM_ENTRIES  65536              /* doomed (frontend, backend) pairs per iterator run */
 
 #endif /* BALANCING_H */

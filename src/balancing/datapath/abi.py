@@ -29,6 +29,8 @@ MAP_STATS = "bl_stats_v1"
 MAP_CONFIG = "bl_cfg_v2"
 MAP_EVENTS = "bl_events_v1"
 MAP_EVENT_STATS = "bl_evstat_v1"
+MAP_DOOMED = "bl_doom_v1"  # defined by bpf/sockterm.c only (socket termination), not in ALL_MAPS
+SOCKTERM_MAPS = (MAP_SOCK_REVERSE, MAP_DOOMED)  # the maps bpf/sockterm.c declares: reused, resp. its own
 ALL_MAPS = (
     MAP_SERVICES,
     MAP_BACKENDS,
@@ -88,6 +90,7 @@ DEFAULT_CLIENT_ENTRIES = 65536
 DEFAULT_QOS_ENTRIES = 4096
 DEFAULT_STAT_ENTRIES = 262144
 DEFAULT_EVENT_BYTES = 4 << 20
+DEFAULT_DOOM_ENTRIES = 65536
 
 
 @dataclass(frozen=True)
@@ -190,6 +193,21 @@ LAYOUTS = (
     CONFIG,
     EVENT,
 )
+# Socket termination (bpf/sockterm.c): checked against that object's BTF by tests/unit/test_abi_sockterm.py.
+DOOM_KEY = Layout(
+    "bl_doom_key",
+    (
+        ("frontend_addr", "16s"),
+        ("backend_addr", "16s"),
+        ("frontend_port", "2s"),
+        ("backend_port", "2s"),
+        ("proto", "B"),
+        ("pad", "B"),
+        ("pad2", "H"),
+    ),
+)
+TERM_REC = Layout("bl_term_rec", (("cookie", "Q"), ("svc_id", "I"), ("err", "i")))
+SOCKTERM_LAYOUTS = (DOOM_KEY, TERM_REC)
 
 _SVC_KEY = SVC_KEY.packer
 _SVC_VAL = SVC_VAL.packer
@@ -380,6 +398,7 @@ MAP_LAYOUTS: dict[str, tuple[Layout, Layout]] = {
     MAP_QOS: (Layout("__u32", (("svc_id", "I"),)), QOS_VAL),
     MAP_STATS: (STAT_KEY, Layout("__u64", (("count", "Q"),))),
     MAP_CONFIG: (Layout("__u32", (("index", "I"),)), CONFIG),
+    MAP_DOOMED: (DOOM_KEY, Layout("__u32", (("value", "I"),))),
 }
 
 
@@ -437,3 +456,35 @@ def pack_config(
     events: int, sample_every: int, wakeup_bytes: int, reverse_events: bool, host_netns_cookie: int = 0
 ) -> bytes:
     return _CONFIG.pack(events, sample_every, wakeup_bytes, int(reverse_events), host_netns_cookie)
+
+
+_DOOM_KEY = DOOM_KEY.packer
+_TERM_REC = TERM_REC.packer
+DOOM_VALUE = b"\x01\x00\x00\x00"
+
+
+def pack_doom_key(
+    frontend_ip: IPAddress,
+    frontend_port: int,
+    backend_ip: IPAddress,
+    backend_port: int,
+    protocol: Protocol | int,
+) -> bytes:
+    """A doomed (frontend, backend) pair: connected sockets of that frontend sent to that backend."""
+    return _DOOM_KEY.pack(
+        pack_addr(frontend_ip),
+        pack_addr(backend_ip),
+        pack_port(frontend_port),
+        pack_port(backend_port),
+        int(protocol),
+        0,
+        0,
+    )
+
+
+def unpack_term_recs(raw: bytes) -> list[tuple[int, int, int]]:
+    """(socket cookie, svc_id, bpf_sock_destroy() result) of each record the termination iterator wrote."""
+    return [
+        (int(c), int(s), int(e))
+        for c, s, e in _TERM_REC.iter_unpack(raw[: len(raw) - len(raw) % _TERM_REC.size])
+    ]

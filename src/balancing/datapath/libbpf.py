@@ -45,6 +45,7 @@ _program_section = _fn("bpf_program__section_name", c_char_p, c_void_p)
 _program_fd = _fn("bpf_program__fd", c_int, c_void_p)
 _program_set_log_buf = _fn("bpf_program__set_log_buf", c_int, c_void_p, c_char_p, c_size_t)
 _program_attach_cgroup = _fn("bpf_program__attach_cgroup", c_void_p, c_void_p, c_int)
+_program_attach_iter = _fn("bpf_program__attach_iter", c_void_p, c_void_p, c_void_p)
 _map_name = _fn("bpf_map__name", c_char_p, c_void_p)
 _map_fd = _fn("bpf_map__fd", c_int, c_void_p)
 _map_set_max_entries = _fn("bpf_map__set_max_entries", c_int, c_void_p, ctypes.c_uint32)
@@ -82,6 +83,7 @@ _map_lookup_batch = _fn(
 )
 _num_possible_cpus = _fn("libbpf_num_possible_cpus", c_int)
 _prog_get_fd_by_id = _fn("bpf_prog_get_fd_by_id", c_int, ctypes.c_uint32)
+_iter_create = _fn("bpf_iter_create", c_int, c_int)
 
 
 def _error(call: str, ret: int | None = None) -> OSError:
@@ -151,6 +153,20 @@ def program_set_log_buf(prog: int, buf: ctypes.Array[ctypes.c_char]) -> None:
 def program_attach_cgroup(prog: int, cgroup_fd: int) -> int:
     ctypes.set_errno(0)
     return _ptr("bpf_program__attach_cgroup", _program_attach_cgroup(prog, cgroup_fd))
+
+
+def program_attach_iter(prog: int) -> int:
+    """A link for an iterator program (no target: the kernel's default, e.g. every UDP socket of the netns
+    the reader is in); ``iter_create`` on its fd makes one readable instance."""
+    ctypes.set_errno(0)
+    return _ptr("bpf_program__attach_iter", _program_attach_iter(prog, None))
+
+
+def iter_create(link_fd: int) -> int:
+    """A new iterator instance (an fd to read to the end, then close); it walks the objects of the calling
+    thread's network namespace as it is now."""
+    ctypes.set_errno(0)
+    return _check("bpf_iter_create", _iter_create(link_fd))
 
 
 def map_name(m: int) -> str:

@@ -13,6 +13,7 @@ client rules come from a resolver the agent passes in.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
@@ -22,7 +23,15 @@ from typing import TypeVar
 from balancing.datapath import abi
 from balancing.datapath.maps import MapIO
 from balancing.datapath.programmed import BackendRef, ProgrammedFrontend, Tier, backend_of, read_state
-from balancing.model.desired import Backend, DesiredState, Frontend, FrontendChanges, FrontendKey, PodRef
+from balancing.model.desired import (
+    Backend,
+    DesiredState,
+    Frontend,
+    FrontendChanges,
+    FrontendKey,
+    PodRef,
+    Protocol,
+)
 
 log = logging.getLogger(__name__)
 Ref = TypeVar("Ref", bound=Hashable)
@@ -59,6 +68,10 @@ class WriteStats:
     ops: int = 0
     frontends_written: int = 0
     frontends_removed: int = 0
+    # UDP frontends that lost backends in this write (removed frontends: all of theirs), with those backends.
+    # A connected UDP socket keeps the backend it was given at connect(): sockterm.SocketTerminator destroys
+    # the ones these pairs name. A backend still in the frontend's other tier is not in the set.
+    udp_backends_removed: dict[FrontendKey, frozenset[Backend]] = field(default_factory=dict)
 
 
 @dataclass
@@ -162,6 +175,7 @@ class MapWriter:
 
     def apply(self, changes: FrontendChanges) -> WriteStats:
         plan, stats = _Plan(), WriteStats()
+        udp_before = self._udp_backends(changes)
         for key, frontend in changes.upsert.items():
             if self._plan_upsert(plan, key, frontend):
                 stats.frontends_written += 1
@@ -169,6 +183,7 @@ class MapWriter:
             if key not in changes.upsert and self._plan_remove(plan, key):
                 stats.frontends_removed += 1
         stats.ops = self._execute(plan)
+        stats.udp_backends_removed = self._udp_backends_removed(udp_before)
         return stats
 
     def refresh_clients(self) -> WriteStats:
@@ -364,3 +379,36 @@ class MapWriter:
             self.recover()
             raise
         return ops
+
+    # --- removed UDP backends (for socket termination) ---------------------------------------------------
+
+    def _udp_backends(self, changes: FrontendChanges) -> dict[FrontendKey, set[BackendRef]]:
+        """The programmed backends (both tiers) of the UDP frontends this change may touch: not those whose
+        Frontend is the very object last applied (the cheap no-op of a full sync)."""
+        out: dict[FrontendKey, set[BackendRef]] = {}
+        for key in itertools.chain(changes.upsert, changes.remove):
+            if key.protocol is not Protocol.UDP or key in out:
+                continue
+            programmed = self._frontends.get(key)
+            if programmed is None or (
+                key in changes.upsert and self._applied.get(key) is changes.upsert[key]
+            ):
+                continue
+            out[key] = _tier_refs(programmed)
+        return out
+
+    def _udp_backends_removed(
+        self, before: dict[FrontendKey, set[BackendRef]]
+    ) -> dict[FrontendKey, frozenset[Backend]]:
+        removed: dict[FrontendKey, frozenset[Backend]] = {}
+        for key, refs in before.items():
+            now = self._frontends.get(key)
+            gone = refs - _tier_refs(now) if now is not None else refs
+            if gone:
+                removed[key] = frozenset(backend_of(r) for r in gone)
+        return removed
+
+
+def _tier_refs(frontend: ProgrammedFrontend) -> set[BackendRef]:
+    tiers = (frontend.primary, frontend.fallback) if frontend.fallback is not None else (frontend.primary,)
+    return {r for t in tiers for r in t.slots if r is not None}

@@ -1,0 +1,356 @@
+"""Destroy connected UDP sockets whose backend left their frontend: kube-proxy's UDP conntrack cleanup.
+
+A connected UDP socket keeps the backend the datapath gave it at ``connect()``. After a write removes backends
+from UDP frontends (``writer.WriteStats.udp_backends_removed``), ``SocketTerminator.terminate`` puts each
+(frontend, backend) pair in the doomed map (``bl_doom_v1``) and, in every distinct network namespace of the
+processes in the attached cgroup subtree (the only sockets the datapath translates), reads the ``iter/udp``
+program of ``bpf/sockterm.c`` once: it destroys (``bpf_sock_destroy()``, Linux >= 6.5) the sockets whose
+reverse state in ``bl_sock_v2`` names a doomed pair, and the application's next receive fails with
+ECONNABORTED (a send with EDESTADDRREQ: the socket is disconnected), so it reconnects and is translated anew.
+The doomed map is emptied again after every run, also when it fails.
+
+The object is loaded once, reusing the datapath's pinned ``bl_sock_v2`` and pinning its own doomed map next
+to it. Where that fails (an old kernel, no object, no datapath loaded) the terminator says so in ``available``
+and ``reason`` and ``terminate`` does nothing: it never raises at agent start. Namespaces are entered with
+``setns`` in one short-lived thread (as ``netns.cookie_of`` does; the iterator walks the sockets of the
+namespace of the thread that creates it). Neighbours: ``libbpf`` (calls), ``abi`` (doomed keys, output
+records), ``writer`` (what was removed), ``loader`` (the datapath whose pins this reuses).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import platform
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from balancing.datapath import abi, libbpf
+from balancing.model.desired import Backend, FrontendKey, Protocol
+
+log = logging.getLogger(__name__)
+
+PROGRAM = "bl_sockterm_udp"
+OBJECT = "sockterm.o"  # built next to the datapath's balancing.o (make bpf)
+CLONE_NEWNET = 0x40000000
+KERNEL_BTF = Path("/sys/kernel/btf/vmlinux")
+# Read the iterator in chunks well below its seq_file buffer (8 pages): a record that would overflow the
+# buffer is discarded and its socket shown to the program again, which then finds it already disconnected.
+READ_SIZE = 4096
+LOG_BUF_SIZE = 1 << 18
+_GONE = (errno.ENOENT, errno.ESRCH)  # a process that exited between listing and looking
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@dataclass
+class TerminationReport:
+    """What one ``terminate`` did."""
+
+    pairs: int = 0  # doomed (frontend, backend) pairs
+    namespaces: int = 0  # distinct network namespaces whose UDP sockets were iterated
+    destroyed: int = 0  # sockets destroyed
+    errors: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    skipped: str = ""  # why nothing was done although pairs were doomed (terminator unavailable)
+
+    def summary(self) -> str:
+        text = (
+            f"{self.pairs} removed UDP backend pairs: {self.destroyed} connected sockets destroyed in "
+            f"{self.namespaces} network namespaces ({self.seconds * 1000:.1f} ms)"
+        )
+        if self.errors:
+            text += f", {len(self.errors)} errors (first: {self.errors[0]})"
+        return text
+
+
+def doomed_keys(removed: Mapping[FrontendKey, Iterable[Backend]]) -> list[bytes]:
+    """The doomed-map keys of the UDP pairs in ``removed`` (other protocols are never terminated)."""
+    keys = {
+        abi.pack_doom_key(front.ip, front.port, b.ip, b.port, Protocol.UDP)
+        for front, backends in removed.items()
+        if front.protocol is Protocol.UDP
+        for b in backends
+    }
+    return sorted(keys)
+
+
+def cgroup_namespaces(cgroup: Path, errors: list[str]) -> dict[int, int]:
+    """Open every distinct network namespace of the processes in the ``cgroup`` subtree: {inode: fd}.
+
+    The open fd keeps a namespace alive while it is visited, whatever its processes do. Processes and cgroups
+    that vanish while this runs are skipped silently; anything else is added to ``errors``.
+    """
+    found: dict[int, int] = {}
+    try:
+        _open_namespaces(cgroup, found, errors)
+    except BaseException:
+        for fd in found.values():
+            os.close(fd)
+        raise
+    return found
+
+
+def _open_namespaces(cgroup: Path, found: dict[int, int], errors: list[str]) -> None:
+    seen_links: set[str] = set()
+    for directory, _dirs, _files in os.walk(cgroup):
+        try:
+            pids = (Path(directory) / "cgroup.procs").read_text().split()
+        except FileNotFoundError:
+            continue  # the cgroup was removed meanwhile
+        except OSError as exc:
+            errors.append(f"{directory}/cgroup.procs: {exc}")
+            continue
+        for pid in pids:
+            path = f"/proc/{pid}/ns/net"
+            try:
+                link = os.readlink(path)  # "net:[<inode>]": cheap deduplication before any open()
+                if link in seen_links:
+                    continue
+                seen_links.add(link)
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                if exc.errno not in _GONE:
+                    errors.append(f"{path}: {exc}")
+                continue
+            inode = os.fstat(fd).st_ino  # the namespace actually opened (the pid may have been reused)
+            if inode in found:
+                os.close(fd)
+            else:
+                found[inode] = fd
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+def _chunks(keys: list[bytes], size: int) -> Iterator[list[bytes]]:
+    for i in range(0, len(keys), size):
+        yield keys[i : i + size]
+
+
+class SocketTerminator:
+    """The socket-termination iterator of one agent (its datapath's ``bpffs`` pins and attach ``cgroup``)."""
+
+    def __init__(self, bpffs: Path, cgroup: Path, obj: Path, *, time_budget: float = 2.0) -> None:
+        self.bpffs, self.cgroup, self.obj = bpffs, cgroup, obj
+        self.time_budget = time_budget  # seconds per terminate(); namespaces left then are reported
+        self.available = False
+        self.reason = ""
+        self._obj: int | None = None
+        self._link: int | None = None
+        self._doom_fd = -1
+        self._capacity = 0
+        self._lock = threading.Lock()
+        try:
+            self._load()
+        except Exception as exc:  # whatever it is, the agent runs on without the feature
+            self.close()
+            self.reason = str(exc) or type(exc).__name__
+            log.warning("socket termination of connected UDP sockets is unavailable: %s", self.reason)
+        else:
+            self.available = True
+
+    def __enter__(self) -> SocketTerminator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- loading -------------------------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        map_dir = self.bpffs / "maps"
+        if not self.obj.is_file():
+            raise OSError(errno.ENOENT, f"{self.obj} not found (built by `make bpf`)")
+        if not KERNEL_BTF.exists():
+            raise OSError(errno.ENOTSUP, f"the kernel has no BTF ({KERNEL_BTF}): iterators need it")
+        if not (map_dir / abi.MAP_SOCK_REVERSE).exists():
+            raise OSError(errno.ENOENT, f"no datapath pinned under {map_dir} (load it first)")
+        if not self.cgroup.is_dir():
+            raise OSError(errno.ENOENT, f"cgroup {self.cgroup} not found")
+        obj = libbpf.object_open(str(self.obj))
+        self._obj = obj
+        doom_pin = map_dir / abi.MAP_DOOMED
+        reused: list[int] = []
+        try:
+            for m in libbpf.maps(obj):
+                name = libbpf.map_name(m)
+                if name == abi.MAP_DOOMED and not self._compatible_doom_pin(doom_pin):
+                    continue  # created at load, pinned below
+                fd = libbpf.obj_get(str(map_dir / name))
+                reused.append(fd)
+                libbpf.map_reuse_fd(m, fd)
+            prog = next((p for p in libbpf.programs(obj) if libbpf.program_name(p) == PROGRAM), None)
+            if prog is None:
+                raise OSError(errno.ENOENT, f"{self.obj} has no program {PROGRAM}")
+            log_buf = ctypes.create_string_buffer(LOG_BUF_SIZE)
+            libbpf.program_set_log_buf(prog, log_buf)
+            try:
+                libbpf.object_load(obj)
+            except OSError as exc:
+                verifier = log_buf.value.decode(errors="replace").strip().splitlines()[-3:]
+                raise OSError(
+                    exc.errno,
+                    f"cannot load {self.obj} on Linux {platform.release()} (socket termination needs "
+                    f"the bpf_sock_destroy kfunc, Linux >= 6.5): {exc.strerror}"
+                    + (f"; verifier: {' / '.join(verifier)}" if verifier else ""),
+                ) from exc
+        finally:
+            for fd in reused:
+                os.close(fd)
+        doom = next(m for m in libbpf.maps(obj) if libbpf.map_name(m) == abi.MAP_DOOMED)
+        self._doom_fd = libbpf.map_fd(doom)
+        if not doom_pin.exists():
+            libbpf.obj_pin(self._doom_fd, str(doom_pin))
+        info = libbpf.MapInfo()
+        libbpf.obj_get_info(self._doom_fd, info)
+        self._capacity = int(info.max_entries)
+        self._link = libbpf.program_attach_iter(prog)
+        self._clear()  # what a run interrupted by a crash may have left
+
+    @staticmethod
+    def _compatible_doom_pin(pin: Path) -> bool:
+        """Whether a pinned doomed map can be reused; an incompatible one is unpinned (it holds nothing that
+        outlives a run)."""
+        if not pin.exists():
+            return False
+        fd = libbpf.obj_get(str(pin))
+        try:
+            info = libbpf.MapInfo()
+            libbpf.obj_get_info(fd, info)
+        finally:
+            os.close(fd)
+        if info.key_size == abi.DOOM_KEY.size and info.value_size == len(abi.DOOM_VALUE):
+            return True
+        log.warning(
+            "unpinning %s: key/value sizes %d/%d are not this version's", pin, info.key_size, info.value_size
+        )
+        pin.unlink()
+        return False
+
+    def close(self) -> None:
+        """Release the program, link and map fds (the doomed map's pin stays, like the datapath's)."""
+        if self._link is not None:
+            libbpf.link_destroy(self._link)
+            self._link = None
+        if self._obj is not None:
+            libbpf.object_close(self._obj)
+            self._obj = None
+        self._doom_fd = -1
+        self.available = False
+
+    # --- terminating ---------------------------------------------------------------------------------------
+
+    def terminate(self, removed: Mapping[FrontendKey, Iterable[Backend]]) -> TerminationReport:
+        """Destroy the connected UDP sockets translated to a backend that has left their frontend.
+
+        ``removed``: frontend → backends it no longer has (``WriteStats.udp_backends_removed``); TCP and SCTP
+        frontends are ignored. Nothing doomed: returns at once, visiting nothing.
+        """
+        keys = doomed_keys(removed)
+        report = TerminationReport(pairs=len(keys))
+        if not keys:
+            return report
+        if not self.available:
+            report.skipped = self.reason or "closed"
+            log.debug(
+                "not terminating sockets of %d removed UDP backend pairs: %s", len(keys), report.skipped
+            )
+            return report
+        start = time.monotonic()
+        with self._lock:
+            namespaces: dict[int, int] = {}
+            try:
+                namespaces = cgroup_namespaces(self.cgroup, report.errors)
+                for chunk in _chunks(keys, self._capacity):
+                    self._run(chunk, namespaces, report, start + self.time_budget)
+            except Exception as exc:  # the caller's write loop goes on; the report says what happened
+                log.debug("socket termination failed", exc_info=True)
+                report.errors.append(f"socket termination failed: {exc}")
+            finally:
+                for fd in namespaces.values():
+                    os.close(fd)
+        report.seconds = time.monotonic() - start
+        level = logging.WARNING if report.errors else logging.INFO
+        log.log(level, "socket termination: %s", report.summary())
+        return report
+
+    def _run(
+        self, keys: list[bytes], namespaces: dict[int, int], report: TerminationReport, deadline: float
+    ) -> None:
+        """One iterator pass over every namespace with ``keys`` doomed; the doomed map is empty afterwards."""
+        try:
+            self._clear()  # in case clearing after an earlier run failed
+            libbpf.map_update_batch(self._doom_fd, b"".join(keys), abi.DOOM_VALUE * len(keys), len(keys))
+            self._visit(namespaces, report, deadline)
+        finally:
+            self._clear()
+
+    def _visit(self, namespaces: dict[int, int], report: TerminationReport, deadline: float) -> None:
+        """Enter each namespace in one short-lived thread (setns changes only that thread) and read the
+        iterator there to the end."""
+        assert self._link is not None
+        link_fd = libbpf.link_fd(self._link)
+        visited: set[int] = set()
+        failure: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                for inode, ns_fd in namespaces.items():
+                    if time.monotonic() > deadline:
+                        left = len(namespaces) - len(visited)
+                        report.errors.append(f"time budget spent: {left} network namespaces not visited")
+                        return
+                    try:
+                        _setns(ns_fd)
+                        out = _read_iterator(link_fd)
+                    except OSError as exc:
+                        report.errors.append(f"network namespace {inode}: {exc}")
+                        continue
+                    visited.add(inode)
+                    for cookie, svc_id, err in abi.unpack_term_recs(out):
+                        if err == 0:
+                            report.destroyed += 1
+                            log.debug(
+                                "destroyed UDP socket %d of frontend %d in netns %d", cookie, svc_id, inode
+                            )
+                        else:
+                            report.errors.append(f"socket {cookie} (frontend {svc_id}): {os.strerror(-err)}")
+            except BaseException as exc:  # handed to the caller's thread
+                failure.append(exc)
+
+        worker = threading.Thread(target=work, name="sockterm")
+        worker.start()
+        worker.join()
+        report.namespaces = max(report.namespaces, len(visited))
+        if failure:
+            raise failure[0]
+
+    def _clear(self) -> None:
+        """Empty the doomed map (every key, including any a crashed run left)."""
+        keys = libbpf.map_keys(self._doom_fd, abi.DOOM_KEY.size)
+        if not keys:
+            return
+        try:
+            libbpf.map_delete_batch(self._doom_fd, b"".join(keys), len(keys))
+        except OSError:
+            for key in keys:
+                libbpf.map_delete(self._doom_fd, key)
+
+
+def _read_iterator(link_fd: int) -> bytes:
+    fd = libbpf.iter_create(link_fd)
+    try:
+        parts = []
+        while chunk := os.read(fd, READ_SIZE):
+            parts.append(chunk)
+        return b"".join(parts)
+    finally:
+        os.close(fd)

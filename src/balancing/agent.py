@@ -5,6 +5,8 @@ manifest, program the full desired state with one reconciling sync (never flush-
 the directory and apply only the frontends each change touches. A periodic resync repairs anything that
 drifted and retries after a failed write. Bad input is logged with its file, document and field, and the
 last good state stays programmed. SIGTERM/SIGINT stop the agent; the pinned datapath keeps translating.
+In Kubernetes mode, once the datapath holds a change, this node's entry in each policy's ``status.nodes`` is
+brought up to date in the background (``agent_status``; ``--no-policy-status`` turns it off).
 """
 
 from __future__ import annotations
@@ -16,16 +18,16 @@ import gc
 import logging
 import signal
 import time
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from balancing import agent_events, agentstate, errors, health, healthcheck, metrics
-from balancing.datapath import loader, maps, netns, writer
+from balancing import agent_events, agent_status, agentstate, errors, health, healthcheck, metrics
+from balancing.datapath import loader, maps, netns, sockterm, writer
 from balancing.model import config, desired, objects, store
-from balancing.sources import kube, manifests, podcgroups, watch
+from balancing.sources import kube, kubestatus, manifests, podcgroups, watch
 
 log = logging.getLogger("balancing.agent")
 VERIFY_EVERY = 10  # resyncs between re-reads of the maps
@@ -70,6 +72,9 @@ class AgentConfig:
     events: agent_events.EventsConfig = field(default_factory=agent_events.EventsConfig)
     host_netns: Path | None = None  # the host's network namespace; None: the agent's own
     kube: KubeSourceConfig | None = None  # the Kubernetes API source, when ``manifests`` is None
+    policy_status: bool = True  # Kubernetes mode: write this node's entry in the policies' status.nodes
+    terminate_udp: bool = True  # destroy connected UDP sockets whose backend left their frontend
+    status_timing: kubestatus.WriterTiming = field(default_factory=kubestatus.WriterTiming)
 
 
 class Agent:
@@ -80,11 +85,18 @@ class Agent:
         self.source = manifests.ManifestDirectory(cfg.manifests) if cfg.manifests is not None else None
         self.health = health.HealthState(stale_after=2 * cfg.resync_interval + 10)
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="datapath")
+        # Socket termination runs apart (up to its time budget per run), in write order, off the write path.
+        self._term_io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sockterm")
+        self._sockterm: sockterm.SocketTerminator | None = None
+        self._terminations: set[asyncio.Future[None]] = set()
         self._writer: writer.MapWriter | None = None
         self._pods = podcgroups.PodCgroupIndex()
         self._needs_resync = False
         self._conflicts: set[str] = set()
         self._policy_status: dict[tuple[str, str], tuple[bool, str, str]] = {}
+        self._statuses: dict[store.PolicyKey, store.PolicyStatus] = {}  # at the last source update
+        self._kube_source: kube.KubeSource | None = None
+        self._reporter: agent_status.PolicyStatusReporter | None = None
         self.metrics = metrics.Metrics(clock=time.perf_counter)
         self.owners = metrics.OwnerIndex()
         self._pods_by_uid: dict[str, objects.Pod] = {}
@@ -105,6 +117,15 @@ class Agent:
         kernel_maps = await loop.run_in_executor(self._io, maps.KernelMaps, self.cfg.datapath.map_dir)
         self._pods = await loop.run_in_executor(self._io, podcgroups.scan, self.cfg.datapath.cgroup)
         self._writer = await loop.run_in_executor(self._io, writer.MapWriter, kernel_maps, self._pod_cgroups)
+        if self.cfg.terminate_udp:  # after loader.load: it would retire the terminator's own pin
+            dp = self.cfg.datapath
+            self._sockterm = await loop.run_in_executor(
+                self._term_io,
+                sockterm.SocketTerminator,
+                dp.bpffs,
+                dp.cgroup,
+                dp.object_path.with_name(sockterm.OBJECT),
+            )
         routes = health.agent_routes(self.health, {"/state": self._state})
         server = await health.serve(routes, self.cfg.health_host, self.cfg.health_port)
         metrics_server = None
@@ -121,6 +142,7 @@ class Agent:
         )
         await self.events.configure(self._io, cookie)
         try:
+            await self._open_status_reporter()
             updates = self._updates()
             self._ingest(await anext(updates))  # the initial state: everything the source has
             await self._full_sync()
@@ -137,6 +159,12 @@ class Agent:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         finally:
+            if self._reporter is not None:
+                await self._reporter.writer.close()
+            await asyncio.gather(*self._terminations, return_exceptions=True)
+            if self._sockterm is not None:
+                await loop.run_in_executor(self._term_io, self._sockterm.close)
+            self._term_io.shutdown(wait=True)
             await self.events.close(self._io)
             await self.health_checks.close()
             if metrics_server is not None:
@@ -172,7 +200,10 @@ class Agent:
         for msg in sorted(conflicts - self._conflicts):
             log.error("frontend conflict: %s", msg)
         self._conflicts = conflicts
+        self._statuses = self.store.policy_status()
         self._log_policy_status()
+        if self._reporter is not None:
+            self._reporter.observe(update)
 
     async def _updates(self) -> AsyncGenerator[manifests.SourceUpdate, None]:
         """The source's updates, the first one being its whole state: the manifest directory or the API."""
@@ -181,8 +212,7 @@ class Agent:
             async for update in watch.watch_manifests(self.source):
                 yield update
             return
-        k = self.cfg.kube or KubeSourceConfig()
-        source = kube.KubeSource(self.cfg.model.node_name, api_base_url=k.api_server, kubeconfig=k.kubeconfig)
+        source = self._kube_source or self._new_kube_source()
         async with contextlib.aclosing(source.updates()) as updates:
             async for update in updates:
                 yield update
@@ -195,6 +225,36 @@ class Agent:
                 await self._full_sync()
             else:
                 await self._write(self.store.take_changes(), seen)
+
+    def _new_kube_source(self) -> kube.KubeSource:
+        k = self.cfg.kube or KubeSourceConfig()
+        source = kube.KubeSource(self.cfg.model.node_name, api_base_url=k.api_server, kubeconfig=k.kubeconfig)
+        self._kube_source = source
+        return source
+
+    # --- policy status (Kubernetes mode) -------------------------------------------------------------------
+
+    async def _open_status_reporter(self) -> None:
+        """With the API as source and ``policy_status``: the writer of this node's status entries."""
+        if self.source is not None or not self.cfg.policy_status:
+            return
+        node = self.cfg.model.node_name
+        status_writer = kubestatus.StatusWriter(
+            self._new_kube_source().connection,
+            agent_status.field_manager(node),
+            timing=self.cfg.status_timing,
+            on_result=lambda _key, result: self.metrics.status_written(result),
+        )
+        await status_writer.__aenter__()
+        self._reporter = agent_status.PolicyStatusReporter(node, status_writer)
+
+    def _report_status(self) -> None:
+        """The datapath holds the model's state: report it (in the background; never raises)."""
+        if self._reporter is not None:
+            try:
+                self._reporter.reconcile(self._statuses)
+            except Exception:  # reporting must never stop the agent
+                log.exception("reporting policy status")
 
     # --- model → datapath ----------------------------------------------------------------------------------
 
@@ -210,6 +270,8 @@ class Agent:
                 self._failed(exc)
                 return
         self._needs_resync = False
+        self._report_status()
+        self._terminate(stats.udp_backends_removed)
         self.owners.replace(wanted.frontends, self._writer.svc_id)
         self.metrics.sync_done(time.perf_counter() - started, full=True)
         self.metrics.pending(0, 0)
@@ -232,12 +294,15 @@ class Agent:
         assert self._writer is not None
         await self.health_checks.update(self.store.health_checks())
         if not changes:
+            self._report_status()
             return
         try:
             stats = await asyncio.get_running_loop().run_in_executor(self._io, self._writer.apply, changes)
         except errors.DatapathError as exc:
             self._failed(exc)
             return
+        self._report_status()
+        self._terminate(stats.udp_backends_removed)
         self.owners.apply(changes, self._writer.svc_id)
         self.metrics.sync_done(time.perf_counter() - seen, full=False)
         self.metrics.programmed(seen)
@@ -252,6 +317,25 @@ class Agent:
             stats.ops,
             (time.perf_counter() - seen) * 1000,
         )
+
+    def _terminate(self, removed: Mapping[desired.FrontendKey, frozenset[desired.Backend]]) -> None:
+        """Destroy the connected UDP sockets given a backend that this write removed (after the write, so a
+        reconnect cannot get it again); in the background, in order, never failing the write."""
+        if not removed or self._sockterm is None:
+            return
+        terminator = self._sockterm
+
+        def run() -> None:
+            report = terminator.terminate(removed)
+            self.metrics.udp_sockets_terminated(report.destroyed, len(report.errors))
+            if report.skipped:
+                log.debug("connected UDP sockets of removed backends left alone: %s", report.skipped)
+            elif report.destroyed or report.errors:
+                log.info("%s", report.summary())
+
+        future = asyncio.get_running_loop().run_in_executor(self._term_io, run)
+        self._terminations.add(future)
+        future.add_done_callback(self._terminations.discard)
 
     def _pod_cgroups(self, pod: desired.PodRef) -> tuple[int, ...]:
         return self._pods.cgroups_of(pod.uid)
@@ -285,8 +369,9 @@ class Agent:
             self.metrics.no_local_endpoints(policy, n)
 
     def _log_policy_status(self) -> None:
-        """Standalone mode has no status subresource: policy readiness changes go to the log."""
-        status = {k: (s.ready, s.reason, s.message) for k, s in self.store.policy_status().items()}
+        """Policy readiness changes on this node go to the log (in Kubernetes mode the status subresource
+        gets them too, through ``_report_status``)."""
+        status = {k: (s.ready, s.reason, s.message) for k, s in self._statuses.items()}
         for (kind, name), (ready, reason, message) in sorted(status.items()):
             if self._policy_status.get((kind, name)) != (ready, reason, message):
                 level = logging.INFO if ready else logging.WARNING

@@ -3,6 +3,16 @@ history replay, compaction (410 Gone), dropped connections, stalls, field select
 label selectors (``=``, ``!=``, ``in``, ``notin``, exists, ``!`` not exists) and namespaced collection paths
 (``/api/v1/namespaces/NS/pods`` reads ``/api/v1/pods`` of one namespace). Used by the Kubernetes source's
 unit tests and by agent tests; start it with ``asyncio.start_server(fake.handle, ...)``.
+
+Writes: server-side apply of a cluster-scoped object's status subresource only (``PATCH
+<collection>/<name>/status``, ``application/apply-patch+yaml``, ``fieldManager`` required), simplified: the
+list-maps ``status.nodes`` (keyed by ``nodeName``) and ``status.conditions`` (keyed by ``type``) merge by key,
+other status fields are scalars, and ownership is tracked per field manager at entry granularity. An apply
+sets what it names (a field another manager owns with a different value is a 409 conflict unless
+``force=true``, which takes it over), and removes what that manager owned before and no longer names, unless
+another manager owns it too. Each apply bumps the resourceVersion and sends MODIFIED; a missing object is a
+404. Every request is recorded in ``calls`` (method, path, params, headers, body, arrival); ``fail_patches``
+holds status codes to answer the next PATCHes with instead.
 """
 
 from __future__ import annotations
@@ -11,10 +21,27 @@ import asyncio
 import copy
 import json
 import re
-from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+import time
+from typing import Any, NamedTuple
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 Key = tuple[str, str]
+FieldPath = tuple[str, ...]  # ("observedGeneration",) or ("nodes", "node-1"): what a manager owns
+LIST_MAP_KEYS = {"nodes": "nodeName", "conditions": "type"}  # status list-maps and their keys
+APPLY = "application/apply-patch+yaml"
+
+
+class Call(NamedTuple):
+    method: str
+    path: str
+    params: dict[str, str]
+    headers: dict[str, str]
+    body: Any  # parsed JSON, or None
+    at: float  # when it arrived (time.monotonic)
+
+
+class Conflict(Exception):
+    """An apply without force names a field another manager owns with a different value."""
 
 
 class FakeApi:
@@ -31,6 +58,9 @@ class FakeApi:
         self.missing: set[str] = set()  # paths answered with 404
         self.headers: dict[str, str] = {}  # of the last request
         self.tasks: set[asyncio.Task[None]] = set()
+        self.calls: list[Call] = []  # every request, in order
+        self.fail_patches: list[int] = []  # status codes for the next PATCHes (popped first to last)
+        self.managed: dict[tuple[str, Key], dict[str, set[FieldPath]]] = {}  # per object, per field manager
 
     # --- changing state --------------------------------------------------------------------------------
 
@@ -44,7 +74,22 @@ class FakeApi:
 
     def delete(self, path: str, namespace: str, name: str, *, notify: bool = True) -> None:
         obj = self.objects[path].pop((namespace, name))
+        self.managed.pop((path, (namespace, name)), None)
         self._record(path, "DELETED", copy.deepcopy(obj), notify)
+
+    def update_spec(self, path: str, name: str, spec: dict[str, Any]) -> None:
+        """A user's change of a cluster-scoped object's spec: generation bumped, status kept."""
+        obj = copy.deepcopy(self.objects[path][("", name)])
+        obj["spec"] = copy.deepcopy(spec)
+        obj["metadata"]["generation"] = int(obj["metadata"].get("generation") or 1) + 1
+        self.put(path, obj)
+
+    def owners(self, path: str, name: str) -> dict[str, set[FieldPath]]:
+        """What each field manager owns of a cluster-scoped object's status."""
+        return {m: set(f) for m, f in self.managed.get((path, ("", name)), {}).items() if f}
+
+    def patches(self) -> list[Call]:
+        return [c for c in self.calls if c.method == "PATCH"]
 
     def bookmark(self, path: str) -> None:
         self.rv += 1
@@ -80,16 +125,26 @@ class FakeApi:
         self.tasks.add(task)
         try:
             request = (await reader.readline()).decode()
+            headers: dict[str, str] = {}
             while line := (await reader.readline()).decode().strip():
                 name, _, value = line.partition(":")
-                self.headers[name.strip().lower()] = value.strip()
+                headers[name.strip().lower()] = value.strip()
+            self.headers.update(headers)
+            length = int(headers.get("content-length") or 0)
+            raw = await reader.readexactly(length) if length else b""
+            method = request.split()[0].upper()
             url = urlsplit(request.split()[1])
             params = dict(parse_qsl(url.query))
             self.requests.append((url.path, params))
+            self.calls.append(
+                Call(method, url.path, dict(params), headers, _json_or_none(raw), time.monotonic())
+            )
             path, namespace = _collection(url.path)
             if namespace:
                 params = {**params, "namespace": namespace}
-            if url.path in self.missing or path in self.missing:
+            if method == "PATCH":
+                await self._respond(writer, *self._patch(url.path, params, headers, raw))
+            elif url.path in self.missing or path in self.missing:
                 writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
                 await writer.drain()
             elif params.get("watch"):
@@ -106,6 +161,49 @@ class FakeApi:
         finally:
             writer.close()
             self.tasks.discard(task)
+
+    # --- server-side apply of status ----------------------------------------------------------------------
+
+    def _patch(
+        self, url_path: str, params: dict[str, str], headers: dict[str, str], raw: bytes
+    ) -> tuple[int, dict[str, Any]]:
+        match = _STATUS.match(url_path)
+        if match is None:
+            return 405, _status(405, "MethodNotAllowed", "only <collection>/<name>/status takes PATCH here")
+        path, name = match["collection"], unquote(match["name"])
+        if headers.get("content-type", "").split(";")[0].strip() != APPLY:
+            return 415, _status(415, "UnsupportedMediaType", "only server-side apply is served")
+        manager = params.get("fieldManager", "")
+        if not manager:
+            return 400, _status(400, "BadRequest", "fieldManager is required for apply patch")
+        obj = self.objects.get(path, {}).get(("", name))
+        if obj is None or url_path in self.missing:
+            return 404, _status(404, "NotFound", f"{name} not found")
+        if self.fail_patches:
+            code = self.fail_patches.pop(0)
+            return code, _status(code, "InternalError" if code >= 500 else "Injected", "injected failure")
+        doc = _json_or_none(raw)
+        if not isinstance(doc, dict) or (doc.get("metadata") or {}).get("name") != name:
+            return 400, _status(400, "BadRequest", "the body must be an object named as in the path")
+        applied = doc.get("status") or {}
+        owned = self.managed.setdefault((path, ("", name)), {})
+        new = copy.deepcopy(obj)
+        try:
+            new["status"] = _apply_status(
+                new.get("status") or {}, owned, manager, applied, params.get("force") == "true"
+            )
+        except Conflict as exc:
+            return 409, _status(409, "Conflict", str(exc))
+        if not new["status"]:
+            del new["status"]
+        self.put(path, new)
+        return 200, self.objects[path][("", name)]
+
+    async def _respond(self, writer: asyncio.StreamWriter, code: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        head = f"HTTP/1.1 {code} X\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+        writer.write(head.encode() + b"Connection: close\r\n\r\n" + data)
+        await writer.drain()
 
     async def _watch(self, path: str, params: dict[str, str], writer: asyncio.StreamWriter) -> None:
         if self.stall_watches:
@@ -132,6 +230,60 @@ class FakeApi:
 
 
 _NAMESPACED = re.compile(r"^/api/v1/namespaces/([^/]+)/([^/]+)$")
+_STATUS = re.compile(r"^(?P<collection>/.+)/(?P<name>[^/]+)/status$")
+
+
+def _json_or_none(raw: bytes) -> Any:
+    try:
+        return json.loads(raw) if raw else None
+    except ValueError:
+        return None
+
+
+def _status(code: int, reason: str, message: str) -> dict[str, Any]:
+    return {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code, "reason": reason,
+            "message": message}  # fmt: skip
+
+
+def _fields(status: dict[str, Any]) -> dict[FieldPath, Any]:
+    """A status by owned field: scalars by name, list-map entries by (list, key)."""
+    found: dict[FieldPath, Any] = {}
+    for name, value in status.items():
+        if name in LIST_MAP_KEYS:
+            for entry in value or []:
+                found[(name, str(entry[LIST_MAP_KEYS[name]]))] = entry
+        else:
+            found[(name,)] = value
+    return found
+
+
+def _apply_status(
+    current: dict[str, Any],
+    owned: dict[str, set[FieldPath]],
+    manager: str,
+    applied: dict[str, Any],
+    force: bool,
+) -> dict[str, Any]:
+    """``current`` after ``manager`` applied ``applied`` (``owned`` is updated); see the module docstring."""
+    have, want = _fields(current), _fields(applied)
+    for field, value in want.items():
+        for other, fields in owned.items():
+            if other != manager and field in fields and have.get(field) != value:
+                if not force:
+                    raise Conflict(f"{field} is owned by {other}")
+                fields.discard(field)
+    shared = {f for other, fields in owned.items() if other != manager for f in fields}
+    for field in owned.get(manager, set()) - want.keys() - shared:
+        have.pop(field, None)
+    have.update(want)
+    owned[manager] = set(want)
+    result: dict[str, Any] = {}
+    for field, value in have.items():  # insertion order: existing entries keep their place
+        if len(field) == 1:
+            result[field[0]] = value
+        else:
+            result.setdefault(field[0], []).append(value)
+    return result
 
 
 def _collection(path: str) -> tuple[str, str]:

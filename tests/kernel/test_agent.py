@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support import (
@@ -436,6 +437,56 @@ def test_kubernetes_mode_follows_the_api_server_and_survives_its_outage(
                 "translating with the API gone"
             )
             assert agent.proc is not None and agent.proc.poll() is None
+        finally:
+            if agent.proc is not None and agent.proc.poll() is None:
+                agent.stop()
+
+
+def test_kubernetes_mode_writes_this_nodes_policy_status(cluster: Cluster, tmp_path: Path) -> None:
+    """The agent writes its entry in the policy's status.nodes (server-side apply, its own field manager),
+    after the maps hold the policy, and again only when what it reports changes."""
+    from support import POLICY_API, balancing_policy
+
+    from helpers.fakeapi import ThreadedApi
+
+    a, b, _ = cluster.pods
+    path = f"/apis/{POLICY_API}/balancingpolicies"
+
+    def policy(*addresses: str) -> dict[str, Any]:
+        return balancing_policy(
+            "edge",
+            address="10.96.7.1",
+            front_ports=[("", 80, "TCP")],
+            addresses=addresses,
+            back_ports=[("", 8080, "TCP")],
+        )
+
+    def entry() -> dict[str, Any] | None:
+        nodes = (api.fake.objects[path][("", "edge")].get("status") or {}).get("nodes") or []
+        return next((n for n in nodes if n["nodeName"] == cluster.node), None)
+
+    with ThreadedApi() as api:
+        api.call(api.fake.put, path, policy(a.ip4))
+        agent = AgentProcess(cluster.topo, tmp_path, cluster.node, extra=["--api-server", api.url])
+        try:
+            agent.start(manifests_flag=False)
+            assert connect(cluster, 10, vip="10.96.7.1")["backends"] == {"pod-a": 10}
+            wait_until(lambda: entry() is not None, 10.0, "the agent's status entry")
+            first = entry()
+            assert first is not None and (first["backends"], first["ready"]) == (1, True)
+            patch = next(c for c in api.fake.patches() if c.path.endswith("/edge/status"))
+            assert patch.params["fieldManager"] == f"balancing-agent-{cluster.node}"
+            assert patch.headers["content-type"] == "application/apply-patch+yaml"
+
+            api.call(
+                api.fake.put,
+                path,
+                {**policy(a.ip4, b.ip4), "status": api.fake.objects[path][("", "edge")]["status"]},
+            )
+            wait_until(lambda: (entry() or {}).get("backends") == 2, 15.0, "the entry to follow the change")
+            assert set(connect(cluster, 40, vip="10.96.7.1")["backends"]) == {"pod-a", "pod-b"}
+            writes = [c for c in api.fake.patches() if c.path.endswith("/edge/status")]
+            assert len(writes) == 2, "one write per change of what this node reports"
         finally:
             if agent.proc is not None and agent.proc.poll() is None:
                 agent.stop()

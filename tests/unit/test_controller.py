@@ -411,6 +411,7 @@ async def test_existing_policies_come_from_the_api_server() -> None:
     fake = FakeApi()
     older = lrp_doc("older", "2025-06-01T00:00:00Z")
     fake.put(f"/apis/{API}/localredirectpolicies", older)
+    fake.put(f"/apis/{API}/balancingpolicies", bp_doc())  # selects pods: the agent's source would watch them
     server = await asyncio.start_server(fake.handle, "127.0.0.1", 0)
     url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
     index = PolicyIndex()
@@ -423,13 +424,14 @@ async def test_existing_policies_come_from_the_api_server() -> None:
             if index.ready():
                 break
             await asyncio.sleep(0.01)
-        assert [p.metadata.name for p in index.existing()] == ["older"]
+        assert sorted(p.metadata.name for p in index.existing()) == ["older", "vip"]
         assert webhook.handle("GET", "/readyz", b"")[0] == 200
         new = lrp_doc("newer")
         new["metadata"].pop("creationTimestamp")
         answer = call(webhook, "/validate", review("CREATE", new))
         assert answer["response"]["allowed"] is False
         assert "older LocalRedirectPolicy older" in answer["response"]["status"]["message"]
+        assert not [path for path, _ in fake.requests if "pods" in path], "the controller may not read pods"
     finally:
         follow.cancel()
         with contextlib.suppress(asyncio.CancelledError):

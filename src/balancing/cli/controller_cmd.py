@@ -1,9 +1,11 @@
 """``balancing controller``: the admission webhooks for the policy kinds (``balancing.controller``).
 
 Serves ``/validate``, ``/mutate``, ``/healthz``, ``/readyz`` and ``/metrics`` over HTTPS with the given
-certificate and key, or with a generated CA and serving certificate for the Service's DNS names (the CA
-bundle is written to ``--ca-bundle`` for the webhook configuration). Existing policies, for the
-older-wins conflict check, come from a provider the API-server informer will feed; until then none.
+certificate and key (re-read when the files change: a renewed Secret), or with a generated CA and serving
+certificate for the Service's DNS names (the CA bundle is written to ``--ca-bundle`` for the webhook
+configuration). Existing policies, for the older-wins conflict check, come from a provider the API-server
+informer will feed; until then none. Following an API server, it also writes each policy's Ready condition
+(``controller.status``; ``--no-policy-status`` turns it off).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from balancing import controller as webhooks
 from balancing import errors
 from balancing.cli import flags
 from balancing.controller import policyindex
+from balancing.controller import status as policy_status_mod
+from balancing.controller.tls import CertReloader
 from balancing.errors import SourceError
 from balancing.model import policies
 from balancing.sources import kube
@@ -40,17 +44,25 @@ async def _run(
     context: ssl.SSLContext,
     source: kube.KubeSource | None = None,
     index: policyindex.PolicyIndex | None = None,
+    reloader: CertReloader | None = None,
+    status: policy_status_mod.StatusController | None = None,
 ) -> None:
     server = await webhooks.serve(webhook, host, port, context)
-    follow = asyncio.create_task(index.follow(source)) if source is not None and index is not None else None
+    tasks: list[asyncio.Task[None]] = []
+    if source is not None and index is not None:
+        tasks.append(asyncio.create_task(index.follow(source)))
+    if reloader is not None:
+        tasks.append(asyncio.create_task(reloader.follow()))
     try:
         async with server:
             await server.serve_forever()
     finally:
-        if follow is not None:
-            follow.cancel()
+        for task in tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await follow
+                await task
+        if status is not None:
+            await status.close()
 
 
 def controller(
@@ -79,6 +91,13 @@ def controller(
     in_cluster: Annotated[
         bool, typer.Option(help="... or in-cluster, with the pod's service account.")
     ] = False,
+    policy_status: Annotated[
+        bool,
+        typer.Option(
+            help="Following an API server: write each policy's Ready condition and observedGeneration "
+            "(server-side apply, only on change)."
+        ),
+    ] = True,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
 ) -> None:
     """Run the validating and mutating admission webhooks for LocalRedirectPolicy and BalancingPolicy."""
@@ -101,7 +120,10 @@ def controller(
     except (OSError, ValueError) as exc:
         typer.secho(f"error: TLS: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None
-    source, index = None, None
+    reloader = (
+        CertReloader(context, tls_cert, tls_key) if tls_cert is not None and tls_key is not None else None
+    )
+    source, index, status = None, None, None
     if kubeconfig is not None or api_server is not None or in_cluster:
         try:
             source = kube.KubeSource("", api_base_url=api_server, kubeconfig=kubeconfig)
@@ -110,10 +132,12 @@ def controller(
             raise typer.Exit(2) from None
         index = policyindex.PolicyIndex()
         webhook = webhooks.Webhook(index.existing, ready=index.ready)
+        if policy_status:
+            status = policy_status_mod.StatusController(index, source.connection, registry=webhook.registry)
     else:
         logging.getLogger(__name__).warning(
             "no API server given: the conflict check sees no existing policies"
         )
         webhook = webhooks.Webhook(_no_policies)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_run(webhook, host, port, context, source, index))
+        asyncio.run(_run(webhook, host, port, context, source, index, reloader, status))

@@ -1,9 +1,12 @@
 """The webhook's TLS: a provided certificate and key, or a self-signed CA and a serving certificate for the
-Service's DNS names (the CA bundle is what the webhook configuration's ``caBundle`` holds)."""
+Service's DNS names (the CA bundle is what the webhook configuration's ``caBundle`` holds). A provided pair
+is followed by ``CertReloader``: a mounted Secret changes in place (cert-manager renewals, rotations)."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
+import logging
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +16,16 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["ServingCert", "generate_serving_cert", "load_or_generate", "server_context", "service_dns_names"]
+__all__ = [
+    "CertReloader",
+    "ServingCert",
+    "generate_serving_cert",
+    "load_or_generate",
+    "server_context",
+    "service_dns_names",
+]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,3 +145,53 @@ def load_or_generate(
         ca_bundle.parent.mkdir(parents=True, exist_ok=True)
         ca_bundle.write_bytes(generated.ca_pem)
     return server_context(cert_path, key_path)
+
+
+class CertReloader:
+    """Keeps a server context serving the current contents of its certificate and key files.
+
+    An ``SSLContext`` keeps what it loaded, while a mounted Secret is updated in place (cert-manager renews
+    the certificate; the kubelet swaps the volume's files within a minute or so). ``check()`` (``follow()``
+    calls it periodically) loads a changed pair into a new context, which the original context's SNI
+    callback (run on every ClientHello, with or without a server name) gives each new connection: no
+    context is ever modified half-way. A pair that does not load (read between the updates of the two
+    files) keeps the previous one in service and is retried at the next check."""
+
+    def __init__(self, context: ssl.SSLContext, cert_file: Path, key_file: Path) -> None:
+        self.cert_file, self.key_file = cert_file, key_file
+        self.current = context
+        self._loaded: bytes | None = None  # unknown: the files may have changed since ``context`` read them
+        context.sni_callback = self._select
+
+    def _select(
+        self, conn: ssl.SSLObject | ssl.SSLSocket, _name: str | None, context: ssl.SSLContext
+    ) -> None:
+        if self.current is not context:
+            conn.context = self.current
+
+    def check(self) -> bool:
+        """Load the pair if the files changed since the last load; True when a new pair is in service."""
+        try:
+            stamp = self.cert_file.read_bytes() + b"\0" + self.key_file.read_bytes()
+        except OSError as exc:
+            log.warning("cannot read the serving certificate (keeping the current one): %s", exc)
+            return False
+        if stamp == self._loaded:
+            return False
+        try:
+            fresh = server_context(self.cert_file, self.key_file)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            log.warning(
+                "the serving certificate changed but does not load yet (keeping the current one): %s", exc
+            )
+            return False
+        first = self._loaded is None
+        self.current, self._loaded = fresh, stamp
+        (log.debug if first else log.info)("serving the certificate from %s", self.cert_file)
+        return True
+
+    async def follow(self, interval: float = 30.0) -> None:
+        """``check()`` every ``interval`` seconds, forever."""
+        while True:
+            await asyncio.sleep(interval)
+            self.check()

@@ -53,6 +53,7 @@ PROGRAMMING_BUCKETS = (
     30.0,
 )
 PREFIX = "balancing_"
+STATUS_RESULTS = ("ok", "gone", "retry", "failed")  # sources.kubestatus outcomes
 
 
 @dataclass
@@ -157,8 +158,29 @@ class Metrics:
             ["map"],
             registry=r,
         )
+        self.status_writes = Counter(
+            f"{PREFIX}policy_status_writes_total",
+            "Server-side applies of this node's entry in the policies' status (Kubernetes mode), by result: "
+            "ok, gone (the policy was deleted), retry (failed, retried with backoff), failed (refused).",
+            ["result"],
+            registry=r,
+        )
+        self.udp_terminated = Counter(
+            f"{PREFIX}udp_sockets_terminated_total",
+            "Connected UDP sockets destroyed because their backend left the frontend they connected to "
+            "(kube-proxy's UDP conntrack cleanup).",
+            registry=r,
+        )
+        self.udp_termination_errors = Counter(
+            f"{PREFIX}udp_socket_termination_errors_total",
+            "Failures while destroying such sockets (a namespace that could not be entered, an iterator "
+            "that failed, or the feature being unavailable on this kernel).",
+            registry=r,
+        )
         for policy in ("internal", "external"):
             self.no_local.labels(policy).set(0)
+        for result in STATUS_RESULTS:
+            self.status_writes.labels(result)
 
     # --- what the agent calls ------------------------------------------------------------------------------
 
@@ -191,6 +213,17 @@ class Metrics:
     def source_error(self, source: str, kind: str) -> None:
         """An input was rejected: ``source`` ("manifests", "kubernetes"), ``kind`` ("invalid", "api", ...)."""
         self.source_errors.labels(source, kind).inc()
+
+    def status_written(self, result: str) -> None:
+        """One attempt to write a policy's status ended with ``result`` (see ``STATUS_RESULTS``)."""
+        self.status_writes.labels(result).inc()
+
+    def udp_sockets_terminated(self, destroyed: int, errors: int) -> None:
+        """One termination run destroyed ``destroyed`` sockets and met ``errors`` failures."""
+        if destroyed:
+            self.udp_terminated.inc(destroyed)
+        if errors:
+            self.udp_termination_errors.inc(errors)
 
     def write_failed(self, map_name: str) -> None:
         """A write to ``map_name`` failed ("" when the error names no map)."""

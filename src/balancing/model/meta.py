@@ -52,6 +52,7 @@ class ObjectMeta(KubeModel):
     namespace: str = ""
     uid: str = ""
     resource_version: str = ""
+    generation: int = 0  # bumped by the API server on every spec change (0: not from an API server)
     creation_timestamp: str = ""  # RFC 3339; compared as text, which sorts chronologically
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)

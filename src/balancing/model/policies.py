@@ -16,6 +16,8 @@ field). Both kinds are cluster-scoped (a ``metadata.namespace`` is dropped) and 
 ``spec.skipRedirectFromBackend`` and ``spec.config.qosLimit``. ``BalancingPolicy``'s ``spec.backend`` is
 exactly one of ``serviceEndpoint {endpointSelector, toPorts, redirectMode}`` (ready pods anywhere;
 ``redirectMode`` podEndpoint | hostPort | nodeProxy) or ``addressEndpoint {addresses[], toPorts}``.
+``status`` is what the agents and the controller reported (``model.status``), read leniently: it never makes
+a policy invalid and changes nothing a policy does.
 What they do on a node is ``policy_frontends``; how they layer over Services is ``layering``.
 """
 
@@ -41,6 +43,7 @@ from pydantic import (
 from balancing.model.desired import IPAddress, Protocol
 from balancing.model.meta import ObjectMeta, PrunedModel
 from balancing.model.selectors import LabelSelector
+from balancing.model.status import ObservedStatus, parse_status
 
 __all__ = [
     "BALANCING_POLICY",
@@ -58,6 +61,7 @@ __all__ = [
     "LocalRedirectPolicy",
     "LocalRedirectSpec",
     "NamedPort",
+    "ObservedStatus",
     "Policy",
     "PolicyConfig",
     "PolicyFrontend",
@@ -297,6 +301,10 @@ def _pair_with_frontend(backend_ports: Sequence[PolicyPort], info: ValidationInf
         check_pairing(frontend.ports, backend_ports)
 
 
+# What the agents and the controller reported (``model.status``): read leniently, never a validation error.
+StatusField = Annotated[ObservedStatus, BeforeValidator(parse_status)]
+
+
 def _drop_namespace(data: Any) -> Any:
     """Cluster-scoped: a namespace in the manifest is ignored (as the API server does)."""
     if isinstance(data, dict) and isinstance(data.get("metadata"), dict) and "namespace" in data["metadata"]:
@@ -323,6 +331,7 @@ class LocalRedirectPolicy(PrunedModel):
     kind: Literal["LocalRedirectPolicy"] = "LocalRedirectPolicy"
     metadata: ObjectMeta
     spec: LocalRedirectSpec
+    status: StatusField = Field(default_factory=ObservedStatus)
 
     @model_validator(mode="before")
     @classmethod
@@ -378,6 +387,7 @@ class BalancingPolicy(PrunedModel):
     kind: Literal["BalancingPolicy"] = "BalancingPolicy"
     metadata: ObjectMeta
     spec: BalancingSpec
+    status: StatusField = Field(default_factory=ObservedStatus)
 
     @model_validator(mode="before")
     @classmethod

@@ -20,7 +20,8 @@ nodeLabelSelector; a change of a node's InternalIPs or nodeProxy annotations the
 BalancingPolicies with a selected pod on it. Per frontend key the older policy of each kind wins (creation
 timestamp, then name; ``conflicts()`` names both), and ``layering.combine`` layers LocalRedirectPolicy over
 BalancingPolicy over Service into the one ``Frontend`` the datapath gets. ``policy_status`` says, per
-policy, whether it is in force on this node and why.
+policy, whether it is in force on this node and why. A policy version that changes only its status or
+resourceVersion (the agents and the controller writing status) recomputes nothing.
 Pure: no I/O, no clocks; the caller feeds objects in (``sources``) and reads state out.
 
 One module on purpose (over 400 lines): the object indexes, the dirty sets and the per-service and
@@ -266,11 +267,10 @@ class ClusterStore:
         if self._services.get(key) == service:
             return
         self._services[key] = service
-        selecting = self._selecting.setdefault(key[0], set())
         if service.spec.selector:
-            selecting.add(key[1])
+            self._selecting.setdefault(key[0], set()).add(key[1])
         else:
-            selecting.discard(key[1])
+            self._unselect(key)
         topology = endpoints.topology_mode(service.metadata.annotations, service.spec.traffic_distribution)
         for users, uses in (
             (self._node_port_users, frontends.uses_node_ports(service)),
@@ -287,11 +287,19 @@ class ClusterStore:
     def _drop_service(self, key: ServiceKey) -> None:
         if self._services.pop(key, None) is None:
             return
-        self._selecting.get(key[0], set()).discard(key[1])
+        self._unselect(key)
         for users in (self._node_port_users, self._topology_users, self._external_ip_users):
             users.discard(key)
         self._dirty.add(key)
         self._policy_dirty.update(self._service_policies.get(key, ()))
+
+    def _unselect(self, key: ServiceKey) -> None:
+        """``key`` selects no pods (any more); a namespace left without selecting services is forgotten."""
+        names = self._selecting.get(key[0])
+        if names is not None:
+            names.discard(key[1])
+            if not names:
+                del self._selecting[key[0]]
 
     def _put_slice(self, ref: objects.ObjectRef, new: objects.EndpointSlice | None) -> None:
         skey = (ref[1], ref[2])
@@ -399,6 +407,9 @@ class ClusterStore:
         pkey = policy_frontends.policy_key(policy)
         old = self._policies.get(pkey)
         if old == policy:
+            return
+        if old is not None and _same_intent(old, policy):
+            self._policies[pkey] = policy  # a status write or a new resourceVersion: nothing to recompute
             return
         if old is not None:
             self._unindex_policy(pkey, old)
@@ -579,6 +590,16 @@ class ClusterStore:
         losers = ", ".join(str(o) for o in owners[1:])
         created = self._ages[ranked[0]][0] or "no creationTimestamp"
         return f"frontend {fkey} is claimed by {owners[0]} and {losers}; {owners[0]} wins (older: {created})"
+
+
+def _same_intent(old: policies.Policy, new: policies.Policy) -> bool:
+    """Whether two versions of a policy do the same: what ``compute_policy`` and precedence read (spec,
+    name, creationTimestamp) is equal; status and resourceVersion, which status writes change, are unread."""
+    return (
+        old.spec == new.spec
+        and old.metadata.name == new.metadata.name
+        and old.metadata.creation_timestamp == new.metadata.creation_timestamp
+    )
 
 
 def _sort_key(fkey: contract.FrontendKey) -> tuple[int, int, int, int]:

@@ -4,11 +4,13 @@
 EndpointSlices, Nodes, LocalRedirectPolicies, BalancingPolicies, the Pods scheduled on ``node_name``
 (``fieldSelector=spec.nodeName=<node>``), and the Pods the BalancingPolicies' endpoint selectors pick
 anywhere (one ``labelSelector`` watch per distinct selector, started and retired as policies change; see
-``sources.selected_pods``). ``updates()`` yields ``SourceUpdate``\\ s like the manifest source:
+``sources.selected_pods``). A source whose ``resources`` leave out Pods (the controller follows only the
+policies) watches no pods at all. ``updates()`` yields ``SourceUpdate``\\ s like the manifest source:
 the first is the full initial state (every object as an upsert, plus the errors found), each later one
-only a difference. Malformed objects are skipped with a ``KubeObjectError`` (a ``ManifestError`` subclass,
-so it fits ``SourceUpdate.errors``) naming kind, namespace/name and field. Watch, relist, resync and
-backoff rules are those of ``sources.informer.Informer``.
+only a difference: every change since the last one taken, coalesced per object (``Pending``), so a slow
+consumer gets fewer, larger updates instead of an ever longer queue. Malformed objects are skipped with a
+``KubeObjectError`` (a ``ManifestError`` subclass, so it fits ``SourceUpdate.errors``) naming kind,
+namespace/name and field. Watch, relist, resync and backoff rules are those of ``sources.informer.Informer``.
 
 Auth: a kubeconfig's current context (server, CA or insecure-skip-tls-verify, bearer token / tokenFile or
 client certificate and key, inline ``-data`` variants included), or in-cluster (``KUBERNETES_SERVICE_HOST``
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import logging
 import os
 import ssl
@@ -32,8 +35,8 @@ from typing import Any
 import httpx2 as httpx
 import yaml
 
-from balancing.errors import SourceError
-from balancing.model.objects import POLICY_API_VERSION
+from balancing.errors import ManifestError, SourceError
+from balancing.model.objects import POLICY_API_VERSION, KubeObject, ObjectRef, ref
 from balancing.sources.informer import Informer, KubeObjectError, Resource, Timing
 from balancing.sources.manifests import SourceUpdate
 from balancing.sources.selected_pods import PodQuery, PodUnion, pod_queries
@@ -194,7 +197,7 @@ class KubeSource:
             try:
                 yield await run.start(self.resources)
                 while True:
-                    yield await run.queue.get()
+                    yield await run.pending.take()
             finally:
                 await run.stop()
 
@@ -213,16 +216,18 @@ class _Run:
         self.client = client
         self.connection = connection
         self.timing = timing
-        self.queue: asyncio.Queue[SourceUpdate] = asyncio.Queue()
+        self.pending = Pending()
         self.pods = PodUnion()
         self.tasks: dict[Hashable, asyncio.Task[None]] = {}
         self.policies: Informer | None = None
         self.listed: set[PodQuery] = set()  # queries whose informer has delivered its first list
+        self.follows_pods = False  # pods are among the resources (a policies-only source needs none)
         self.retiring: set[asyncio.Task[None]] = set()  # cancelled, not finished yet
 
     async def start(self, resources: list[Resource]) -> SourceUpdate:
         """List everything (the policies decide which pods to list next), then watch: the initial state."""
         fixed = {r: self._informer(r) for r in resources}
+        self.follows_pods = any(r.kind == "Pod" for r in resources)
         lists = await asyncio.gather(*(i.list_until_done() for i in fixed.values()))
         combined = SourceUpdate()
         for resource, listed in zip(fixed, lists, strict=True):
@@ -252,7 +257,9 @@ class _Run:
     # --- following the policies ----------------------------------------------------------------------
 
     def _needed(self) -> set[PodQuery]:
-        return pod_queries(self.policies.objects.values()) if self.policies is not None else set()
+        if self.policies is None or not self.follows_pods:
+            return set()
+        return pod_queries(self.policies.objects.values())
 
     def _reconcile(self) -> None:
         """Start the informers newly needed queries want; retire the unneeded ones when it is safe."""
@@ -297,7 +304,40 @@ class _Run:
 
     def _put(self, update: SourceUpdate) -> None:
         if update:
-            self.queue.put_nowait(update)
+            self.pending.add(update)
+
+
+class Pending:
+    """The changes not yet taken, coalesced per object: the latest version of each changed object (or its
+    deletion) and the errors found meanwhile (the last ``max_errors``). Whatever the informers deliver while
+    the consumer is busy costs memory per object, never per change, and arrives as one update."""
+
+    def __init__(self, max_errors: int = 1000) -> None:
+        self._objects: dict[ObjectRef, KubeObject | None] = {}  # None: deleted
+        self._errors: collections.deque[ManifestError] = collections.deque(maxlen=max_errors)
+        self._ready = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self._objects) + len(self._errors)
+
+    def add(self, update: SourceUpdate) -> None:
+        for deleted in update.deletes:
+            self._objects[deleted] = None
+        for obj in update.upserts:
+            self._objects[ref(obj)] = obj
+        self._errors.extend(update.errors)
+        if self:
+            self._ready.set()
+
+    async def take(self) -> SourceUpdate:
+        """Everything pending, once there is something."""
+        await self._ready.wait()
+        self._ready.clear()
+        objects, self._objects = self._objects, {}
+        errors = list(self._errors)
+        self._errors.clear()
+        upserts = [o for o in objects.values() if o is not None]
+        return SourceUpdate(upserts, [r for r, o in objects.items() if o is None], errors)
 
 
 def _query_resource(query: PodQuery) -> Resource:

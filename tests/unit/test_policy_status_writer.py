@@ -1,0 +1,379 @@
+"""The agent's policy status entries (``agent_status``) written through ``sources.kubestatus`` to a fake API
+server doing (simplified) server-side apply: one write per change, debounced with the latest value winning,
+agents' entries side by side, an entry removed, 404 ignored, failures retried, nothing ever raised; and the
+agent's wiring of it (no kernel needed)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import dataclasses
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from balancing import agent, agent_status
+from balancing.datapath import loader
+from balancing.model import config, objects, policies, store
+from balancing.sources import kubestatus
+from balancing.sources.kube import KubeConnection
+from balancing.sources.manifests import SourceUpdate
+from helpers.fakeapi import FakeApi
+
+API = "balancing.elf.io/v1beta1"
+BP = f"/apis/{API}/balancingpolicies"
+LRP = f"/apis/{API}/localredirectpolicies"
+FAST = kubestatus.WriterTiming(delay=0.02, min_interval=0.15, backoff_base=0.02, backoff_cap=0.05)
+Outcomes = list[tuple[kubestatus.Key, str]]
+PORTS = [{"port": "80", "protocol": "TCP"}]
+
+
+def bp(name: str = "vip") -> dict[str, Any]:
+    return {
+        "apiVersion": API,
+        "kind": "BalancingPolicy",
+        "metadata": {"name": name, "creationTimestamp": "2026-01-01T00:00:00Z", "generation": 1},
+        "spec": {
+            "frontend": {"addressMatcher": {"ip": "169.254.0.90", "toPorts": PORTS}},
+            "backend": {"addressEndpoint": {"addresses": ["10.0.0.1"], "toPorts": PORTS}},
+        },
+    }
+
+
+def status(backends: int, reason: str = "Ready", name: str = "vip") -> store.PolicyStatus:
+    return store.PolicyStatus(
+        "BalancingPolicy", name, backends > 0, reason, "", backends, 1 if backends else 0
+    )
+
+
+@pytest_asyncio.fixture
+async def api() -> AsyncIterator[tuple[FakeApi, KubeConnection]]:
+    fake = FakeApi()
+    server = await asyncio.start_server(fake.handle, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        yield fake, KubeConnection.plain(url)
+    finally:
+        server.close()
+        for task in list(fake.tasks):
+            task.cancel()
+        await asyncio.gather(*fake.tasks, return_exceptions=True)
+
+
+@contextlib.asynccontextmanager
+async def reporter(
+    connection: KubeConnection, node: str = "node-1", outcomes: Outcomes | None = None
+) -> AsyncIterator[agent_status.PolicyStatusReporter]:
+    def record(key: kubestatus.Key, result: str) -> None:
+        if outcomes is not None:
+            outcomes.append((key, result))
+
+    writer = kubestatus.StatusWriter(
+        connection, agent_status.field_manager(node), timing=FAST, on_result=record
+    )
+    async with writer:
+        yield agent_status.PolicyStatusReporter(node, writer, now=lambda: "2026-02-02T00:00:00Z")
+
+
+def watched(fake: FakeApi, path: str = BP) -> SourceUpdate:
+    """What the agent's watch delivers: the objects as the API server has them now."""
+    docs = [copy.deepcopy(o) for o in fake.objects.get(path, {}).values()]
+    kind = "BalancingPolicy" if path == BP else "LocalRedirectPolicy"
+    return SourceUpdate([objects.parse_object({**d, "apiVersion": API, "kind": kind}) for d in docs])
+
+
+def nodes(fake: FakeApi, name: str = "vip") -> list[dict[str, Any]]:
+    result: list[dict[str, Any]] = fake.objects[BP][("", name)].get("status", {}).get("nodes", [])
+    return result
+
+
+async def until(check: Callable[[], bool], timeout: float = 2.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not check():
+            await asyncio.sleep(0.005)
+
+
+@pytest.mark.asyncio
+async def test_one_write_per_change(api: tuple[FakeApi, KubeConnection]) -> None:
+    fake, connection = api
+    fake.put(BP, bp())
+    async with reporter(connection) as rep:
+        rep.observe(watched(fake))
+        rep.reconcile({("BalancingPolicy", "vip"): status(3)})
+        rep.reconcile({("BalancingPolicy", "vip"): status(3)})  # the same again: nothing more
+        await until(lambda: len(fake.patches()) == 1)
+        call = fake.patches()[0]
+        assert call.path == f"{BP}/vip/status"
+        assert call.params == {"fieldManager": "balancing-agent-node-1", "force": "true"}
+        assert call.headers["content-type"] == "application/apply-patch+yaml"
+        entry = {"nodeName": "node-1", "backends": 3, "ready": True, "reason": "Ready",
+                 "lastUpdateTime": "2026-02-02T00:00:00Z"}  # fmt: skip
+        assert call.body == {"apiVersion": API, "kind": "BalancingPolicy", "metadata": {"name": "vip"},
+                             "status": {"nodes": [entry]}}  # fmt: skip
+        assert nodes(fake) == [entry]
+        # The watch has not delivered the write yet: the old object must not trigger a second write.
+        rep.reconcile({("BalancingPolicy", "vip"): status(3)})
+        rep.observe(watched(fake))  # now it has
+        rep.reconcile({("BalancingPolicy", "vip"): status(3)})
+        await asyncio.sleep(FAST.min_interval + 0.05)
+        assert len(fake.patches()) == 1
+        # A change is written once more.
+        rep.reconcile({("BalancingPolicy", "vip"): status(0, "NoBackends")})
+        await until(lambda: len(fake.patches()) == 2)
+        assert nodes(fake)[0] | {"lastUpdateTime": ""} == {
+            "nodeName": "node-1", "backends": 0, "ready": False, "reason": "NoBackends", "lastUpdateTime": ""
+        }  # fmt: skip
+
+
+@pytest.mark.asyncio
+async def test_debounced_latest_value_wins(api: tuple[FakeApi, KubeConnection]) -> None:
+    fake, connection = api
+    fake.put(BP, bp())
+    async with reporter(connection) as rep:
+        rep.observe(watched(fake))
+        for n in (1, 2, 3, 4):  # pods becoming ready one after another
+            rep.reconcile({("BalancingPolicy", "vip"): status(n)})
+        await until(lambda: len(fake.patches()) == 1)
+        assert [e["backends"] for e in nodes(fake)] == [4]
+        for n in (5, 6):
+            rep.reconcile({("BalancingPolicy", "vip"): status(n)})
+        await until(lambda: len(fake.patches()) == 2)
+        first, second = fake.patches()
+        assert second.at - first.at >= FAST.min_interval * 0.9  # at most one write per interval
+        assert [e["backends"] for e in nodes(fake)] == [6]
+        await asyncio.sleep(FAST.min_interval)
+        assert len(fake.patches()) == 2
+
+
+@pytest.mark.asyncio
+async def test_two_agents_own_their_entries_and_one_is_removed(api: tuple[FakeApi, KubeConnection]) -> None:
+    fake, connection = api
+    fake.put(BP, bp())
+    key = ("BalancingPolicy", "vip")
+    async with reporter(connection, "node-1") as one, reporter(connection, "node-2") as two:
+        one.observe(watched(fake))
+        two.observe(watched(fake))
+        one.reconcile({key: status(2)})
+        two.reconcile({key: status(0, "NoBackends")})
+        await until(lambda: len(nodes(fake)) == 2)
+        assert {e["nodeName"]: e["backends"] for e in nodes(fake)} == {"node-1": 2, "node-2": 0}
+        assert fake.owners(BP, "vip") == {
+            "balancing-agent-node-1": {("nodes", "node-1")},
+            "balancing-agent-node-2": {("nodes", "node-2")},
+        }
+        one.observe(watched(fake))
+        two.observe(watched(fake))
+        # node-1's labels no longer match the nodeLabelSelector: its entry goes, node-2's stays.
+        one.reconcile({key: status(0, "NodeNotSelected")})
+        await until(lambda: len(nodes(fake)) == 1)
+        assert [e["nodeName"] for e in nodes(fake)] == ["node-2"]
+        assert fake.patches()[-1].body["status"] == {}
+        one.observe(watched(fake))
+        one.reconcile({key: status(0, "NodeNotSelected")})
+        await asyncio.sleep(FAST.min_interval + 0.05)
+        assert len(fake.patches()) == 3  # nothing left to remove
+
+
+@pytest.mark.asyncio
+async def test_restart_with_nothing_changed_writes_nothing(api: tuple[FakeApi, KubeConnection]) -> None:
+    fake, connection = api
+    doc = bp()
+    doc["status"] = {"nodes": [{"nodeName": "node-1", "backends": 2, "ready": True, "reason": "Ready",
+                                "lastUpdateTime": "2026-01-01T00:00:00Z"}]}  # fmt: skip
+    fake.put(BP, doc)
+    async with reporter(connection) as rep:
+        rep.observe(watched(fake))
+        rep.reconcile({("BalancingPolicy", "vip"): status(2)})
+        await asyncio.sleep(FAST.delay + 0.1)
+    assert fake.patches() == []
+
+
+@pytest.mark.asyncio
+async def test_entry_removed_by_someone_else_is_written_again(api: tuple[FakeApi, KubeConnection]) -> None:
+    fake, connection = api
+    fake.put(BP, bp())
+    key = ("BalancingPolicy", "vip")
+    async with reporter(connection) as rep:
+        rep.observe(watched(fake))
+        rep.reconcile({key: status(2)})
+        await until(lambda: len(fake.patches()) == 1)
+        rep.observe(watched(fake))
+        rep.reconcile({key: status(2)})
+        wiped = copy.deepcopy(fake.objects[BP][("", "vip")])
+        del wiped["status"]
+        fake.put(BP, wiped)  # e.g. `kubectl replace --subresource status`
+        rep.observe(watched(fake))
+        rep.reconcile({key: status(2)})
+        await until(lambda: len(fake.patches()) == 2)
+        assert [e["backends"] for e in nodes(fake)] == [2]
+
+
+@pytest.mark.asyncio
+async def test_deleted_policy_is_not_an_error(api: tuple[FakeApi, KubeConnection]) -> None:
+    fake, connection = api
+    fake.put(BP, bp())
+    outcomes: Outcomes = []
+    async with reporter(connection, outcomes=outcomes) as rep:
+        rep.observe(watched(fake))
+        fake.delete(BP, "", "vip")  # deleted before the agent's write
+        rep.reconcile({("BalancingPolicy", "vip"): status(1)})
+        await until(lambda: bool(outcomes))
+        assert outcomes == [(("BalancingPolicy", "vip"), "gone")]
+        await asyncio.sleep(FAST.backoff_cap + 0.05)
+        assert len(fake.patches()) == 1  # not retried
+        # A deletion the watch delivers drops a pending write.
+        fake.put(BP, bp("other"))
+        rep.observe(watched(fake))
+        rep.reconcile({("BalancingPolicy", "other"): status(1)})
+        rep.observe(SourceUpdate(deletes=[("BalancingPolicy", "", "other")]))
+        await asyncio.sleep(FAST.delay + 0.1)
+        assert len(fake.patches()) == 1
+
+
+@pytest.mark.asyncio
+async def test_failures_are_retried_with_backoff(api: tuple[FakeApi, KubeConnection]) -> None:
+    fake, connection = api
+    fake.put(BP, bp())
+    fake.fail_patches = [500, 429, 503]
+    outcomes: Outcomes = []
+    async with reporter(connection, outcomes=outcomes) as rep:
+        rep.observe(watched(fake))
+        rep.reconcile({("BalancingPolicy", "vip"): status(2)})
+        await until(lambda: len(outcomes) == 4)
+    assert [r for _, r in outcomes] == ["retry", "retry", "retry", "ok"]
+    assert [e["backends"] for e in nodes(fake)] == [2]
+
+
+@pytest.mark.asyncio
+async def test_refused_value_is_dropped_until_it_changes(api: tuple[FakeApi, KubeConnection]) -> None:
+    fake, connection = api
+    fake.put(BP, bp())
+    fake.fail_patches = [422]
+    outcomes: Outcomes = []
+    async with reporter(connection, outcomes=outcomes) as rep:
+        rep.observe(watched(fake))
+        rep.reconcile({("BalancingPolicy", "vip"): status(2)})
+        await until(lambda: bool(outcomes))
+        rep.reconcile({("BalancingPolicy", "vip"): status(2)})
+        await asyncio.sleep(FAST.min_interval + 0.05)
+        assert [r for _, r in outcomes] == ["failed"]
+        rep.reconcile({("BalancingPolicy", "vip"): status(3)})
+        await until(lambda: len(outcomes) == 2)
+    assert [r for _, r in outcomes] == ["failed", "ok"]
+
+
+@pytest.mark.asyncio
+async def test_unreachable_api_server_never_raises(api: tuple[FakeApi, KubeConnection]) -> None:
+    fake, _ = api
+    fake.put(BP, bp())
+    outcomes: Outcomes = []
+    nowhere = KubeConnection.plain("http://127.0.0.1:9")  # discard port: connection refused
+    async with reporter(nowhere, outcomes=outcomes) as rep:
+        rep.observe(watched(fake))
+        rep.reconcile({("BalancingPolicy", "vip"): status(2)})  # returns at once
+        await until(lambda: len(outcomes) >= 2)
+        assert {r for _, r in outcomes} == {"retry"}
+        assert rep.writer.pending() == 1
+    assert rep.writer.pending() == 0  # closed: dropped, nothing raised
+
+
+@pytest.mark.asyncio
+async def test_policies_not_applying_here_write_no_entry(api: tuple[FakeApi, KubeConnection]) -> None:
+    fake, connection = api
+    for name in ("disabled", "elsewhere", "outside"):
+        fake.put(BP, bp(name))
+    async with reporter(connection) as rep:
+        rep.observe(watched(fake))
+        rep.reconcile({
+            ("BalancingPolicy", "disabled"): status(0, "Disabled", "disabled"),
+            ("BalancingPolicy", "elsewhere"): status(0, "NodeNotSelected", "elsewhere"),
+            ("BalancingPolicy", "outside"): status(0, "OutOfClusterDisabled", "outside"),
+        })  # fmt: skip
+        await asyncio.sleep(FAST.delay + 0.1)
+    assert fake.patches() == []
+
+
+def test_report_of_and_field_manager() -> None:
+    assert agent_status.report_of(status(2)) == (2, True, "Ready")
+    assert agent_status.report_of(status(0, "Conflict")) == (0, False, "Conflict")
+    assert agent_status.report_of(status(0, "NodeNotSelected")) is None
+    long = "n" * 253
+    manager = agent_status.field_manager(long)
+    assert len(manager) == 128 and manager.startswith("balancing-agent-nnn")
+    assert manager != agent_status.field_manager("n" * 252)
+    assert kubestatus.status_path("LocalRedirectPolicy", "a.b") == f"{LRP}/a.b/status"
+
+
+def test_status_is_read_leniently() -> None:
+    """A malformed status never makes a policy invalid; malformed entries are skipped."""
+    doc = bp()
+    doc["status"] = {
+        "observedGeneration": "x",
+        "conditions": [{"type": "Ready", "status": "True"}, {"status": "no type"}],
+        "nodes": [{"nodeName": "a", "backends": 2}, {"backends": 1}, "junk"],
+    }
+    policy = objects.parse_object(doc)
+    assert isinstance(policy, policies.BalancingPolicy)
+    assert policy.status.observed_generation is None
+    assert [c.type for c in policy.status.conditions] == ["Ready"]
+    assert [(n.node_name, n.backends) for n in policy.status.nodes] == [("a", 2)]
+    doc["status"] = "nonsense"
+    policy = objects.parse_object(doc)
+    assert isinstance(policy, policies.BalancingPolicy) and policy.status == policies.ObservedStatus()
+
+
+def test_status_only_change_recomputes_nothing() -> None:
+    """Status writes reach every agent as new policy versions: the model must not recompute for them."""
+    model = store.ClusterStore("node-1")
+    doc = bp()
+    model.upsert(objects.parse_object(doc))
+    before = model.policy_status()
+    recomputed = model.policy_recomputed
+    doc["metadata"]["resourceVersion"] = "7"
+    doc["status"] = {"nodes": [{"nodeName": "node-2", "backends": 1}]}
+    model.upsert(objects.parse_object(doc))
+    assert model.policy_status() == before and model.policy_recomputed == recomputed
+    doc["spec"]["enabled"] = False
+    model.upsert(objects.parse_object(doc))
+    assert model.policy_status()[("BalancingPolicy", "vip")].reason == "Disabled"
+
+
+@pytest.mark.asyncio
+async def test_agent_reports_once_the_datapath_holds_it(
+    api: tuple[FakeApi, KubeConnection], tmp_path: Path
+) -> None:
+    """The agent's wiring (no kernel needed): the source's policies are observed, the entry is written when a
+    sync succeeds, and the outcome is counted; ``--no-policy-status`` writes nothing."""
+    fake, connection = api
+    fake.put(BP, bp())
+    datapath = loader.DatapathConfig(tmp_path / "none.o", tmp_path / "bpffs", tmp_path)
+    kube = agent.KubeSourceConfig(api_server=connection.base_url)
+    cfg = agent.AgentConfig(None, config.ModelConfig("node-1"), datapath, metrics_addr=None, kube=kube,
+                            status_timing=FAST)  # fmt: skip
+    node = agent.Agent(cfg)
+    try:
+        await node._open_status_reporter()
+        assert node._reporter is not None
+        node._ingest(watched(fake))
+        await asyncio.sleep(FAST.delay + 0.05)
+        assert fake.patches() == []  # not before the maps hold it
+        node._report_status()  # what a successful sync calls
+        await until(lambda: bool(nodes(fake)))
+        assert nodes(fake)[0] | {"lastUpdateTime": ""} == {
+            "nodeName": "node-1", "backends": 1, "ready": True, "reason": "Ready", "lastUpdateTime": ""
+        }  # fmt: skip
+        await until(
+            lambda: b'balancing_policy_status_writes_total{result="ok"} 1.0' in node.metrics.exposition()
+        )
+    finally:
+        if node._reporter is not None:
+            await node._reporter.writer.close()
+        node._io.shutdown()
+    quiet = agent.Agent(dataclasses.replace(cfg, policy_status=False))
+    await quiet._open_status_reporter()
+    assert quiet._reporter is None
+    quiet._io.shutdown()

@@ -18,10 +18,12 @@ holds status codes to answer the next PATCHes with instead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 import re
 import time
+from collections.abc import AsyncIterator
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -329,6 +331,21 @@ def _labels_match(labels: dict[str, str], selector: str) -> bool:
         elif (key in labels) == bool(negated):
             return False
     return True
+
+
+@contextlib.asynccontextmanager
+async def serving(fake: FakeApi | None = None) -> AsyncIterator[tuple[FakeApi, str]]:
+    """``fake`` (a new one by default) served on a free loopback port of the running loop: ``(fake, base
+    URL)``; the listener and every open connection are closed afterwards."""
+    fake = fake or FakeApi()
+    server = await asyncio.start_server(fake.handle, "127.0.0.1", 0)
+    try:
+        yield fake, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+        for task in list(fake.tasks):
+            task.cancel()
+        await asyncio.gather(*fake.tasks, return_exceptions=True)
 
 
 class ThreadedApi:

@@ -31,6 +31,8 @@ _TESTS_DIR = Path(__file__).resolve().parents[1]
 if str(_TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(_TESTS_DIR))
 
+from support import Datapath  # noqa: E402
+
 from helpers.topology import (  # noqa: E402
     Cluster,
     HarnessError,
@@ -161,6 +163,17 @@ def topology(request: pytest.FixtureRequest) -> Iterator[Topology]:
 def cluster(topology: Topology) -> Cluster:
     """pod-a, pod-b, pod-c with backends on TCP+UDP 8080, and client "client" running in node "node-a"."""
     return build_cluster(topology)
+
+
+@pytest.fixture
+def dp(cluster: Cluster) -> Iterator[Datapath]:
+    """The real BPF object loaded into the cluster's node cgroup, its pins in the node's bpffs directory,
+    with the real writer over its maps; unloaded afterwards. (test_events has its own, with events on.)"""
+    d = Datapath(cluster.cgroup, cluster.topo.bpffs / cluster.node)
+    try:
+        yield d
+    finally:
+        d.close()
 
 
 @pytest.fixture

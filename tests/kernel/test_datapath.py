@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,15 +23,6 @@ from balancing.model.desired import BackendPod, Frontend, Owner, PodRef
 from helpers.topology import Cluster
 
 VIP4, VIP6 = "10.96.0.10", "fd00:96::10"
-
-
-@pytest.fixture
-def dp(cluster: Cluster) -> Iterator[Datapath]:
-    d = Datapath(cluster.cgroup, cluster.topo.bpffs / cluster.node)
-    try:
-        yield d
-    finally:
-        d.close()
 
 
 def backends4(cluster: Cluster, port: int = 8080) -> list[str]:

@@ -30,15 +30,6 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 @pytest.fixture
-def dp(cluster: Cluster) -> Iterator[Datapath]:
-    d = Datapath(cluster.cgroup, cluster.topo.bpffs / cluster.node)
-    try:
-        yield d
-    finally:
-        d.close()
-
-
-@pytest.fixture
 def scrape(dp: Datapath, cluster: Cluster) -> Iterator[tuple[Metrics, MetricsServer, OwnerIndex]]:
     """Program web (three backends), empty (none) and dns (UDP); serve the metrics on a free port."""
     pods = [f"{p.ip4}:{cluster.port}" for p in cluster.pods]

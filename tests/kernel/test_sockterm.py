@@ -119,15 +119,6 @@ def sockterm_object() -> Path:
 
 
 @pytest.fixture
-def dp(cluster: Cluster) -> Iterator[Datapath]:
-    d = Datapath(cluster.cgroup, cluster.topo.bpffs / cluster.node)
-    try:
-        yield d
-    finally:
-        d.close()
-
-
-@pytest.fixture
 def term(cluster: Cluster, dp: Datapath, sockterm_object: Path) -> Iterator[sockterm.SocketTerminator]:
     with sockterm.SocketTerminator(dp.bpffs, cluster.cgroup, sockterm_object) as t:
         assert t.available, t.reason

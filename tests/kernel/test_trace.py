@@ -11,7 +11,6 @@ a random pick is compared as a set.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +26,6 @@ from helpers.topology import Cluster, in_netns
 VIP4, VIP6 = "10.96.0.10", "fd00:96::10"
 SVC = Owner("Service", "default", "web", "http")
 LRP = Owner("LocalRedirectPolicy", "", "node-local-dns")
-
-
-@pytest.fixture
-def dp(cluster: Cluster) -> Iterator[Datapath]:
-    d = Datapath(cluster.cgroup, cluster.topo.bpffs / cluster.node)
-    try:
-        yield d
-    finally:
-        d.close()
 
 
 @pytest.fixture

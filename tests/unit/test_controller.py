@@ -406,38 +406,33 @@ async def test_existing_policies_come_from_the_api_server() -> None:
 
     from balancing.controller.policyindex import PolicyIndex
     from balancing.sources.kube import KubeSource, Timing
-    from helpers.fakeapi import FakeApi
+    from helpers.fakeapi import FakeApi, serving
 
     fake = FakeApi()
     older = lrp_doc("older", "2025-06-01T00:00:00Z")
     fake.put(f"/apis/{API}/localredirectpolicies", older)
     fake.put(f"/apis/{API}/balancingpolicies", bp_doc())  # selects pods: the agent's source would watch them
-    server = await asyncio.start_server(fake.handle, "127.0.0.1", 0)
-    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
     index = PolicyIndex()
     webhook = Webhook(index.existing, ready=index.ready)
     assert webhook.handle("GET", "/readyz", b"")[0] == 503
     timing = Timing(resync=3600, watch_timeout=60, read_slack=5, backoff_base=0.02, backoff_cap=0.1)
-    follow = asyncio.create_task(index.follow(KubeSource("", api_base_url=url, timing=timing)))
-    try:
-        for _ in range(200):
-            if index.ready():
-                break
-            await asyncio.sleep(0.01)
-        assert sorted(p.metadata.name for p in index.existing()) == ["older", "vip"]
-        assert webhook.handle("GET", "/readyz", b"")[0] == 200
-        new = lrp_doc("newer")
-        new["metadata"].pop("creationTimestamp")
-        answer = call(webhook, "/validate", review("CREATE", new))
-        assert answer["response"]["allowed"] is False
-        assert "older LocalRedirectPolicy older" in answer["response"]["status"]["message"]
-        assert not [path for path, _ in fake.requests if "pods" in path], "the controller may not read pods"
-    finally:
-        follow.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await follow
-        server.close()
-        for task in list(fake.tasks):
-            task.cancel()
-        await asyncio.gather(*fake.tasks, return_exceptions=True)
-        await server.wait_closed()
+    async with serving(fake) as (_, url):
+        follow = asyncio.create_task(index.follow(KubeSource("", api_base_url=url, timing=timing)))
+        try:
+            for _ in range(200):
+                if index.ready():
+                    break
+                await asyncio.sleep(0.01)
+            assert sorted(p.metadata.name for p in index.existing()) == ["older", "vip"]
+            assert webhook.handle("GET", "/readyz", b"")[0] == 200
+            new = lrp_doc("newer")
+            new["metadata"].pop("creationTimestamp")
+            answer = call(webhook, "/validate", review("CREATE", new))
+            assert answer["response"]["allowed"] is False
+            assert "older LocalRedirectPolicy older" in answer["response"]["status"]["message"]
+            pods = [path for path, _ in fake.requests if "pods" in path]
+            assert not pods, "the controller may not read pods"
+        finally:
+            follow.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follow

@@ -30,7 +30,7 @@ from balancing.sources.informer import Informer, Timing
 from balancing.sources.kube import KubeSource
 from balancing.sources.manifests import SourceUpdate
 from balancing.sources.selected_pods import PodUnion
-from helpers.fakeapi import FakeApi
+from helpers.fakeapi import FakeApi, serving
 
 NODE = "node-1"
 SERVICES = "/api/v1/services"
@@ -49,15 +49,8 @@ Queue = asyncio.Queue[SourceUpdate]
 
 @pytest_asyncio.fixture
 async def api() -> AsyncIterator[tuple[FakeApi, str]]:
-    fake = FakeApi()
-    server = await asyncio.start_server(fake.handle, "127.0.0.1", 0)
-    try:
-        yield fake, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    finally:
-        server.close()
-        for task in list(fake.tasks):
-            task.cancel()
-        await asyncio.gather(*fake.tasks, return_exceptions=True)
+    async with serving() as served:
+        yield served
 
 
 def put(fake: FakeApi, made: Objects, path: str, doc: dict[str, Any]) -> None:

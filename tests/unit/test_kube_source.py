@@ -16,7 +16,7 @@ import yaml
 from balancing.errors import SourceError
 from balancing.sources.kube import KubeObjectError, KubeSource, Timing
 from balancing.sources.manifests import SourceUpdate
-from helpers.fakeapi import FakeApi
+from helpers.fakeapi import FakeApi, serving
 
 SERVICES = "/api/v1/services"
 NODES = "/api/v1/nodes"
@@ -56,16 +56,8 @@ FAST = Timing(resync=3600, watch_timeout=60, read_slack=5, backoff_base=0.02, ba
 
 @pytest_asyncio.fixture
 async def api() -> AsyncIterator[tuple[FakeApi, str]]:
-    fake = FakeApi()
-    server = await asyncio.start_server(fake.handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        yield fake, f"http://127.0.0.1:{port}"
-    finally:
-        server.close()
-        for task in list(fake.tasks):
-            task.cancel()
-        await asyncio.gather(*fake.tasks, return_exceptions=True)
+    async with serving() as served:
+        yield served
 
 
 @contextlib.asynccontextmanager

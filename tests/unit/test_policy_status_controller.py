@@ -19,7 +19,7 @@ from balancing.model import objects, policies
 from balancing.model.status import NodeReport
 from balancing.sources import kubestatus
 from balancing.sources.kube import KubeConnection, KubeSource, Timing
-from helpers.fakeapi import FakeApi
+from helpers.fakeapi import FakeApi, serving
 
 API = "balancing.elf.io/v1beta1"
 BP = f"/apis/{API}/balancingpolicies"
@@ -148,23 +148,20 @@ async def cluster(*docs: tuple[str, dict[str, Any]]) -> AsyncIterator[Cluster]:
     fake = FakeApi()
     for path, doc in docs:
         fake.put(path, doc)
-    server = await asyncio.start_server(fake.handle, "127.0.0.1", 0)
-    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    index = PolicyIndex()
-    times = (f"2026-03-01T00:00:{s:02d}Z" for s in itertools.count())
-    controller = ctl.StatusController(index, KubeConnection.plain(url), timing=FAST, now=lambda: next(times))
-    follow = asyncio.create_task(index.follow(KubeSource("", api_base_url=url, timing=SOURCE)))
-    try:
-        yield Cluster(fake, url, controller)
-    finally:
-        follow.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await follow
-        await controller.close()
-        server.close()
-        for task in list(fake.tasks):
-            task.cancel()
-        await asyncio.gather(*fake.tasks, return_exceptions=True)
+    async with serving(fake) as (_, url):
+        index = PolicyIndex()
+        times = (f"2026-03-01T00:00:{s:02d}Z" for s in itertools.count())
+        controller = ctl.StatusController(
+            index, KubeConnection.plain(url), timing=FAST, now=lambda: next(times)
+        )
+        follow = asyncio.create_task(index.follow(KubeSource("", api_base_url=url, timing=SOURCE)))
+        try:
+            yield Cluster(fake, url, controller)
+        finally:
+            follow.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follow
+            await controller.close()
 
 
 async def until(check: Callable[[], bool], timeout: float = 3.0) -> None:

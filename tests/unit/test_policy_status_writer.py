@@ -22,7 +22,7 @@ from balancing.model import config, objects, policies, store
 from balancing.sources import kubestatus
 from balancing.sources.kube import KubeConnection
 from balancing.sources.manifests import SourceUpdate
-from helpers.fakeapi import FakeApi
+from helpers.fakeapi import FakeApi, serving
 
 API = "balancing.elf.io/v1beta1"
 BP = f"/apis/{API}/balancingpolicies"
@@ -52,16 +52,8 @@ def status(backends: int, reason: str = "Ready", name: str = "vip") -> store.Pol
 
 @pytest_asyncio.fixture
 async def api() -> AsyncIterator[tuple[FakeApi, KubeConnection]]:
-    fake = FakeApi()
-    server = await asyncio.start_server(fake.handle, "127.0.0.1", 0)
-    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    try:
+    async with serving() as (fake, url):
         yield fake, KubeConnection.plain(url)
-    finally:
-        server.close()
-        for task in list(fake.tasks):
-            task.cancel()
-        await asyncio.gather(*fake.tasks, return_exceptions=True)
 
 
 @contextlib.asynccontextmanager

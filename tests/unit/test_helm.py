@@ -726,6 +726,7 @@ _RESOURCES: dict[str, list[tuple[str, str, bool]]] = {
         ("configmaps", "ConfigMap", True),
     ],
     "apps/v1": [("daemonsets", "DaemonSet", True), ("deployments", "Deployment", True)],
+    "policy/v1": [("poddisruptionbudgets", "PodDisruptionBudget", True)],
     "rbac.authorization.k8s.io/v1": [
         ("clusterroles", "ClusterRole", False),
         ("clusterrolebindings", "ClusterRoleBinding", False),
@@ -911,3 +912,22 @@ def test_controller_reloads_a_renewed_certificate(tmp_path: Path) -> None:
             await server.wait_closed()
 
     asyncio.run(go())
+
+
+def test_controller_replicas_spread_and_a_disruption_budget(
+    helm: Path, default_objects: list[dict[str, Any]]
+) -> None:
+    pod = _one(default_objects, "Deployment")["spec"]["template"]["spec"]
+    (spread,) = pod["topologySpreadConstraints"]
+    assert (
+        spread["topologyKey"] == "kubernetes.io/hostname" and spread["whenUnsatisfiable"] == "ScheduleAnyway"
+    )
+    assert spread["labelSelector"]["matchLabels"]["app.kubernetes.io/component"] == "controller"
+    pdb = _one(default_objects, "PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "controller"
+    single = _render(
+        helm, "--set", "controller.replicas=1", "--set", "controller.topologySpreadConstraints=null"
+    )
+    assert "PodDisruptionBudget" not in _kinds(single), "one replica: a budget would block every drain"
+    assert "topologySpreadConstraints" not in _one(single, "Deployment")["spec"]["template"]["spec"]

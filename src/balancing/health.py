@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from balancing import httpserve
+
 
 def _rfc3339(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
@@ -61,27 +63,13 @@ def agent_routes(
     return handle
 
 
-async def _handle(handler: Handler, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        request = await asyncio.wait_for(reader.readline(), 5)
-        while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
-            pass
-        parts = request.decode(errors="replace").split()
-        code, body = handler(parts[1].split("?")[0] if len(parts) >= 2 else "")
-        payload = json.dumps(body).encode()
-        reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[code]
-        writer.write(
-            f"HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\n"
-            "X-Content-Type-Options: nosniff\r\n"
-            f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
-            + payload
-        )
-        await writer.drain()
-    except (TimeoutError, ConnectionError):
-        pass
-    finally:
-        writer.close()
-
-
 async def serve(handler: Handler, host: str, port: int) -> asyncio.Server:
-    return await asyncio.start_server(lambda r, w: _handle(handler, r, w), host, port)
+    """GET-only JSON endpoints on ``httpserve``."""
+
+    def handle(method: str, path: str, _body: bytes) -> tuple[int, str, bytes]:
+        if method not in ("GET", "HEAD"):
+            return 405, "application/json", b'{"error": "GET only"}'
+        code, body = handler(path)
+        return code, "application/json", json.dumps(body).encode()
+
+    return await httpserve.serve(handle, host, port)

@@ -1,6 +1,7 @@
 """The webhook's HTTPS server: ``POST /validate`` and ``POST /mutate`` take an AdmissionReview v1;
 ``GET /healthz``, ``/readyz`` and ``/metrics`` (Prometheus text) share the port. A tiny asyncio server in
-the style of ``balancing.health``: one request per connection, bodies bounded."""
+``balancing.httpserve`` (shared with the agent's health endpoints): one request per connection, bodies
+bounded."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
+from balancing import httpserve
 from balancing.controller import admission
 
 __all__ = ["MAX_BODY", "Webhook", "serve"]
@@ -21,8 +23,6 @@ log = logging.getLogger(__name__)
 
 MAX_BODY = 3 * 1024 * 1024  # the API server's request limit for an object is about this
 _TIMEOUT = 10.0
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-            413: "Payload Too Large", 503: "Service Unavailable"}  # fmt: skip
 
 
 class Webhook:
@@ -94,51 +94,9 @@ def _json(code: int, body: dict[str, Any]) -> tuple[int, str, bytes]:
     return code, "application/json", json.dumps(body).encode()
 
 
-async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str, bytes] | int:
-    """``(method, path, body)``, or the status to answer a malformed request with."""
-    line = await reader.readline()
-    parts = line.decode(errors="replace").split()
-    if len(parts) < 2:
-        return 400
-    length = 0
-    while True:
-        header = await reader.readline()
-        if header in (b"\r\n", b"\n", b""):
-            break
-        name, _, value = header.decode(errors="replace").partition(":")
-        if name.strip().lower() == "content-length":
-            if not value.strip().isdigit():
-                return 400
-            length = int(value.strip())
-    if length > MAX_BODY:
-        return 413
-    body = await reader.readexactly(length) if length else b""
-    return parts[0].upper(), parts[1].split("?")[0], body
-
-
-async def _serve_one(webhook: Webhook, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        request = await asyncio.wait_for(_read_request(reader), _TIMEOUT)
-        if isinstance(request, int):
-            code, ctype, payload = _json(request, {"error": _REASONS[request]})
-        else:
-            code, ctype, payload = webhook.handle(*request)
-        writer.write(
-            f"HTTP/1.1 {code} {_REASONS.get(code, 'Error')}\r\nContent-Type: {ctype}\r\n"
-            "X-Content-Type-Options: nosniff\r\n"
-            f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
-            + payload
-        )
-        await writer.drain()
-    except (TimeoutError, ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
-        pass
-    finally:
-        writer.close()
-
-
 async def serve(webhook: Webhook, host: str, port: int, ssl_context: ssl.SSLContext | None) -> asyncio.Server:
     """Start serving ``webhook`` on ``host:port`` (port 0: any free port); HTTPS unless ``ssl_context`` is
     ``None`` (for tests and a TLS-terminating proxy only: the API server calls webhooks over HTTPS)."""
-    return await asyncio.start_server(
-        lambda r, w: _serve_one(webhook, r, w), host, port, ssl=ssl_context, ssl_handshake_timeout=_TIMEOUT
+    return await httpserve.serve(
+        webhook.handle, host, port, ssl_context=ssl_context, max_body=MAX_BODY, timeout=_TIMEOUT
     )

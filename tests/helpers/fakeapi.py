@@ -58,6 +58,7 @@ class FakeApi:
         self.requests: list[tuple[str, dict[str, str]]] = []
         self.stall_watches = False
         self.missing: set[str] = set()  # paths answered with 404
+        self.failing: set[str] = set()  # paths (as requested) answered with 500
         self.headers: dict[str, str] = {}  # of the last request
         self.tasks: set[asyncio.Task[None]] = set()
         self.calls: list[Call] = []  # every request, in order
@@ -149,6 +150,8 @@ class FakeApi:
             elif url.path in self.missing or path in self.missing:
                 writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
                 await writer.drain()
+            elif url.path in self.failing:
+                await self._respond(writer, 500, {"kind": "Status", "code": 500, "message": "etcd is sad"})
             elif params.get("watch"):
                 await self._watch(path, params, writer)
             else:

@@ -307,7 +307,9 @@ async def test_pods_a_policy_selects_on_other_nodes_are_in_the_initial_state(
     async with following(url) as updates:
         first = await next_update(updates)
         assert pod_names(first) == {"web-here", "web-there"}, "each pod once, though two watches see web-here"
-        selector_lists = [p for path, p in fake.requests if path == PODS and p.get("labelSelector")]
+        selector_lists = [
+            p for path, p in fake.requests if path == PODS and "labelSelector" in p and "watch" not in p
+        ]
         assert selector_lists == [{"labelSelector": "app=web"}]
         await no_update(updates, fake)
 
@@ -449,3 +451,66 @@ async def test_pending_changes_coalesce_per_object() -> None:
     assert len(pending) == 0
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(pending.take(), 0.05)  # nothing new: it waits
+
+
+@pytest.mark.asyncio
+async def test_pending_drops_an_error_its_objects_newer_version_overtook() -> None:
+    """A bad version's error and the fixed version can land in one update: the consumer must not see the
+    error after the fix (it would mark a valid object invalid)."""
+    from balancing.model.objects import parse_object
+    from balancing.sources.kube import Pending
+
+    fixed = parse_object({"apiVersion": "v1", "kind": "Service", **service("web")})
+    error = KubeObjectError("Service default/web", "spec.ports[0].port", "too big")
+    pending = Pending()
+    pending.add(SourceUpdate(errors=[error]))
+    pending.add(SourceUpdate([fixed]))
+    update = await asyncio.wait_for(pending.take(), 1)
+    assert update.upserts == [fixed] and update.errors == []
+    pending.add(SourceUpdate([fixed]))
+    pending.add(SourceUpdate(errors=[error]))  # broken again after the good version: both, in that order
+    update = await asyncio.wait_for(pending.take(), 1)
+    assert update.upserts == [fixed] and update.errors == [error]
+
+
+@pytest.mark.asyncio
+async def test_a_pod_query_the_server_keeps_failing_does_not_hold_back_the_initial_state(
+    api: tuple[FakeApi, str],
+) -> None:
+    fake, url = api
+    fake.put(SERVICES, service("web"))
+    fake.put(PODS, labelled_pod("dns", "node-2", namespace="kube-system", app="dns"))
+    fake.put(BALANCING, selecting("p", {"matchLabels": {"io.kubernetes.pod.namespace": "kube-system"}}))
+    fake.failing.add("/api/v1/namespaces/kube-system/pods")
+    timing = Timing(
+        resync=3600, watch_timeout=60, read_slack=5, backoff_base=0.02, backoff_cap=0.1, pods_wait=0.3
+    )
+    async with following(url, timing) as updates:
+        first = await next_update(updates)
+        assert ("Service", "web") in names(first) and pod_names(first) == set(), "served without those pods"
+        fake.failing.clear()
+        assert pod_names(await next_update(updates)) == {"dns"}, "they follow once the server lists them"
+
+
+@pytest.mark.asyncio
+async def test_a_following_task_that_fails_is_started_again() -> None:
+    import httpx2 as httpx
+
+    from balancing.sources.kube import KubeConnection, _Run
+
+    runs: list[int] = []
+    again = asyncio.Event()
+
+    async def work() -> None:
+        runs.append(1)
+        if len(runs) == 1:
+            raise RuntimeError("a bug")
+        again.set()
+        await asyncio.sleep(3600)
+
+    async with httpx.AsyncClient() as client:
+        run = _Run(client, KubeConnection.plain("http://127.0.0.1:1"), FAST)
+        run._spawn("x", work)
+        await asyncio.wait_for(again.wait(), 3)
+        await run.stop()
+    assert len(runs) == 2

@@ -497,3 +497,30 @@ def test_alert_rules_are_valid_and_on_exposed_metrics(populated: metrics.Metrics
         "balancing_sync_proxy_rules_no_local_endpoints_total",
     ):
         assert wanted in expressions, f"no alert on {wanted}"
+
+
+def test_nothing_is_attributed_or_deleted_before_the_first_full_sync(
+    reader: FakeReader, clock: FakeClock
+) -> None:
+    """An agent whose first sync is slow (an API server still unreachable after a reboot) must not count live
+    frontends as ownerless, nor delete their counters."""
+    index = metrics.OwnerIndex(clock=clock)
+    mt = metrics.Metrics(clock=clock)
+    mt.registry.register(
+        metrics.DatapathCollector(
+            Path("/nonexistent"),
+            index,
+            reader=reader,
+            clock=clock,
+            unknown_grace=60,
+            synced=lambda: index.synced,
+        )
+    )
+    reader.snap = kernel.Snapshot(resolutions={key(1): 5})
+    for _ in range(3):
+        clock.now += 120
+        assert resolution_series(samples_of(mt)) == {}
+    assert not reader.forgotten
+    fkey = FrontendKey(parse_ip("10.96.0.1"), 80, IPProtocol.TCP)
+    index.replace({fkey: Frontend(WEB, ())}, {fkey: 1}.get)
+    assert resolution_series(samples_of(mt)) == {("web", "translated", ""): 5}, "all of it, to its owner"

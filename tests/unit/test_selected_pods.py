@@ -115,16 +115,26 @@ def test_union_delivers_each_pod_once_and_deletes_it_with_its_last_holder() -> N
     assert len(union) == 1
 
 
-def test_union_shows_a_newer_version_and_falls_back_when_its_holder_leaves() -> None:
+def test_union_follows_one_holder_so_a_lagging_watch_never_replays_old_versions() -> None:
+    union = PodUnion()
+    assert ups(union.apply("node", SourceUpdate([pod("a", "1")]))) == [("a", "1")]  # node: the primary
+    union.apply("query", SourceUpdate([pod("a", "1")]))
+    assert ups(union.apply("node", SourceUpdate([pod("a", "2")]))) == [("a", "2")]
+    assert ups(union.apply("node", SourceUpdate([pod("a", "3")]))) == [("a", "3")]
+    assert ups(union.apply("query", SourceUpdate([pod("a", "2")]))) == [], "the lagging watch is not shown"
+    assert ups(union.apply("query", SourceUpdate([pod("a", "3")]))) == []
+    assert union.drop("query") == SourceUpdate()
+
+
+def test_union_falls_back_to_another_holder_when_the_primary_leaves() -> None:
     union = PodUnion()
     union.apply("node", SourceUpdate([pod("a", "1")]))
-    union.apply("query", SourceUpdate([pod("a", "1")]))
-    assert ups(union.apply("query", SourceUpdate([pod("a", "2")]))) == [("a", "2")]
-    assert ups(union.apply("node", SourceUpdate([pod("a", "2")]))) == []  # already shown
-    assert union.drop("query") == SourceUpdate()
-    union.apply("query", SourceUpdate([pod("a", "3")]))
-    update = union.drop("query")
+    union.apply("query", SourceUpdate([pod("a", "2")]))  # ahead of the primary for now
+    update = union.drop("node")
     assert ups(update) == [("a", "2")] and not update.deletes, "the remaining holder's version is in force"
+    assert ups(union.apply("query", SourceUpdate([pod("a", "3")]))) == [("a", "3")], "now the primary"
+    union.apply("node", SourceUpdate([pod("a", "3")]))
+    assert union.apply("node", SourceUpdate(deletes=[("Pod", "default", "a")])) == SourceUpdate()
 
 
 def test_dropping_a_holder_deletes_only_what_nobody_else_holds() -> None:

@@ -10,11 +10,11 @@ last attributed and adds only the *increase* since then to the owner's series. A
 takes over (same id, new owner), a Service deleted and recreated (new id, same owner) or a map entry
 recreated (its count restarts) therefore never makes a series go down. A removed frontend's owner is
 remembered for ``OwnerIndex.linger`` seconds, so its last counts (and UDP replies of sockets still open) go
-to the right series. An id with no owner is held back for ``unknown_grace`` seconds (the agent's first sync
-after a restart, a scrape racing a write), then counted under ``service_id`` with empty owner labels, and
-its keys are deleted from the kernel map (``Reader.forget``): ids are never reused, so without this the
-counters of Services long gone would fill the map. A series whose owner no longer owns any counted frontend
-is dropped after ``retention`` seconds, so deleted Services do not accumulate.
+to the right series. An id with no owner is held back until the agent's first full sync, and then for
+``unknown_grace`` seconds more (a scrape racing a write); after that it is counted under ``service_id`` with
+empty owner labels and its keys are deleted from the kernel map (``Reader.forget``): new frontends get new
+ids, so without this the counters of Services long gone would fill the map. A series whose owner no longer
+owns any counted frontend is dropped after ``retention`` seconds, so deleted Services do not accumulate.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class Reader(Protocol):
 
 class OwnerIndex:
     """Frontend id → owner of what the writer programmed; the agent refreshes it after each write. The
-    owner of a removed id is still given for ``linger`` seconds.
+    owner of a removed id is still given for ``linger`` seconds. ``synced``: a full sync has filled it.
 
     Scrapes call it from the metrics thread: lookups are single dict reads, and ``replace`` swaps whole
     dicts, so a reader sees the old or the new state, never a half-built one.
@@ -60,6 +60,7 @@ class OwnerIndex:
         self._ids: dict[FrontendKey, int] = {}
         self._owners: dict[int, Owner] = {}
         self._retired: dict[int, tuple[Owner, float]] = {}  # removed id → (owner, when removed)
+        self.synced = False
 
     def __call__(self, svc_id: int) -> Owner | None:
         owner = self._owners.get(svc_id)
@@ -84,6 +85,7 @@ class OwnerIndex:
         owners = {i: frontends[k].owner for k, i in ids.items()}
         self._retire({i: o for i, o in self._owners.items() if i not in owners})
         self._ids, self._owners = ids, owners
+        self.synced = True
 
     def apply(self, changes: FrontendChanges, svc_id: Callable[[FrontendKey], int | None]) -> None:
         """After a partial sync: set the upserted frontends, forget the removed ones."""
@@ -120,9 +122,11 @@ class DatapathCollector(Collector):
         retention: float = 3600.0,
         reader: Reader | None = None,
         clock: Callable[[], float] = time.monotonic,
+        synced: Callable[[], bool] = lambda: True,
     ) -> None:
         self.reader: Reader = reader or kernel.KernelReader(bpffs, entries_every=entries_every, clock=clock)
         self.owner_of = owner_of
+        self.synced = synced  # whether owner_of knows what is programmed yet (a first full sync happened)
         self.unknown_grace = unknown_grace
         self.retention = retention
         self._clock = clock
@@ -160,7 +164,8 @@ class DatapathCollector(Collector):
             if svc_id not in owners:
                 owners[svc_id] = self._owner(svc_id, now)
             owner = owners[svc_id]
-            if owner is None and now - self._unknown_since[svc_id] < self.unknown_grace:
+            since = self._unknown_since.get(svc_id)
+            if owner is None and (since is None or now - since < self.unknown_grace):
                 continue  # held back: its increase goes to the owner once known
             labels = self._labels(owner, key)
             last = self._last.get(key, 0)
@@ -195,7 +200,7 @@ class DatapathCollector(Collector):
 
     def _owner(self, svc_id: int, now: float) -> Owner | None:
         owner = self.owner_of(svc_id)
-        if owner is None:
+        if owner is None and self.synced():  # before the first sync nothing is known: no clock runs
             self._unknown_since.setdefault(svc_id, now)
         else:
             self._unknown_since.pop(svc_id, None)

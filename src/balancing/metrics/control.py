@@ -236,7 +236,8 @@ class Metrics:
     ) -> collector.DatapathCollector:
         """Read the pinned maps under ``bpffs`` at every scrape; hash maps other than the counters are
         counted at most every ``entries_every`` seconds."""
-        c = collector.DatapathCollector(bpffs, owner_of, entries_every=entries_every)
+        synced = (lambda: owner_of.synced) if isinstance(owner_of, collector.OwnerIndex) else (lambda: True)
+        c = collector.DatapathCollector(bpffs, owner_of, entries_every=entries_every, synced=synced)
         self.registry.register(c)
         return c
 

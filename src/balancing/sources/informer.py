@@ -79,6 +79,7 @@ class Timing:
     read_slack: float = 30.0  # client read timeout beyond the server-side one (a silent server)
     backoff_base: float = 0.5
     backoff_cap: float = 30.0
+    pods_wait: float = 30.0  # the initial state waits this long at most for the pods policies select
 
 
 class Informer:
@@ -261,7 +262,7 @@ class Informer:
         try:
             obj = parse_object(doc)
         except ValidationError as exc:
-            described = _describe_item(self.resource.kind, key)
+            described = describe_item(self.resource.kind, key)
             errors: list[ManifestError] = [
                 KubeObjectError(described, e.field, e.message)
                 for e in _validation_errors(Path("kube"), 0, "", doc, exc)
@@ -290,7 +291,7 @@ class Informer:
         await asyncio.sleep(delay)
 
 
-def _describe_item(kind: str, key: tuple[str, str]) -> str:
+def describe_item(kind: str, key: tuple[str, str]) -> str:
     namespace, name = key
     return f"{kind} {namespace}/{name}" if namespace and name else f"{kind} {name}".strip()
 

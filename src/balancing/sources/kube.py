@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import collections
 import logging
 import os
 import ssl
 import tempfile
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Hashable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ import yaml
 
 from balancing.errors import ManifestError, SourceError
 from balancing.model.objects import POLICY_API_VERSION, KubeObject, ObjectRef, ref
-from balancing.sources.informer import Informer, KubeObjectError, Resource, Timing
+from balancing.sources.informer import Informer, KubeObjectError, Resource, Timing, describe_item
 from balancing.sources.manifests import SourceUpdate
 from balancing.sources.selected_pods import PodQuery, PodUnion, pod_queries
 
@@ -195,7 +195,7 @@ class KubeSource:
         ) as client:
             run = _Run(client, self.connection, self.timing)
             try:
-                yield await run.start(self.resources)
+                yield await run.start(self.resources, self.timing.pods_wait)
                 while True:
                     yield await run.pending.take()
             finally:
@@ -223,31 +223,36 @@ class _Run:
         self.listed: set[PodQuery] = set()  # queries whose informer has delivered its first list
         self.follows_pods = False  # pods are among the resources (a policies-only source needs none)
         self.retiring: set[asyncio.Task[None]] = set()  # cancelled, not finished yet
+        self.stopped = False
 
-    async def start(self, resources: list[Resource]) -> SourceUpdate:
-        """List everything (the policies decide which pods to list next), then watch: the initial state."""
+    async def start(self, resources: list[Resource], pods_wait: float = 30.0) -> SourceUpdate:
+        """List everything, then watch: the initial state. The policies decide which pods to list next;
+        the initial state waits for those lists at most ``pods_wait`` seconds (a pod query the API server
+        keeps failing must not hold back every Service), the rest follows as it arrives."""
         fixed = {r: self._informer(r) for r in resources}
         self.follows_pods = any(r.kind == "Pod" for r in resources)
         lists = await asyncio.gather(*(i.list_until_done() for i in fixed.values()))
-        combined = SourceUpdate()
         for resource, listed in zip(fixed, lists, strict=True):
             if resource.kind == "BalancingPolicy":
                 self.policies = fixed[resource]
-            _extend(combined, self.pods.apply(_NODE_PODS, listed) if resource.kind == "Pod" else listed)
-        queries = sorted(self._needed())
-        informers = {q: self._informer(_query_resource(q)) for q in queries}
-        lists = await asyncio.gather(*(i.list_until_done() for i in informers.values()))
-        for query, update in zip(queries, lists, strict=True):
-            _extend(combined, self.pods.apply(query, update))
-            self.listed.add(query)
+            self._put(self.pods.apply(_NODE_PODS, listed) if resource.kind == "Pod" else listed)
+        for query in sorted(self._needed()):
+            self._spawn(query, partial(self._follow, query))
+        try:
+            async with asyncio.timeout(pods_wait):
+                while not self._needed() <= self.listed:
+                    await asyncio.sleep(0.01)
+        except TimeoutError:
+            missing = ", ".join(str(q) for q in sorted(self._needed() - self.listed))
+            log.warning("starting without the pods of BalancingPolicies not listed yet: %s", missing)
+        initial = self.pending.take_now()  # the fixed lists and the pod lists so far, coalesced
         for resource, informer in fixed.items():
             holder = _NODE_PODS if resource.kind == "Pod" else resource
-            self._spawn(holder, informer.run(self._emitter(resource.kind, holder)))
-        for query, informer in informers.items():
-            self._spawn(query, informer.run(self._emitter("Pod", query)))
-        return combined
+            self._spawn(holder, partial(informer.run, self._emitter(resource.kind, holder)))
+        return initial
 
     async def stop(self) -> None:
+        self.stopped = True
         tasks = [*self.tasks.values(), *self.retiring]
         for task in tasks:
             task.cancel()
@@ -266,7 +271,7 @@ class _Run:
         needed = self._needed()
         for query in sorted(needed - self.tasks.keys()):
             log.info("following %s for BalancingPolicies", query)
-            self._spawn(query, self._follow(query))
+            self._spawn(query, partial(self._follow, query))
         pending = {q for q in needed if q not in self.listed}
         if pending:
             return  # retire once the new queries are listed
@@ -291,8 +296,21 @@ class _Run:
     def _informer(self, resource: Resource) -> Informer:
         return Informer(self.client, resource, self.connection.headers, self.timing)
 
-    def _spawn(self, holder: Hashable, work: Coroutine[Any, Any, None]) -> None:
-        self.tasks[holder] = asyncio.create_task(work, name=f"follow {holder}")
+    def _spawn(self, holder: Hashable, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run ``work()`` for ``holder``; should it ever fail (a bug: informers retry every API error), log
+        it and start it again rather than silently stop following."""
+        if self.stopped:
+            return
+        task = asyncio.create_task(work(), name=f"follow {holder}")
+        self.tasks[holder] = task
+
+        def done(finished: asyncio.Task[None]) -> None:
+            if finished.cancelled() or self.tasks.get(holder) is not finished:
+                return
+            log.error("following %s failed; starting again in 1 s", holder, exc_info=finished.exception())
+            asyncio.get_running_loop().call_later(1.0, self._spawn, holder, work)
+
+        task.add_done_callback(done)
 
     def _emitter(self, kind: str, holder: Hashable) -> Callable[[SourceUpdate], Awaitable[None]]:
         async def emit(update: SourceUpdate) -> None:
@@ -309,42 +327,58 @@ class _Run:
 
 class Pending:
     """The changes not yet taken, coalesced per object: the latest version of each changed object (or its
-    deletion) and the errors found meanwhile (the last ``max_errors``). Whatever the informers deliver while
-    the consumer is busy costs memory per object, never per change, and arrives as one update."""
+    deletion), and the errors found meanwhile about objects not changed since (at most ``max_errors``, the
+    oldest dropped first). Whatever the informers deliver while the consumer is busy costs memory per
+    object, never per change, and arrives as one update; an error already overtaken by a newer version of
+    its object is not delivered after it."""
 
     def __init__(self, max_errors: int = 1000) -> None:
         self._objects: dict[ObjectRef, KubeObject | None] = {}  # None: deleted
-        self._errors: collections.deque[ManifestError] = collections.deque(maxlen=max_errors)
+        self._errors: dict[str, list[ManifestError]] = {}  # by the object they are about ("Kind ns/name")
+        self._max_errors = max_errors
         self._ready = asyncio.Event()
 
     def __len__(self) -> int:
-        return len(self._objects) + len(self._errors)
+        return len(self._objects) + sum(len(e) for e in self._errors.values())
 
     def add(self, update: SourceUpdate) -> None:
         for deleted in update.deletes:
             self._objects[deleted] = None
+            self._errors.pop(_described(deleted), None)
         for obj in update.upserts:
-            self._objects[ref(obj)] = obj
-        self._errors.extend(update.errors)
+            key = ref(obj)
+            self._objects[key] = obj
+            self._errors.pop(_described(key), None)
+        for error in update.errors:
+            self._errors.setdefault(error.obj, []).append(error)
+        while self._errors and sum(len(e) for e in self._errors.values()) > self._max_errors:
+            oldest = next(iter(self._errors.values()))
+            oldest.pop(0)
+            if not oldest:
+                del self._errors[next(iter(self._errors))]
         if self:
             self._ready.set()
 
     async def take(self) -> SourceUpdate:
         """Everything pending, once there is something."""
         await self._ready.wait()
+        return self.take_now()
+
+    def take_now(self) -> SourceUpdate:
+        """Everything pending (possibly nothing)."""
         self._ready.clear()
         objects, self._objects = self._objects, {}
-        errors = list(self._errors)
-        self._errors.clear()
+        errors = [e for found in self._errors.values() for e in found]
+        self._errors = {}
         upserts = [o for o in objects.values() if o is not None]
         return SourceUpdate(upserts, [r for r, o in objects.items() if o is None], errors)
 
 
+def _described(key: ObjectRef) -> str:
+    """How errors name an object (``KubeObjectError.obj``)."""
+    kind, namespace, name = key
+    return describe_item(kind, (namespace, name))
+
+
 def _query_resource(query: PodQuery) -> Resource:
     return Resource(query.path, "v1", "Pod", label_selector=query.label_selector)
-
-
-def _extend(into: SourceUpdate, update: SourceUpdate) -> None:
-    into.upserts.extend(update.upserts)
-    into.deletes.extend(update.deletes)
-    into.errors.extend(update.errors)

@@ -10,9 +10,9 @@ besides the Pods of its own node, the Pods each such policy's ``endpointSelector
 - ``pod_queries(policies)`` is the set of queries the policies in force need: equal selectors share one
   watch, a disabled policy or an ``addressEndpoint`` needs none, and LocalRedirectPolicies need none (their
   backends are this node's pods, already followed).
-- ``PodUnion`` merges the updates of several pod watches that may hold the same Pod: a Pod is upserted when
-  its first holder (or a newer version) appears, and deleted only when its last holder lets it go, so the
-  model sees each Pod once whichever watches see it.
+- ``PodUnion`` merges the updates of several pod watches that may hold the same Pod: the model sees the
+  versions of one holder (the first to deliver it, then another when that one lets it go), and a delete only
+  when the last holder lets it go, so each Pod arrives once and never moves back to an older version.
 
 Neighbours: ``sources.kube.KubeSource`` starts and stops one ``Informer`` per query as policies change and
 feeds every pod update through one ``PodUnion``; ``model.selectors`` defines the selector semantics.
@@ -77,14 +77,19 @@ def pod_queries(policies: Iterable[KubeObject]) -> set[PodQuery]:
 
 
 class PodUnion:
-    """The Pods held by any of several watches (holders), each delivered to the model once."""
+    """The Pods held by any of several watches (holders), each delivered to the model once.
+
+    The model sees one holder's versions of a Pod: the first holder that delivered it (its primary) until
+    that one lets it go, then another holder's. Watches run at their own pace, so a second watch lagging
+    behind the first would otherwise replay older versions (ready, not ready, ready...) into the model.
+    """
 
     def __init__(self) -> None:
         self._held: dict[ObjectRef, dict[Hashable, KubeObject]] = {}  # pod → holder → its version
-        self._shown: dict[ObjectRef, KubeObject] = {}  # the version the model has
+        self._primary: dict[ObjectRef, Hashable] = {}  # the holder whose versions the model sees
 
     def __len__(self) -> int:
-        return len(self._shown)
+        return len(self._primary)
 
     def apply(self, holder: Hashable, update: SourceUpdate) -> SourceUpdate:
         """``update`` from one holder, as the change the model must see (errors pass through)."""
@@ -94,10 +99,11 @@ class PodUnion:
             if not isinstance(obj, objects.Pod):
                 continue
             key = ref(obj)
-            self._held.setdefault(key, {})[holder] = obj
-            if self._shown.get(key) != obj:
-                self._shown[key] = obj
+            holders = self._held.setdefault(key, {})
+            primary = self._primary.setdefault(key, holder)
+            if primary == holder and holders.get(holder) != obj:
                 upserts.append(obj)
+            holders[holder] = obj
         for key in update.deletes:
             self._release(key, holder, upserts, deletes)
         return SourceUpdate(upserts, deletes, list(update.errors))
@@ -114,13 +120,15 @@ class PodUnion:
         self, key: ObjectRef, holder: Hashable, upserts: list[KubeObject], deletes: list[ObjectRef]
     ) -> None:
         holders = self._held.get(key)
-        if holders is None or holders.pop(holder, None) is None:
+        if holders is None or holder not in holders:
             return
+        released = holders.pop(holder)
+        shown = released if self._primary[key] == holder else None
         if not holders:
-            del self._held[key]
-            del self._shown[key]
+            del self._held[key], self._primary[key]
             deletes.append(key)
-        elif self._shown[key] not in holders.values():
-            # The version shown came from the holder that left; another holder's is the one in force.
-            self._shown[key] = next(iter(holders.values()))
-            upserts.append(self._shown[key])
+        elif shown is not None:  # the primary left: another holder's version is the one in force now
+            successor, version = next(iter(holders.items()))
+            self._primary[key] = successor
+            if version != shown:
+                upserts.append(version)

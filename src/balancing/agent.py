@@ -74,6 +74,7 @@ class AgentConfig:
     kube: KubeSourceConfig | None = None  # the Kubernetes API source, when ``manifests`` is None
     policy_status: bool = True  # Kubernetes mode: write this node's entry in the policies' status.nodes
     terminate_udp: bool = True  # destroy connected UDP sockets whose backend left their frontend
+    netns_dirs: tuple[Path, ...] = sockterm.NETNS_DIRS  # where termination also finds network namespaces
     status_timing: kubestatus.WriterTiming = field(default_factory=kubestatus.WriterTiming)
 
 
@@ -88,7 +89,9 @@ class Agent:
         # Socket termination runs apart (up to its time budget per run), in write order, off the write path.
         self._term_io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sockterm")
         self._sockterm: sockterm.SocketTerminator | None = None
-        self._terminations: set[asyncio.Future[None]] = set()
+        self._terminations: set[asyncio.Future[None]] = set()  # the run going on, if any
+        self._doomed: dict[desired.FrontendKey, set[desired.Backend]] = {}  # removed meanwhile: next run
+        self._stopping = False
         self._writer: writer.MapWriter | None = None
         self._pods = podcgroups.PodCgroupIndex()
         self._needs_resync = False
@@ -121,10 +124,13 @@ class Agent:
             dp = self.cfg.datapath
             self._sockterm = await loop.run_in_executor(
                 self._term_io,
-                sockterm.SocketTerminator,
-                dp.bpffs,
-                dp.cgroup,
-                dp.object_path.with_name(sockterm.OBJECT),
+                partial(
+                    sockterm.SocketTerminator,
+                    dp.bpffs,
+                    dp.cgroup,
+                    dp.object_path.with_name(sockterm.OBJECT),
+                    netns_dirs=self.cfg.netns_dirs,
+                ),
             )
         routes = health.agent_routes(self.health, {"/state": self._state})
         server = await health.serve(routes, self.cfg.health_host, self.cfg.health_port)
@@ -161,6 +167,7 @@ class Agent:
         finally:
             if self._reporter is not None:
                 await self._reporter.writer.close()
+            self._stopping = True
             await asyncio.gather(*self._terminations, return_exceptions=True)
             if self._sockterm is not None:
                 await loop.run_in_executor(self._term_io, self._sockterm.close)
@@ -246,7 +253,9 @@ class Agent:
             on_result=lambda _key, result: self.metrics.status_written(result),
         )
         await status_writer.__aenter__()
-        self._reporter = agent_status.PolicyStatusReporter(node, status_writer)
+        self._reporter = agent_status.PolicyStatusReporter(
+            node, status_writer, out_of_cluster=self.cfg.model.external_client
+        )
 
     def _report_status(self) -> None:
         """The datapath holds the model's state: report it (in the background; never raises)."""
@@ -320,22 +329,36 @@ class Agent:
 
     def _terminate(self, removed: Mapping[desired.FrontendKey, frozenset[desired.Backend]]) -> None:
         """Destroy the connected UDP sockets given a backend that this write removed (after the write, so a
-        reconnect cannot get it again); in the background, in order, never failing the write."""
+        reconnect cannot get it again); in the background, never failing the write. Pairs removed while a
+        run is going are merged into the next run: one run at a time, however fast backends churn."""
         if not removed or self._sockterm is None:
             return
-        terminator = self._sockterm
+        for key, backends in removed.items():
+            self._doomed.setdefault(key, set()).update(backends)
+        self._start_termination()
 
-        def run() -> None:
-            report = terminator.terminate(removed)
+    def _start_termination(self) -> None:
+        terminator = self._sockterm
+        if self._terminations or not self._doomed or terminator is None:
+            return  # a run is going on (it starts the next when it ends), or nothing to do
+
+        def run(pairs: dict[desired.FrontendKey, set[desired.Backend]]) -> None:
+            report = terminator.terminate(pairs)
             self.metrics.udp_sockets_terminated(report.destroyed, len(report.errors))
             if report.skipped:
                 log.debug("connected UDP sockets of removed backends left alone: %s", report.skipped)
             elif report.destroyed or report.errors:
                 log.info("%s", report.summary())
 
-        future = asyncio.get_running_loop().run_in_executor(self._term_io, run)
+        def finished(future: asyncio.Future[None]) -> None:
+            self._terminations.discard(future)
+            if not self._stopping:
+                self._start_termination()  # with what was removed meanwhile
+
+        pairs, self._doomed = self._doomed, {}
+        future = asyncio.get_running_loop().run_in_executor(self._term_io, run, pairs)
         self._terminations.add(future)
-        future.add_done_callback(self._terminations.discard)
+        future.add_done_callback(finished)
 
     def _pod_cgroups(self, pod: desired.PodRef) -> tuple[int, ...]:
         return self._pods.cgroups_of(pod.uid)

@@ -4,15 +4,22 @@ label selectors (``=``, ``!=``, ``in``, ``notin``, exists, ``!`` not exists) and
 (``/api/v1/namespaces/NS/pods`` reads ``/api/v1/pods`` of one namespace). Used by the Kubernetes source's
 unit tests and by agent tests; start it with ``asyncio.start_server(fake.handle, ...)``.
 
-Writes: server-side apply of a cluster-scoped object's status subresource only (``PATCH
-<collection>/<name>/status``, ``application/apply-patch+yaml``, ``fieldManager`` required), simplified: the
-list-maps ``status.nodes`` (keyed by ``nodeName``) and ``status.conditions`` (keyed by ``type``) merge by key,
-other status fields are scalars, and ownership is tracked per field manager at entry granularity. An apply
-sets what it names (a field another manager owns with a different value is a 409 conflict unless
-``force=true``, which takes it over), and removes what that manager owned before and no longer names, unless
-another manager owns it too. Each apply bumps the resourceVersion and sends MODIFIED; a missing object is a
-404. Every request is recorded in ``calls`` (method, path, params, headers, body, arrival); ``fail_patches``
-holds status codes to answer the next PATCHes with instead.
+Writes: PATCH of a cluster-scoped object's status subresource only (``<collection>/<name>/status``):
+
+- server-side apply (``application/apply-patch+yaml``, ``fieldManager`` required), simplified: the list-maps
+  ``status.nodes`` (keyed by ``nodeName``) and ``status.conditions`` (keyed by ``type``) merge by key, other
+  status fields are scalars, and ownership is tracked per field manager at entry granularity. An apply sets
+  what it names (a field another manager owns with a different value is a 409 conflict unless
+  ``force=true``, which takes it over), and removes what that manager owned before and no longer names,
+  unless another manager owns it too;
+- JSON patch (``application/json-patch+json``, RFC 6902; ``force`` refused as for any non-apply patch) with
+  the ``test`` and ``remove`` operations on JSON pointers: a failed ``test`` or a missing path fails the
+  whole patch with 422; only ``status`` is changed, and fields no longer there leave every manager's
+  ownership records.
+
+Each write bumps the resourceVersion and sends MODIFIED; a missing object is a 404. Every request is
+recorded in ``calls`` (method, path, params, headers, body, arrival); ``fail_patches`` holds status codes to
+answer the next PATCHes with instead.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ Key = tuple[str, str]
 FieldPath = tuple[str, ...]  # ("observedGeneration",) or ("nodes", "node-1"): what a manager owns
 LIST_MAP_KEYS = {"nodes": "nodeName", "conditions": "type"}  # status list-maps and their keys
 APPLY = "application/apply-patch+yaml"
+JSON_PATCH = "application/json-patch+json"
 
 
 class Call(NamedTuple):
@@ -44,6 +52,10 @@ class Call(NamedTuple):
 
 class Conflict(Exception):
     """An apply without force names a field another manager owns with a different value."""
+
+
+class PatchFailed(Exception):
+    """A JSON patch operation does not apply (a failed ``test``, a missing path, an unknown operation)."""
 
 
 class FakeApi:
@@ -176,11 +188,16 @@ class FakeApi:
         if match is None:
             return 405, _status(405, "MethodNotAllowed", "only <collection>/<name>/status takes PATCH here")
         path, name = match["collection"], unquote(match["name"])
-        if headers.get("content-type", "").split(";")[0].strip() != APPLY:
-            return 415, _status(415, "UnsupportedMediaType", "only server-side apply is served")
+        content_type = headers.get("content-type", "").split(";")[0].strip()
+        if content_type not in (APPLY, JSON_PATCH):
+            return 415, _status(
+                415, "UnsupportedMediaType", "only server-side apply and JSON patch are served"
+            )
         manager = params.get("fieldManager", "")
-        if not manager:
+        if content_type == APPLY and not manager:
             return 400, _status(400, "BadRequest", "fieldManager is required for apply patch")
+        if content_type != APPLY and "force" in params:
+            return 400, _status(400, "BadRequest", "force may only be specified with apply patch")
         obj = self.objects.get(path, {}).get(("", name))
         if obj is None or url_path in self.missing:
             return 404, _status(404, "NotFound", f"{name} not found")
@@ -188,6 +205,8 @@ class FakeApi:
             code = self.fail_patches.pop(0)
             return code, _status(code, "InternalError" if code >= 500 else "Injected", "injected failure")
         doc = _json_or_none(raw)
+        if content_type == JSON_PATCH:
+            return self._json_patch(path, name, obj, doc)
         if not isinstance(doc, dict) or (doc.get("metadata") or {}).get("name") != name:
             return 400, _status(400, "BadRequest", "the body must be an object named as in the path")
         applied = doc.get("status") or {}
@@ -201,6 +220,25 @@ class FakeApi:
             return 409, _status(409, "Conflict", str(exc))
         if not new["status"]:
             del new["status"]
+        self.put(path, new)
+        return 200, self.objects[path][("", name)]
+
+    def _json_patch(self, path: str, name: str, obj: dict[str, Any], ops: Any) -> tuple[int, dict[str, Any]]:
+        if not isinstance(ops, list):
+            return 400, _status(400, "BadRequest", "a JSON patch is a list of operations")
+        patched = copy.deepcopy(obj)
+        try:
+            for op in ops:
+                _json_patch_op(patched, op)
+        except PatchFailed as exc:
+            return 422, _status(422, "Invalid", str(exc))
+        new = copy.deepcopy(obj)
+        new.pop("status", None)
+        if patched.get("status"):
+            new["status"] = patched["status"]  # the status subresource: nothing else changes
+        present = set(_fields(new.get("status") or {}))
+        for fields in self.managed.get((path, ("", name)), {}).values():
+            fields.intersection_update(present)
         self.put(path, new)
         return 200, self.objects[path][("", name)]
 
@@ -248,6 +286,35 @@ def _json_or_none(raw: bytes) -> Any:
 def _status(code: int, reason: str, message: str) -> dict[str, Any]:
     return {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code, "reason": reason,
             "message": message}  # fmt: skip
+
+
+def _json_patch_op(doc: dict[str, Any], op: Any) -> None:
+    """Apply one JSON patch operation (``test`` or ``remove``) to ``doc`` in place."""
+    if not isinstance(op, dict) or not isinstance(op.get("path"), str) or not op["path"].startswith("/"):
+        raise PatchFailed(f"malformed operation {op!r}")
+    *parents, last = [t.replace("~1", "/").replace("~0", "~") for t in op["path"][1:].split("/")]
+    container: Any = doc
+    for token in parents:
+        container = _child(container, token, op["path"])
+    if op.get("op") == "test":
+        if _child(container, last, op["path"]) != op.get("value"):
+            raise PatchFailed(f"testing value {op['path']} failed")
+    elif op.get("op") == "remove":
+        _child(container, last, op["path"])
+        if isinstance(container, list):
+            del container[int(last)]
+        else:
+            del container[last]
+    else:
+        raise PatchFailed(f"unsupported operation {op.get('op')!r}")
+
+
+def _child(container: Any, token: str, path: str) -> Any:
+    if isinstance(container, dict) and token in container:
+        return container[token]
+    if isinstance(container, list) and token.isdigit() and int(token) < len(container):
+        return container[int(token)]
+    raise PatchFailed(f"{path}: no such path")
 
 
 def _fields(status: dict[str, Any]) -> dict[FieldPath, Any]:

@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from balancing.datapath import abi, libbpf, sockterm
 from balancing.datapath.maps import FakeMaps
 from balancing.datapath.writer import MapWriter
 from balancing.model.desired import Backend, DesiredState, Frontend, FrontendChanges, FrontendKey, Owner
-from helpers.topology import Cluster, Host
+from helpers.topology import Cluster, Host, netns_path
 
 OBJECT = ROOT / "build/bpf/sockterm.o"
 VIP4, VIP6, VIP4_OTHER = "10.96.0.10", "fd00:96::10", "10.96.0.11"
@@ -120,9 +120,50 @@ def sockterm_object() -> Path:
 
 @pytest.fixture
 def term(cluster: Cluster, dp: Datapath, sockterm_object: Path) -> Iterator[sockterm.SocketTerminator]:
-    with sockterm.SocketTerminator(dp.bpffs, cluster.cgroup, sockterm_object) as t:
+    """A terminator finding namespaces through the cgroup's processes only (the machine's /run/netns holds
+    every namespace of the topology, and maybe others: netns_dir below stands in for it)."""
+    with sockterm.SocketTerminator(dp.bpffs, cluster.cgroup, sockterm_object, netns_dirs=()) as t:
         assert t.available, t.reason
         yield t
+
+
+class NetnsDir:
+    """A test-owned stand-in for /run/netns: bind mounts of the topology's namespace files, as ``ip netns``
+    and container runtimes keep them (each a mount of the namespace's nsfs file)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.path.mkdir()
+        self._mounts: list[Path] = []
+
+    def add(self, netns: str, name: str | None = None) -> Path:
+        target = self.path / (name or netns)
+        target.touch()
+        subprocess.run(["mount", "--bind", str(netns_path(netns)), str(target)], check=True, timeout=10)
+        self._mounts.append(target)
+        return target
+
+    def close(self) -> None:
+        failed = []
+        for target in reversed(self._mounts):
+            done = subprocess.run(["umount", str(target)], check=False, capture_output=True, timeout=10)
+            if done.returncode != 0:  # busy: detach it now, the kernel drops it when it is free
+                lazy = ["umount", "--lazy", str(target)]
+                done = subprocess.run(lazy, check=False, capture_output=True, timeout=10)
+            if done.returncode != 0:
+                failed.append(f"{target}: {done.stderr.decode().strip()}")
+        self._mounts.clear()
+        assert not failed, failed
+
+
+@pytest.fixture
+def netns_dir(cluster: Cluster, tmp_path: Path) -> Iterator[NetnsDir]:
+    """Torn down before ``cluster``: the bind mounts go before the namespaces are deleted."""
+    d = NetnsDir(tmp_path / "netns")
+    try:
+        yield d
+    finally:
+        d.close()
 
 
 def doomed_entries(dp: Datapath) -> list[bytes]:
@@ -227,6 +268,151 @@ def test_a_backend_leaving_one_frontend_keeps_the_sockets_of_another_frontend(
     assert json.loads(out.splitlines()[0])["reply"] == "pod-a"
 
 
+# A SocketTerminator in a PID namespace of its own (run under `unshare --pid --fork --mount-proc`), as the
+# chart's agent (hostPID: false): the cgroup's processes are pid 0 there. argv: bpffs cgroup object netns-dir
+# VIP PORT BACKEND-IP BACKEND-PORT. Terminates the UDP pair twice, with no netns directory, then with
+# netns-dir, and prints the two reports as one JSON list; warnings go to stderr.
+IN_OWN_PID_NAMESPACE = textwrap.dedent("""
+    import ipaddress, json, logging, os, sys
+    from pathlib import Path
+    from balancing.datapath import sockterm
+    from balancing.model.desired import Backend, FrontendKey, Protocol
+
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(message)s")
+    bpffs, cgroup, obj, netns_dir, vip, port, ip, backend_port = sys.argv[1:]
+    removed = {
+        FrontendKey(ipaddress.ip_address(vip), int(port), Protocol.UDP):
+        {Backend(ipaddress.ip_address(ip), int(backend_port))}
+    }
+    reports = []
+    with sockterm.SocketTerminator(Path(bpffs), Path(cgroup), Path(obj), netns_dirs=()) as term:
+        assert term.available, term.reason
+        for dirs in ((), (Path(netns_dir),)):
+            term.netns_dirs = dirs
+            r = term.terminate(removed)
+            reports.append({"pid": os.getpid(), "namespaces": r.namespaces, "destroyed": r.destroyed,
+                            "hidden": r.hidden_processes, "errors": r.errors})
+    print(json.dumps(reports))
+""")
+
+
+def processes_in(cgroup: Path) -> int:
+    return sum(len((Path(d) / "cgroup.procs").read_text().split()) for d, _, _ in os.walk(cgroup))
+
+
+def test_in_its_own_pid_namespace_the_terminator_finds_the_client_in_a_netns_directory(
+    cluster: Cluster, dp: Datapath, sockterm_object: Path, netns_dir: NetnsDir
+) -> None:
+    """The chart's agent has its own PID namespace, where every process of its cgroup is pid 0 and
+    /proc/0/ns/net does not exist. Without a netns directory nothing is found but its own namespace (the
+    reviewed bug: nothing destroyed; now with one warning); with the directory holding the client's
+    namespace file (a runtime's cni-<uuid>) the socket is destroyed."""
+    dp.program({f"{VIP4}:53/UDP": pods(cluster, "pod-a")})
+    holder = Holder(cluster, "udp", VIP4, 53)
+    assert holder.first["reply"] == "pod-a"
+    netns_dir.add(cluster.client.netns, "cni-3f0c9a52-6d1e-4c7b-9a0e-2b8d5f1c7e44")
+    removed = dp.program({f"{VIP4}:53/UDP": pods(cluster, "pod-b")}).udp_backends_removed
+    assert removed == {parse_key(f"{VIP4}:53/UDP"): {backend(cluster.pods[0])}}
+    hidden = processes_in(cluster.cgroup)
+    assert hidden >= 1
+
+    args = [str(dp.bpffs), str(cluster.cgroup), str(sockterm_object), str(netns_dir.path)]
+    args += [VIP4, "53", cluster.pods[0].ip4, "8080"]
+    done = subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", IN_OWN_PID_NAMESPACE, *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    blind, with_dir = json.loads(done.stdout)
+    assert blind["pid"] == 1  # really a PID namespace of its own
+    # its own network namespace only (the test's, where no holder is): the client's is out of sight
+    assert (blind["namespaces"], blind["destroyed"], blind["hidden"], blind["errors"]) == (1, 0, hidden, [])
+    assert (with_dir["namespaces"], with_dir["destroyed"], with_dir["errors"]) == (2, 1, [])
+    warnings = [line for line in done.stderr.splitlines() if "cannot see the processes" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("WARNING"), done.stderr  # once per terminator
+    assert "hostPID" in warnings[0] and "/run/netns" in warnings[0]
+    assert doomed_entries(dp) == []
+    assert holder.again() == {"step": "again", "send": "EDESTADDRREQ", "recv": "ECONNABORTED"}
+    assert holder.reconnect()["reply"] == "pod-b"
+
+
+def test_a_namespace_found_by_pid_and_in_netns_directories_is_visited_once(
+    cluster: Cluster, dp: Datapath, term: sockterm.SocketTerminator, netns_dir: NetnsDir, tmp_path: Path
+) -> None:
+    """The pids and the directory agree on the client's namespace: one visit. The directory also holds the
+    same namespace under a second name, a namespace with no process in the cgroup (visited, nothing to
+    destroy there), a file left after its namespace was unmounted and a subdirectory; it is listed twice
+    (through a symlink) next to a directory that does not exist."""
+    other = cluster.topo.add_client("client-2", node=cluster.node)  # no process: found by the directory only
+    dp.program({f"{VIP4}:53/UDP": pods(cluster, "pod-a")})
+    holder = Holder(cluster, "udp", VIP4, 53)
+    netns_dir.add(cluster.client.netns, "cni-client")
+    netns_dir.add(cluster.client.netns, "cni-client-again")
+    netns_dir.add(other.netns, "cni-other")
+    (netns_dir.path / "cni-stale").touch()
+    (netns_dir.path / "subdir").mkdir()
+    (tmp_path / "alias").symlink_to(netns_dir.path)
+    term.netns_dirs = (netns_dir.path, tmp_path / "alias", tmp_path / "missing")
+
+    errors: list[str] = []
+    found = sockterm.discover_namespaces(cluster.cgroup, term.netns_dirs, errors)
+    inodes = sorted(found.fds)
+    counts = (found.from_pids, found.from_dirs, found.hidden, found.pids_hidden)
+    found.close()
+    expected = sorted(os.stat(netns_path(h.netns)).st_ino for h in (cluster.client, other))
+    assert (inodes, counts, errors) == (expected, (1, 1, 0, False), [])
+
+    removed = dp.program({f"{VIP4}:53/UDP": pods(cluster, "pod-b")}).udp_backends_removed
+    report = term.terminate(removed)
+    assert (report.namespaces, report.destroyed, report.hidden_processes, report.errors) == (2, 1, 0, [])
+    assert holder.again().get("recv") == "ECONNABORTED"
+
+
+def test_namespace_discovery_deduplicates_by_inode(tmp_path: Path) -> None:
+    """Without BPF or other namespaces: a fake cgroup tree and netns directories pointing at this process's
+    own namespace. However often and however it is found, it is opened once; pid 0, an exited pid, a stale
+    file, another kind of namespace and a missing directory are no errors; nothing stays open."""
+    me = os.getpid()
+    own = os.stat(f"/proc/{me}/ns/net").st_ino
+    nsdir = tmp_path / "netns"
+    nsdir.mkdir()
+    (nsdir / "cni-self").symlink_to(f"/proc/{me}/ns/net")
+    (nsdir / "cni-self-again").symlink_to(f"/proc/{me}/ns/net")
+    (nsdir / "cni-uts").symlink_to(f"/proc/{me}/ns/uts")  # a namespace, not a network one
+    (nsdir / "cni-stale").touch()
+    (tmp_path / "alias").symlink_to(nsdir)
+    all_dirs = [nsdir, tmp_path / "alias", tmp_path / "missing"]
+
+    def cgroup(name: str, *procs: str) -> Path:
+        path = tmp_path / name
+        (path / "pod").mkdir(parents=True)
+        (path / "cgroup.procs").write_text("".join(f"{p}\n" for p in procs[:1]))
+        (path / "pod" / "cgroup.procs").write_text("".join(f"{p}\n" for p in procs[1:]))
+        return path
+
+    gone = str((1 << 22) + 1)  # above the largest pid_max: a process that exited
+    cases = [
+        # cgroup.procs entries, directories -> inodes, (from_pids, from_dirs, hidden, pids_hidden)
+        ((str(me), str(me), gone), all_dirs, [own], (1, 0, 0, False)),
+        ((), all_dirs, [own], (0, 1, 0, False)),  # no process: the directories alone
+        (("0", "0"), [], [own], (1, 0, 2, True)),  # out of sight: its own namespace at least
+        (("0", str(me)), all_dirs, [own], (1, 0, 1, True)),
+        ((), [], [], (0, 0, 0, False)),
+    ]
+    fds_before = len(os.listdir("/proc/self/fd"))
+    for n, (procs, dirs, inodes, counts) in enumerate(cases):
+        errors: list[str] = []
+        found = sockterm.discover_namespaces(cgroup(f"cg{n}", *procs), dirs, errors)
+        got = (list(found.fds), (found.from_pids, found.from_dirs, found.hidden, found.pids_hidden), errors)
+        found.close()
+        assert got == (inodes, counts, []), (procs, dirs)
+        assert found.processes == len(procs)
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+
+
 def test_nothing_doomed_visits_nothing(
     cluster: Cluster, dp: Datapath, term: sockterm.SocketTerminator
 ) -> None:
@@ -259,14 +445,14 @@ def test_the_doomed_map_is_emptied_when_a_run_fails(
     dp.program({f"{VIP4}:53/UDP": pods(cluster, "pod-a")})
     holder = Holder(cluster, "udp", VIP4, 53)
     removed = {parse_key(f"{VIP4}:53/UDP"): {backend(cluster.pods[0])}}
-    real = sockterm.cgroup_namespaces
+    real = sockterm.discover_namespaces
 
-    def with_a_bogus_namespace(cgroup: Path, errors: list[str]) -> dict[int, int]:
-        found = {0: os.open(tmp_path, os.O_RDONLY)}  # setns() refuses a directory: EINVAL
-        found.update(real(cgroup, errors))
+    def with_a_bogus_namespace(cgroup: Path, dirs: Iterable[Path], errors: list[str]) -> sockterm.Namespaces:
+        found = real(cgroup, dirs, errors)
+        found.fds = {0: os.open(tmp_path, os.O_RDONLY), **found.fds}  # setns() refuses a directory: EINVAL
         return found
 
-    monkeypatch.setattr(sockterm, "cgroup_namespaces", with_a_bogus_namespace)
+    monkeypatch.setattr(sockterm, "discover_namespaces", with_a_bogus_namespace)
     report = term.terminate(removed)
     assert report.destroyed == 1 and report.namespaces == 1
     assert len(report.errors) == 1 and "network namespace 0" in report.errors[0], report.errors
@@ -276,7 +462,7 @@ def test_the_doomed_map_is_emptied_when_a_run_fails(
     def broken(_link_fd: int) -> bytes:
         raise RuntimeError("reader broke")
 
-    monkeypatch.setattr(sockterm, "cgroup_namespaces", real)
+    monkeypatch.setattr(sockterm, "discover_namespaces", real)
     monkeypatch.setattr(sockterm, "_read_iterator", broken)
     report = term.terminate(removed)
     assert report.errors == ["socket termination failed: reader broke"]
@@ -324,10 +510,11 @@ def test_writer_reports_the_udp_backends_a_write_removed() -> None:
 
 
 def test_the_agent_destroys_the_sockets_of_an_endpoint_removed_from_its_service(
-    cluster: Cluster, tmp_path: Path, sockterm_object: Path
+    cluster: Cluster, tmp_path: Path, sockterm_object: Path, netns_dir: NetnsDir
 ) -> None:
     """End to end: an EndpointSlice loses an endpoint; the agent writes the maps, then destroys the connected
-    UDP sockets given that endpoint, counts them, and a reconnect lands on the endpoint that stayed."""
+    UDP sockets given that endpoint, counts them, and a reconnect lands on the endpoint that stayed. Its
+    --netns-dir is the test's (the client's namespace twice over: by pid and by file), not the machine's."""
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
@@ -345,9 +532,14 @@ def test_the_agent_destroys_the_sockets_of_an_endpoint_removed_from_its_service(
 
     write_manifest(manifests, "dns.yaml", dns(pod_a))
     metrics_port = free_port()
-    agent = AgentProcess(
-        cluster.topo, manifests, cluster.node, extra=["--metrics-addr", f"127.0.0.1:{metrics_port}"]
-    )
+    netns_dir.add(cluster.client.netns)
+    extra = [
+        "--metrics-addr",
+        f"127.0.0.1:{metrics_port}",
+        "--netns-dir",
+        f"{netns_dir.path},{tmp_path}/none",
+    ]
+    agent = AgentProcess(cluster.topo, manifests, cluster.node, extra=extra)
     try:
         agent.start()
         holder = Holder(cluster, "udp", VIP4, 53)
@@ -365,6 +557,8 @@ def test_the_agent_destroys_the_sockets_of_an_endpoint_removed_from_its_service(
                 )
 
         wait_until(lambda: terminated() == 1, 5.0, "the agent to destroy the socket")
+        # one namespace: the directory's copy of the client's is deduplicated, the machine's are not searched
+        assert "1 connected sockets destroyed in 1 network namespaces" in agent.stderr()
         assert holder.again() == {"step": "again", "send": "EDESTADDRREQ", "recv": "ECONNABORTED"}
         assert holder.reconnect()["reply"] == "pod-b"
     finally:

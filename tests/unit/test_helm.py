@@ -281,6 +281,7 @@ def test_agent_daemonset(default_objects: list[dict[str, Any]]) -> None:
     pod = ds["spec"]["template"]["spec"]
     assert pod["hostNetwork"] is True
     assert pod["hostPID"] is False
+    assert pod["dnsPolicy"] == "Default", "the cluster DNS is behind a ClusterIP the agent itself translates"
     assert pod["priorityClassName"] == "system-node-critical"
     (agent,) = pod["containers"]
     caps = set(agent["securityContext"]["capabilities"]["add"])
@@ -296,7 +297,17 @@ def test_agent_daemonset(default_objects: list[dict[str, Any]]) -> None:
     assert volumes["cgroup2"]["hostPath"]["path"] == "/sys/fs/cgroup"
     assert volumes["run"]["hostPath"]["path"] == "/run/balancing"
     assert mounts["run"]["mountPath"] == "/run/balancing"
+    # No hostPID: socket termination finds the pods' network namespaces in the runtime's netns directory,
+    # at the same path, read-only, following the bind mounts the runtime adds for pods started later.
+    assert volumes["netns"]["hostPath"] == {"path": "/run/netns", "type": "DirectoryOrCreate"}
+    assert mounts["netns"] == {
+        "name": "netns",
+        "mountPath": "/run/netns",
+        "readOnly": True,
+        "mountPropagation": "HostToContainer",
+    }
     args = agent["args"]
+    assert "--netns-dir=/run/netns" in args
     assert f"--cgroup={mounts['cgroup2']['mountPath']}" in args
     assert "--bpffs=/sys/fs/bpf/balancing" in args
     assert "--health-addr=0.0.0.0:10256" in args
@@ -376,6 +387,26 @@ def test_unprivileged_falls_back_to_host_to_container(helm: Path) -> None:
     pod = _one(objs, "DaemonSet")["spec"]["template"]["spec"]
     mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
     assert mounts["bpffs"]["mountPropagation"] == "HostToContainer"
+
+
+def test_agent_netns_directory_from_values(helm: Path) -> None:
+    """Another runtime's directory is mounted and passed instead; empty: neither mount nor directory."""
+    only = ["--show-only", "templates/agent-daemonset.yaml"]
+
+    def pod(*values: str) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+        spec = _one(_render(helm, *values, *only), "DaemonSet")["spec"]["template"]["spec"]
+        (agent,) = spec["containers"]
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        mounts = {m["name"]: m for m in agent["volumeMounts"]}
+        return volumes, mounts, agent["args"]
+
+    volumes, mounts, args = pod("--set", "agent.hostPaths.netns=/var/run/docker/netns")
+    assert volumes["netns"]["hostPath"]["path"] == mounts["netns"]["mountPath"] == "/var/run/docker/netns"
+    assert mounts["netns"]["mountPropagation"] == "HostToContainer" and mounts["netns"]["readOnly"] is True
+    assert "--netns-dir=/var/run/docker/netns" in args
+    volumes, mounts, args = pod("--set", "agent.hostPaths.netns=")
+    assert "netns" not in volumes and "netns" not in mounts
+    assert "--netns-dir=" in args  # none: not the agent's defaults, which would be the container's own
 
 
 def test_policy_status_from_values(helm: Path, default_objects: list[dict[str, Any]]) -> None:
@@ -467,6 +498,7 @@ def test_rbac_least_privilege(full_objects: list[dict[str, Any]]) -> None:
             "resources": ["localredirectpolicies", "balancingpolicies"],
             "verbs": ["list", "watch"],
         },
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]},  # departed nodes' entries
         {
             "apiGroups": ["balancing.elf.io"],
             "resources": ["localredirectpolicies/status", "balancingpolicies/status"],

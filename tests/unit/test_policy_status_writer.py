@@ -1,7 +1,9 @@
 """The agent's policy status entries (``agent_status``) written through ``sources.kubestatus`` to a fake API
 server doing (simplified) server-side apply: one write per change, debounced with the latest value winning,
-agents' entries side by side, an entry removed, 404 ignored, failures retried, nothing ever raised; and the
-agent's wiring of it (no kernel needed)."""
+a change of backends alone at most once per minor interval, agents' entries side by side, an entry removed,
+out-of-cluster entries marked, 404 ignored (and still paced), failures retried, 401/403 given up after a
+few attempts, nothing ever raised; the writer's JSON patches (a stale one made again); and the agent's
+wiring of it (no kernel needed)."""
 
 from __future__ import annotations
 
@@ -9,10 +11,12 @@ import asyncio
 import contextlib
 import copy
 import dataclasses
+import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import httpx2 as httpx
 import pytest
 import pytest_asyncio
 
@@ -58,17 +62,24 @@ async def api() -> AsyncIterator[tuple[FakeApi, KubeConnection]]:
 
 @contextlib.asynccontextmanager
 async def reporter(
-    connection: KubeConnection, node: str = "node-1", outcomes: Outcomes | None = None
+    connection: KubeConnection,
+    node: str = "node-1",
+    outcomes: Outcomes | None = None,
+    *,
+    timing: kubestatus.WriterTiming = FAST,
+    out_of_cluster: bool = False,
 ) -> AsyncIterator[agent_status.PolicyStatusReporter]:
     def record(key: kubestatus.Key, result: str) -> None:
         if outcomes is not None:
             outcomes.append((key, result))
 
     writer = kubestatus.StatusWriter(
-        connection, agent_status.field_manager(node), timing=FAST, on_result=record
+        connection, agent_status.field_manager(node), timing=timing, on_result=record
     )
     async with writer:
-        yield agent_status.PolicyStatusReporter(node, writer, now=lambda: "2026-02-02T00:00:00Z")
+        yield agent_status.PolicyStatusReporter(
+            node, writer, now=lambda: "2026-02-02T00:00:00Z", out_of_cluster=out_of_cluster
+        )
 
 
 def watched(fake: FakeApi, path: str = BP) -> SourceUpdate:
@@ -289,6 +300,200 @@ async def test_policies_not_applying_here_write_no_entry(api: tuple[FakeApi, Kub
     assert fake.patches() == []
 
 
+@pytest.mark.asyncio
+async def test_backends_only_changes_are_written_at_most_once_per_minor_interval(
+    api: tuple[FakeApi, KubeConnection],
+) -> None:
+    """Every agent reports the same backends of a cluster-wide policy: a scale step must not make them all
+    write every ``min_interval``; a change of ready or reason still goes out at once."""
+    fake, connection = api
+    fake.put(BP, bp())
+    key = ("BalancingPolicy", "vip")
+    timing = dataclasses.replace(FAST, minor_interval=0.6)
+    async with reporter(connection, timing=timing) as rep:
+        rep.observe(watched(fake))
+        rep.reconcile({key: status(3)})  # a new entry: not minor
+        await until(lambda: len(fake.patches()) == 1)
+        rep.observe(watched(fake))
+        for n in (4, 5, 6):  # a scale step, pod by pod
+            rep.reconcile({key: status(n)})
+            await asyncio.sleep(0.1)
+        assert len(fake.patches()) == 1
+        await until(lambda: len(fake.patches()) == 2)
+        first, second = fake.patches()
+        assert second.at - first.at >= timing.minor_interval * 0.9
+        assert [e["backends"] for e in nodes(fake)] == [6]
+        rep.observe(watched(fake))
+        rep.reconcile({key: status(7)})  # minor: waits for the long interval ...
+        await asyncio.sleep(0.05)
+        rep.reconcile({key: status(0, "NoBackends")})  # ... until a real change overtakes it
+        await until(lambda: len(fake.patches()) == 3)
+        third = fake.patches()[2]
+        assert timing.min_interval * 0.9 <= third.at - second.at < timing.minor_interval * 0.8
+        assert (nodes(fake)[0]["backends"], nodes(fake)[0]["reason"]) == (0, "NoBackends")
+        rep.observe(watched(fake))
+        rep.reconcile({key: status(2)})  # back to ready: not minor either
+        await until(lambda: len(fake.patches()) == 4)
+        assert fake.patches()[3].at - third.at < timing.minor_interval * 0.8
+
+
+def test_minor_change() -> None:
+    assert agent_status.minor_change((3, True, "Ready", False), (2, True, "Ready", False))
+    assert not agent_status.minor_change((0, False, "NoBackends", False), (2, True, "Ready", False))
+    assert not agent_status.minor_change((2, True, "Ready", False), None)
+    assert not agent_status.minor_change(None, (2, True, "Ready", False))
+    assert not agent_status.minor_change((2, True, "Ready", True), (3, True, "Ready", False))
+
+
+@pytest.mark.asyncio
+async def test_out_of_cluster_agent_marks_its_entry(api: tuple[FakeApi, KubeConnection]) -> None:
+    """A bare-metal host is no Node: its entry says so, or the controller would remove it."""
+    fake, connection = api
+    doc = bp()
+    doc["status"] = {"nodes": [{"nodeName": "host-1", "backends": 2, "ready": True, "reason": "Ready",
+                                "lastUpdateTime": "2026-01-01T00:00:00Z"}]}  # fmt: skip
+    fake.put(BP, doc)  # written by an agent from before the mark existed
+    key = ("BalancingPolicy", "vip")
+    async with reporter(connection, "host-1", out_of_cluster=True) as rep:
+        rep.observe(watched(fake))
+        rep.reconcile({key: status(2)})
+        await until(lambda: len(fake.patches()) == 1)
+        assert nodes(fake)[0] == {"nodeName": "host-1", "backends": 2, "ready": True, "reason": "Ready",
+                                  "lastUpdateTime": "2026-02-02T00:00:00Z", "outOfCluster": True}  # fmt: skip
+        rep.observe(watched(fake))
+        rep.reconcile({key: status(2)})
+        await asyncio.sleep(FAST.min_interval + 0.05)
+        assert len(fake.patches()) == 1
+
+
+@pytest.mark.asyncio
+async def test_gone_policy_keeps_its_pacing_until_forgotten(api: tuple[FakeApi, KubeConnection]) -> None:
+    """After a 404 the watch may lag behind the deletion for a while: reconciles meanwhile (with changing
+    values) must still be paced, at most one PATCH per min interval."""
+    fake, connection = api
+    fake.put(BP, bp())
+    key = ("BalancingPolicy", "vip")
+    outcomes: Outcomes = []
+    async with reporter(connection, outcomes=outcomes) as rep:
+        rep.observe(watched(fake))
+        fake.delete(BP, "", "vip")  # the agent's watch has not delivered this
+        started = asyncio.get_running_loop().time()
+        for i in range(60):
+            rep.reconcile({key: status(1 + i % 2, "Ready" if i % 3 else "Conflict")})
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(FAST.delay)
+        elapsed = asyncio.get_running_loop().time() - started
+        assert 1 <= len(fake.patches()) <= elapsed / FAST.min_interval + 1
+        assert {r for _, r in outcomes} == {"gone"}
+        assert rep.writer.pending() <= 1
+        rep.observe(SourceUpdate(deletes=[("BalancingPolicy", "", "vip")]))  # the watch catches up
+        assert rep.writer.pending() == 0 and not rep.writer._slots
+
+
+@pytest.mark.asyncio
+async def test_denied_writes_fail_after_a_few_attempts(
+    api: tuple[FakeApi, KubeConnection], caplog: pytest.LogCaptureFixture
+) -> None:
+    """401/403 (RBAC lacking patch on the status subresource) are not retried forever: after
+    ``denied_attempts`` the value counts as failed, logged once per object; a new value tries again."""
+    fake, connection = api
+    fake.put(BP, bp())
+    key = ("BalancingPolicy", "vip")
+    outcomes: Outcomes = []
+    caplog.set_level(logging.DEBUG, logger="balancing.sources.kubestatus")
+    async with reporter(connection, outcomes=outcomes) as rep:
+        rep.observe(watched(fake))
+        fake.fail_patches = [403] * 3
+        rep.reconcile({key: status(2)})
+        await until(lambda: len(outcomes) == 3)
+        assert [r for _, r in outcomes] == ["retry", "retry", "failed"]
+        rep.reconcile({key: status(2)})  # the same value: not again
+        await asyncio.sleep(FAST.min_interval + FAST.backoff_cap + 0.1)
+        assert len(fake.patches()) == 3
+        fake.fail_patches = [401] * 3
+        rep.reconcile({key: status(3)})  # a new value tries again
+        await until(lambda: len(outcomes) == 6)
+        assert [r for _, r in outcomes][3:] == ["retry", "retry", "failed"]
+        rep.reconcile({key: status(4)})
+        await until(lambda: len(outcomes) == 7)
+        assert outcomes[-1][1] == "ok"
+    errors = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(errors) == 1 and errors[0].levelno == logging.ERROR  # once per object
+    assert "HTTP 403" in errors[0].getMessage() and "balancingpolicies/status" in errors[0].getMessage()
+
+
+@pytest.mark.asyncio
+async def test_json_patch_that_no_longer_applies_is_made_again(api: tuple[FakeApi, KubeConnection]) -> None:
+    """The controller's removals: a JSON patch whose ``test`` fails (the object changed) is ``stale``, and
+    the same value is tried again on the next ``ensure``, from the newer object."""
+    fake, connection = api
+    doc = bp()
+    doc["status"] = {"nodes": [{"nodeName": n, "backends": 1} for n in ("a", "gone", "b")]}
+    fake.put(BP, doc)
+    key = ("BalancingPolicy", "vip")
+    outcomes: Outcomes = []
+
+    def removal(index: int) -> Callable[[], list[dict[str, Any]]]:
+        path = f"/status/nodes/{index}"
+        return lambda: [
+            {"op": "test", "path": f"{path}/nodeName", "value": "gone"},
+            {"op": "remove", "path": path},
+        ]
+
+    writer = kubestatus.StatusWriter(
+        connection,
+        "balancing-controller",
+        timing=FAST,
+        on_result=lambda k, r: outcomes.append((k, r)),
+        content_type=kubestatus.JSON_PATCH_CONTENT_TYPE,
+    )
+    async with writer:
+        writer.ensure(key, ("a", "b"), ("gone", "a", "b"), removal(0))  # from an outdated version
+        await until(lambda: bool(outcomes))
+        assert outcomes == [(key, "stale")]
+        call = fake.patches()[0]
+        assert call.params == {"fieldManager": "balancing-controller"}  # no force: not an apply
+        assert call.headers["content-type"] == "application/json-patch+json"
+        assert [n["nodeName"] for n in nodes(fake)] == ["a", "gone", "b"]  # nothing removed
+        writer.ensure(key, ("a", "b"), ("a", "gone", "b"), removal(1))  # the next version
+        await until(lambda: len(outcomes) == 2)
+        assert outcomes[-1] == (key, "ok")
+        assert [n["nodeName"] for n in nodes(fake)] == ["a", "b"]
+        assert fake.patches()[1].at - call.at >= FAST.min_interval * 0.9  # still paced
+
+
+@pytest.mark.asyncio
+async def test_fake_api_json_patch(api: tuple[FakeApi, KubeConnection]) -> None:
+    """The fake's JSON patch: all or nothing, 422 on a failed test, force refused, and the removed entry
+    leaves its manager's ownership."""
+    fake, connection = api
+    fake.put(BP, bp())
+    async with reporter(connection, "node-1") as one, reporter(connection, "node-2") as two:
+        for rep in (one, two):
+            rep.observe(watched(fake))
+            rep.reconcile({("BalancingPolicy", "vip"): status(1)})
+        await until(lambda: len(nodes(fake)) == 2)
+    path = kubestatus.status_path("BalancingPolicy", "vip")
+    headers = {"Content-Type": kubestatus.JSON_PATCH_CONTENT_TYPE}
+
+    async def patch(ops: Any, **params: str) -> int:
+        async with httpx.AsyncClient(base_url=connection.base_url) as client:
+            response = await client.patch(path, params=params, json=ops, headers=headers)
+            return response.status_code
+
+    remove_first = [
+        {"op": "test", "path": "/status/nodes/0/nodeName", "value": "node-1"},
+        {"op": "remove", "path": "/status/nodes/0"},
+    ]
+    assert await patch(remove_first, force="true") == 400
+    assert await patch(remove_first[::-1]) == 422  # removed, then the test fails: all or nothing
+    assert [n["nodeName"] for n in nodes(fake)] == ["node-1", "node-2"]  # a failed patch changes nothing
+    assert await patch([{"op": "remove", "path": "/status/nodes/5"}]) == 422
+    assert await patch(remove_first, fieldManager="x") == 200
+    assert [n["nodeName"] for n in nodes(fake)] == ["node-2"]
+    assert fake.owners(BP, "vip") == {"balancing-agent-node-2": {("nodes", "node-2")}}
+
+
 def test_report_of_and_field_manager() -> None:
     assert agent_status.report_of(status(2)) == (2, True, "Ready")
     assert agent_status.report_of(status(0, "Conflict")) == (0, False, "Conflict")
@@ -369,3 +574,11 @@ async def test_agent_reports_once_the_datapath_holds_it(
     await quiet._open_status_reporter()
     assert quiet._reporter is None
     quiet._io.shutdown()
+    assert not node._reporter.out_of_cluster  # an in-cluster agent's entries are not marked
+    outside = agent.Agent(
+        dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, external_client=True))
+    )
+    await outside._open_status_reporter()
+    assert outside._reporter is not None and outside._reporter.out_of_cluster  # --out-of-cluster: marked
+    await outside._reporter.writer.close()
+    outside._io.shutdown()

@@ -13,7 +13,7 @@ import typer
 from balancing import agent_events, errors
 from balancing.cli import flags
 from balancing.cli.inspect_common import DEFAULT_BPFFS
-from balancing.datapath import abi, loader, mounts
+from balancing.datapath import abi, loader, mounts, sockterm
 from balancing.events import stream
 from balancing.model import config
 
@@ -30,6 +30,16 @@ def default_object() -> Path:
         if c.is_file():
             return c
     return candidates[0]
+
+
+def _netns_dirs(values: list[str]) -> tuple[Path, ...]:
+    """--netns-dir values (repeated, each possibly a comma list) as distinct paths, in order."""
+    dirs: dict[Path, None] = {}
+    for value in values:
+        for item in value.split(","):
+            if item.strip():
+                dirs[Path(item.strip())] = None
+    return tuple(dirs)
 
 
 def _fail(exc: errors.BalancingError) -> None:
@@ -67,6 +77,16 @@ def agent(
             "clients reconnect to a live one (kube-proxy's UDP conntrack cleanup; Linux >= 6.5)."
         ),
     ] = True,
+    netns_dir: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="DIR[,DIR]",
+            help="Directory of network namespace files (bind mounts, as ip netns and containerd/CRI-O keep "
+            "in /run/netns) where socket termination also looks for the namespaces of the cgroup's "
+            "processes: the only way to find them when the agent has its own PID namespace. Repeatable, "
+            "or comma-separated; empty: none. Default: /run/netns and /var/run/netns.",
+        ),
+    ] = None,
     cgroup: Annotated[
         Path | None, typer.Option(help="cgroup v2 directory to attach to [cgroup2 root].")
     ] = None,
@@ -227,6 +247,7 @@ def agent(
             kube=None if manifests is not None else agent_mod.KubeSourceConfig(kubeconfig, api_server),
             policy_status=policy_status,
             terminate_udp=terminate_udp_sockets,
+            netns_dirs=_netns_dirs(netns_dir) if netns_dir else sockterm.NETNS_DIRS,
         )
         agent_mod.run(cfg)
     except errors.BalancingError as exc:

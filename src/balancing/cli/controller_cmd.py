@@ -5,7 +5,8 @@ certificate and key (re-read when the files change: a renewed Secret), or with a
 certificate for the Service's DNS names (the CA bundle is written to ``--ca-bundle`` for the webhook
 configuration). Existing policies, for the older-wins conflict check, come from a provider the API-server
 informer will feed; until then none. Following an API server, it also writes each policy's Ready condition
-(``controller.status``; ``--no-policy-status`` turns it off).
+and removes departed Nodes' entries from the policies' ``status.nodes`` (``controller.status``; it follows
+the Nodes for that; ``--no-policy-status`` turns it off).
 """
 
 from __future__ import annotations

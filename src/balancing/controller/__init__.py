@@ -11,9 +11,11 @@ policy kinds, ``LocalRedirectPolicy`` and ``BalancingPolicy``, served over HTTPS
 - ``tls``: a provided certificate and key, or a generated self-signed CA and a serving certificate for
   the Service's DNS names, the CA bundle written where the webhook configuration is rendered from.
 - ``server``: the HTTPS server, ``serve``, and the admission decision counter (its own registry).
-- ``policyindex``: the existing policies, followed from the API server (conflict check, status).
+- ``policyindex``: the existing policies and the Nodes' names, followed from the API server (conflict
+  check, status).
 - ``status``: each policy's ``Ready`` condition, aggregated from the agents' ``status.nodes`` entries and
-  the controller's own validation and conflict check, written by server-side apply (``sources.kubestatus``).
+  the controller's own validation and conflict check, written by server-side apply (``sources.kubestatus``);
+  the entries of departed nodes are removed.
 
 **failurePolicy: Ignore.** With ``Fail``, a controller outage (a crash loop, a bad rollout, the one node it
 runs on going away) would block every CREATE and UPDATE of a policy, which is exactly when an operator may

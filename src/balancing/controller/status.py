@@ -7,27 +7,39 @@
 2. ``spec.enabled`` is false → ``False``/``Disabled``;
 3. an older policy of the same kind claims one of its frontends → ``False``/``Conflict`` naming it (the
    webhook's rule, ``admission.conflicts``; the model lets the older one win there);
-4. the agents' ``status.nodes`` entries (``agent_status``): none → ``Unknown``/``Pending``; at least one node
-   with backends → ``True``/``Programmed`` ("backends on 3 of 4 reporting nodes"); else ``False`` with the
-   reason every reporting node gives (e.g. ``ServiceNotFound``), or ``NoBackends`` when they differ.
+4. the agents' ``status.nodes`` entries (``agent_status``), leaving out those of *departed* nodes (in-cluster
+   entries, i.e. without ``outOfCluster``, naming a Node that no longer exists, once the Nodes have been
+   listed): none → ``Unknown``/``Pending``; at least one node with backends → ``True``/``Programmed``; else
+   ``False`` with the reason every reporting node gives (e.g. ``ServiceNotFound``), or ``NoBackends`` when
+   they differ.
+
+The message never counts nodes ("backends on at least one reporting node", "no backends on any reporting
+node (NoBackends, ServiceNotFound)"): a count would change with every node joining or leaving the cluster,
+and each change rewrites the condition of every policy, each write delivered to every agent's watch. The
+per-node numbers are in ``status.nodes``.
 
 ``StatusController`` follows the ``PolicyIndex``: after each update it recomputes the policies the update
 can affect (the policy itself; every policy of the kind when a spec, creation or deletion may change who
-conflicts with whom) and has ``sources.kubestatus.StatusWriter`` apply ``status.conditions`` [Ready, with
-``observedGeneration``] and ``status.observedGeneration`` under the field manager ``balancing-controller``
-whenever they differ from what the object holds. ``lastTransitionTime`` is kept while the condition's status
-stays the same. Replicas all compute the same condition from the same objects, so they need no leader: a
-replica that sees the condition already there writes nothing.
+conflicts with whom; the policies with an entry for a Node that appeared or disappeared) and has
+``sources.kubestatus.StatusWriter`` apply ``status.conditions`` [Ready, with ``observedGeneration``] and
+``status.observedGeneration`` under the field manager ``balancing-controller`` whenever they differ from what
+the object holds. ``lastTransitionTime`` is kept while the condition's status stays the same. The entries of
+departed nodes (whose agents will never withdraw them) are removed with a JSON patch on the status
+subresource, a ``test`` of each entry's ``nodeName`` at its index before its ``remove``: if the object
+changed meanwhile the patch fails as a whole (``stale``) and is made again from the next version the watch
+delivers. Entries with ``outOfCluster`` (bare-metal hosts, which are no Nodes) are never removed. Replicas
+all compute the same from the same objects, so they need no leader: a replica that sees the condition
+already there writes nothing, and of two replicas removing the same entry the second one's patch fails its
+``test``.
 
-Neighbours: ``policyindex`` (the policies and their validation errors), ``admission`` (the conflict rule),
-``sources.kubestatus`` (the write), ``balancing.agent_status`` (what the node entries mean).
+Neighbours: ``policyindex`` (the policies, their validation errors, the Node names), ``admission`` (the
+conflict rule), ``sources.kubestatus`` (the writes), ``balancing.agent_status`` (what the node entries mean).
 """
 
 from __future__ import annotations
 
 import logging
-from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +47,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client import Counter as PromCounter
 
 from balancing.controller import admission
-from balancing.controller.policyindex import PolicyIndex, PolicyKey, invalid_policy
+from balancing.controller.policyindex import POLICY_KINDS, PolicyIndex, PolicyKey, invalid_policy
 from balancing.model import policies, policy_frontends
 from balancing.model.status import NodeReport
 from balancing.sources import kubestatus
@@ -48,7 +60,9 @@ __all__ = [
     "StatusController",
     "Verdict",
     "condition_of",
+    "departed",
     "nodes_verdict",
+    "prune_patch",
     "verdict",
 ]
 
@@ -72,26 +86,49 @@ class Verdict:
 
 
 def nodes_verdict(nodes: Sequence[NodeReport]) -> Verdict:
-    """What the agents' entries say together (rule 4 of the module docstring)."""
+    """What the agents' entries say together (rule 4 of the module docstring; no node counts)."""
     if not nodes:
         return Verdict("Unknown", PENDING, "no node has reported the policy yet")
-    serving = sum(1 for n in nodes if n.backends > 0)
-    if serving:
-        return Verdict("True", PROGRAMMED, f"backends on {serving} of {len(nodes)} reporting nodes")
-    reasons = Counter(
-        n.reason if n.reason and n.reason != READY else policy_frontends.NO_BACKENDS for n in nodes
+    if any(n.backends > 0 for n in nodes):
+        return Verdict("True", PROGRAMMED, "backends on at least one reporting node")
+    reasons = sorted(
+        {n.reason if n.reason and n.reason != READY else policy_frontends.NO_BACKENDS for n in nodes}
     )
-    reason = next(iter(reasons)) if len(reasons) == 1 else policy_frontends.NO_BACKENDS
-    count = "the reporting node" if len(nodes) == 1 else f"any of the {len(nodes)} reporting nodes"
-    detail = ", ".join(f"{r} on {c}" for r, c in sorted(reasons.items()))
-    return Verdict("False", reason, f"no backends on {count} ({detail})")
+    reason = reasons[0] if len(reasons) == 1 else policy_frontends.NO_BACKENDS
+    return Verdict("False", reason, _cap(f"no backends on any reporting node ({', '.join(reasons)})"))
+
+
+def departed(nodes: Iterable[NodeReport], known: Collection[str] | None) -> list[NodeReport]:
+    """The entries of in-cluster nodes not among the ``known`` Node names (``None``: the Nodes are not
+    listed yet, so none); ``outOfCluster`` entries never."""
+    if known is None:
+        return []
+    return [n for n in nodes if not n.out_of_cluster and n.node_name not in known]
+
+
+def prune_patch(nodes: Sequence[NodeReport], gone: Collection[str]) -> list[dict[str, Any]]:
+    """The JSON patch removing the entries of ``gone`` from ``status.nodes`` (as ``nodes`` lists them): per
+    entry, from the last, a ``test`` of its ``nodeName`` then its ``remove``, so the whole patch fails if the
+    list changed."""
+    ops: list[dict[str, Any]] = []
+    for index in reversed(range(len(nodes))):
+        name = nodes[index].node_name
+        if name in gone:
+            path = f"/status/nodes/{index}"
+            ops.append({"op": "test", "path": f"{path}/nodeName", "value": name})
+            ops.append({"op": "remove", "path": path})
+    return ops
 
 
 def verdict(
-    policy: policies.Policy | None, problems: Sequence[str], older_rivals: Iterable[policies.Policy]
+    policy: policies.Policy | None,
+    problems: Sequence[str],
+    older_rivals: Iterable[policies.Policy],
+    known_nodes: Collection[str] | None = None,
 ) -> Verdict:
     """The Ready condition of ``policy`` (``None`` with ``problems``: no version of it validates);
-    ``older_rivals``: the policies that may claim its frontends (all of them will do)."""
+    ``older_rivals``: the policies that may claim its frontends (all of them will do); ``known_nodes``: the
+    Node names, once listed (entries of other in-cluster nodes are left out)."""
     if problems or policy is None:
         return Verdict("False", INVALID, _cap("; ".join(problems) or "the policy does not validate"))
     if not policy.spec.enabled:
@@ -99,7 +136,8 @@ def verdict(
     found = admission.conflicts(policy, older_rivals)
     if found:
         return Verdict("False", CONFLICT, _cap("; ".join(found)))
-    return nodes_verdict(policy.status.nodes)
+    gone = {n.node_name for n in departed(policy.status.nodes, known_nodes)}
+    return nodes_verdict([n for n in policy.status.nodes if n.node_name not in gone])
 
 
 def condition_of(policy: policies.Policy | None) -> tuple[Any, ...] | None:
@@ -129,7 +167,8 @@ def _group(policy: policies.Policy) -> tuple[str, ...]:
 
 
 class StatusController:
-    """Keeps every policy's Ready condition written; see the module docstring."""
+    """Keeps every policy's Ready condition written and departed nodes' entries removed; see the module
+    docstring."""
 
     def __init__(
         self,
@@ -146,6 +185,13 @@ class StatusController:
         self.writer = kubestatus.StatusWriter(
             connection, FIELD_MANAGER, timing=timing, on_result=self._written
         )
+        self.pruner = kubestatus.StatusWriter(
+            connection,
+            FIELD_MANAGER,
+            timing=timing,
+            on_result=self._pruned,
+            content_type=kubestatus.JSON_PATCH_CONTENT_TYPE,
+        )
         self._now = now
         self._intents: dict[PolicyKey, tuple[Any, ...]] = {}  # what conflicts depend on, per policy
         self._writes = PromCounter(
@@ -155,17 +201,30 @@ class StatusController:
             ["result"],
             registry=registry,
         )
+        self._prunes = PromCounter(
+            "balancing_controller_policy_status_prunes",
+            "JSON patches removing departed nodes' entries from the policies' status.nodes, by result: ok, "
+            "gone, retry, failed, stale (the object changed meanwhile; made again from its next version).",
+            ["result"],
+            registry=registry,
+        )
         for result in ("ok", "gone", "retry", "failed"):
             self._writes.labels(result)
+            self._prunes.labels(result)
+        self._prunes.labels("stale")
         index.listeners.append(self.on_update)
 
     async def close(self) -> None:
         await self.writer.close()
+        await self.pruner.close()
 
     def _written(self, key: kubestatus.Key, result: str) -> None:
         self._writes.labels(result).inc()
         if result == "gone":
             self.index.forget_invalid(key)
+
+    def _pruned(self, _key: kubestatus.Key, result: str) -> None:
+        self._prunes.labels(result).inc()
 
     # --- following the index -------------------------------------------------------------------------------
 
@@ -182,23 +241,33 @@ class StatusController:
                     self._intents[key] = intent
                     kinds.add(obj.kind)
         for ref in update.deletes:
+            if ref[0] not in POLICY_KINDS:
+                continue
             gone: PolicyKey = (ref[0], ref[2])
             if self._intents.pop(gone, None) is not None:
                 kinds.add(ref[0])
             self.writer.forget(gone)
+            self.pruner.forget(gone)
         for err in update.errors:
             invalid = invalid_policy(err)
             if invalid is not None:
                 keys.add(invalid)
+        changed = self.index.nodes_changed
+        if changed:  # a Node appeared or disappeared: the policies with an entry for it
+            for policy in self.index.existing():
+                if any(n.node_name in changed for n in policy.status.nodes):
+                    keys.add((policy.kind, policy.metadata.name))
         self.reconcile(keys, kinds)
 
     def reconcile(self, keys: Iterable[PolicyKey] = (), kinds: Iterable[str] = ()) -> None:
-        """Bring the Ready condition of ``keys`` and of every policy of ``kinds`` up to date."""
+        """Bring the Ready condition (and the departed nodes' entries) of ``keys`` and of every policy of
+        ``kinds`` up to date."""
         existing = self.index.existing()
         groups: dict[tuple[str, ...], list[policies.Policy]] = {}
         for policy in existing:
             groups.setdefault(_group(policy), []).append(policy)
         invalid = self.index.invalid()
+        known = self.index.nodes()
         every = set(kinds)
         wanted = set(keys) | {(p.kind, p.metadata.name) for p in existing if p.kind in every}
         wanted |= {k for k in invalid if k[0] in every}
@@ -208,7 +277,21 @@ class StatusController:
             if found is None and not problems:
                 continue  # deleted meanwhile
             rivals = groups.get(_group(found), []) if found is not None else []
-            self._ensure(key, found, verdict(found, problems, rivals), bool(problems))
+            self._ensure(key, found, verdict(found, problems, rivals, known), bool(problems))
+            if found is not None and not problems:  # an invalid one's status is not known: left alone
+                self._prune(key, found, known)
+
+    def _prune(self, key: PolicyKey, policy: policies.Policy, known: Collection[str] | None) -> None:
+        nodes = policy.status.nodes
+        gone = {n.node_name for n in departed(nodes, known)}
+        have = tuple(n.node_name for n in nodes)
+        want = tuple(name for name in have if name not in gone)
+
+        def body() -> list[dict[str, Any]]:
+            log.info("%s %s: removing the entries of departed nodes %s", *key, ", ".join(sorted(gone)))
+            return prune_patch(nodes, gone)
+
+        self.pruner.ensure(key, want, have, body)
 
     def _ensure(self, key: PolicyKey, policy: policies.Policy | None, v: Verdict, invalid: bool) -> None:
         # The generation of a version the model refuses is not known: no observedGeneration then.

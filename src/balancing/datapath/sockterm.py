@@ -2,12 +2,19 @@
 
 A connected UDP socket keeps the backend the datapath gave it at ``connect()``. After a write removes backends
 from UDP frontends (``writer.WriteStats.udp_backends_removed``), ``SocketTerminator.terminate`` puts each
-(frontend, backend) pair in the doomed map (``bl_doom_v1``) and, in every distinct network namespace of the
-processes in the attached cgroup subtree (the only sockets the datapath translates), reads the ``iter/udp``
-program of ``bpf/sockterm.c`` once: it destroys (``bpf_sock_destroy()``, Linux >= 6.5) the sockets whose
-reverse state in ``bl_sock_v2`` names a doomed pair, and the application's next receive fails with
-ECONNABORTED (a send with EDESTADDRREQ: the socket is disconnected), so it reconnects and is translated anew.
+(frontend, backend) pair in the doomed map (``bl_doom_v1``) and, in every distinct network namespace where
+the datapath's sockets can be, reads the ``iter/udp`` program of ``bpf/sockterm.c`` once: it destroys
+(``bpf_sock_destroy()``, Linux >= 6.5) the sockets whose reverse state in ``bl_sock_v2`` names a doomed pair,
+and the application's next receive fails with ECONNABORTED (a send with EDESTADDRREQ: the socket is
+disconnected), so it reconnects and is translated anew.
 The doomed map is emptied again after every run, also when it fails.
+
+The namespaces (``discover_namespaces``): those of the processes in the attached cgroup subtree (the only
+sockets the datapath translates), through ``/proc/<pid>/ns/net``, exact when the agent shares the host's PID
+namespace; and the namespace files that ``ip netns`` and container runtimes keep in ``NETNS_DIRS``
+(``/run/netns``: each pod sandbox's ``cni-<uuid>``), which need no PIDs. An agent in its own PID namespace
+(the chart's ``hostPID: false``) sees every other process of the cgroup as pid 0: it says so once and relies
+on the directories.
 
 The object is loaded once, reusing the datapath's pinned ``bl_sock_v2`` and pinning its own doomed map next
 to it. Where that fails (an old kernel, no object, no datapath loaded) the terminator says so in ``available``
@@ -19,11 +26,14 @@ records), ``writer`` (what was removed), ``loader`` (the datapath whose pins thi
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import fcntl
 import logging
 import os
 import platform
+import stat
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -38,6 +48,10 @@ log = logging.getLogger(__name__)
 PROGRAM = "bl_sockterm_udp"
 OBJECT = "sockterm.o"  # built next to the datapath's balancing.o (make bpf)
 CLONE_NEWNET = 0x40000000
+NS_GET_NSTYPE = 0xB703  # ioctl on a namespace fd: its CLONE_NEW* type (linux/nsfs.h, Linux >= 4.11)
+# Where ip netns (/run/netns) and container runtimes (containerd, CRI-O: /var/run/netns, cni-<uuid>) keep a
+# bind mount of each network namespace they create: found without seeing the processes in them.
+NETNS_DIRS = (Path("/run/netns"), Path("/var/run/netns"))
 KERNEL_BTF = Path("/sys/kernel/btf/vmlinux")
 # Read the iterator in chunks well below its seq_file buffer (8 pages): a record that would overflow the
 # buffer is discarded and its socket shown to the program again, which then finds it already disconnected.
@@ -57,12 +71,15 @@ class TerminationReport:
     errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
     skipped: str = ""  # why nothing was done although pairs were doomed (terminator unavailable)
+    hidden_processes: int = 0  # processes of the cgroup in a PID namespace the agent does not see into
 
     def summary(self) -> str:
         text = (
             f"{self.pairs} removed UDP backend pairs: {self.destroyed} connected sockets destroyed in "
             f"{self.namespaces} network namespaces ({self.seconds * 1000:.1f} ms)"
         )
+        if self.hidden_processes:
+            text += f", {self.hidden_processes} processes out of the agent's sight (PID namespace)"
         if self.errors:
             text += f", {len(self.errors)} errors (first: {self.errors[0]})"
         return text
@@ -79,24 +96,83 @@ def doomed_keys(removed: Mapping[FrontendKey, Iterable[Backend]]) -> list[bytes]
     return sorted(keys)
 
 
-def cgroup_namespaces(cgroup: Path, errors: list[str]) -> dict[int, int]:
-    """Open every distinct network namespace of the processes in the ``cgroup`` subtree: {inode: fd}.
+@dataclass
+class Namespaces:
+    """The network namespaces one discovery opened, {nsfs inode: fd}, and what its pid scan saw.
 
-    The open fd keeps a namespace alive while it is visited, whatever its processes do. Processes and cgroups
-    that vanish while this runs are skipped silently; anything else is added to ``errors``.
+    An open fd keeps its namespace alive while it is visited, whatever its processes do; ``close`` releases
+    them all.
     """
-    found: dict[int, int] = {}
-    try:
-        _open_namespaces(cgroup, found, errors)
-    except BaseException:
-        for fd in found.values():
+
+    fds: dict[int, int] = field(default_factory=dict)
+    processes: int = 0  # cgroup.procs entries in the subtree
+    hidden: int = 0  # ... listed as pid 0: in a PID namespace this process does not see into
+    foreign_proc: bool = False  # /proc is not this process's PID namespace's: its pids mean nothing here
+    from_pids: int = 0  # namespaces found through /proc/<pid>/ns/net
+    from_dirs: int = 0  # namespaces found only through a netns directory
+
+    @property
+    def pids_hidden(self) -> bool:
+        """Whether the pid scan cannot be complete: processes of the cgroup are invisible to this one."""
+        return self.hidden > 0 or (self.foreign_proc and self.processes > 0)
+
+    def add(self, fd: int) -> bool:
+        """Keep ``fd`` (an open network namespace) unless its namespace is already kept; False: closed."""
+        try:
+            inode = os.fstat(fd).st_ino
+        except OSError:
             os.close(fd)
+            raise
+        if inode in self.fds:
+            os.close(fd)
+            return False
+        self.fds[inode] = fd
+        return True
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def discover_namespaces(cgroup: Path, netns_dirs: Iterable[Path], errors: list[str]) -> Namespaces:
+    """Open every distinct network namespace a socket the datapath translated can be in.
+
+    First those of the processes in the ``cgroup`` subtree (``cgroup.procs`` → ``/proc/<pid>/ns/net``): exact,
+    when this process sees their pids. Then the namespace files kept in ``netns_dirs`` (the bind mounts that
+    ``ip netns`` and container runtimes keep in ``/run/netns``): found whatever PID namespace this process
+    is in, but also namespaces with no process in the cgroup (visiting those costs a pass, destroys nothing:
+    only sockets the datapath translated are candidates). When the pid scan saw processes it cannot see into
+    (``Namespaces.pids_hidden``), this process's own namespace is added as well (theirs may be it: the host's,
+    for a host-network agent). Deduplicated by namespace inode. Processes, cgroups and namespace files that
+    vanish meanwhile are skipped silently; anything else is added to ``errors``.
+    """
+    found = Namespaces()
+    try:
+        _scan_cgroup(cgroup, found, errors)
+        if found.pids_hidden:
+            with contextlib.suppress(OSError):
+                if found.add(os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)):
+                    found.from_pids += 1
+        _scan_netns_dirs(netns_dirs, found, errors)
+    except BaseException:
+        found.close()
         raise
     return found
 
 
-def _open_namespaces(cgroup: Path, found: dict[int, int], errors: list[str]) -> None:
+def _proc_is_ours() -> bool:
+    """Whether /proc shows this process's PID namespace (its "self" is our pid)."""
+    try:
+        return os.readlink("/proc/self") == str(os.getpid())
+    except OSError:
+        return False
+
+
+def _scan_cgroup(cgroup: Path, found: Namespaces, errors: list[str]) -> None:
     seen_links: set[str] = set()
+    failed: dict[int, tuple[int, str]] = {}  # errno → (count, first path): one error per cause, not per pid
+    found.foreign_proc = not _proc_is_ours()
     for directory, _dirs, _files in os.walk(cgroup):
         try:
             pids = (Path(directory) / "cgroup.procs").read_text().split()
@@ -105,7 +181,13 @@ def _open_namespaces(cgroup: Path, found: dict[int, int], errors: list[str]) -> 
         except OSError as exc:
             errors.append(f"{directory}/cgroup.procs: {exc}")
             continue
+        found.processes += len(pids)
         for pid in pids:
+            if pid == "0":  # the kernel lists processes outside our PID namespace as 0
+                found.hidden += 1
+                continue
+            if found.foreign_proc:
+                continue
             path = f"/proc/{pid}/ns/net"
             try:
                 link = os.readlink(path)  # "net:[<inode>]": cheap deduplication before any open()
@@ -114,14 +196,59 @@ def _open_namespaces(cgroup: Path, found: dict[int, int], errors: list[str]) -> 
                 seen_links.add(link)
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             except OSError as exc:
-                if exc.errno not in _GONE:
-                    errors.append(f"{path}: {exc}")
+                if exc.errno not in _GONE:  # a process that exited meanwhile is no error
+                    count, first = failed.get(exc.errno or 0, (0, f"{path}: {exc.strerror}"))
+                    failed[exc.errno or 0] = (count + 1, first)
                 continue
-            inode = os.fstat(fd).st_ino  # the namespace actually opened (the pid may have been reused)
-            if inode in found:
+            # fstat: the namespace actually opened (the pid may have been reused)
+            if found.add(fd):
+                found.from_pids += 1
+    for count, first in failed.values():
+        errors.append(first if count == 1 else f"{first} (and {count - 1} more processes)")
+
+
+def _scan_netns_dirs(netns_dirs: Iterable[Path], found: Namespaces, errors: list[str]) -> None:
+    try:  # nsfs is one superblock: every namespace file is on it
+        nsfs_dev = os.stat("/proc/self/ns/net").st_dev
+    except OSError:
+        nsfs_dev = -1  # unknown: open everything, the type check below still applies
+    seen_dirs: set[tuple[int, int]] = set()
+    for directory in netns_dirs:
+        try:
+            st = os.stat(directory)
+            names = sorted(os.listdir(directory))
+        except FileNotFoundError:
+            continue  # no namespace was ever created there (or the directory is not mounted in)
+        except OSError as exc:
+            errors.append(f"{directory}: {exc.strerror}")
+            continue
+        if (st.st_dev, st.st_ino) in seen_dirs:
+            continue  # /var/run/netns is /run/netns
+        seen_dirs.add((st.st_dev, st.st_ino))
+        for name in names:
+            path = directory / name
+            try:
+                st = os.stat(path)
+                if nsfs_dev >= 0:
+                    if st.st_dev != nsfs_dev:
+                        continue  # not a mounted namespace: a directory, or a file left after its unmount
+                    if st.st_ino in found.fds:
+                        continue  # visited anyway (a process of the cgroup is in it)
+                elif not stat.S_ISREG(st.st_mode):
+                    continue
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                if exc.errno not in _GONE:
+                    errors.append(f"{path}: {exc.strerror}")
+                continue
+            try:
+                is_net = fcntl.ioctl(fd, NS_GET_NSTYPE) == CLONE_NEWNET
+            except OSError:
+                is_net = False
+            if not is_net:  # another kind of namespace (ip netns keeps only net ones; a runtime may not)
                 os.close(fd)
-            else:
-                found[inode] = fd
+            elif found.add(fd):
+                found.from_dirs += 1
 
 
 def _setns(fd: int) -> None:
@@ -138,9 +265,19 @@ def _chunks(keys: list[bytes], size: int) -> Iterator[list[bytes]]:
 class SocketTerminator:
     """The socket-termination iterator of one agent (its datapath's ``bpffs`` pins and attach ``cgroup``)."""
 
-    def __init__(self, bpffs: Path, cgroup: Path, obj: Path, *, time_budget: float = 2.0) -> None:
+    def __init__(
+        self,
+        bpffs: Path,
+        cgroup: Path,
+        obj: Path,
+        *,
+        time_budget: float = 2.0,
+        netns_dirs: Iterable[Path] = NETNS_DIRS,
+    ) -> None:
         self.bpffs, self.cgroup, self.obj = bpffs, cgroup, obj
         self.time_budget = time_budget  # seconds per terminate(); namespaces left then are reported
+        self.netns_dirs = tuple(netns_dirs)  # namespace files searched besides the cgroup's processes
+        self._warned_hidden = False
         self.available = False
         self.reason = ""
         self._obj: int | None = None
@@ -266,21 +403,45 @@ class SocketTerminator:
             return report
         start = time.monotonic()
         with self._lock:
-            namespaces: dict[int, int] = {}
+            namespaces = Namespaces()
             try:
-                namespaces = cgroup_namespaces(self.cgroup, report.errors)
+                namespaces = discover_namespaces(self.cgroup, self.netns_dirs, report.errors)
+                report.hidden_processes = namespaces.hidden
+                self._warn_if_hidden(namespaces)
                 for chunk in _chunks(keys, self._capacity):
-                    self._run(chunk, namespaces, report, start + self.time_budget)
+                    self._run(chunk, namespaces.fds, report, start + self.time_budget)
             except Exception as exc:  # the caller's write loop goes on; the report says what happened
                 log.debug("socket termination failed", exc_info=True)
                 report.errors.append(f"socket termination failed: {exc}")
             finally:
-                for fd in namespaces.values():
-                    os.close(fd)
+                namespaces.close()
         report.seconds = time.monotonic() - start
         level = logging.WARNING if report.errors else logging.INFO
         log.log(level, "socket termination: %s", report.summary())
         return report
+
+    def _warn_if_hidden(self, found: Namespaces) -> None:
+        """Say once that the cgroup's processes are out of sight (the agent in its own PID namespace: the
+        chart's hostPID: false), so the namespaces come from the netns directories only."""
+        if not found.pids_hidden or self._warned_hidden:
+            return
+        self._warned_hidden = True
+        why = (
+            f"{found.hidden} of its {found.processes} processes are in a PID namespace it does not see into"
+            if found.hidden
+            else "/proc is not its PID namespace's"
+        )
+        dirs = ", ".join(map(str, self.netns_dirs)) or "none configured"
+        log.warning(
+            "socket termination: the agent cannot see the processes of its cgroup %s (%s, e.g. its own "
+            "PID namespace): relying on the netns directories (%s: %d more network namespaces found there) "
+            "and its own network namespace; a socket in a namespace none of them holds is not terminated. "
+            "Run the agent with hostPID or mount the host's /run/netns (--netns-dir).",
+            self.cgroup,
+            why,
+            dirs,
+            found.from_dirs,
+        )
 
     def _run(
         self, keys: list[bytes], namespaces: dict[int, int], report: TerminationReport, deadline: float

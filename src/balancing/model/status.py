@@ -1,9 +1,10 @@
 """A policy's ``status`` subresource as read back from the API server: ``ObservedStatus``.
 
 ``status.observedGeneration``, ``status.conditions`` (metav1.Condition shape, keyed by ``type``) and
-``status.nodes`` (one ``NodeReport`` per node agent, keyed by ``nodeName``), as the CRDs define them. The
-agents write their own ``nodes`` entry, the controller the ``Ready`` condition (``sources.kubestatus`` does
-the writing); both read what is there through this type to write only differences.
+``status.nodes`` (one ``NodeReport`` per node agent, keyed by ``nodeName``; ``outOfCluster`` marks a host
+outside the cluster), as the CRDs define them. The agents write their own ``nodes`` entry, the controller
+the ``Ready`` condition and removes the entries of departed nodes (``sources.kubestatus`` does the writing);
+both read what is there through this type to write only differences.
 
 Read leniently: status is observation, never intent, so a malformed entry is skipped and a malformed status
 reads as empty. A policy is never made invalid by its status (``policies`` parses it with
@@ -29,6 +30,7 @@ class NodeReport(KubeModel):
     ready: bool | None = None  # absent in entries written before the field existed
     reason: str = ""
     last_update_time: str = ""
+    out_of_cluster: bool = False  # written by agents on hosts outside the cluster (no Node of that name)
 
 
 class Condition(KubeModel):

@@ -12,7 +12,9 @@
 - a collection not served (404, e.g. policy CRDs not installed) counts as empty and is relisted after a
   backoff until it appears;
 - a malformed object is skipped with a ``KubeObjectError`` naming kind, namespace/name and field; the last
-  good version of it (if any) stays in force, and the error is reported once per resourceVersion.
+  good version of it (if any) stays in force, and the error is reported once per resourceVersion. Its
+  deletion is emitted even when no version of it was ever good (a consumer may hold its error; deleting
+  an unknown ref is a no-op for the model).
 
 Only the parsed objects in force are kept (plus the resourceVersion of malformed ones), never raw lists.
 
@@ -143,9 +145,13 @@ class Informer:
                 errors.extend(error)
             else:
                 errors.extend(error)
+        # Malformed ones gone meanwhile with no good version: deleted too (as a watch's DELETED would be).
+        vanished = [
+            (self.resource.kind, *k) for k in self._bad if k not in seen_bad and self._old_for(k) is None
+        ]
         self._bad = {k: v for k, v in self._bad.items() if k in seen_bad}
         upserts = [obj for r, obj in new.items() if self.objects.get(r) != obj]
-        deletes = sorted(r for r in self.objects if r not in new)
+        deletes = sorted([*(r for r in self.objects if r not in new), *vanished])
         self.objects = new
         self.resource_version = str((body.get("metadata") or {}).get("resourceVersion") or "")
         self._next_resync = time.monotonic() + self.timing.resync
@@ -222,13 +228,14 @@ class Informer:
         if kind == "BOOKMARK":
             return SourceUpdate()
         if kind == "DELETED":
+            was_bad = _key_of(item) in self._bad
             obj, _, key = self._parse(item)
             if key is None:
                 return SourceUpdate()
             self._bad.pop(key, None)
             gone = self._old_for(key)
-            if gone is None:
-                return SourceUpdate()
+            if gone is None:  # never good: its deletion still matters to whoever kept its error
+                return SourceUpdate(deletes=[(self.resource.kind, *key)]) if was_bad else SourceUpdate()
             del self.objects[ref(gone)]
             return SourceUpdate(deletes=[ref(gone)])
         if kind not in ("ADDED", "MODIFIED"):
@@ -258,7 +265,7 @@ class Informer:
         doc = {**item, "apiVersion": self.resource.api_version, "kind": self.resource.kind}
         meta = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
         assert isinstance(meta, dict)
-        key = (str(meta.get("namespace") or ""), str(meta.get("name") or ""))
+        key = _key_of(item)
         try:
             obj = parse_object(doc)
         except ValidationError as exc:
@@ -289,6 +296,14 @@ class Informer:
         self._failures = min(self._failures + 1, 30)
         log.warning("%s; retrying in %.1fs", message, delay)
         await asyncio.sleep(delay)
+
+
+def _key_of(item: dict[str, Any]) -> tuple[str, str]:
+    """An object's (namespace, name) as the API server sent it."""
+    meta = item.get("metadata")
+    if not isinstance(meta, dict):
+        return ("", "")
+    return (str(meta.get("namespace") or ""), str(meta.get("name") or ""))
 
 
 def describe_item(kind: str, key: tuple[str, str]) -> str:

@@ -5,9 +5,9 @@ EndpointSlices, Nodes, LocalRedirectPolicies, BalancingPolicies, the Pods schedu
 (``fieldSelector=spec.nodeName=<node>``), and the Pods the BalancingPolicies' endpoint selectors pick
 anywhere (one ``labelSelector`` watch per distinct selector, started and retired as policies change; see
 ``sources.selected_pods``). A source whose ``resources`` leave out Pods (the controller follows only the
-policies) watches no pods at all. ``updates()`` yields ``SourceUpdate``\\ s like the manifest source:
-the first is the full initial state (every object as an upsert, plus the errors found), each later one
-only a difference: every change since the last one taken, coalesced per object (``Pending``), so a slow
+policies and Nodes) watches no pods at all. ``updates()`` yields ``SourceUpdate``\\ s like the manifest
+source: the first is the full initial state (every object as an upsert, plus the errors found), each later
+one only a difference: every change since the last one taken, coalesced per object (``Pending``), so a slow
 consumer gets fewer, larger updates instead of an ever longer queue. Malformed objects are skipped with a
 ``KubeObjectError`` (a ``ManifestError`` subclass, so it fits ``SourceUpdate.errors``) naming kind,
 namespace/name and field. Watch, relist, resync and backoff rules are those of ``sources.informer.Informer``.

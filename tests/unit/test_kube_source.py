@@ -308,9 +308,11 @@ async def test_pods_a_policy_selects_on_other_nodes_are_in_the_initial_state(
         first = await next_update(updates)
         assert pod_names(first) == {"web-here", "web-there"}, "each pod once, though two watches see web-here"
         selector_lists = [
-            p for path, p in fake.requests if path == PODS and "labelSelector" in p and "watch" not in p
+            p["labelSelector"]
+            for path, p in fake.requests
+            if path == PODS and "labelSelector" in p and "watch" not in p
         ]
-        assert selector_lists == [{"labelSelector": "app=web"}]
+        assert selector_lists == ["app=web"]
         await no_update(updates, fake)
 
 
@@ -395,7 +397,9 @@ async def test_a_namespace_in_the_selector_narrows_the_watch_to_it(api: tuple[Fa
         assert {(o.metadata.namespace, o.metadata.name) for o in first.upserts if o.kind == "Pod"} == {
             ("kube-system", "dns")
         }
-        assert ("/api/v1/namespaces/kube-system/pods", {"labelSelector": "app=dns"}) in fake.requests
+        assert [
+            p["labelSelector"] for path, p in fake.requests if path == "/api/v1/namespaces/kube-system/pods"
+        ]
 
 
 @pytest.mark.asyncio
@@ -514,3 +518,31 @@ async def test_a_following_task_that_fails_is_started_again() -> None:
         await asyncio.wait_for(again.wait(), 3)
         await run.stop()
     assert len(runs) == 2
+
+
+@pytest.mark.asyncio
+async def test_lists_use_the_watch_cache_except_after_gone(api: tuple[FakeApi, str]) -> None:
+    """As client-go's reflector: the first list may come from the watch cache (resourceVersion=0), a resync
+    asks for nothing older than what was seen, and after a 410 the list is a quorum read."""
+    fake, url = api
+    fake.put(SERVICES, service("web"))
+    timing = Timing(resync=0.3, watch_timeout=60, read_slack=5, backoff_base=0.02, backoff_cap=0.1)
+    async with following(url, timing) as updates:
+        await next_update(updates)
+
+        def lists() -> list[dict[str, str]]:
+            return [p for path, p in fake.requests if path == SERVICES and not p.get("watch")]
+
+        assert lists()[0] == {"resourceVersion": "0"}
+        seen = fake.rv
+        await no_update(updates, fake, wait=0.6)
+        resync = lists()[1]
+        assert resync["resourceVersionMatch"] == "NotOlderThan" and int(resync["resourceVersion"]) >= seen
+    async with following(url) as updates:  # no resync now: the next list is the one after the 410
+        await next_update(updates)
+        await watching(fake, SERVICES)
+        fake.drop_watches()
+        fake.put(SERVICES, service("missed"), notify=False)
+        fake.compact()
+        assert names(await next_update(updates)) == {("Service", "missed")}
+        assert lists()[-1] == {}, "the relist after a 410 is a quorum read"

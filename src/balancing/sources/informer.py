@@ -8,6 +8,9 @@
 - a dropped or timed-out watch resumes from the last resourceVersion seen; a 410 Gone (HTTP status or
   ERROR event) relists and emits the difference (deletes for objects that vanished meanwhile);
 - a periodic resync relists too, so it emits nothing when nothing changed;
+- lists spare etcd the way client-go's reflector does: the first one may be served from the API server's
+  watch cache (``resourceVersion=0``), a resync asks for nothing older than what was seen
+  (``resourceVersionMatch=NotOlderThan``), and only after a 410 is the list a quorum read;
 - failures retry with exponential backoff and jitter (capped);
 - a collection not served (404, e.g. policy CRDs not installed) counts as empty and is relisted after a
   backoff until it appears;
@@ -96,6 +99,7 @@ class Informer:
         self.timing = timing
         self.objects: dict[ObjectRef, KubeObject] = {}
         self.resource_version = ""
+        self._quorum = False  # the next list must be consistent (after a 410): no resourceVersion
         self._bad: dict[tuple[str, str], str] = {}  # (namespace, name) -> resourceVersion reported
         self._failures = 0
         self._next_resync = 0.0
@@ -108,7 +112,11 @@ class Informer:
         while True:
             try:
                 update = await self.relist()
-            except (httpx.HTTPError, ValueError, Gone) as exc:
+            except Gone:
+                self._quorum = True  # the version asked for is too old to serve: ask for the latest
+                await self._backoff(f"listing {self.resource.path}: resourceVersion too old")
+                continue
+            except (httpx.HTTPError, ValueError) as exc:
                 await self._backoff(f"listing {self.resource.path} failed: {_describe(exc)}")
                 continue
             self._failures = 0
@@ -116,6 +124,10 @@ class Informer:
 
     async def relist(self) -> SourceUpdate:
         params = self._params()
+        if not self._quorum:
+            params["resourceVersion"] = self.resource_version or "0"
+            if self.resource_version:
+                params["resourceVersionMatch"] = "NotOlderThan"
         response = await self.client.get(self.resource.path, params=params, headers=self.headers())
         if response.status_code == 410:
             raise Gone()
@@ -154,6 +166,7 @@ class Informer:
         deletes = sorted([*(r for r in self.objects if r not in new), *vanished])
         self.objects = new
         self.resource_version = str((body.get("metadata") or {}).get("resourceVersion") or "")
+        self._quorum = False
         self._next_resync = time.monotonic() + self.timing.resync
         return SourceUpdate(upserts, deletes, errors)
 
@@ -176,6 +189,7 @@ class Informer:
             except Gone:
                 log.info("%s: resourceVersion %s gone; relisting", self.resource.path, self.resource_version)
                 self._next_resync = 0.0
+                self._quorum = True
             except (httpx.HTTPError, ValueError) as exc:
                 await self._backoff(f"watching {self.resource.path} failed: {_describe(exc)}")
 

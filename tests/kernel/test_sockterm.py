@@ -166,12 +166,8 @@ def netns_dir(cluster: Cluster, tmp_path: Path) -> Iterator[NetnsDir]:
         d.close()
 
 
-def doomed_entries(dp: Datapath) -> list[bytes]:
-    fd = libbpf.obj_get(str(dp.cfg.map_dir / abi.MAP_DOOMED))
-    try:
-        return libbpf.map_keys(fd, abi.DOOM_KEY.size)
-    finally:
-        os.close(fd)
+def doomed_entries(term: sockterm.SocketTerminator) -> list[bytes]:
+    return libbpf.map_keys(term._doom_fd, abi.DOOM_KEY.size)
 
 
 def pods(cluster: Cluster, *names: str, port: int = 8080, family: int = 4) -> list[str]:
@@ -220,7 +216,7 @@ def test_connected_udp_sockets_of_a_removed_backend_are_destroyed_and_nothing_el
     report = term.terminate(with_tcp)
 
     assert (report.pairs, report.destroyed, report.namespaces, report.errors) == (2, 3, 1, [])
-    assert doomed_entries(dp) == []
+    assert doomed_entries(term) == []
     for holder in on_a:
         # the destroyed socket is disconnected: a send has no destination, a receive gets the abort
         assert holder.again() == {"step": "again", "send": "EDESTADDRREQ", "recv": "ECONNABORTED"}
@@ -232,7 +228,7 @@ def test_connected_udp_sockets_of_a_removed_backend_are_destroyed_and_nothing_el
     # again with the same pairs: the reconnected sockets talk to other backends now, nothing is destroyed
     again = term.terminate(with_tcp)
     assert (again.destroyed, again.namespaces, again.errors) == (0, 1, [])
-    assert doomed_entries(dp) == []
+    assert doomed_entries(term) == []
     reconnected_to = [h.steps()[-1]["reply"] for h in on_a]
     assert [h.again()["reply"] for h in on_a] == reconnected_to
 
@@ -334,7 +330,6 @@ def test_in_its_own_pid_namespace_the_terminator_finds_the_client_in_a_netns_dir
     warnings = [line for line in done.stderr.splitlines() if "cannot see the processes" in line]
     assert len(warnings) == 1 and warnings[0].startswith("WARNING"), done.stderr  # once per terminator
     assert "hostPID" in warnings[0] and "/run/netns" in warnings[0]
-    assert doomed_entries(dp) == []
     assert holder.again() == {"step": "again", "send": "EDESTADDRREQ", "recv": "ECONNABORTED"}
     assert holder.reconnect()["reply"] == "pod-b"
 
@@ -431,7 +426,7 @@ def test_nothing_doomed_visits_nothing(
     # a pair no socket uses: every namespace is visited, nothing destroyed
     report = term.terminate({parse_key(f"{VIP4}:53/UDP"): {backend(cluster.pods[2])}})
     assert (report.pairs, report.namespaces, report.destroyed, report.errors) == (1, 1, 0, [])
-    assert doomed_entries(dp) == []
+    assert doomed_entries(term) == []
     assert holder.again()["reply"] == "pod-a"
 
 
@@ -456,7 +451,7 @@ def test_the_doomed_map_is_emptied_when_a_run_fails(
     report = term.terminate(removed)
     assert report.destroyed == 1 and report.namespaces == 1
     assert len(report.errors) == 1 and "network namespace 0" in report.errors[0], report.errors
-    assert doomed_entries(dp) == []
+    assert doomed_entries(term) == []
     assert holder.again().get("recv") == "ECONNABORTED"
 
     def broken(_link_fd: int) -> bytes:
@@ -466,7 +461,7 @@ def test_the_doomed_map_is_emptied_when_a_run_fails(
     monkeypatch.setattr(sockterm, "_read_iterator", broken)
     report = term.terminate(removed)
     assert report.errors == ["socket termination failed: reader broke"]
-    assert doomed_entries(dp) == []
+    assert doomed_entries(term) == []
 
 
 def test_unavailable_without_its_object_or_a_loaded_datapath(
@@ -481,7 +476,7 @@ def test_unavailable_without_its_object_or_a_loaded_datapath(
         t = sockterm.SocketTerminator(bpffs, cluster.cgroup, obj)
         assert not t.available and why in t.reason, t.reason
         assert t.terminate(removed).skipped == t.reason
-    assert not (dp.cfg.map_dir / abi.MAP_DOOMED).exists()
+    assert not (dp.cfg.map_dir / abi.MAP_DOOMED).exists(), "the terminator pins nothing"
 
 
 def test_writer_reports_the_udp_backends_a_write_removed() -> None:

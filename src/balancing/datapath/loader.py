@@ -164,9 +164,9 @@ def load(cfg: DatapathConfig) -> LoadReport:
 
 def _retire_unused_pins(obj: int, cfg: DatapathConfig, report: LoadReport) -> None:
     """Unpin maps the loaded object no longer defines (an older layout version): once every link runs the
-    new programs nothing uses them, and they would otherwise linger until ``cleanup``. The maps of the
-    companion object ``sockterm.o`` (its current versions) are not ours to retire."""
-    current = {libbpf.map_name(m) for m in libbpf.maps(obj)} | set(abi.SOCKTERM_MAPS)
+    new programs nothing uses them, and they would otherwise linger until ``cleanup``. (``sockterm.o``
+    pins nothing of its own: its doomed map is private to each terminator.)"""
+    current = {libbpf.map_name(m) for m in libbpf.maps(obj)}
     for pin in sorted(cfg.map_dir.iterdir()):
         if pin.name not in current and pin.name.startswith("bl_"):
             pin.unlink()

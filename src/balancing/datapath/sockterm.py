@@ -16,11 +16,12 @@ namespace; and the namespace files that ``ip netns`` and container runtimes keep
 (the chart's ``hostPID: false``) sees every other process of the cgroup as pid 0: it says so once and relies
 on the directories.
 
-The object is loaded once, reusing the datapath's pinned ``bl_sock_v2`` and pinning its own doomed map next
-to it. Where that fails (an old kernel, no object, no datapath loaded) the terminator says so in ``available``
-and ``reason`` and ``terminate`` does nothing: it never raises at agent start. Namespaces are entered with
-``setns`` in one short-lived thread (as ``netns.cookie_of`` does; the iterator walks the sockets of the
-namespace of the thread that creates it). Neighbours: ``libbpf`` (calls), ``abi`` (doomed keys, output
+The object is loaded once, reusing the datapath's pinned ``bl_sock_v2``; its doomed map is its own, never
+pinned, so two agents on one node (a surge rollout) cannot clear each other's pairs. Where that fails (an
+old kernel, no object, no datapath loaded) the terminator says so in ``available`` and ``reason`` and
+``terminate`` does nothing: it never raises at agent start. Namespaces are entered with ``setns`` in one
+short-lived thread (as ``netns.cookie_of`` does; the iterator walks the sockets of the namespace of the
+thread that creates it). Neighbours: ``libbpf`` (calls), ``abi`` (doomed keys, output
 records), ``writer`` (what was removed), ``loader`` (the datapath whose pins this reuses).
 """
 
@@ -314,13 +315,12 @@ class SocketTerminator:
             raise OSError(errno.ENOENT, f"cgroup {self.cgroup} not found")
         obj = libbpf.object_open(str(self.obj))
         self._obj = obj
-        doom_pin = map_dir / abi.MAP_DOOMED
         reused: list[int] = []
         try:
             for m in libbpf.maps(obj):
                 name = libbpf.map_name(m)
-                if name == abi.MAP_DOOMED and not self._compatible_doom_pin(doom_pin):
-                    continue  # created at load, pinned below
+                if name == abi.MAP_DOOMED:
+                    continue  # this terminator's own, created at load and never pinned
                 fd = libbpf.obj_get(str(map_dir / name))
                 reused.append(fd)
                 libbpf.map_reuse_fd(m, fd)
@@ -344,36 +344,13 @@ class SocketTerminator:
                 os.close(fd)
         doom = next(m for m in libbpf.maps(obj) if libbpf.map_name(m) == abi.MAP_DOOMED)
         self._doom_fd = libbpf.map_fd(doom)
-        if not doom_pin.exists():
-            libbpf.obj_pin(self._doom_fd, str(doom_pin))
         info = libbpf.MapInfo()
         libbpf.obj_get_info(self._doom_fd, info)
         self._capacity = int(info.max_entries)
         self._link = libbpf.program_attach_iter(prog)
-        self._clear()  # what a run interrupted by a crash may have left
-
-    @staticmethod
-    def _compatible_doom_pin(pin: Path) -> bool:
-        """Whether a pinned doomed map can be reused; an incompatible one is unpinned (it holds nothing that
-        outlives a run)."""
-        if not pin.exists():
-            return False
-        fd = libbpf.obj_get(str(pin))
-        try:
-            info = libbpf.MapInfo()
-            libbpf.obj_get_info(fd, info)
-        finally:
-            os.close(fd)
-        if info.key_size == abi.DOOM_KEY.size and info.value_size == len(abi.DOOM_VALUE):
-            return True
-        log.warning(
-            "unpinning %s: key/value sizes %d/%d are not this version's", pin, info.key_size, info.value_size
-        )
-        pin.unlink()
-        return False
 
     def close(self) -> None:
-        """Release the program, link and map fds (the doomed map's pin stays, like the datapath's)."""
+        """Release the program, link and map fds (the doomed map goes with them)."""
         if self._link is not None:
             libbpf.link_destroy(self._link)
             self._link = None

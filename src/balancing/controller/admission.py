@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from balancing.model import objects, policies
+from balancing.model.fielderrors import field_errors
 
 __all__ = [
     "POLICY_KINDS",
@@ -35,43 +36,9 @@ Existing = Callable[[], Iterable[policies.Policy]]
 Claim = tuple[str, ...]
 
 
-def _field_path(loc: tuple[int | str, ...]) -> str:
-    text = ""
-    for part in loc:
-        text = f"{text}[{part}]" if isinstance(part, int) else _join(text, str(part))
-    return text
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix and name else prefix or name
-
-
-def _document_loc(item: Any, loc: tuple[int | str, ...], *, missing: bool) -> tuple[int | str, ...]:
-    """The part of a pydantic location that names the document's fields (not union branch tags)."""
-    node, kept = item, list[int | str]()
-    for part in loc:
-        present = (isinstance(node, dict) and part in node) or (
-            isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
-        )
-        if not present:
-            if missing and isinstance(node, dict):
-                kept.append(part)
-            break
-        node = node[part]
-        kept.append(part)
-    return tuple(kept)
-
-
 def validation_messages(doc: dict[str, Any], exc: ValidationError) -> list[str]:
     """``field.path: message`` per field, as the agent reports them (a union's alternatives joined)."""
-    by_field: dict[str, list[str]] = {}
-    for error in exc.errors():
-        loc = _document_loc(doc, tuple(error["loc"]), missing=error["type"] == "missing")
-        message = str(error["msg"]).removeprefix("Value error, ")
-        messages = by_field.setdefault(_field_path(loc) or "(object)", [])
-        if message not in messages:
-            messages.append(message)
-    return [f"{field}: {'; '.join(messages)}" for field, messages in by_field.items()]
+    return [f"{field or '(object)'}: {'; '.join(m)}" for field, m in field_errors(doc, exc).items()]
 
 
 def parse_policy(doc: Any) -> tuple[policies.Policy | None, list[str]]:

@@ -30,6 +30,7 @@ import yaml
 from pydantic import ValidationError
 
 from balancing.errors import ManifestError, SourceError
+from balancing.model.fielderrors import field_errors, join_path
 from balancing.model.objects import KubeObject, ObjectRef, UnknownKind, parse_object, ref
 
 log = logging.getLogger(__name__)
@@ -157,7 +158,7 @@ def _parse_item(path: Path, index: int, where: str, item: Any) -> KubeObject:
         )
     for key in ("apiVersion", "kind"):
         if not item.get(key):
-            raise ManifestError(path, index, _describe(item), _join(where, key), "Field required")
+            raise ManifestError(path, index, _describe(item), join_path(where, key), "Field required")
     return _default_namespace(parse_object(item))
 
 
@@ -170,34 +171,12 @@ def _default_namespace(obj: KubeObject) -> KubeObject:
 def _validation_errors(
     path: Path, index: int, where: str, item: dict[str, Any], exc: ValidationError
 ) -> list[ManifestError]:
-    """One error per field; the messages of a union's alternatives (IPv4 or IPv6, ...) joined."""
-    by_field: dict[str, list[str]] = {}
-    for error in exc.errors():
-        loc = _document_loc(item, error["loc"], missing=error["type"] == "missing")
-        messages = by_field.setdefault(_join(where, _field_path(loc)), [])
-        if _message(error["msg"]) not in messages:
-            messages.append(_message(error["msg"]))
+    """One error per field (``fielderrors``), under ``where`` in the file."""
     described = _describe(item)
-    return [ManifestError(path, index, described, f, "; ".join(m)) for f, m in by_field.items()]
-
-
-def _document_loc(item: Any, loc: tuple[int | str, ...], *, missing: bool) -> tuple[int | str, ...]:
-    """The part of a pydantic location that names the document's fields (not union branch tags)."""
-    node, kept = item, list[int | str]()
-    for part in loc:
-        if not _has(node, part):
-            if missing and isinstance(node, dict):
-                kept.append(part)  # the absent field itself
-            break
-        node = node[part]
-        kept.append(part)
-    return tuple(kept)
-
-
-def _has(node: Any, part: int | str) -> bool:
-    if isinstance(node, dict):
-        return part in node
-    return isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+    return [
+        ManifestError(path, index, described, join_path(where, at), "; ".join(messages))
+        for at, messages in field_errors(item, exc).items()
+    ]
 
 
 def _describe(item: dict[str, Any]) -> str:
@@ -209,21 +188,6 @@ def _describe(item: dict[str, Any]) -> str:
     namespace = str(meta.get("namespace") or ("default" if kind in NAMESPACED_KINDS else ""))
     full = f"{namespace}/{name}" if namespace and name else name
     return f"{kind} {full}".strip()
-
-
-def _field_path(loc: tuple[int | str, ...]) -> str:
-    text = ""
-    for part in loc:
-        text = f"{text}[{part}]" if isinstance(part, int) else _join(text, str(part))
-    return text
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix and name else prefix or name
-
-
-def _message(msg: str) -> str:
-    return msg.removeprefix("Value error, ")
 
 
 # --- the directory -------------------------------------------------------------------------------------

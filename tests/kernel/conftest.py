@@ -33,6 +33,7 @@ if str(_TESTS_DIR) not in sys.path:
 
 from support import Datapath  # noqa: E402
 
+from balancing.model.desired import PodRef  # noqa: E402
 from helpers.topology import (  # noqa: E402
     Cluster,
     HarnessError,
@@ -174,6 +175,16 @@ def dp(cluster: Cluster) -> Iterator[Datapath]:
         yield d
     finally:
         d.close()
+
+
+@pytest.fixture
+def pod_a_cgroup(cluster: Cluster, dp: Datapath) -> tuple[PodRef, Path]:
+    """pod-a gets a kubelet-like cgroup of its own below the node's; its client processes run there."""
+    path = cluster.cgroup / "kubepods" / "podaaaa"
+    path.mkdir(parents=True)
+    ref = PodRef("default", "pod-a", "aaaa")
+    dp.pod_cgroups[ref] = [path]
+    return ref, path
 
 
 @pytest.fixture

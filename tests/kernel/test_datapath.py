@@ -400,16 +400,6 @@ def lrp(
     )
 
 
-@pytest.fixture
-def pod_a_cgroup(cluster: Cluster, dp: Datapath) -> tuple[PodRef, Path]:
-    """pod-a gets a kubelet-like cgroup of its own below the node's; its client processes run there."""
-    path = cluster.cgroup / "kubepods" / "podaaaa"
-    path.mkdir(parents=True)
-    ref = PodRef("default", "pod-a", "aaaa")
-    dp.pod_cgroups[ref] = [path]
-    return ref, path
-
-
 def from_pod_a(cluster: Cluster, cgroup: Path, *args: object) -> dict:  # type: ignore[type-arg]
     return cluster.topo.run_client(cluster.pods[0], cgroup, [str(a) for a in args])
 

@@ -28,16 +28,6 @@ SVC = Owner("Service", "default", "web", "http")
 LRP = Owner("LocalRedirectPolicy", "", "node-local-dns")
 
 
-@pytest.fixture
-def pod_a(cluster: Cluster, dp: Datapath) -> tuple[PodRef, Path]:
-    """pod-a gets a kubelet-like cgroup of its own below the node's; its client processes run there."""
-    path = cluster.cgroup / "kubepods" / "podaaaa"
-    path.mkdir(parents=True)
-    ref = PodRef("default", "pod-a", "aaaa")
-    dp.pod_cgroups[ref] = [path]
-    return ref, path
-
-
 def run_trace(dp: Datapath, target: str, *args: str) -> dict[str, Any]:
     app = typer.Typer()
     app.command()(trace.trace)
@@ -123,9 +113,9 @@ def test_refusal_and_not_a_frontend(cluster: Cluster, dp: Datapath) -> None:
 
 
 def test_skip_redirect_from_backend_goes_to_the_one_backend_fallback(
-    cluster: Cluster, dp: Datapath, pod_a: tuple[PodRef, Path]
+    cluster: Cluster, dp: Datapath, pod_a_cgroup: tuple[PodRef, Path]
 ) -> None:
-    ref, cgroup = pod_a
+    ref, cgroup = pod_a_cgroup
     a, b, c = (addr(cluster, n) for n in ("pod-a", "pod-b", "pod-c"))
     dp.program_frontends({f"{VIP4}:53/TCP": lrp([a, b], [c], {ref: a}, skip=True)})
     doc = run_trace(dp, f"{VIP4}:53/TCP", "--from-cgroup", str(cgroup))
@@ -142,9 +132,9 @@ def test_skip_redirect_from_backend_goes_to_the_one_backend_fallback(
 
 
 def test_loop_guard_with_two_backends_sends_the_pod_to_the_other(
-    cluster: Cluster, dp: Datapath, pod_a: tuple[PodRef, Path]
+    cluster: Cluster, dp: Datapath, pod_a_cgroup: tuple[PodRef, Path]
 ) -> None:
-    ref, cgroup = pod_a
+    ref, cgroup = pod_a_cgroup
     a, b, c = (addr(cluster, n) for n in ("pod-a", "pod-b", "pod-c"))
     dp.program_frontends({f"{VIP4}:53/TCP": lrp([a, b], [c], {ref: a})})
     doc = run_trace(dp, f"{VIP4}:53/TCP", "--from-cgroup", str(cgroup))

@@ -1,9 +1,13 @@
-"""Endpoint selection: kube-proxy's TestCategorizeEndpoints table, ported, plus hint-mode and reason cases."""
+"""Endpoint selection: kube-proxy's TestCategorizeEndpoints table, ported, plus our own and reason cases.
+
+The upstream table is ``pkg/proxy/topology_test.go`` as of the PreferSameNode traffic distribution (KEP-3015):
+every case is here under its upstream name, except those in ``UPSTREAM_NOT_APPLICABLE`` (with the reason).
+"""
 
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 from hypothesis import given
@@ -11,10 +15,9 @@ from hypothesis import strategies as st
 
 from balancing.model import endpoints
 from balancing.model.desired import FrontendKind
-from balancing.model.endpoints import Candidate, SelectionContext, TopologyMode
+from balancing.model.endpoints import Candidate, SelectionContext
 
 HERE = "node-1"
-ZONE, NODE = TopologyMode.ZONE, TopologyMode.NODE
 
 
 def ep(
@@ -51,12 +54,11 @@ class Case:
     local: set[str] | None = None
     all: set[str] | None = None  # defaults to whichever of cluster/local is set
     only_remote: bool = False  # has_any although nothing is reachable from here
-    zone: str = "zone-a"
-    topology: TopologyMode = TopologyMode.NONE
+    zone: str = "zone-a"  # this node's topology.kubernetes.io/zone label ("" when missing)
+    node: str = HERE  # this node's name
     itp_local: bool = False
     etp_local: bool = False
     external: bool = False  # has a nodePort (externally accessible)
-    annotations: dict[str, str] = field(default_factory=dict)
 
 
 FOUR_ZONED = [
@@ -65,7 +67,14 @@ FOUR_ZONED = [
     ep("10.1.2.5:80", zones=("zone-c",)),
     ep("10.1.2.6:80", zones=("zone-a",)),
 ]
+FOUR_NODE_HINTED = [
+    ep("10.1.2.3:80", zones=("zone-a",), nodes=("node-1",)),
+    ep("10.1.2.4:80", zones=("zone-b",), nodes=("node-2",)),
+    ep("10.1.2.5:80", zones=("zone-c",), nodes=("node-3",)),
+    ep("10.1.2.6:80", zones=("zone-a",), nodes=("node-4",)),
+]
 ALL_FOUR = {"10.1.2.3:80", "10.1.2.4:80", "10.1.2.5:80", "10.1.2.6:80"}
+ZONE_A = {"10.1.2.3:80", "10.1.2.6:80"}
 LOCAL_AND_REMOTE = [ep("10.0.0.0:80", local=True), ep("10.0.0.1:80")]
 BOTH = {"10.0.0.0:80", "10.0.0.1:80"}
 ZONED_LOCAL = [
@@ -85,56 +94,50 @@ MIXED_TERMINATING = [
     ep("10.0.0.3:80", ready=False, serving=True, terminating=True),
 ]
 
-CASES = [
-    # --- ported from kube-proxy's TestCategorizeEndpoints -----------------------------------------
-    Case("hints annotation auto", FOUR_ZONED, {"10.1.2.3:80", "10.1.2.6:80"},
-         annotations={"service.kubernetes.io/topology-mode": "auto"}),
-    Case("hints annotation disabled, hints ignored", FOUR_ZONED, ALL_FOUR,
-         annotations={"service.kubernetes.io/topology-mode": "disabled"}),
-    Case("hints annotation aUto (wrong capitalization), hints ignored", FOUR_ZONED, ALL_FOUR,
-         annotations={"service.kubernetes.io/topology-mode": "aUto"}),
-    Case("hints annotation empty, hints ignored", FOUR_ZONED, ALL_FOUR,
-         annotations={"service.kubernetes.io/topology-mode": ""}),
-    Case("externalTrafficPolicy Local, topology ignored for Local endpoints", ZONED_LOCAL,
-         {"10.1.2.3:80", "10.1.2.6:80"}, local={"10.1.2.3:80", "10.1.2.4:80"},
-         all={"10.1.2.3:80", "10.1.2.4:80", "10.1.2.6:80"}, topology=ZONE, etp_local=True, external=True),
-    Case("internalTrafficPolicy Local, topology ignored for Local endpoints", ZONED_LOCAL,
-         {"10.1.2.3:80", "10.1.2.6:80"}, local={"10.1.2.3:80", "10.1.2.4:80"},
-         all={"10.1.2.3:80", "10.1.2.4:80", "10.1.2.6:80"}, topology=ZONE, itp_local=True, external=True),
-    Case("empty node labels", [ep("10.1.2.3:80", zones=("zone-a",))], {"10.1.2.3:80"}, zone="",
-         topology=ZONE),
-    Case("empty zone label", [ep("10.1.2.3:80", zones=("zone-a",))], {"10.1.2.3:80"}, zone="",
-         topology=ZONE),
+# kube-proxy's TestCategorizeEndpoints, every case under its upstream name (in upstream order).
+UPSTREAM_CASES = [
+    Case("should use topology since all endpoints have hints, node has a zone label and and there are "
+         "endpoints for the node's zone", FOUR_ZONED, ZONE_A),
+    Case("externalTrafficPolicy: Local, topology ignored for Local endpoints", ZONED_LOCAL, ZONE_A,
+         local={"10.1.2.3:80", "10.1.2.4:80"}, all={"10.1.2.3:80", "10.1.2.4:80", "10.1.2.6:80"},
+         etp_local=True, external=True),
+    Case("internalTrafficPolicy: Local, topology ignored for Local endpoints", ZONED_LOCAL, ZONE_A,
+         local={"10.1.2.3:80", "10.1.2.4:80"}, all={"10.1.2.3:80", "10.1.2.4:80", "10.1.2.6:80"},
+         itp_local=True, external=True),
+    Case("empty node labels", [ep("10.1.2.3:80", zones=("zone-a",))], {"10.1.2.3:80"}, zone=""),
+    Case("empty zone label", [ep("10.1.2.3:80", zones=("zone-a",))], {"10.1.2.3:80"}, zone=""),
     Case("node in different zone, no endpoint filtering", [ep("10.1.2.3:80", zones=("zone-a",))],
-         {"10.1.2.3:80"}, zone="zone-b", topology=ZONE),
-    Case("normal endpoint filtering, Auto annotation", FOUR_ZONED, {"10.1.2.3:80", "10.1.2.6:80"},
-         annotations={"service.kubernetes.io/topology-mode": "Auto"}),
-    Case("hints annotation missing, no filtering applied", FOUR_ZONED, ALL_FOUR),
+         {"10.1.2.3:80"}, zone="zone-b"),
     Case("unready endpoint", [*FOUR_ZONED[:3], ep("10.1.2.6:80", zones=("zone-a",), ready=False)],
-         {"10.1.2.3:80"}, topology=ZONE),
+         {"10.1.2.3:80"}),
     Case("only unready endpoints in same zone (should not filter)",
          [ep("10.1.2.3:80", zones=("zone-a",), ready=False), *FOUR_ZONED[1:3],
           ep("10.1.2.6:80", zones=("zone-a",), ready=False)],
-         {"10.1.2.4:80", "10.1.2.5:80"}, topology=ZONE),
+         {"10.1.2.4:80", "10.1.2.5:80"}),
     Case("missing hints, no filtering applied", [*FOUR_ZONED[:2], ep("10.1.2.5:80"), FOUR_ZONED[3]],
-         ALL_FOUR, topology=ZONE),
+         ALL_FOUR),
     Case("multiple hints per endpoint, filtering includes any endpoint with zone included",
          [ep("10.1.2.3:80", zones=("zone-a", "zone-b", "zone-c")),
           ep("10.1.2.4:80", zones=("zone-b", "zone-c")),
           ep("10.1.2.5:80", zones=("zone-b", "zone-d")),
           ep("10.1.2.6:80", zones=("zone-c",))],
-         {"10.1.2.3:80", "10.1.2.4:80", "10.1.2.6:80"}, zone="zone-c", topology=ZONE),
+         {"10.1.2.3:80", "10.1.2.4:80", "10.1.2.6:80"}, zone="zone-c"),
+    Case("PreferSameNode available", FOUR_NODE_HINTED, {"10.1.2.3:80"}),
+    Case("PreferSameNode ignored if some endpoints unhinted",
+         [FOUR_NODE_HINTED[0], ep("10.1.2.4:80"), *FOUR_NODE_HINTED[2:]], ALL_FOUR),
+    Case("PreferSameNode falls back to PreferSameZone if no endpoint for node", FOUR_NODE_HINTED, ZONE_A,
+         node="node-0"),
     Case("conflicting topology and localness require merging allEndpoints",
          [ep("10.0.0.0:80", zones=("zone-a",), local=True), ep("10.0.0.1:80", zones=("zone-b",), local=True),
           ep("10.0.0.2:80", zones=("zone-a",)), ep("10.0.0.3:80", zones=("zone-b",))],
          {"10.0.0.0:80", "10.0.0.2:80"}, local={"10.0.0.0:80", "10.0.0.1:80"},
-         all={"10.0.0.0:80", "10.0.0.1:80", "10.0.0.2:80"}, topology=ZONE, etp_local=True, external=True),
-    Case("internalTrafficPolicy Local, with empty endpoints", [], None, local=set(), itp_local=True),
-    Case("internalTrafficPolicy Local, but all endpoints are remote", [ep("10.0.0.0:80"), ep("10.0.0.1:80")],
+         all={"10.0.0.0:80", "10.0.0.1:80", "10.0.0.2:80"}, etp_local=True, external=True),
+    Case("internalTrafficPolicy: Local, with empty endpoints", [], None, local=set(), itp_local=True),
+    Case("internalTrafficPolicy: Local, but all endpoints are remote", [ep("10.0.0.0:80"), ep("10.0.0.1:80")],
          None, local=set(), only_remote=True, itp_local=True),
-    Case("internalTrafficPolicy Local, all endpoints are local",
+    Case("internalTrafficPolicy: Local, all endpoints are local",
          [ep("10.0.0.0:80", local=True), ep("10.0.0.1:80", local=True)], None, local=BOTH, itp_local=True),
-    Case("internalTrafficPolicy Local, some endpoints are local", LOCAL_AND_REMOTE, None,
+    Case("internalTrafficPolicy: Local, some endpoints are local", LOCAL_AND_REMOTE, None,
          local={"10.0.0.0:80"}, itp_local=True),
     Case("Cluster traffic policy, endpoints not Ready",
          [ep("10.0.0.0:80", ready=False), ep("10.0.0.1:80", ready=False)], set()),
@@ -143,44 +146,70 @@ CASES = [
     Case("Cluster traffic policy, all endpoints are terminating",
          [ep("10.0.0.0:80", ready=False, serving=True, terminating=True, local=True), REMOTE_TERMINATING[1]],
          BOTH),
-    Case("iTP Local, eTP Cluster, some endpoints local", LOCAL_AND_REMOTE, BOTH, local={"10.0.0.0:80"},
+    Case("iTP: Local, eTP: Cluster, some endpoints local", LOCAL_AND_REMOTE, BOTH, local={"10.0.0.0:80"},
          all=BOTH, itp_local=True, external=True),
-    Case("iTP Cluster, eTP Local, some endpoints local", LOCAL_AND_REMOTE, BOTH, local={"10.0.0.0:80"},
+    Case("iTP: Cluster, eTP: Local, some endpoints local", LOCAL_AND_REMOTE, BOTH, local={"10.0.0.0:80"},
          all=BOTH, etp_local=True, external=True),
-    Case("iTP Local, eTP Local, some endpoints local", LOCAL_AND_REMOTE, BOTH, local={"10.0.0.0:80"},
+    Case("iTP: Local, eTP: Local, some endpoints local", LOCAL_AND_REMOTE, BOTH, local={"10.0.0.0:80"},
          all=BOTH, itp_local=True, etp_local=True, external=True),
-    Case("iTP Local, eTP Local, all endpoints remote", [ep("10.0.0.0:80"), ep("10.0.0.1:80")], BOTH,
+    Case("iTP: Local, eTP: Local, all endpoints remote", [ep("10.0.0.0:80"), ep("10.0.0.1:80")], BOTH,
          local=set(), all=BOTH, itp_local=True, etp_local=True, external=True),
-    Case("iTP Local, eTP Local, all endpoints remote and terminating", REMOTE_TERMINATING, BOTH, local=set(),
-         all=BOTH, only_remote=True, itp_local=True, etp_local=True, external=True),
-    Case("iTP Cluster, eTP Local, with terminating endpoints", MIXED_TERMINATING, {"10.0.0.0:80"},
+    Case("iTP: Local, eTP: Local, all endpoints remote and terminating", REMOTE_TERMINATING, BOTH,
+         local=set(), all=BOTH, only_remote=True, itp_local=True, etp_local=True, external=True),
+    Case("iTP: Cluster, eTP: Local, with terminating endpoints", MIXED_TERMINATING, {"10.0.0.0:80"},
          local={"10.0.0.2:80"}, all={"10.0.0.0:80", "10.0.0.2:80"}, etp_local=True, external=True),
     Case("externalTrafficPolicy ignored if not externally accessible",
          [ep("10.0.0.0:80"), ep("10.0.0.1:80", local=True)], BOTH, etp_local=True),
-    Case("no cluster endpoints for iTP Local internal-only service",
+    Case("no cluster endpoints for iTP:Local internal-only service",
          [ep("10.0.0.0:80"), ep("10.0.0.1:80", local=True)], None, local={"10.0.0.1:80"}, itp_local=True),
-    # --- ours: trafficDistribution, node hints, fallbacks -----------------------------------------
-    Case("trafficDistribution PreferClose uses zone hints", FOUR_ZONED, {"10.1.2.3:80", "10.1.2.6:80"},
-         topology=endpoints.topology_mode({}, "PreferClose")),
-    Case("deprecated topology-aware-hints annotation auto", FOUR_ZONED, {"10.1.2.3:80", "10.1.2.6:80"},
-         annotations={"service.kubernetes.io/topology-aware-hints": "auto"}),
-    Case("PreferSameNode uses node hints",
-         [ep("10.0.0.0:80", nodes=(HERE,), zones=("zone-a",)),
-          ep("10.0.0.1:80", nodes=("node-2",), zones=("zone-a",))],
-         {"10.0.0.0:80"}, topology=NODE),
-    Case("PreferSameNode falls back to zone hints when none is for this node",
-         [ep("10.0.0.0:80", nodes=("node-3",), zones=("zone-a",)),
-          ep("10.0.0.1:80", nodes=("node-2",), zones=("zone-b",))],
-         {"10.0.0.0:80"}, topology=NODE),
-    Case("PreferSameNode falls back to zone hints when an endpoint has no node hint",
+]  # fmt: skip
+
+UPSTREAM_NOT_APPLICABLE = {
+    "PreferSameNode falls back to same-zone when feature gate disabled":
+        "Balancing has no feature gates: it always behaves as kube-proxy with PreferSameTrafficDistribution "
+        "on (beta and on by default since Kubernetes 1.34), so node hints are always read",
+}  # fmt: skip
+
+# Ours: the order node → zone → all, which endpoints count, and the fallbacks around hints.
+OUR_CASES = [
+    Case("node hints win over zone hints for another zone",
+         [ep("10.0.0.0:80", nodes=(HERE,), zones=("zone-b",)), ep("10.0.0.1:80", nodes=("node-2",),
+                                                                   zones=("zone-a",))],
+         {"10.0.0.0:80"}),
+    Case("node hints without zone hints, none for this node: no filtering",
+         [ep("10.0.0.0:80", nodes=("node-3",)), ep("10.0.0.1:80", nodes=("node-2",))], BOTH),
+    Case("node hints ignored when an endpoint has no node hint, zone hints apply",
          [ep("10.0.0.0:80", nodes=(HERE,), zones=("zone-b",)), ep("10.0.0.1:80", zones=("zone-a",))],
-         {"10.0.0.1:80"}, topology=NODE),
-    Case("zone mode ignores node-only hints",
-         [ep("10.0.0.0:80", nodes=(HERE,)), ep("10.0.0.1:80", nodes=("node-2",))], BOTH, topology=ZONE),
+         {"10.0.0.1:80"}),
+    Case("node hints apply on a node without a zone label",
+         [ep("10.0.0.0:80", nodes=(HERE,), zones=("zone-a",)), ep("10.0.0.1:80", nodes=("node-2",),
+                                                                   zones=("zone-a",))],
+         {"10.0.0.0:80"}, zone=""),
+    Case("only unready endpoints hinted for this node: node hints ignored, zone hints apply",
+         [ep("10.0.0.0:80", nodes=(HERE,), zones=("zone-a",), ready=False),
+          ep("10.0.0.1:80", nodes=("node-2",), zones=("zone-a",)),
+          ep("10.0.0.2:80", nodes=("node-3",), zones=("zone-b",))],
+         {"10.0.0.1:80"}),
+    Case("an unready endpoint without hints does not disable hints",
+         [*FOUR_ZONED, ep("10.1.2.7:80", ready=False)], ZONE_A),
+    Case("a serving-terminating endpoint without hints does not disable hints",
+         [*FOUR_ZONED, ep("10.1.2.7:80", ready=False, serving=True, terminating=True)], ZONE_A),
+    Case("a ready terminating endpoint counts for hints",
+         [*FOUR_ZONED, ep("10.1.2.7:80", terminating=True)], ALL_FOUR | {"10.1.2.7:80"}),
+    Case("an empty zone hint matches a node without a zone label, as in kube-proxy",
+         [ep("10.0.0.0:80", zones=("",)), ep("10.0.0.1:80", zones=("zone-a",))], {"10.0.0.0:80"}, zone=""),
     Case("terminating fallback ignores hints",
-         [ep("10.0.0.0:80", zones=("zone-b",), ready=False, serving=True, terminating=True),
-          ep("10.0.0.1:80", zones=("zone-a",), ready=False, serving=True, terminating=True)],
-         BOTH, topology=ZONE),
+         [ep("10.0.0.0:80", zones=("zone-b",), nodes=("node-2",), ready=False, serving=True,
+             terminating=True),
+          ep("10.0.0.1:80", zones=("zone-a",), nodes=(HERE,), ready=False, serving=True, terminating=True)],
+         BOTH),
+    Case("iTP Local: the local set ignores node hints for other nodes",
+         [ep("10.0.0.0:80", nodes=("node-2",), local=True), ep("10.0.0.1:80", nodes=(HERE,), local=True)],
+         None, local=BOTH, itp_local=True),
+    Case("eTP Local: node hints filter the cluster set, not the local set",
+         [ep("10.0.0.0:80", nodes=("node-2",), local=True), ep("10.0.0.1:80", nodes=(HERE,), local=True),
+          ep("10.0.0.2:80", nodes=("node-2",))],
+         {"10.0.0.1:80"}, local=BOTH, all=BOTH, etp_local=True, external=True),
     Case("not-serving terminating endpoints are never used",
          [ep("10.0.0.0:80", ready=False, serving=False, terminating=True)], set()),
     Case("serving but not terminating is not a fallback",
@@ -191,18 +220,16 @@ CASES = [
          itp_local=True),
 ]  # fmt: skip
 
+CASES = UPSTREAM_CASES + OUR_CASES
+
 
 def context(case: Case) -> SelectionContext:
-    topology = case.topology
-    if case.annotations:
-        topology = endpoints.topology_mode(case.annotations, None)
     return SelectionContext(
-        node_name=HERE,
+        node_name=case.node,
         zone=case.zone,
         internal_local=case.itp_local,
         external_local=case.etp_local,
         externally_accessible=case.external,
-        topology=topology,
     )
 
 
@@ -221,33 +248,58 @@ def test_categorize_endpoints(case: Case) -> None:
     assert result.internal == (result.local if case.itp_local else result.cluster)
 
 
-def test_table_is_large_and_names_are_unique() -> None:
-    assert len(CASES) >= 26
+def test_upstream_table_is_complete_and_names_are_unique() -> None:
+    upstream = [c.name for c in UPSTREAM_CASES]
+    assert len(upstream) == 29 and len(UPSTREAM_NOT_APPLICABLE) == 1  # the 30 cases of the upstream table
+    assert not set(upstream) & set(UPSTREAM_NOT_APPLICABLE)
     assert len({c.name for c in CASES}) == len(CASES)
 
 
+def reason_case(
+    *,
+    zone: str = "zone-a",
+    node: str = HERE,
+    itp_local: bool = False,
+    etp_local: bool = False,
+    external: bool = False,
+) -> Case:
+    return Case(
+        "", [], None, zone=zone, node=node, itp_local=itp_local, etp_local=etp_local, external=external
+    )
+
+
+NODE_AND_ZONE_ELSEWHERE = [
+    ep("10.0.0.0:80", nodes=("node-2",), zones=("zone-b",)),
+    ep("10.0.0.1:80", nodes=("node-3",), zones=("zone-c",)),
+]
 REASONS = [
-    ("ready", FOUR_ZONED, Case("", [], None), "ready"),
-    ("zone hints", FOUR_ZONED, Case("", [], None, topology=ZONE), "ready; topology: zone hints for zone-a"),
-    ("missing hint", [*FOUR_ZONED[:2], ep("10.1.2.5:80")], Case("", [], None, topology=ZONE),
-     "ready; hints ignored: endpoint 10.1.2.5:80 has no zone hint"),
-    ("no hint for zone", FOUR_ZONED, Case("", [], None, topology=ZONE, zone="zone-q"),
-     "ready; hints ignored: no endpoint hinted for zone zone-q"),
-    ("zone unknown", FOUR_ZONED, Case("", [], None, topology=ZONE, zone=""),
-     "ready; hints ignored: this node's zone is unknown"),
-    ("node then zone", [ep("10.0.0.0:80", zones=("zone-a",))], Case("", [], None, topology=NODE),
-     "ready; node hints ignored: endpoint 10.0.0.0:80 has no node hint; topology: zone hints for zone-a"),
-    ("terminating fallback", REMOTE_TERMINATING, Case("", [], None),
-     "terminating fallback (no ready endpoint)"),
-    ("no endpoints", [], Case("", [], None), "no endpoints"),
-    ("none usable", [ep("10.0.0.0:80", ready=False)], Case("", [], None),
+    ("ready", LOCAL_AND_REMOTE, reason_case(), "ready"),
+    ("zone hints", FOUR_ZONED, reason_case(), "ready; topology: zone hints for zone-a"),
+    ("missing zone hint", [*FOUR_ZONED[:2], ep("10.1.2.5:80")], reason_case(),
+     "ready; zone hints ignored: endpoint 10.1.2.5:80 has no zone hint"),
+    ("no hint for zone", FOUR_ZONED, reason_case(zone="zone-q"),
+     "ready; zone hints ignored: no endpoint hinted for zone zone-q"),
+    ("no zone label", FOUR_ZONED, reason_case(zone=""),
+     "ready; zone hints ignored: this node has no topology.kubernetes.io/zone label"),
+    ("node hints", FOUR_NODE_HINTED, reason_case(), "ready; topology: node hints for node-1"),
+    ("no hint for node, zone hints", FOUR_NODE_HINTED, reason_case(node="node-0"),
+     "ready; node hints ignored: no endpoint hinted for node node-0; topology: zone hints for zone-a"),
+    ("missing node hint, zone hints", [ep("10.0.0.0:80", nodes=(HERE,), zones=("zone-b",)),
+                                       ep("10.0.0.1:80", zones=("zone-a",))], reason_case(),
+     "ready; node hints ignored: endpoint 10.0.0.1:80 has no node hint; topology: zone hints for zone-a"),
+    ("both ignored", NODE_AND_ZONE_ELSEWHERE, reason_case(),
+     "ready; node hints ignored: no endpoint hinted for node node-1; "
+     "zone hints ignored: no endpoint hinted for zone zone-a"),
+    ("terminating fallback", REMOTE_TERMINATING, reason_case(), "terminating fallback (no ready endpoint)"),
+    ("no endpoints", [], reason_case(), "no endpoints"),
+    ("none usable", [ep("10.0.0.0:80", ready=False)], reason_case(),
      "no usable endpoint (1 neither ready nor serving-terminating)"),
-    ("local ready", LOCAL_AND_REMOTE, Case("", [], None, itp_local=True), "local ready on node-1"),
-    ("local ignores topology", LOCAL_AND_REMOTE, Case("", [], None, itp_local=True, topology=ZONE),
+    ("local ready", LOCAL_AND_REMOTE, reason_case(itp_local=True), "local ready on node-1"),
+    ("local ignores hints", ZONED_LOCAL, reason_case(itp_local=True),
      "local ready on node-1; topology ignored (traffic policy Local)"),
-    ("local fallback", MIXED_TERMINATING, Case("", [], None, itp_local=True),
+    ("local fallback", MIXED_TERMINATING, reason_case(itp_local=True),
      "local terminating fallback (no ready endpoint on node-1)"),
-    ("no local", [ep("10.0.0.0:80")], Case("", [], None, itp_local=True), "no endpoints on node-1"),
+    ("no local", [ep("10.0.0.0:80")], reason_case(itp_local=True), "no endpoints on node-1"),
 ]  # fmt: skip
 
 
@@ -257,26 +309,21 @@ def test_reason_is_returned_as_data(eps: list[Candidate], case: Case, reason: st
 
 
 def test_union_reason_names_both_sets() -> None:
-    ctx = context(Case("", [], None, etp_local=True, external=True))
+    ctx = context(reason_case(etp_local=True, external=True))
     result = endpoints.select_endpoints(LOCAL_AND_REMOTE, ctx)
     assert result.all_reachable.reason == "ready + local ready on node-1"
 
 
-@pytest.mark.parametrize(
-    ("annotations", "distribution", "mode"),
-    [
-        ({}, None, TopologyMode.NONE),
-        ({"service.kubernetes.io/topology-mode": "Auto"}, None, ZONE),
-        ({"service.kubernetes.io/topology-mode": "auto"}, None, ZONE),
-        ({"service.kubernetes.io/topology-mode": "Disabled"}, None, TopologyMode.NONE),
-        ({}, "PreferClose", ZONE),
-        ({}, "PreferSameZone", ZONE),
-        ({}, "PreferSameNode", NODE),
-        ({}, "SomethingNew", TopologyMode.NONE),
-    ],
-)
-def test_topology_mode(annotations: dict[str, str], distribution: str | None, mode: TopologyMode) -> None:
-    assert endpoints.topology_mode(annotations, distribution) is mode
+def kube_proxy_cluster(eps: list[Candidate], ctx: SelectionContext) -> set[Candidate]:
+    """The cluster set restated from kube-proxy's rule, as an oracle for random inputs."""
+    ready = [c for c in eps if c.ready]
+    if not ready:
+        return {c for c in eps if c.serving and c.terminating}
+    if all(c.node_hints for c in ready) and any(ctx.node_name in c.node_hints for c in ready):
+        return {c for c in ready if ctx.node_name in c.node_hints}
+    if all(c.zone_hints for c in ready) and any(ctx.zone in c.zone_hints for c in ready):
+        return {c for c in ready if ctx.zone in c.zone_hints}
+    return set(ready)
 
 
 candidates = st.builds(
@@ -293,11 +340,10 @@ candidates = st.builds(
 contexts = st.builds(
     SelectionContext,
     node_name=st.just(HERE),
-    zone=st.sampled_from(["zone-a", ""]),
+    zone=st.sampled_from(["zone-a", "zone-c", ""]),
     internal_local=st.booleans(),
     external_local=st.booleans(),
     externally_accessible=st.booleans(),
-    topology=st.sampled_from(list(TopologyMode)),
     external_client=st.booleans(),
 )
 
@@ -314,8 +360,10 @@ def test_selection_invariants(eps: list[Candidate], ctx: SelectionContext) -> No
         )
     if result.local is not None:
         assert all(c.node_name == HERE for c in result.local.endpoints)
-    if result.cluster is not None and any(c.ready for c in eps):
-        assert result.cluster.endpoints, "ready endpoints exist, so topology must leave some"
+    if result.cluster is not None:
+        assert set(result.cluster.endpoints) == kube_proxy_cluster(eps, ctx)
+        if any(c.ready for c in eps):
+            assert result.cluster.endpoints, "ready endpoints exist, so topology must leave some"
     assert endpoints.select_endpoints(list(reversed(eps)), ctx) == result
     assert result.for_frontend(FrontendKind.CLUSTER_IP) == result.internal
     if not ctx.externally_accessible:
@@ -355,7 +403,6 @@ class KindCase:
     etp_local: bool = False
     itp_local: bool = False
     external_client: bool = False
-    topology: TopologyMode = TopologyMode.NONE
 
 
 ALL_KINDS = [(CIP, ""), (NP, HERE), (NP, "node-2"), (NP, "node-3"), (NP, "node-4"), (NP, ""), (LB, ""),
@@ -390,19 +437,24 @@ KIND_CASES = [
              etp_local=True, external_client=True),
     KindCase("eTP Local, in-cluster client: topology hints apply to external frontends",
              [ep("10.0.0.1:80", zones=("zone-a",), node="node-3"), ep("10.0.0.2:80", zones=("zone-b",))],
-             same({"10.0.0.1:80"}), etp_local=True, topology=ZONE),
+             same({"10.0.0.1:80"}), etp_local=True),
     KindCase("eTP Local, external client: topology ignored for LB, externalIP and per-node sets",
              [ep("10.0.0.1:80", zones=("zone-a",), node="node-3"), ep("10.0.0.2:80", zones=("zone-b",))],
              same({"10.0.0.1:80", "10.0.0.2:80"}, CIP={"10.0.0.1:80"}, NP_node_1=set(),
                   NP_node_2={"10.0.0.2:80"}, NP_node_3={"10.0.0.1:80"}, NP_node_4=set(), NP=set()),
-             etp_local=True, external_client=True, topology=ZONE),
+             etp_local=True, external_client=True),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize("case", KIND_CASES, ids=[c.name for c in KIND_CASES])
 def test_set_per_frontend_kind(case: KindCase) -> None:
     ctx = SelectionContext(
-        HERE, "zone-a", case.itp_local, case.etp_local, True, case.topology, case.external_client
+        HERE,
+        "zone-a",
+        case.itp_local,
+        case.etp_local,
+        externally_accessible=True,
+        external_client=case.external_client,
     )
     result = endpoints.select_endpoints(case.eps, ctx)
     got = {(kind, node): names(result.for_frontend(kind, node)) for kind, node in case.expect}

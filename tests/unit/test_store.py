@@ -218,9 +218,8 @@ def test_first_slice_switches_a_service_from_pods_to_slices() -> None:
 
 
 def test_own_node_zone_change_recomputes_all_other_nodes_nothing() -> None:
-    hinted = {"service.kubernetes.io/topology-mode": "Auto"}
     store = loaded(
-        svc(annotations=hinted),
+        svc(),  # no opt-in needed: kube-proxy honours hints whenever every ready endpoint has them
         eps("a", "web", "10.0.0.1", zone_hint="zone-a"),
         eps("b", "web", "10.0.0.2", zone_hint="zone-b"),
         svc("db", "10.96.0.11"),
@@ -609,7 +608,8 @@ def test_frontend_kinds_and_affinity_in_the_store() -> None:
 NODE_SERVICES = [
     svc("plain", "10.96.0.1"),
     svc("np", "10.96.0.2", type="NodePort", node_port=30080),
-    svc("topo", "10.96.0.3", annotations={"service.kubernetes.io/topology-mode": "Auto"}),
+    svc("topo", "10.96.0.3"),
+    eps("topo-1", "topo", "10.0.3.1", zone_hint="zone-a"),  # zone hints make it read this node's zone
     svc("eip", "10.96.0.4", external_ips=("192.168.0.1", "198.51.100.7")),
 ]
 NODE_1 = node("node-1", "zone-a", "192.168.0.1", hostname=True)

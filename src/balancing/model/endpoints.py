@@ -5,6 +5,14 @@ One pure function, ``select_endpoints``, following kube-proxy's ``CategorizeEndp
 each with its own ready → serving-and-terminating fallback, plus their union and whether any endpoint is
 usable anywhere. Every set carries the *reason* it is what it is, as data, for ``balancing trace``.
 
+Topology, as current kube-proxy (the Service's annotation or ``trafficDistribution`` is not read: the
+EndpointSlice controller only writes hints for Services that opted in, and a proxy honours what it finds):
+only the cluster set's *ready* endpoints are filtered, and only they are looked at. If every one carries a
+node hint (``hints.forNodes``) and some name this node, those are used; otherwise, if every one carries a
+zone hint (``hints.forZones``) and some name this node's ``topology.kubernetes.io/zone`` label, those are
+used; otherwise all of them. So a node without the zone label ignores zone hints, and the
+serving-terminating fallback and the local set (traffic policy Local) never use hints.
+
 On top of kube-proxy's sets, ``Selection.for_frontend`` says which set each frontend kind uses:
 
 - ClusterIP: ``internal`` (the local set with internalTrafficPolicy Local, else the cluster set).
@@ -22,8 +30,7 @@ knows about Kubernetes objects.
 
 from __future__ import annotations
 
-import enum
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from balancing.model import desired
@@ -33,31 +40,10 @@ __all__ = [
     "EndpointSet",
     "Selection",
     "SelectionContext",
-    "TopologyMode",
     "select_endpoints",
-    "topology_mode",
 ]
 
-TOPOLOGY_MODE_ANNOTATION = "service.kubernetes.io/topology-mode"
-TOPOLOGY_HINTS_ANNOTATION = "service.kubernetes.io/topology-aware-hints"  # deprecated spelling
-
-
-class TopologyMode(enum.Enum):
-    """Which hints a service asks proxies to honour."""
-
-    NONE = "none"
-    ZONE = "zone"  # topology-mode Auto, trafficDistribution PreferClose / PreferSameZone
-    NODE = "node"  # trafficDistribution PreferSameNode: node hints, else zone hints
-
-
-def topology_mode(annotations: Mapping[str, str], traffic_distribution: str | None) -> TopologyMode:
-    """The hint mode a Service enables (annotation values are case-sensitive: ``Auto`` or ``auto``)."""
-    if traffic_distribution == "PreferSameNode":
-        return TopologyMode.NODE
-    if traffic_distribution in ("PreferClose", "PreferSameZone"):
-        return TopologyMode.ZONE
-    value = annotations.get(TOPOLOGY_MODE_ANNOTATION, annotations.get(TOPOLOGY_HINTS_ANNOTATION, ""))
-    return TopologyMode.ZONE if value in ("Auto", "auto") else TopologyMode.NONE
+ZONE_LABEL = "topology.kubernetes.io/zone"  # the Node label zone hints are matched against
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +82,6 @@ class SelectionContext:
     internal_local: bool = False  # internalTrafficPolicy: Local
     external_local: bool = False  # externalTrafficPolicy: Local
     externally_accessible: bool = False  # has a nodePort, externalIPs or load-balancer IPs
-    topology: TopologyMode = TopologyMode.NONE
     external_client: bool = False  # clients are outside the cluster (bare-metal mode): eTP Local applies
 
     @property
@@ -152,9 +137,6 @@ class Selection:
         return self.external
 
 
-_HintsOf = Callable[[Candidate], frozenset[str]]
-
-
 def select_endpoints(candidates: Iterable[Candidate], ctx: SelectionContext) -> Selection:
     """Categorize one service port's endpoints for this node (see the module docstring)."""
     eps = _sorted(candidates)
@@ -182,7 +164,7 @@ def _external_sets(
             note = "externalTrafficPolicy Local: in-cluster client reaches all endpoints"
             return EndpointSet(cluster.endpoints, f"{note}; {cluster.reason}"), None
         return cluster, None
-    ignored = _topology_ignored(ctx)
+    ignored = _hints_ignored(eps)
     spread = _ready_or_fallback(
         eps,
         f"{_ETP_LOCAL} via load balancer or external IP: ready on any node{ignored}",
@@ -215,7 +197,7 @@ def _cluster_set(eps: Sequence[Candidate], ctx: SelectionContext) -> EndpointSet
 
 def _local_set(eps: Sequence[Candidate], ctx: SelectionContext) -> EndpointSet:
     mine = [c for c in eps if c.node_name and c.node_name == ctx.node_name]
-    return _node_set(mine, ctx.node_name, "", _topology_ignored(ctx))
+    return _node_set(mine, ctx.node_name, "", _hints_ignored(eps))
 
 
 def _node_set(mine: Sequence[Candidate], node: str, prefix: str, ignored: str) -> EndpointSet:
@@ -238,8 +220,10 @@ def _ready_or_fallback(
     return _fallback(eps, fallback_reason, prefix + _empty_reason(eps, where))
 
 
-def _topology_ignored(ctx: SelectionContext) -> str:
-    return "; topology ignored (traffic policy Local)" if ctx.topology is not TopologyMode.NONE else ""
+def _hints_ignored(eps: Sequence[Candidate]) -> str:
+    """The note for a set that never uses hints, when the endpoints carry some."""
+    hinted = any(c.zone_hints or c.node_hints for c in eps)
+    return "; topology ignored (traffic policy Local)" if hinted else ""
 
 
 def _fallback(eps: Sequence[Candidate], reason: str, empty_reason: str) -> EndpointSet:
@@ -254,31 +238,42 @@ def _empty_reason(eps: Sequence[Candidate], where: str) -> str:
 
 
 def _apply_topology(ready: list[Candidate], ctx: SelectionContext) -> tuple[list[Candidate], str]:
-    """Filter ready endpoints by hints when every one is hinted and some hint names this node or zone."""
-    if ctx.topology is TopologyMode.NONE:
-        return ready, ""
+    """The ready endpoints hinted for this node, else for its zone, else all of them; and why.
+
+    The note is empty when no ready endpoint carries any hint (the common case: nothing to say).
+    """
     notes: list[str] = []
-    if ctx.topology is TopologyMode.NODE:
-        chosen, why = _hinted(ready, "node", ctx.node_name, lambda c: c.node_hints)
+    for kind, here in (("node", ctx.node_name), ("zone", ctx.zone)):
+        chosen, why = _hinted(ready, kind, here)
         if chosen:
-            return chosen, why
-        notes.append(f"node {why}")
-    chosen, why = _hinted(ready, "zone", ctx.zone, lambda c: c.zone_hints)
-    notes.append(why)
-    return (chosen or ready), "; ".join(notes)
+            return chosen, "; ".join([*notes, why])
+        if why:
+            notes.append(why)
+    return ready, "; ".join(notes)
 
 
-def _hinted(ready: list[Candidate], kind: str, here: str, hints_of: _HintsOf) -> tuple[list[Candidate], str]:
-    """Endpoints hinted for ``here`` and the reason; an empty list means the hints are ignored."""
-    unhinted = next((c for c in ready if not hints_of(c)), None)
-    if unhinted is not None:
-        return [], f"hints ignored: endpoint {unhinted} has no {kind} hint"
+def _hints(candidate: Candidate, kind: str) -> frozenset[str]:
+    return candidate.node_hints if kind == "node" else candidate.zone_hints
+
+
+def _hinted(ready: list[Candidate], kind: str, here: str) -> tuple[list[Candidate], str]:
+    """Endpoints hinted for ``here`` if every ready one has a ``kind`` hint; else ``[]`` and why.
+
+    The why is "" when no ready endpoint has a ``kind`` hint at all.
+    """
+    unhinted = [c for c in ready if not _hints(c, kind)]
+    if len(unhinted) == len(ready):
+        return [], ""
+    ignored = f"{kind} hints ignored"
+    if unhinted:
+        return [], f"{ignored}: endpoint {unhinted[0]} has no {kind} hint"
+    chosen = [c for c in ready if here in _hints(c, kind)]  # as kube-proxy: "" would match a "" hint
+    if chosen:
+        return chosen, f"topology: {kind} hints for {here}"
     if not here:
-        return [], f"hints ignored: this node's {kind} is unknown"
-    chosen = [c for c in ready if here in hints_of(c)]
-    if not chosen:
-        return [], f"hints ignored: no endpoint hinted for {kind} {here}"
-    return chosen, f"topology: {kind} hints for {here}"
+        unknown = f"this node has no {ZONE_LABEL} label" if kind == "zone" else "this node's name is unknown"
+        return [], f"{ignored}: {unknown}"
+    return [], f"{ignored}: no endpoint hinted for {kind} {here}"
 
 
 def _union(cluster: EndpointSet | None, local: EndpointSet | None) -> EndpointSet:

@@ -40,7 +40,7 @@ __all__ = [
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
 HEADLESS_LABEL = "service.kubernetes.io/headless"
-ZONE_LABEL = "topology.kubernetes.io/zone"
+ZONE_LABEL = endpoints.ZONE_LABEL  # topology.kubernetes.io/zone
 NODE_ADDRESS_TYPES = ("InternalIP", "ExternalIP")  # the Node addresses that get NodePort frontends
 LOOPBACKS = (desired.parse_ip("127.0.0.1"), desired.parse_ip("::1"))
 DEFAULT_AFFINITY_TIMEOUT = 10800  # seconds, the API default of sessionAffinityConfig.clientIP
@@ -334,7 +334,6 @@ def _context(service: objects.Service, node: NodeContext) -> endpoints.Selection
         internal_local=spec.internal_traffic_policy == "Local",
         external_local=spec.external_traffic_policy == "Local",
         externally_accessible=external,
-        topology=endpoints.topology_mode(service.metadata.annotations, spec.traffic_distribution),
         external_client=node.external_client,
     )
 

@@ -35,7 +35,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from balancing.model import desired as contract  # the method ``desired`` would shadow the module
-from balancing.model import endpoints, frontends, layering, objects, policies, policy_frontends
+from balancing.model import frontends, layering, objects, policies, policy_frontends
 from balancing.model.config import ModelConfig
 from balancing.model.healthcheck import HealthCheck
 from balancing.model.policy_frontends import PolicyKey
@@ -82,7 +82,9 @@ class ClusterStore:
         self._selecting: dict[str, set[str]] = {}  # namespace → names of services with a selector
         self._nodes: dict[str, objects.Node] = {}
         self._node_port_users: set[ServiceKey] = set()  # services with NodePort frontends
-        self._topology_users: set[ServiceKey] = set()  # services honouring topology hints (read the zone)
+        self._topology_users: set[ServiceKey] = (
+            set()
+        )  # slices carry zone hints: read the zone
         self._external_ip_users: set[ServiceKey] = set()  # services with spec.externalIPs
         self._dirty: set[ServiceKey] = set()
         self._health: dict[ServiceKey, tuple[int, HealthCheck]] = {}
@@ -271,10 +273,8 @@ class ClusterStore:
             self._selecting.setdefault(key[0], set()).add(key[1])
         else:
             self._unselect(key)
-        topology = endpoints.topology_mode(service.metadata.annotations, service.spec.traffic_distribution)
         for users, uses in (
             (self._node_port_users, frontends.uses_node_ports(service)),
-            (self._topology_users, topology is not endpoints.TopologyMode.NONE),
             (self._external_ip_users, bool(service.spec.external_ips)),
         ):
             if uses:
@@ -288,7 +288,7 @@ class ClusterStore:
         if self._services.pop(key, None) is None:
             return
         self._unselect(key)
-        for users in (self._node_port_users, self._topology_users, self._external_ip_users):
+        for users in (self._node_port_users, self._external_ip_users):  # topology users follow the slices
             users.discard(key)
         self._dirty.add(key)
         self._policy_dirty.update(self._service_policies.get(key, ()))
@@ -325,6 +325,12 @@ class ClusterStore:
             of_service.pop(endpoint_slice.metadata.name, None)
             if not of_service:
                 del self._slices_of[key]
+        # kube-proxy honours zone hints whenever every ready endpoint has them: a service whose slices carry
+        # any reads this node's zone (node hints need no index: the node's name never changes)
+        hinted = any(
+            e.hints is not None and e.hints.for_zones for s in of_service.values() for e in s.endpoints
+        )
+        (self._topology_users.add if hinted else self._topology_users.discard)(key)
         self._dirty.add(key)
 
     def _put_pod(self, namespace: str, name: str, new: objects.Pod | None) -> None:

@@ -14,104 +14,17 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
+#define BL_OBJ_DATAPATH /* the maps of balancing.h this object carries */
 #include "balancing.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(max_entries, BL_DEFAULT_SVC_ENTRIES);
-	__type(key, struct bl_svc_key);
-	__type(value, struct bl_svc_val);
-} bl_svc_v1 SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(max_entries, BL_DEFAULT_BACKENDS);
-	__type(key, __u32);
-	__type(value, struct bl_backend);
-} bl_be_v1 SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, BL_DEFAULT_REV_ENTRIES);
-	__type(key, struct bl_rev_key);
-	__type(value, struct bl_rev_val);
-} bl_rev_v1 SEC(".maps");
-
-/* Connected sockets: preallocated (no allocation on the connect path), deleted by sock_release. */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, BL_DEFAULT_SOCK_ENTRIES);
-	__type(key, __u64);
-	__type(value, struct bl_sock_rev);
-} bl_sock_v2 SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, BL_DEFAULT_AFF_ENTRIES);
-	__type(key, struct bl_aff_key);
-	__type(value, struct bl_aff_val);
-} bl_aff_v1 SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(max_entries, BL_DEFAULT_BACKENDS);
-	__type(key, struct bl_aff_match_key);
-	__type(value, __u32);
-} bl_affm_v1 SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(max_entries, BL_DEFAULT_CLIENT_ENTRIES);
-	__type(key, struct bl_client_key);
-	__type(value, struct bl_client_val);
-} bl_client_v1 SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, BL_DEFAULT_QOS_ENTRIES);
-	__type(key, __u32);
-	__type(value, struct bl_qos_val);
-} bl_qos_v1 SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(max_entries, BL_DEFAULT_STAT_ENTRIES);
-	__type(key, struct bl_stat_key);
-	__type(value, __u64);
-} bl_stats_v1 SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct bl_config);
-} bl_cfg_v2 SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, BL_DEFAULT_EVENT_BYTES);
-} bl_events_v1 SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, BL_EVSTAT_MAX);
-	__type(key, __u32);
-	__type(value, __u64);
-} bl_evstat_v1 SEC(".maps");
-
-/* Ring-buffer records are only ever locals, which get no BTF: this prototype (never called) puts
- * struct bl_event in the object's BTF so readers and the ABI test can see its layout. */
-__attribute__((used)) static __noinline int bl_event_layout(struct bl_event *ev)
-{
-	return ev != 0;
-}
+/* Worker results (errno-like, fixed meanings); the wrappers turn them into verdicts. */
+enum worker_result {
+	BL_PASS    = 0, /* not a frontend: untouched */
+	BL_XLATED  = 1, /* rewritten to a backend */
+	BL_REFUSE  = 2, /* a frontend with no usable backend: ECONNREFUSED */
+};
 
 /* The address a hook works on, in the family-neutral form of the maps. */
 struct bl_sockaddr {

@@ -1,20 +1,31 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
- * The Balancing BPF ABI: every map name, key, value and constant shared by the BPF programs
- * (balancing.c; sockterm.c for socket termination) and the control plane. Mirrored by exactly one
- * Python module, src/balancing/datapath/abi.py; tests/kernel/test_abi.py checks that mirror against
- * the BTF of the compiled object, so an edit on one side only fails a test, not a node.
+ * The Balancing BPF ABI: every map, key, value and constant shared by the BPF programs (balancing.c;
+ * sockterm.c for socket termination) and the control plane. Mirrored by exactly one Python module,
+ * src/balancing/datapath/abi.py; tests/unit/test_abi.py checks that mirror against the BTF of the compiled
+ * objects (struct sizes and offsets, the enums' values, each object's maps), so an edit on one side only
+ * fails a test, not a node.
  *
- * Addresses are always 16 bytes in network order: IPv6 as is, IPv4 as ::ffff:a.b.c.d. One key
- * shape therefore serves connect4, connect6 and v4-mapped IPv6 sockets alike.
+ * Constants the control plane reads or writes are C enums, not macros, so that they reach the objects' BTF
+ * (see bl_btf_anchor at the end). Addresses are always 16 bytes in network order: IPv6 as is, IPv4 as
+ * ::ffff:a.b.c.d. One key shape therefore serves connect4, connect6 and v4-mapped IPv6 sockets alike.
  *
- * Map names carry a layout version (_v1). A layout change bumps it, so an agent never reuses an
+ * Map names carry a layout version (_v1, _v2, ...). A layout change bumps it, so an agent never reuses an
  * old pin whose entries it would misread.
+ *
+ * Each map is declared once, below. An object says which maps it carries by defining one of these before it
+ * includes this header: BL_OBJ_DATAPATH (balancing.c) or BL_OBJ_SOCKTERM (sockterm.c).
  */
 #ifndef BALANCING_H
 #define BALANCING_H
 
 #include <linux/types.h>
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+
+#if defined(BL_OBJ_DATAPATH) == defined(BL_OBJ_SOCKTERM)
+#error "define exactly one of BL_OBJ_DATAPATH and BL_OBJ_SOCKTERM before including balancing.h"
+#endif
 
 #define BL_ABI_VERSION 1
 
@@ -22,28 +33,27 @@
 #define BL_MASTER_SLOT 0
 
 /* struct bl_svc_key.scope: the primary tier, and the fallback tier policies fall through to. */
-#define BL_SCOPE_PRIMARY  0
-#define BL_SCOPE_FALLBACK 1
-
-/* Worker results (errno-like, fixed meanings); wrappers turn them into verdicts. */
-#define BL_PASS      0   /* not a frontend: untouched */
-#define BL_XLATED    1   /* rewritten to a backend */
-#define BL_REFUSE    2   /* a frontend with no usable backend: ECONNREFUSED */
+enum bl_scope {
+	BL_SCOPE_PRIMARY  = 0,
+	BL_SCOPE_FALLBACK = 1,
+};
 
 /* struct bl_svc_val.flags (master entry) */
-#define BL_SVC_F_NONE     0
-#define BL_SVC_F_AFFINITY (1 << 0)  /* sessionAffinity ClientIP: keep a client on its backend */
-#define BL_SVC_F_FALLBACK (1 << 1)  /* a fallback tier exists (scope 1) for connections the primary skips */
-#define BL_SVC_F_CLIENTS  (1 << 2)  /* look the client's cgroup up in the client map (policy backends) */
-#define BL_SVC_F_QOS      (1 << 3)  /* primary redirections are rate limited (QoS map) */
-#define BL_SVC_F_HOST_ONLY (1 << 4) /* only for clients in the host network namespace (loopback NodePorts) */
+enum bl_svc_flags {
+	BL_SVC_F_NONE      = 0,
+	BL_SVC_F_AFFINITY  = 1 << 0, /* sessionAffinity ClientIP: keep a client on its backend */
+	BL_SVC_F_FALLBACK  = 1 << 1, /* a fallback tier exists (scope 1) for connections the primary skips */
+	BL_SVC_F_CLIENTS   = 1 << 2, /* look the client's cgroup up in the client map (policy backends) */
+	BL_SVC_F_QOS       = 1 << 3, /* primary redirections are rate limited (QoS map) */
+	BL_SVC_F_HOST_ONLY = 1 << 4, /* only for clients in the host network namespace (loopback NodePorts) */
+};
 
 /* Service map: (frontend, slot) -> master entry or backend slot. */
 struct bl_svc_key {
 	__u32 addr[4];   /* frontend address (IPv6 or v4-mapped IPv4), network order */
 	__u16 port;      /* frontend port, network order */
 	__u8  proto;     /* IPPROTO_TCP / IPPROTO_UDP / IPPROTO_SCTP */
-	__u8  scope;     /* BL_SCOPE_PRIMARY or BL_SCOPE_FALLBACK */
+	__u8  scope;     /* enum bl_scope */
 	__u16 slot;      /* 0: master entry; 1..count: backend slots */
 	__u16 pad;       /* 0 */
 };
@@ -52,7 +62,7 @@ struct bl_svc_val {
 	__u32 backend_id; /* slot > 0: key into the backend map; master: 0 */
 	__u32 svc_id;     /* frontend identity (stable across restarts; used in events) */
 	__u16 count;      /* master: number of backend slots; 0 means refuse */
-	__u16 flags;      /* master: BL_SVC_F_* */
+	__u16 flags;      /* master: enum bl_svc_flags */
 	__u32 affinity_timeout; /* master with BL_SVC_F_AFFINITY: idle seconds before a client may move */
 };
 
@@ -119,11 +129,14 @@ struct bl_client_key {
 	__u64 cgroup_id;   /* cgroup v2 id (inode) of one of the pod's cgroups */
 };
 
-#define BL_CLIENT_F_SKIP (1 << 0) /* skipRedirectFromBackend: the primary tier is skipped entirely */
+/* struct bl_client_val.flags */
+enum bl_client_flags {
+	BL_CLIENT_F_SKIP = 1 << 0, /* skipRedirectFromBackend: the primary tier is skipped entirely */
+};
 
 struct bl_client_val {
 	__u32 backend_id;  /* the pod's own backend: never chosen for its own connections (loop guard) */
-	__u32 flags;       /* BL_CLIENT_F_* */
+	__u32 flags;       /* enum bl_client_flags */
 };
 
 /* QoS: primary redirections per second of one frontend on this node (a fixed one-second window). */
@@ -134,41 +147,49 @@ struct bl_qos_val {
 };
 
 /* Why a hook did what it did: counters and events carry one of these. */
-#define BL_RES_TRANSLATED      1  /* primary tier, a slot */
-#define BL_RES_AFFINITY        2  /* primary tier, the client's affinity record */
-#define BL_RES_LOOP_GUARD_NEXT 3  /* primary tier, the slot after the client's own backend */
-#define BL_RES_FALLBACK_SKIP   4  /* fallback tier: the client is a backend pod (skipRedirectFromBackend) */
-#define BL_RES_FALLBACK_LOOP   5  /* fallback tier: the client's own backend is the only one (loop guard) */
-#define BL_RES_FALLBACK_QOS    6  /* fallback tier: the frontend's QoS limit was reached */
-#define BL_RES_FALLBACK_EMPTY  7  /* fallback tier: the primary tier has no backend */
-#define BL_RES_REFUSED         8  /* no usable backend: ECONNREFUSED */
-#define BL_RES_REVERSED        9  /* recvmsg/getpeername showed the frontend instead of the backend */
+enum bl_result {
+	BL_RES_TRANSLATED      = 1, /* primary tier, a slot */
+	BL_RES_AFFINITY        = 2, /* primary tier, the client's affinity record */
+	BL_RES_LOOP_GUARD_NEXT = 3, /* primary tier, the slot after the client's own backend */
+	BL_RES_FALLBACK_SKIP   = 4, /* fallback tier: the client is a backend pod (skipRedirectFromBackend) */
+	BL_RES_FALLBACK_LOOP   = 5, /* fallback tier: the client's own backend is the only one (loop guard) */
+	BL_RES_FALLBACK_QOS    = 6, /* fallback tier: the frontend's QoS limit was reached */
+	BL_RES_FALLBACK_EMPTY  = 7, /* fallback tier: the primary tier has no backend */
+	BL_RES_REFUSED         = 8, /* no usable backend: ECONNREFUSED */
+	BL_RES_REVERSED        = 9, /* recvmsg/getpeername showed the frontend instead of the backend */
+};
 
-#define BL_HOOK_CONNECT4     1
-#define BL_HOOK_CONNECT6     2
-#define BL_HOOK_SENDMSG4     3
-#define BL_HOOK_SENDMSG6     4
-#define BL_HOOK_RECVMSG4     5
-#define BL_HOOK_RECVMSG6     6
-#define BL_HOOK_GETPEERNAME4 7
-#define BL_HOOK_GETPEERNAME6 8
+/* Which hook resolved: counters and events carry one of these. */
+enum bl_hook {
+	BL_HOOK_CONNECT4     = 1,
+	BL_HOOK_CONNECT6     = 2,
+	BL_HOOK_SENDMSG4     = 3,
+	BL_HOOK_SENDMSG6     = 4,
+	BL_HOOK_RECVMSG4     = 5,
+	BL_HOOK_RECVMSG6     = 6,
+	BL_HOOK_GETPEERNAME4 = 7,
+	BL_HOOK_GETPEERNAME6 = 8,
+};
 
 /* Resolution counters (per CPU, summed at scrape time). */
 struct bl_stat_key {
 	__u32 svc_id;      /* frontend identity */
-	__u8  result;      /* BL_RES_* */
+	__u8  result;      /* enum bl_result */
 	__u8  proto;       /* IPPROTO_* */
-	__u8  hook;        /* BL_HOOK_* */
+	__u8  hook;        /* enum bl_hook */
 	__u8  pad;         /* 0 */
 };
 
-/* Run-time settings written by the agent (array of one). */
-#define BL_EVENTS_OFF     0
-#define BL_EVENTS_SAMPLED 1
-#define BL_EVENTS_ALL     2
+/* struct bl_config.events: which resolutions the datapath puts in the ring buffer. */
+enum bl_events_mode {
+	BL_EVENTS_OFF     = 0,
+	BL_EVENTS_SAMPLED = 1, /* one in bl_config.sample_every */
+	BL_EVENTS_ALL     = 2,
+};
 
+/* Run-time settings written by the agent (array of one). */
 struct bl_config {
-	__u32 events;        /* BL_EVENTS_* */
+	__u32 events;        /* enum bl_events_mode */
 	__u32 sample_every;  /* with BL_EVENTS_SAMPLED: one event in this many resolutions */
 	__u32 wakeup_bytes;  /* wake the reader only once this much is queued (it also polls on a timer) */
 	__u32 reverse_events;/* also emit BL_RES_REVERSED events */
@@ -187,9 +208,9 @@ struct bl_event {
 	__u32 backend_addr[4];/* where it goes (zero when refused) */
 	__u16 orig_port;      /* network order */
 	__u16 backend_port;   /* network order */
-	__u8  hook;           /* BL_HOOK_* */
+	__u8  hook;           /* enum bl_hook */
 	__u8  proto;          /* IPPROTO_* */
-	__u8  result;         /* BL_RES_* */
+	__u8  result;         /* enum bl_result */
 	__u8  pad;
 	char  comm[16];       /* the client's command */
 };
@@ -219,8 +240,11 @@ struct bl_term_rec {
 	__s32 err;     /* bpf_sock_destroy(): 0 or -errno */
 };
 
-#define BL_EVSTAT_LOST 0      /* index in the per-CPU event counters: events dropped, ring buffer full */
-#define BL_EVSTAT_MAX  1
+/* Indexes in the per-CPU event counters (bl_evstat_v1). */
+enum bl_evstat {
+	BL_EVSTAT_LOST = 0, /* events dropped: the ring buffer was full */
+	BL_EVSTAT_MAX  = 1, /* the number of counters */
+};
 
 _Static_assert(sizeof(struct bl_svc_key) == 24, "bl_svc_key layout");
 _Static_assert(sizeof(struct bl_svc_val) == 16, "bl_svc_val layout");
@@ -251,5 +275,152 @@ _Static_assert(sizeof(struct bl_term_rec) == 16, "bl_term_rec layout");
 #define BL_DEFAULT_STAT_ENTRIES  262144             /* (frontend, result, proto, hook) counters */
 #define BL_DEFAULT_EVENT_BYTES   (4 << 20)          /* ring buffer */
 #define BL_DEFAULT_DOOM_ENTRIES  65536              /* doomed (frontend, backend) pairs per iterator run */
+
+/*
+ * The maps. The datapath object (BL_OBJ_DATAPATH) carries all of them but bl_doom_v1 and pins each under
+ * <bpffs>/maps/<name>; the socket-termination object (BL_OBJ_SOCKTERM) carries bl_sock_v2, which its
+ * loader points at the datapath's pin, and bl_doom_v1, its own and never pinned.
+ */
+
+/* Connected sockets: socket cookie -> what the app connected to and where it really goes. Written by
+ * connect4/6, read by recvmsg/getpeername and the termination iterator, deleted by sock_release.
+ * Preallocated: no allocation on the connect path. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, BL_DEFAULT_SOCK_ENTRIES);
+	__type(key, __u64);
+	__type(value, struct bl_sock_rev);
+} bl_sock_v2 SEC(".maps");
+
+#ifdef BL_OBJ_DATAPATH
+/* Frontends: (frontend, scope, slot) -> a tier's master entry (slot 0) or one of its backend slots. Written
+ * by the agent. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, BL_DEFAULT_SVC_ENTRIES);
+	__type(key, struct bl_svc_key);
+	__type(value, struct bl_svc_val);
+} bl_svc_v1 SEC(".maps");
+
+/* Backends: backend id -> address. Written by the agent. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, BL_DEFAULT_BACKENDS);
+	__type(key, __u32);
+	__type(value, struct bl_backend);
+} bl_be_v1 SEC(".maps");
+
+/* Unconnected UDP: (socket, backend) -> the frontend a datagram was sent to, for recvmsg. Written by
+ * sendmsg4/6 (only when it changes); never deleted: an LRU, the least recently used make room. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, BL_DEFAULT_REV_ENTRIES);
+	__type(key, struct bl_rev_key);
+	__type(value, struct bl_rev_val);
+} bl_rev_v1 SEC(".maps");
+
+/* Session affinity: (client netns, frontend) -> the backend it keeps and when it last used it. Written by
+ * the forward hooks. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, BL_DEFAULT_AFF_ENTRIES);
+	__type(key, struct bl_aff_key);
+	__type(value, struct bl_aff_val);
+} bl_aff_v1 SEC(".maps");
+
+/* (frontend, backend) pairs that are valid affinity targets now (value unused). Written by the agent. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, BL_DEFAULT_BACKENDS);
+	__type(key, struct bl_aff_match_key);
+	__type(value, __u32);
+} bl_affm_v1 SEC(".maps");
+
+/* Policy frontends: (frontend, cgroup of a backend pod) -> that pod's rule. Written by the agent. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, BL_DEFAULT_CLIENT_ENTRIES);
+	__type(key, struct bl_client_key);
+	__type(value, struct bl_client_val);
+} bl_client_v1 SEC(".maps");
+
+/* QoS: frontend identity -> its redirection limit (the agent) and current window (the datapath). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, BL_DEFAULT_QOS_ENTRIES);
+	__type(key, __u32);
+	__type(value, struct bl_qos_val);
+} bl_qos_v1 SEC(".maps");
+
+/* Resolution counters: (frontend, result, protocol, hook) -> count, per CPU. Read by the agent's metrics. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, BL_DEFAULT_STAT_ENTRIES);
+	__type(key, struct bl_stat_key);
+	__type(value, __u64);
+} bl_stats_v1 SEC(".maps");
+
+/* Run-time settings (index 0): events, sampling, wakeup threshold, the host's netns. Written by the agent. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct bl_config);
+} bl_cfg_v2 SEC(".maps");
+
+/* Resolution events (struct bl_event), read by the agent's event pipeline. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, BL_DEFAULT_EVENT_BYTES);
+} bl_events_v1 SEC(".maps");
+
+/* Event counters (enum bl_evstat) -> count, per CPU. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, BL_EVSTAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} bl_evstat_v1 SEC(".maps");
+#endif /* BL_OBJ_DATAPATH */
+
+#ifdef BL_OBJ_SOCKTERM
+/* (frontend, backend) pairs whose connected UDP sockets are to be destroyed (value unused). Filled by the
+ * agent around one iterator run and emptied after it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, BL_DEFAULT_DOOM_ENTRIES);
+	__type(key, struct bl_doom_key);
+	__type(value, __u32);
+} bl_doom_v1 SEC(".maps");
+#endif /* BL_OBJ_SOCKTERM */
+
+/*
+ * BTF anchor. BTF describes only the types that something emitted refers to: the enums above are only ever
+ * values, the ring-buffer event and the iterator's output record only ever locals. This function, never
+ * called (libbpf loads no uncalled function), names them all, so that each object's BTF carries them for
+ * bpftool and for the ABI test.
+ */
+struct bl_btf_anchor {
+	enum bl_scope scope;
+	enum bl_svc_flags svc_flags;
+	enum bl_client_flags client_flags;
+	enum bl_result result;
+	enum bl_hook hook;
+	enum bl_events_mode events;
+	enum bl_evstat evstat;
+	struct bl_event event;        /* by value: behind a pointer BTF would only forward-declare it */
+	struct bl_term_rec term_rec;
+};
+
+__attribute__((used)) static __noinline int bl_btf_anchor(const struct bl_btf_anchor *types)
+{
+	return types != 0;
+}
 
 #endif /* BALANCING_H */

@@ -12,8 +12,10 @@
  * entry and are left alone; TCP is never iterated. One record (struct bl_term_rec) per destroyed socket
  * goes to the iterator's output for the agent to count.
  *
- * A separate object from balancing.c so that the datapath loads on kernels without the kfunc. It reuses
- * the pinned bl_sock_v2 of the datapath and pins bl_doom_v1 next to it (loader: datapath/sockterm.py).
+ * A separate object from balancing.c so that the datapath loads on kernels without the kfunc. Both maps are
+ * declared in balancing.h (BL_OBJ_SOCKTERM): its loader (datapath/sockterm.py) points bl_sock_v2 at the
+ * datapath's pin; bl_doom_v1 is created with each loaded copy and never pinned, so two agents on one node
+ * cannot clear each other's pairs.
  * No vmlinux.h: the few kernel types it reads are declared below with CO-RE relocations, so the object
  * builds anywhere `make bpf` does and runs on any kernel with BTF.
  */
@@ -23,6 +25,7 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
+#define BL_OBJ_SOCKTERM /* the maps of balancing.h this object carries */
 #include "balancing.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
@@ -62,30 +65,6 @@ struct bpf_iter__udp {
 };
 
 extern int bpf_sock_destroy(struct sock_common *sk) __ksym;
-
-/* The datapath's connected-socket state; never created here (the loader reuses the pinned map). */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, BL_DEFAULT_SOCK_ENTRIES);
-	__type(key, __u64);
-	__type(value, struct bl_sock_rev);
-} bl_sock_v2 SEC(".maps");
-
-/* (frontend, backend) pairs whose sockets are to be destroyed; filled by the agent around one run. */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(max_entries, BL_DEFAULT_DOOM_ENTRIES);
-	__type(key, struct bl_doom_key);
-	__type(value, __u32);
-} bl_doom_v1 SEC(".maps");
-
-/* Output records are only ever locals, which get no BTF: this prototype (never called) puts struct
- * bl_term_rec in the object's BTF so the ABI test can see its layout. */
-__attribute__((used)) static __noinline int bl_term_rec_layout(struct bl_term_rec *rec)
-{
-	return rec != 0;
-}
 
 static __always_inline void copy_addr(__u32 *dst, const __u32 *src)
 {

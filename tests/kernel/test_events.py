@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from support import SMALL_MAPS, Datapath, backends_of, parse_key
 
-from balancing.datapath import abi, loader, maps, ringbuf, writer
+from balancing.datapath import abi, loader, maps, ringbuf, settings, writer
 from balancing.events.attribution import Attributor
 from balancing.events.pipeline import EventPipeline
 from balancing.events.record import EventRecord
@@ -52,7 +52,7 @@ class EventsDatapath(Datapath):
         self.writer = writer.MapWriter(self.io, lambda pod: [])
 
     def events(self, mode: int, **kw: Any) -> None:
-        ringbuf.write_config(self.cfg.map_dir, mode, **kw)
+        settings.write_config(self.cfg.map_dir, mode, **kw)
 
     @property
     def ring(self) -> Path:
@@ -191,7 +191,7 @@ LAYOUTS = [
 def test_each_connect_is_one_event_attributed_to_its_pod_and_container(
     cluster: Cluster, dp: EventsDatapath
 ) -> None:
-    dp.events(abi.EVENTS_ALL, wakeup_bytes=ringbuf.default_wakeup_bytes(abi.DEFAULT_EVENT_BYTES))
+    dp.events(abi.EVENTS_ALL, wakeup_bytes=settings.default_wakeup_bytes(abi.DEFAULT_EVENT_BYTES))
     pods = [kubelet_pod(cluster.cgroup, f"client-{i}", layout) for i, layout in enumerate(LAYOUTS)]
     per_pod = 15
     actions = [client(cluster, p.cgroup, "tcp", VIP, 80, "--count", per_pod) for p in pods]
@@ -240,7 +240,7 @@ def test_sampled_mode_emits_about_one_in_n(cluster: Cluster, dp: EventsDatapath)
 
 
 def test_off_emits_nothing_and_is_the_default(cluster: Cluster, dp: EventsDatapath) -> None:
-    assert ringbuf.read_config(dp.cfg.map_dir)[0] == abi.EVENTS_OFF
+    assert settings.read_config(dp.cfg.map_dir)[0] == abi.EVENTS_OFF
     got = collect(dp, [client(cluster, None, "tcp", VIP, 80, "--count", 30)], expect=0)
     assert got.results[0]["ok"] == 30 and got.records == []
     dp.events(abi.EVENTS_ALL)

@@ -1,8 +1,9 @@
-"""The Python mirror (datapath/abi.py) against the BTF of the compiled objects: names, sizes, offsets.
+"""The Python mirror (datapath/abi.py) against the BTF of the compiled objects.
 
 ``balancing.o`` (the datapath) and ``sockterm.o`` (socket termination, which reuses the datapath's reverse
-map and declares its own doomed map). Reads BTF with ``bpftool btf dump -j``; needs only the built objects
-(``make bpf``), not the kernel.
+map and carries its own doomed map): struct sizes and offsets, the C enums' values against abi's constants,
+which maps each object carries and the capacity each is declared with. Reads BTF with ``bpftool btf dump
+-j``; needs only the built objects (``make bpf``), not the kernel.
 """
 
 from __future__ import annotations
@@ -54,8 +55,40 @@ def _check_layout(btf: Btf, layout: abi.Layout) -> None:
     assert {m["name"]: m["bits_offset"] // 8 for m in found[0]["members"]} == layout.offsets()
 
 
+def _by_id(btf: Btf) -> dict[int, dict[str, Any]]:
+    return {t["id"]: t for t in btf}
+
+
+def _map_vars(btf: Btf) -> dict[str, dict[str, Any]]:
+    """The object's maps (the variables of its ``.maps`` section): name -> the struct defining the map."""
+    by_id = _by_id(btf)
+    sections = [t for t in btf if t.get("kind") == "DATASEC" and t.get("name") == ".maps"]
+    assert len(sections) == 1, "the object has no .maps section"
+    return {by_id[v["type_id"]]["name"]: by_id[by_id[v["type_id"]]["type_id"]] for v in sections[0]["vars"]}
+
+
 def _declared_maps(btf: Btf) -> set[str]:
-    return {v["name"] for v in btf if v.get("kind") == "VAR" and v.get("name", "").startswith("bl_")}
+    return set(_map_vars(btf))
+
+
+def _max_entries(btf: Btf, definition: dict[str, Any]) -> int:
+    """``__uint(max_entries, N)`` is a member of type ``int (*)[N]``: N is the array's length."""
+    by_id = _by_id(btf)
+    member = next(m for m in definition["members"] if m["name"] == "max_entries")
+    pointer = by_id[member["type_id"]]
+    array = by_id[pointer["type_id"]]
+    assert pointer["kind"] == "PTR" and array["kind"] == "ARRAY"
+    return int(array["nr_elems"])
+
+
+def _enum(btf: Btf, name: str) -> dict[str, int]:
+    found = [t for t in btf if t.get("kind") == "ENUM" and t.get("name") == name]
+    assert found, f"enum {name} is not in the object's BTF"
+    return {v["name"]: v["val"] for v in found[0]["values"]}
+
+
+def _mirrored(prefix: str) -> dict[str, int]:
+    return {n: v for n, v in vars(abi).items() if n.startswith(prefix) and isinstance(v, int)}
 
 
 @pytest.mark.parametrize("layout", abi.LAYOUTS, ids=lambda lay: lay.c_name)
@@ -69,7 +102,6 @@ def test_sockterm_struct_layout_matches_btf(sockterm_btf: Btf, layout: abi.Layou
 
 
 def test_every_map_the_object_defines_is_mirrored(btf: Btf) -> None:
-    assert [t for t in btf if t.get("kind") == "DATASEC" and t.get("name") == ".maps"]
     assert _declared_maps(btf) == set(abi.ALL_MAPS)
 
 
@@ -88,3 +120,39 @@ def test_doom_key_packing() -> None:
     assert front == b"\0" * 10 + b"\xff\xff" + bytes([10, 96, 0, 10])
     assert key[offsets["backend_port"] : offsets["backend_port"] + 2] == (8053).to_bytes(2, "big")
     assert key[offsets["proto"]] == 17
+
+
+@pytest.mark.parametrize("obj", ["datapath", "sockterm"])
+def test_maps_are_declared_with_the_mirrored_capacities(btf: Btf, sockterm_btf: Btf, obj: str) -> None:
+    types = btf if obj == "datapath" else sockterm_btf
+    declared = {name: _max_entries(types, d) for name, d in _map_vars(types).items()}
+    assert declared == {name: abi.DEFAULT_ENTRIES[name] for name in declared}
+
+
+def test_every_map_has_a_default_capacity() -> None:
+    assert set(abi.DEFAULT_ENTRIES) == {*abi.ALL_MAPS, *abi.SOCKTERM_MAPS}
+
+
+@pytest.mark.parametrize(("c_name", "prefix"), abi.ENUMS.items(), ids=list(abi.ENUMS))
+def test_enum_matches_btf(btf: Btf, sockterm_btf: Btf, c_name: str, prefix: str) -> None:
+    """Each C enum's enumerators are abi's constants of its prefix, by name and value (BL_RES_X is RES_X),
+    the same in both objects (both include the one header)."""
+    in_c = _enum(btf, c_name)
+    assert all(n.startswith("BL_" + prefix) for n in in_c), f"enum {c_name}: an enumerator without {prefix}"
+    assert {n.removeprefix("BL_"): v for n, v in in_c.items()} == _mirrored(prefix)
+    assert _enum(sockterm_btf, c_name) == in_c
+
+
+def test_every_c_enum_is_mirrored(btf: Btf, sockterm_btf: Btf) -> None:
+    for types in (btf, sockterm_btf):
+        assert {t["name"] for t in types if t.get("kind") == "ENUM" and t["name"].startswith("bl_")} == set(
+            abi.ENUMS
+        )
+
+
+def test_every_result_and_hook_has_a_name() -> None:
+    """Metrics, events and traces name results and hooks through these tables: none may be missing."""
+    assert set(abi.RESULTS) == set(_mirrored("RES_").values())
+    assert set(abi.HOOKS) == set(_mirrored("HOOK_").values())
+    assert len(set(abi.RESULTS.values())) == len(abi.RESULTS)
+    assert len(set(abi.HOOKS.values())) == len(abi.HOOKS)

@@ -12,6 +12,7 @@ import ipaddress
 import pytest
 
 from balancing.datapath import abi
+from balancing.datapath import replay as replay_module
 from balancing.datapath.maps import FakeMaps
 from balancing.datapath.replay import Caller, Trace, mix_cookie, replay
 from balancing.datapath.writer import MapWriter
@@ -112,6 +113,13 @@ def test_udp_depends_on_the_socket_unless_its_cookie_is_given() -> None:
         pinned = run(io, k, socket_cookie=cookie)
         assert pinned.deterministic
         assert pinned.outcomes[0].slot == mix_cookie(cookie) % 3 + 1
+
+
+def test_replay_results_are_the_datapaths_forward_results() -> None:
+    """A replay ends in one of the results the forward hooks count (every one but the reverse hooks')."""
+    mod = replay_module
+    names = {mod.TRANSLATED, mod.AFFINITY, mod.LOOP_NEXT, mod.SKIP, mod.LOOP, mod.QOS, mod.EMPTY, mod.REFUSED}
+    assert names == set(abi.RESULTS.values()) - {abi.RESULTS[abi.RES_REVERSED]}
 
 
 def test_mix_cookie_is_the_datapaths_hash() -> None:

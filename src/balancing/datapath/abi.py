@@ -1,9 +1,11 @@
 """The Python mirror of bpf/balancing.h: map names, struct layouts, encoders and decoders.
 
 The only module that knows byte layouts. Every struct is declared as an ordered field list (name, struct
-format) from which the packer, the size and each field's offset derive; tests/kernel/test_abi.py compares
-those with the BTF of the compiled object. Addresses are 16 bytes, IPv4 as ``::ffff:a.b.c.d``; ports are in
-network order, everything else native (the maps are read by programs on the same CPU).
+format) from which the packer, the size and each field's offset derive; the C enums' values are mirrored as
+constants named after them (``BL_RES_TRANSLATED`` is ``RES_TRANSLATED``; ``ENUMS`` lists the prefixes), and
+each map's default capacity in ``DEFAULT_ENTRIES``. tests/unit/test_abi.py compares all of that with the BTF
+of the compiled objects. Addresses are 16 bytes, IPv4 as ``::ffff:a.b.c.d``; ports are in network order,
+everything else native (the maps are read by programs on the same CPU).
 
 One module on purpose (over 400 lines): the ABI is mirrored exactly once, next to the BTF test that checks it.
 """
@@ -29,8 +31,8 @@ MAP_STATS = "bl_stats_v1"
 MAP_CONFIG = "bl_cfg_v2"
 MAP_EVENTS = "bl_events_v1"
 MAP_EVENT_STATS = "bl_evstat_v1"
-MAP_DOOMED = "bl_doom_v1"  # defined by bpf/sockterm.c only (socket termination), not in ALL_MAPS
-SOCKTERM_MAPS = (MAP_SOCK_REVERSE, MAP_DOOMED)  # the maps bpf/sockterm.c declares: reused, resp. its own
+MAP_DOOMED = "bl_doom_v1"  # carried by sockterm.o only (socket termination), never pinned: not in ALL_MAPS
+SOCKTERM_MAPS = (MAP_SOCK_REVERSE, MAP_DOOMED)  # the maps sockterm.o carries: reused, resp. its own
 ALL_MAPS = (
     MAP_SERVICES,
     MAP_BACKENDS,
@@ -46,8 +48,19 @@ ALL_MAPS = (
     MAP_EVENT_STATS,
 )
 
+# The C enums of bpf/balancing.h, each as the prefix its enumerators share here (BL_ dropped there).
+ENUMS = {
+    "bl_scope": "SCOPE_",
+    "bl_svc_flags": "SVC_F_",
+    "bl_client_flags": "CLIENT_F_",
+    "bl_result": "RES_",
+    "bl_hook": "HOOK_",
+    "bl_events_mode": "EVENTS_",
+    "bl_evstat": "EVSTAT_",
+}
 SCOPE_PRIMARY = 0
 SCOPE_FALLBACK = 1
+SVC_F_NONE = 0
 SVC_F_AFFINITY = 1 << 0
 SVC_F_FALLBACK = 1 << 1
 SVC_F_CLIENTS = 1 << 2
@@ -55,30 +68,50 @@ SVC_F_QOS = 1 << 3
 SVC_F_HOST_ONLY = 1 << 4
 CLIENT_F_SKIP = 1 << 0
 
-# Resolution results (struct bl_stat_key.result, struct bl_event.result) and their names in metrics/events.
+# Resolution results (struct bl_stat_key.result, struct bl_event.result).
+RES_TRANSLATED = 1
+RES_AFFINITY = 2
+RES_LOOP_GUARD_NEXT = 3
+RES_FALLBACK_SKIP = 4
+RES_FALLBACK_LOOP = 5
+RES_FALLBACK_QOS = 6
+RES_FALLBACK_EMPTY = 7
+RES_REFUSED = 8
+RES_REVERSED = 9
+# ... and their names in metrics, events and traces.
 RESULTS = {
-    1: "translated",
-    2: "affinity",
-    3: "loop_guard_next",
-    4: "fallback_skip_redirect_from_backend",
-    5: "fallback_loop_guard",
-    6: "fallback_qos",
-    7: "fallback_no_primary_backend",
-    8: "refused",
-    9: "reversed",
+    RES_TRANSLATED: "translated",
+    RES_AFFINITY: "affinity",
+    RES_LOOP_GUARD_NEXT: "loop_guard_next",
+    RES_FALLBACK_SKIP: "fallback_skip_redirect_from_backend",
+    RES_FALLBACK_LOOP: "fallback_loop_guard",
+    RES_FALLBACK_QOS: "fallback_qos",
+    RES_FALLBACK_EMPTY: "fallback_no_primary_backend",
+    RES_REFUSED: "refused",
+    RES_REVERSED: "reversed",
 }
+# The hook that resolved (struct bl_stat_key.hook, struct bl_event.hook), and its name.
+HOOK_CONNECT4 = 1
+HOOK_CONNECT6 = 2
+HOOK_SENDMSG4 = 3
+HOOK_SENDMSG6 = 4
+HOOK_RECVMSG4 = 5
+HOOK_RECVMSG6 = 6
+HOOK_GETPEERNAME4 = 7
+HOOK_GETPEERNAME6 = 8
 HOOKS = {
-    1: "connect4",
-    2: "connect6",
-    3: "sendmsg4",
-    4: "sendmsg6",
-    5: "recvmsg4",
-    6: "recvmsg6",
-    7: "getpeername4",
-    8: "getpeername6",
+    HOOK_CONNECT4: "connect4",
+    HOOK_CONNECT6: "connect6",
+    HOOK_SENDMSG4: "sendmsg4",
+    HOOK_SENDMSG6: "sendmsg6",
+    HOOK_RECVMSG4: "recvmsg4",
+    HOOK_RECVMSG6: "recvmsg6",
+    HOOK_GETPEERNAME4: "getpeername4",
+    HOOK_GETPEERNAME6: "getpeername6",
 }
-EVENTS_OFF, EVENTS_SAMPLED, EVENTS_ALL = 0, 1, 2
-EVSTAT_LOST = 0
+EVENTS_OFF, EVENTS_SAMPLED, EVENTS_ALL = 0, 1, 2  # struct bl_config.events
+EVSTAT_LOST = 0  # index in bl_evstat_v1: events dropped, the ring buffer was full
+EVSTAT_MAX = 1  # the number of event counters
 
 MASTER_SLOT = 0
 DEFAULT_SVC_ENTRIES = 65536 + 1048576
@@ -91,6 +124,22 @@ DEFAULT_QOS_ENTRIES = 4096
 DEFAULT_STAT_ENTRIES = 262144
 DEFAULT_EVENT_BYTES = 4 << 20
 DEFAULT_DOOM_ENTRIES = 65536
+# The capacity each map is declared with (the loaders override most from flags before load).
+DEFAULT_ENTRIES = {
+    MAP_SERVICES: DEFAULT_SVC_ENTRIES,
+    MAP_BACKENDS: DEFAULT_BACKENDS,
+    MAP_REVERSE: DEFAULT_REV_ENTRIES,
+    MAP_SOCK_REVERSE: DEFAULT_SOCK_ENTRIES,
+    MAP_AFFINITY: DEFAULT_AFF_ENTRIES,
+    MAP_AFFINITY_MATCH: DEFAULT_BACKENDS,
+    MAP_CLIENTS: DEFAULT_CLIENT_ENTRIES,
+    MAP_QOS: DEFAULT_QOS_ENTRIES,
+    MAP_STATS: DEFAULT_STAT_ENTRIES,
+    MAP_CONFIG: 1,
+    MAP_EVENTS: DEFAULT_EVENT_BYTES,
+    MAP_EVENT_STATS: EVSTAT_MAX,
+    MAP_DOOMED: DEFAULT_DOOM_ENTRIES,
+}
 
 
 @dataclass(frozen=True)
@@ -193,7 +242,7 @@ LAYOUTS = (
     CONFIG,
     EVENT,
 )
-# Socket termination (bpf/sockterm.c): checked against that object's BTF by tests/unit/test_abi_sockterm.py.
+# Socket termination (bpf/sockterm.c): checked against sockterm.o's BTF by tests/unit/test_abi.py.
 DOOM_KEY = Layout(
     "bl_doom_key",
     (

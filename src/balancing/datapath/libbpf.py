@@ -85,6 +85,14 @@ _num_possible_cpus = _fn("libbpf_num_possible_cpus", c_int)
 _prog_get_fd_by_id = _fn("bpf_prog_get_fd_by_id", c_int, ctypes.c_uint32)
 _iter_create = _fn("bpf_iter_create", c_int, c_int)
 
+# int (*ring_buffer_sample_fn)(void *ctx, void *data, size_t size)
+RingBufferSampleFn = ctypes.CFUNCTYPE(c_int, c_void_p, c_void_p, c_size_t)
+_ring_buffer_new = _fn("ring_buffer__new", c_void_p, c_int, RingBufferSampleFn, c_void_p, c_void_p)
+_ring_buffer_free = _fn("ring_buffer__free", None, c_void_p)
+_ring_buffer_poll = _fn("ring_buffer__poll", c_int, c_void_p, c_int)
+_ring_buffer_consume = _fn("ring_buffer__consume", c_int, c_void_p)
+_ring_buffer_epoll_fd = _fn("ring_buffer__epoll_fd", c_int, c_void_p)
+
 
 def _error(call: str, ret: int | None = None) -> OSError:
     err = ctypes.get_errno() or (-ret if ret is not None and ret < 0 else 0) or 1
@@ -272,6 +280,37 @@ class LinkInfo(ctypes.Structure):
         ("attach_type", ctypes.c_uint32),
         ("pad2", ctypes.c_uint32),
     ]
+
+
+# --- ring buffers --------------------------------------------------------------------------------------
+
+
+def ring_buffer_new(map_fd: int, sample: Any) -> int:
+    """A ring buffer reader of ``map_fd`` calling ``sample`` (a ``RingBufferSampleFn``, which the caller keeps
+    alive until ``ring_buffer_free``) for each record."""
+    ctypes.set_errno(0)
+    return _ptr("ring_buffer__new", _ring_buffer_new(map_fd, sample, None, None))
+
+
+def ring_buffer_free(rb: int) -> None:
+    _ring_buffer_free(rb)
+
+
+def ring_buffer_poll(rb: int, timeout_ms: int) -> int:
+    """Wait up to ``timeout_ms`` for a wakeup, then consume; the records consumed (EINTR raises
+    ``InterruptedError``)."""
+    ctypes.set_errno(0)
+    return _check("ring_buffer__poll", int(_ring_buffer_poll(rb, timeout_ms)))
+
+
+def ring_buffer_consume(rb: int) -> int:
+    """Consume every queued record without waiting; the records consumed."""
+    ctypes.set_errno(0)
+    return _check("ring_buffer__consume", int(_ring_buffer_consume(rb)))
+
+
+def ring_buffer_epoll_fd(rb: int) -> int:
+    return _check("ring_buffer__epoll_fd", int(_ring_buffer_epoll_fd(rb)))
 
 
 # --- map element operations ----------------------------------------------------------------------------

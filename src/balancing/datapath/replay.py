@@ -24,8 +24,15 @@ from balancing.model.desired import Backend, FrontendKey, Protocol
 
 NS_PER_S = 1_000_000_000
 U64 = (1 << 64) - 1  # the datapath subtracts times as __u64: a time "in the future" is a huge age
-SKIP, LOOP, QOS, EMPTY = (abi.RESULTS[n] for n in (4, 5, 6, 7))
-TRANSLATED, AFFINITY, LOOP_NEXT, REFUSED = (abi.RESULTS[n] for n in (1, 2, 3, 8))
+# The names of the results a replay can end in (``abi.RESULTS``).
+SKIP = abi.RESULTS[abi.RES_FALLBACK_SKIP]
+LOOP = abi.RESULTS[abi.RES_FALLBACK_LOOP]
+QOS = abi.RESULTS[abi.RES_FALLBACK_QOS]
+EMPTY = abi.RESULTS[abi.RES_FALLBACK_EMPTY]
+TRANSLATED = abi.RESULTS[abi.RES_TRANSLATED]
+AFFINITY = abi.RESULTS[abi.RES_AFFINITY]
+LOOP_NEXT = abi.RESULTS[abi.RES_LOOP_GUARD_NEXT]
+REFUSED = abi.RESULTS[abi.RES_REFUSED]
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,9 +19,9 @@ on the directories.
 The object is loaded once, reusing the datapath's pinned ``bl_sock_v2``; its doomed map is its own, never
 pinned, so two agents on one node (a surge rollout) cannot clear each other's pairs. Where that fails (an
 old kernel, no object, no datapath loaded) the terminator says so in ``available`` and ``reason`` and
-``terminate`` does nothing: it never raises at agent start. Namespaces are entered with ``setns`` in one
-short-lived thread (as ``netns.cookie_of`` does; the iterator walks the sockets of the namespace of the
-thread that creates it). Neighbours: ``libbpf`` (calls), ``abi`` (doomed keys, output
+``terminate`` does nothing: it never raises at agent start. Namespaces are entered with ``netns.enter`` in
+one short-lived thread (as ``netns.cookie_of`` does; the iterator walks the sockets of the namespace of the
+thread that creates it). Neighbours: ``libbpf`` (calls), ``netns`` (setns), ``abi`` (doomed keys, output
 records), ``writer`` (what was removed), ``loader`` (the datapath whose pins this reuses).
 """
 
@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import fcntl
 import logging
 import os
 import platform
@@ -41,15 +40,13 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from balancing.datapath import abi, libbpf
+from balancing.datapath import abi, libbpf, netns
 from balancing.model.desired import Backend, FrontendKey, Protocol
 
 log = logging.getLogger(__name__)
 
 PROGRAM = "bl_sockterm_udp"
 OBJECT = "sockterm.o"  # built next to the datapath's balancing.o (make bpf)
-CLONE_NEWNET = 0x40000000
-NS_GET_NSTYPE = 0xB703  # ioctl on a namespace fd: its CLONE_NEW* type (linux/nsfs.h, Linux >= 4.11)
 # Where ip netns (/run/netns) and container runtimes (containerd, CRI-O: /var/run/netns, cni-<uuid>) keep a
 # bind mount of each network namespace they create: found without seeing the processes in them.
 NETNS_DIRS = (Path("/run/netns"), Path("/var/run/netns"))
@@ -59,7 +56,6 @@ KERNEL_BTF = Path("/sys/kernel/btf/vmlinux")
 READ_SIZE = 4096
 LOG_BUF_SIZE = 1 << 18
 _GONE = (errno.ENOENT, errno.ESRCH)  # a process that exited between listing and looking
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 @dataclass
@@ -242,20 +238,10 @@ def _scan_netns_dirs(netns_dirs: Iterable[Path], found: Namespaces, errors: list
                 if exc.errno not in _GONE:
                     errors.append(f"{path}: {exc.strerror}")
                 continue
-            try:
-                is_net = fcntl.ioctl(fd, NS_GET_NSTYPE) == CLONE_NEWNET
-            except OSError:
-                is_net = False
-            if not is_net:  # another kind of namespace (ip netns keeps only net ones; a runtime may not)
+            if not netns.is_netns(fd):  # another kind (ip netns keeps only net ones; a runtime may not)
                 os.close(fd)
             elif found.add(fd):
                 found.from_dirs += 1
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
 
 
 def _chunks(keys: list[bytes], size: int) -> Iterator[list[bytes]]:
@@ -447,7 +433,7 @@ class SocketTerminator:
                         report.errors.append(f"time budget spent: {left} network namespaces not visited")
                         return
                     try:
-                        _setns(ns_fd)
+                        netns.enter(ns_fd)
                         out = _read_iterator(link_fd)
                     except OSError as exc:
                         report.errors.append(f"network namespace {inode}: {exc}")

@@ -196,6 +196,16 @@ LINT_VALUES = {
     "provided": None,  # needs the ca_pem fixture
     "no-webhooks": ["--set", "webhooks.enabled=false"],
     "no-controller": ["--set", "controller.enabled=false,webhooks.enabled=false"],
+    "privileged": ["--set", "agent.privileged=true"],
+    "manifests": ["--set", "agent.source=manifests"],
+    "kubernetes-1.27": ["--kube-version", "1.27.9"],
+    "network-policy-cidrs": [
+        "--set",
+        "controller.networkPolicy.apiServerCIDRs={10.0.0.10/32}",
+        "--set-json",
+        'controller.networkPolicy.metricsFrom=[{"namespaceSelector":{}}]',
+    ],
+    "no-network-policy": ["--set", "controller.networkPolicy.enabled=false"],
 }
 
 
@@ -244,6 +254,7 @@ def test_default_render_validates(default_objects: list[dict[str, Any]]) -> None
         "Deployment",
         "Service",
         "Secret",
+        "NetworkPolicy",
         *WEBHOOK_KINDS,
     } <= _kinds(default_objects)
     # Off by default: the ServiceMonitor; nothing of cert-manager.
@@ -284,16 +295,23 @@ def test_agent_daemonset(default_objects: list[dict[str, Any]]) -> None:
     assert pod["dnsPolicy"] == "Default", "the cluster DNS is behind a ClusterIP the agent itself translates"
     assert pod["priorityClassName"] == "system-node-critical"
     (agent,) = pod["containers"]
-    caps = set(agent["securityContext"]["capabilities"]["add"])
-    assert caps == {"BPF", "NET_ADMIN", "SYS_ADMIN", "SYS_RESOURCE"}
-    assert agent["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    # Least privilege (values.yaml, agent.securityContext): the capabilities tests/kernel/test_capabilities.py
+    # measured, no privilege escalation, not privileged.
+    security = agent["securityContext"]
+    assert "privileged" not in security
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"add": ["BPF", "NET_ADMIN", "PERFMON", "SYS_ADMIN"], "drop": ["ALL"]}
+    assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert security["appArmorProfile"] == {"type": "Unconfined"}  # the default profile denies /sys/fs/bpf
+    assert security["seLinuxOptions"]["type"] == "spc_t"
+    assert security["readOnlyRootFilesystem"] is True
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["name"]: m for m in agent["volumeMounts"]}
     assert volumes["bpffs"]["hostPath"]["path"] == "/sys/fs/bpf"
     assert mounts["bpffs"]["mountPath"] == "/sys/fs/bpf"
-    # Bidirectional propagation is allowed for privileged containers only (API server validation).
-    assert mounts["bpffs"]["mountPropagation"] == "Bidirectional"
-    assert agent["securityContext"]["privileged"] is True
+    # Bidirectional propagation is allowed for privileged containers only (API server validation): bpffs
+    # must be mounted on the host.
+    assert mounts["bpffs"]["mountPropagation"] == "HostToContainer"
     assert volumes["cgroup2"]["hostPath"]["path"] == "/sys/fs/cgroup"
     assert volumes["run"]["hostPath"]["path"] == "/run/balancing"
     assert mounts["run"]["mountPath"] == "/run/balancing"
@@ -376,17 +394,29 @@ def test_api_server_override_reaches_agent_and_controller(
         assert "KUBERNETES_SERVICE_HOST" not in {e["name"] for e in default.get("env", [])}
 
 
-def test_unprivileged_falls_back_to_host_to_container(helm: Path) -> None:
-    objs = _render(
-        helm,
-        "--set",
-        "agent.securityContext.privileged=false",
-        "--show-only",
-        "templates/agent-daemonset.yaml",
-    )
+def test_privileged_agent_on_request(helm: Path) -> None:
+    """agent.privileged=true: privileged, escalation allowed (the API server refuses false with it), no
+    capability list, and Bidirectional bpffs propagation so that the agent's own bpffs mount is the host's."""
+    objs = _render(helm, "--set", "agent.privileged=true", "--show-only", "templates/agent-daemonset.yaml")
+    list(_validate_all(objs))
     pod = _one(objs, "DaemonSet")["spec"]["template"]["spec"]
-    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
-    assert mounts["bpffs"]["mountPropagation"] == "HostToContainer"
+    (agent,) = pod["containers"]
+    security = agent["securityContext"]
+    assert security["privileged"] is True and security["allowPrivilegeEscalation"] is True
+    assert not {"capabilities", "seccompProfile", "appArmorProfile", "seLinuxOptions"} & set(security)
+    mounts = {m["name"]: m for m in agent["volumeMounts"]}
+    assert mounts["bpffs"]["mountPropagation"] == "Bidirectional"
+
+
+def test_apparmor_annotation_before_kubernetes_1_30(helm: Path) -> None:
+    only = ["--show-only", "templates/agent-daemonset.yaml"]
+    ds = _one(_render(helm, "--kube-version", "1.29.5", *only), "DaemonSet")
+    (agent,) = ds["spec"]["template"]["spec"]["containers"]
+    assert "appArmorProfile" not in agent["securityContext"]
+    annotations = ds["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["container.apparmor.security.beta.kubernetes.io/agent"] == "unconfined"
+    ds = _one(_render(helm, *only), "DaemonSet")
+    assert "annotations" not in ds["spec"]["template"]["metadata"]
 
 
 def test_agent_netns_directory_from_values(helm: Path) -> None:
@@ -482,6 +512,8 @@ def test_rbac_least_privilege(full_objects: list[dict[str, Any]]) -> None:
             assert set(rule["verbs"]) == {"patch"}  # server-side apply of status
             assert all(r.endswith("/status") for r in rule["resources"]), rule
         assert "*" not in rule["verbs"] and "*" not in rule["resources"]
+    # list and watch only: the informers never GET one object
+    assert all(set(rule["verbs"]) in ({"list", "watch"}, {"patch"}) for rule in agent), agent
     readable = {r for rule in agent if "watch" in rule["verbs"] for r in rule["resources"]}
     assert readable == {
         "services",
@@ -505,6 +537,65 @@ def test_rbac_least_privilege(full_objects: list[dict[str, Any]]) -> None:
             "verbs": ["patch"],
         },
     ]
+
+
+def test_manifests_agent_gets_no_api_access(helm: Path) -> None:
+    """agent.source=manifests reads no API: no agent ClusterRole or binding, no service account token."""
+    objs = _render(helm, "--set", "agent.source=manifests")
+    list(_validate_all(objs))
+    names = {o["metadata"]["name"] for o in objs if o["kind"] in ("ClusterRole", "ClusterRoleBinding")}
+    assert names == {"balancing-controller"}
+    pod = _one(objs, "DaemonSet")["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    objs = _render(helm, "--set", "agent.source=manifests,controller.enabled=false,webhooks.enabled=false")
+    assert not {"ClusterRole", "ClusterRoleBinding"} & _kinds(objs)
+
+
+def _network_policy(objs: list[dict[str, Any]]) -> dict[str, Any]:
+    policy = _one(objs, "NetworkPolicy")
+    assert policy["metadata"]["name"] == "balancing-controller"
+    assert policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "controller"
+    assert policy["spec"]["policyTypes"] == ["Ingress"]  # the controller's egress (the API server) is free
+    return policy
+
+
+def test_network_policy_by_default_keeps_the_webhook_reachable(default_objects: list[dict[str, Any]]) -> None:
+    """On by default: the only port the controller serves (webhook, metrics, probes) from any source, since
+    the API server's addresses are the cluster's own; every other port of its pods is closed."""
+    (rule,) = _network_policy(default_objects)["spec"]["ingress"]
+    assert rule == {"ports": [{"port": 9443, "protocol": "TCP"}]}  # no `from`: every source
+
+
+def test_network_policy_admits_only_the_api_server_and_metrics_scrapers(helm: Path) -> None:
+    monitoring = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    tunnel = {"podSelector": {"matchLabels": {"app": "konnectivity-agent"}}}
+    objs = _render(
+        helm,
+        "--set",
+        "controller.networkPolicy.apiServerCIDRs={10.0.0.10/32,fd00::10/128},controller.port=8443",
+        "--set-json",
+        f"controller.networkPolicy.metricsFrom=[{json.dumps(monitoring)}]",
+        "--set-json",
+        f"controller.networkPolicy.apiServerPeers=[{json.dumps(tunnel)}]",
+    )
+    list(_validate_all(objs))
+    (rule,) = _network_policy(objs)["spec"]["ingress"]
+    assert rule["ports"] == [{"port": 8443, "protocol": "TCP"}]
+    assert rule["from"] == [
+        {"ipBlock": {"cidr": "10.0.0.10/32"}},
+        {"ipBlock": {"cidr": "fd00::10/128"}},
+        tunnel,
+        monitoring,
+    ]
+    container = _one(objs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert container["ports"][0]["containerPort"] == 8443
+
+
+def test_network_policy_can_be_disabled(helm: Path) -> None:
+    objs = _render(helm, "--set", "controller.networkPolicy.enabled=false")
+    assert "NetworkPolicy" not in _kinds(objs)
+    objs = _render(helm, "--set", "controller.enabled=false,webhooks.enabled=false")
+    assert "NetworkPolicy" not in _kinds(objs)
 
 
 def test_dashboard_configmap(default_objects: list[dict[str, Any]]) -> None:
@@ -610,10 +701,10 @@ def test_default_webhooks_trust_the_generated_secret(
     assert _sans(cert) == DNS_NAMES
     annotations = secret["metadata"]["annotations"]
     assert annotations["balancing.elf.io/dns-names"] == ",".join(DNS_NAMES)
-    # valid now, for webhooks.certificate.helm.validityDays (3650), and the annotation says until when
+    # valid now, for webhooks.certificate.helm.validityDays (365: a year), and the annotation says until when
     now = datetime.now(UTC)
     assert cert.not_valid_before_utc <= now + timedelta(minutes=1)
-    assert abs(cert.not_valid_after_utc - (now + timedelta(days=3650))) < timedelta(days=1)
+    assert abs(cert.not_valid_after_utc - (now + timedelta(days=365))) < timedelta(days=1)
     not_after = datetime.fromtimestamp(int(annotations["balancing.elf.io/not-after"]), UTC)
     assert abs(not_after - cert.not_valid_after_utc) < timedelta(hours=1)
     # What the API server does: call the controller serving the Secret, trusting only the caBundle.
@@ -728,8 +819,8 @@ def test_provided_mode(helm: Path, ca_pem: bytes, encode: bool) -> None:
             "webhooks.certificate.helm.validityDays must be at least 1",
         ),
         (
-            "webhooks.certificate.helm.renewBeforeDays=3650",
-            "webhooks.certificate.helm.renewBeforeDays (3650) must be 0 or more and less than validityDays",
+            "webhooks.certificate.helm.renewBeforeDays=365",
+            "webhooks.certificate.helm.renewBeforeDays (365) must be 0 or more and less than validityDays",
         ),
         (
             "webhooks.certificate.mode=certManager,webhooks.certificate.certManager.issuerRef.kind=Issuer",
@@ -738,6 +829,10 @@ def test_provided_mode(helm: Path, ca_pem: bytes, encode: bool) -> None:
         ("webhooks.caBundle=Zm9vCg==", "webhooks.caBundle is replaced by webhooks.certificate"),
         ("controller.tlsSecretName=old", "controller.tlsSecretName is replaced by webhooks.certificate"),
         ("agent.source=etcd", 'agent.source must be kubernetes or manifests, not "etcd"'),
+        (
+            "agent.securityContext.privileged=true",
+            "agent.securityContext.privileged is replaced by agent.privileged",
+        ),
         ("k8sServiceHost=api.example.com", "k8sServiceHost and k8sServicePort go together"),
     ],
 )
@@ -759,6 +854,7 @@ _RESOURCES: dict[str, list[tuple[str, str, bool]]] = {
     ],
     "apps/v1": [("daemonsets", "DaemonSet", True), ("deployments", "Deployment", True)],
     "policy/v1": [("poddisruptionbudgets", "PodDisruptionBudget", True)],
+    "networking.k8s.io/v1": [("networkpolicies", "NetworkPolicy", True)],
     "rbac.authorization.k8s.io/v1": [
         ("clusterroles", "ClusterRole", False),
         ("clusterrolebindings", "ClusterRoleBinding", False),

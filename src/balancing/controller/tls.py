@@ -1,13 +1,23 @@
 """The webhook's TLS: a provided certificate and key, or a self-signed CA and a serving certificate for the
 Service's DNS names (the CA bundle is what the webhook configuration's ``caBundle`` holds). A provided pair
-is followed by ``CertReloader``: a mounted Secret changes in place (cert-manager renewals, rotations)."""
+is followed by ``CertReloader``: a mounted Secret changes in place (cert-manager renewals, rotations).
+
+Generated pairs are valid for ``VALIDITY_DAYS`` (one year) and are not renewed by the process that made
+them: they live as long as it does (a temporary directory unless ``--cert-dir``), and a restart generates a
+new pair. Every file written here (key, certificate, CA, CA bundle) is mode 0600 whatever the umask and
+whatever file was there before (written to a new 0600 file in the same directory, then renamed over it), and
+directories created for them are mode 0700.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import logging
+import os
 import ssl
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,15 +27,20 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 __all__ = [
+    "VALIDITY_DAYS",
     "CertReloader",
     "ServingCert",
     "generate_serving_cert",
     "load_or_generate",
+    "make_private_dirs",
     "server_context",
     "service_dns_names",
+    "write_private",
 ]
 
 log = logging.getLogger(__name__)
+
+VALIDITY_DAYS = 365  # of a generated CA and serving certificate
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +79,7 @@ def _pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def generate_serving_cert(dns_names: list[str], *, days: int = 3650) -> ServingCert:
+def generate_serving_cert(dns_names: list[str], *, days: int = VALIDITY_DAYS) -> ServingCert:
     """A new self-signed CA and a certificate it signs for ``dns_names`` (the first is the subject)."""
     if not dns_names:
         raise ValueError("a serving certificate needs at least one DNS name")
@@ -125,26 +140,60 @@ def load_or_generate(
     ca_bundle: Path | None = None,
 ) -> ssl.SSLContext:
     """A server context from ``cert_file``/``key_file`` when both are given, else from a generated CA and
-    serving certificate written under ``cert_dir`` (``tls.crt``, ``tls.key``, ``ca.crt``). The CA bundle
-    (generated, or the provided certificate when no CA is known) is copied to ``ca_bundle`` if given."""
+    serving certificate (valid ``VALIDITY_DAYS``) written under ``cert_dir`` (``tls.crt``, ``tls.key``,
+    ``ca.crt``; files 0600, created directories 0700). The CA bundle (generated, or the provided certificate
+    when no CA is known) is copied to ``ca_bundle`` (0600) if given."""
     if (cert_file is None) != (key_file is None):
         raise ValueError("give both a certificate and a key, or neither")
     if cert_file is not None and key_file is not None:
         context = server_context(cert_file, key_file)
         if ca_bundle is not None:
-            ca_bundle.write_bytes(cert_file.read_bytes())
+            make_private_dirs(ca_bundle.parent)
+            write_private(ca_bundle, cert_file.read_bytes())
         return context
     generated = generate_serving_cert(dns_names)
-    cert_dir.mkdir(parents=True, exist_ok=True)
+    make_private_dirs(cert_dir)
     cert_path, key_path = cert_dir / "tls.crt", cert_dir / "tls.key"
-    cert_path.write_bytes(generated.cert_pem)
-    key_path.touch(mode=0o600)
-    key_path.write_bytes(generated.key_pem)
-    (cert_dir / "ca.crt").write_bytes(generated.ca_pem)
+    write_private(key_path, generated.key_pem)
+    write_private(cert_path, generated.cert_pem)
+    write_private(cert_dir / "ca.crt", generated.ca_pem)
     if ca_bundle is not None:
-        ca_bundle.parent.mkdir(parents=True, exist_ok=True)
-        ca_bundle.write_bytes(generated.ca_pem)
+        make_private_dirs(ca_bundle.parent)
+        write_private(ca_bundle, generated.ca_pem)
     return server_context(cert_path, key_path)
+
+
+def make_private_dirs(directory: Path) -> None:
+    """Create ``directory`` and its missing parents with mode 0700, whatever the umask. Directories that
+    already exist (including one another process creates meanwhile) are left as they are."""
+    missing: list[Path] = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for path in reversed(missing):
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:
+            continue
+        path.chmod(0o700)  # mkdir's mode was masked by the umask
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Replace ``path`` with a file of mode 0600 holding ``data``, whatever the umask and whatever was there
+    (a file with wider permissions, a symbolic link): the data goes to a new 0600 file in the same directory,
+    which is then renamed over ``path``. Readers see the old file or the new one, never a part of it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o600)  # mkstemp's 0600 was masked by the umask
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 class CertReloader:

@@ -436,3 +436,93 @@ async def test_existing_policies_come_from_the_api_server() -> None:
             follow.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await follow
+
+
+# --- bounds: malformed, deep and huge input ------------------------------------------------------------
+
+
+def denial(answer: dict[str, Any]) -> str:
+    response = answer["response"]
+    assert response["allowed"] is False, response
+    message = response["status"]["message"]
+    assert isinstance(message, str)
+    return message
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [[], "vip", 7, {"name": 5}, {"name": {"x": 1}}, {"name": ["vip"]}, {"name": "vip", "labels": []}],
+)
+@pytest.mark.parametrize("operation", ["CREATE", "UPDATE"])
+def test_malformed_metadata_is_denied_not_allowed(metadata: Any, operation: str) -> None:
+    doc = bp_doc()
+    doc["metadata"] = metadata
+    webhook = Webhook(lambda: [parsed(bp_doc("older", created="2020-01-01T00:00:00Z"))])
+    body = {"request": {**request(operation, bp_doc(), bp_doc()), "object": doc}}
+    assert "metadata" in denial(call(webhook, "/validate", json.dumps(body).encode()))
+
+
+def test_deep_json_is_a_400_not_a_recursion_error() -> None:
+    webhook = Webhook(no_policies)
+    deep = (
+        b'{"request": {"uid": "u", "operation": "CREATE", "object": ' + b"[" * 10_000 + b"]" * 10_000 + b"}}"
+    )
+    code, _, body = webhook.handle("POST", "/validate", deep)
+    assert code == 400 and b"nested deeper than 64 levels" in body
+    code, _, body = webhook.handle("POST", "/validate", b"[" * 100_000)
+    assert code == 400
+
+
+def test_a_huge_invalid_policy_is_denied_quickly_with_a_bounded_message() -> None:
+    """Many invalid addresses: denied before the model runs (its cost is per value), in a few KiB."""
+    import time
+
+    webhook = Webhook(no_policies)
+    doc = bp_doc()
+    doc["spec"]["backend"] = {"addressEndpoint": {"addresses": [f"bad-{i}" for i in range(250_000)],
+                                                  "toPorts": [port("8080", "TCP", "http")]}}  # fmt: skip
+    body = review("CREATE", doc)
+    assert len(body) > 3_000_000
+    started = time.monotonic()
+    code, _, raw = webhook.handle("POST", "/validate", body)
+    assert code == 200 and len(raw) < 5000 and time.monotonic() - started < 2.0
+    assert "too large to check" in denial(json.loads(raw))
+
+
+def test_many_problems_are_summed_up_in_a_bounded_message() -> None:
+    from balancing.controller import admission
+
+    webhook = Webhook(no_policies)
+    doc = bp_doc()
+    doc["spec"]["backend"] = {"addressEndpoint": {"addresses": [f"bad-{i}-" + "x" * 500 for i in range(500)],
+                                                  "toPorts": [port("8080", "TCP", "http")]}}  # fmt: skip
+    message = denial(call(webhook, "/validate", review("CREATE", doc)))
+    assert message.endswith("; and 480 more") and len(message) <= admission.MAX_MESSAGE_CHARS
+    assert message.startswith("spec.backend.addressEndpoint.addresses[0]: ")
+    few = admission.message(["a: 1", "b: 2"])
+    assert few == "a: 1; b: 2"
+    long = admission.message(["x" * 10_000])
+    assert len(long) == admission.MAX_MESSAGE_CHARS and long.endswith("…")
+
+
+def test_metric_labels_take_only_known_kinds_and_operations() -> None:
+    webhook = Webhook(no_policies)
+    for i in range(50):
+        hostile = {**request("CREATE", None), "operation": f"OP{i}", "kind": {"kind": f"Kind{i}"}}
+        call(webhook, "/validate", json.dumps({"request": hostile}).encode())
+    metrics = webhook.handle("GET", "/metrics", b"")[2].decode()
+    lines = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith("balancing_controller_admission_decisions_total")
+    ]
+    assert lines == [
+        'balancing_controller_admission_decisions_total{allowed="true",kind="other",operation="other",'
+        'webhook="validate"} 50.0'
+    ]
+
+
+@pytest.mark.parametrize("uid", [7, None, ["u"], "u" * 129])
+def test_a_review_whose_uid_is_not_a_short_string_is_a_400(uid: Any) -> None:
+    body = json.dumps({"request": {"uid": uid, "operation": "CREATE", "object": bp_doc()}}).encode()
+    assert Webhook(no_policies).handle("POST", "/validate", body)[0] == 400

@@ -6,7 +6,8 @@ certificate for the Service's DNS names (the CA bundle is written to ``--ca-bund
 configuration). Existing policies, for the older-wins conflict check, come from a provider the API-server
 informer will feed; until then none. Following an API server, it also writes each policy's Ready condition
 and removes departed Nodes' entries from the policies' ``status.nodes`` (``controller.status``; it follows
-the Nodes for that; ``--no-policy-status`` turns it off).
+the Nodes for that; ``--no-policy-status`` turns it off). ``--max-connections`` caps the connections the
+webhook server holds at once (``controller.server.MAX_CONNECTIONS``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from balancing import controller as webhooks
 from balancing import errors
 from balancing.cli import flags
 from balancing.controller import policyindex
+from balancing.controller import server as webhook_server
 from balancing.controller import status as policy_status_mod
 from balancing.controller.tls import CertReloader
 from balancing.errors import SourceError
@@ -47,8 +49,9 @@ async def _run(
     index: policyindex.PolicyIndex | None = None,
     reloader: CertReloader | None = None,
     status: policy_status_mod.StatusController | None = None,
+    max_connections: int = webhook_server.MAX_CONNECTIONS,
 ) -> None:
-    server = await webhooks.serve(webhook, host, port, context)
+    server = await webhooks.serve(webhook, host, port, context, max_connections=max_connections)
     tasks: list[asyncio.Task[None]] = []
     if source is not None and index is not None:
         tasks.append(asyncio.create_task(index.follow(source)))
@@ -99,6 +102,14 @@ def controller(
             "(server-side apply, only on change)."
         ),
     ] = True,
+    max_connections: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Connections the webhook server holds at once (about 280 KiB each with TLS); more are "
+            "closed at once.",
+        ),
+    ] = webhook_server.MAX_CONNECTIONS,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
 ) -> None:
     """Run the validating and mutating admission webhooks for LocalRedirectPolicy and BalancingPolicy."""
@@ -141,4 +152,4 @@ def controller(
         )
         webhook = webhooks.Webhook(_no_policies)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_run(webhook, host, port, context, source, index, reloader, status))
+        asyncio.run(_run(webhook, host, port, context, source, index, reloader, status, max_connections))

@@ -2,6 +2,12 @@
 
 ``validate`` answers ``(allowed, message)``; ``mutate`` the JSONPatch of the defaults to add;
 ``admission_response`` wraps either in an AdmissionReview v1 response. Nothing here does I/O.
+
+Malformed input is denied, never an exception (an exception is a bug, and the server allows on a bug):
+``metadata`` must be an object. Cost and answer are bounded: an object with more than ``MAX_VALUES`` JSON
+values in its ``spec`` and ``metadata`` (the model's cost is per value, about 50 µs for an invalid one) is
+denied before the model reads it, and a denial names at most ``MAX_MESSAGES`` problems ("and N more") in at
+most ``MAX_MESSAGE_CHARS`` characters.
 """
 
 from __future__ import annotations
@@ -18,11 +24,15 @@ from balancing.model import objects, policies
 from balancing.model.fielderrors import field_errors
 
 __all__ = [
+    "MAX_MESSAGES",
+    "MAX_MESSAGE_CHARS",
+    "MAX_VALUES",
     "POLICY_KINDS",
     "Claim",
     "admission_response",
     "conflicts",
     "frontend_claims",
+    "message",
     "mutate",
     "validate",
     "validation_messages",
@@ -34,6 +44,10 @@ Existing = Callable[[], Iterable[policies.Policy]]
 # A frontend a policy claims: ("service", namespace, name, port, protocol) with port 0 / protocol "*" for
 # every port of the Service, or ("address", ip, port, protocol).
 Claim = tuple[str, ...]
+
+MAX_VALUES = 10_000  # in spec and metadata; a policy the CRD's limits allow has about 5000 at most
+MAX_MESSAGES = 20
+MAX_MESSAGE_CHARS = 4096
 
 
 def validation_messages(doc: dict[str, Any], exc: ValidationError) -> list[str]:
@@ -128,19 +142,50 @@ def validate(request: dict[str, Any], existing: Existing) -> tuple[bool, str]:
     if operation not in ("CREATE", "UPDATE"):
         return True, ""  # DELETE (and CONNECT) are never refused
     doc = request.get("object")
-    if (
-        operation == "UPDATE"
-        and isinstance(doc, dict)
-        and (doc.get("metadata") or {}).get("deletionTimestamp")
-    ):
-        return True, ""  # a policy on its way out (e.g. a finalizer being removed) is never held back
+    if isinstance(doc, dict):
+        metadata = doc.get("metadata")
+        if metadata is not None and not isinstance(metadata, dict):
+            return False, "metadata: expected an object"
+        if operation == "UPDATE" and metadata and metadata.get("deletionTimestamp"):
+            return True, ""  # a policy on its way out (e.g. a finalizer being removed) is never held back
+        too_large = _too_large(doc)
+        if too_large:
+            return False, too_large
     policy, problems = parse_policy(doc)
     if policy is None:
-        return False, "; ".join(problems)
+        return False, message(problems)
     found = conflicts(policy, existing())
     if found:
-        return False, "; ".join(found)
+        return False, message(found)
     return True, ""
+
+
+def message(problems: list[str]) -> str:
+    """The problems joined, at most ``MAX_MESSAGES`` of them ("; and N more") in at most
+    ``MAX_MESSAGE_CHARS`` characters."""
+    shown = problems[:MAX_MESSAGES]
+    more = f"; and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
+    text = "; ".join(shown)
+    room = MAX_MESSAGE_CHARS - len(more)
+    if len(text) > room:
+        text = text[: room - 1] + "…"
+    return text + more
+
+
+def _too_large(doc: dict[str, Any]) -> str:
+    """Why the object is too large to check (``""``: it is not): over ``MAX_VALUES`` values in ``spec``
+    and ``metadata`` (its ``managedFields`` aside), counted no further than that."""
+    metadata = doc.get("metadata") or {}
+    pending: list[Any] = [doc.get("spec"), {k: v for k, v in metadata.items() if k != "managedFields"}]
+    count = 0
+    while pending:
+        value = pending.pop()
+        inner = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        count += len(inner)
+        if count > MAX_VALUES:
+            return f"the object is too large to check: more than {MAX_VALUES} values in spec and metadata"
+        pending.extend(inner)
+    return ""
 
 
 def _absent(parent: dict[str, Any], key: str) -> bool:

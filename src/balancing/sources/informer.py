@@ -14,6 +14,10 @@
 - failures retry with exponential backoff and jitter (capped);
 - a collection not served (404, e.g. policy CRDs not installed) counts as empty and is relisted after a
   backoff until it appears;
+- responses are read within ``Bounds``: a list body of at most ``list_bytes``, a watch event line of at most
+  ``event_bytes``, JSON nested at most ``depth`` levels (``sources.boundedjson``); a response over a bound,
+  not JSON, or of the wrong shape fails that request (logged with the resource's path, then the usual
+  backoff and relist or rewatch), never the informer;
 - a malformed object is skipped with a ``KubeObjectError`` naming kind, namespace/name and field; the last
   good version of it (if any) stays in force, and the error is reported once per resourceVersion. Its
   deletion is emitted even when no version of it was ever good (a consumer may hold its error; deleting
@@ -27,11 +31,10 @@ Neighbours: ``sources.kube.KubeSource`` runs one informer per resource and merge
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +44,7 @@ from pydantic import ValidationError
 
 from balancing.errors import ManifestError
 from balancing.model.objects import KubeObject, ObjectRef, UnknownKind, parse_object, ref
+from balancing.sources import boundedjson
 from balancing.sources.manifests import SourceUpdate, _validation_errors
 
 log = logging.getLogger(__name__)
@@ -87,16 +91,35 @@ class Timing:
     pods_wait: float = 30.0  # the initial state waits this long at most for the pods policies select
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """How much of the API server's answers the informer reads (bytes, after any content decoding)."""
+
+    list_bytes: int = 64 * 1024 * 1024  # a list response (not paginated: every object of the collection)
+    event_bytes: int = 16 * 1024 * 1024  # one watch event line (etcd stores objects of 1.5 MiB by default)
+    depth: int = 128  # JSON nesting: a Pod's managedFields inside a List reach about 20 levels
+
+
+class ResponseTooLarge(ValueError):
+    """An answer from the API server is over one of the ``Bounds``."""
+
+
 class Informer:
     """List+watch of one ``Resource``; see the module docstring."""
 
     def __init__(
-        self, client: httpx.AsyncClient, resource: Resource, headers: Headers, timing: Timing
+        self,
+        client: httpx.AsyncClient,
+        resource: Resource,
+        headers: Headers,
+        timing: Timing,
+        bounds: Bounds | None = None,
     ) -> None:
         self.client = client
         self.resource = resource
         self.headers = headers
         self.timing = timing
+        self.bounds = bounds or Bounds()
         self.objects: dict[ObjectRef, KubeObject] = {}
         self.resource_version = ""
         self._quorum = False  # the next list must be consistent (after a 410): no resourceVersion
@@ -128,20 +151,12 @@ class Informer:
             params["resourceVersion"] = self.resource_version or "0"
             if self.resource_version:
                 params["resourceVersionMatch"] = "NotOlderThan"
-        response = await self.client.get(self.resource.path, params=params, headers=self.headers())
-        if response.status_code == 410:
-            raise Gone()
-        if response.status_code == 404:  # e.g. the policy CRDs are not installed (yet)
-            if not self.missing:
-                log.warning("%s not served by the API server (404); treating it as empty", self.resource.path)
-            self.missing = True
-            body: Any = {"items": []}
-        else:
-            response.raise_for_status()
-            body = response.json()
-            self.missing = False
+        body = await self._list(params)
         if not isinstance(body, dict) or not isinstance(body.get("items"), list):
             raise ValueError("list response has no items")
+        resource_version = _resource_version(body)
+        if resource_version is None:
+            raise ValueError("list response has a malformed metadata.resourceVersion")
         new: dict[ObjectRef, KubeObject] = {}
         errors: list[ManifestError] = []
         seen_bad: set[tuple[str, str]] = set()
@@ -165,10 +180,30 @@ class Informer:
         upserts = [obj for r, obj in new.items() if self.objects.get(r) != obj]
         deletes = sorted([*(r for r in self.objects if r not in new), *vanished])
         self.objects = new
-        self.resource_version = str((body.get("metadata") or {}).get("resourceVersion") or "")
+        self.resource_version = resource_version
         self._quorum = False
         self._next_resync = time.monotonic() + self.timing.resync
         return SourceUpdate(upserts, deletes, errors)
+
+    async def _list(self, params: dict[str, str]) -> Any:
+        request = self.client.build_request("GET", self.resource.path, params=params, headers=self.headers())
+        response = await self.client.send(request, stream=True)
+        try:
+            if response.status_code == 410:
+                raise Gone()
+            if response.status_code == 404:  # e.g. the policy CRDs are not installed (yet)
+                if not self.missing:
+                    log.warning(
+                        "%s not served by the API server (404); treating it as empty", self.resource.path
+                    )
+                self.missing = True
+                return {"items": []}
+            response.raise_for_status()
+            body = await _read_body(response, self.bounds.list_bytes)
+        finally:
+            await response.aclose()
+        self.missing = False
+        return boundedjson.loads(body, max_depth=self.bounds.depth)
 
     # --- watching --------------------------------------------------------------------------------------
 
@@ -213,12 +248,10 @@ class Informer:
                 try:
                     if response.status_code == 410:
                         raise Gone()
-                    if response.status_code >= 400:
-                        await response.aread()
-                        response.raise_for_status()
-                    async for line in response.aiter_lines():
+                    response.raise_for_status()
+                    async for line in _lines(response, self.bounds.event_bytes):
                         if line.strip():
-                            update = self._event(json.loads(line))
+                            update = self._event(boundedjson.loads(line, max_depth=self.bounds.depth))
                             if update:
                                 await emit(update)
                 finally:
@@ -236,7 +269,7 @@ class Informer:
             if item.get("code") == 410:
                 raise Gone()
             raise ValueError(f"watch error: {item.get('message') or item}")
-        rv = str((item.get("metadata") or {}).get("resourceVersion") or "")
+        rv = _resource_version(item)
         if rv:
             self.resource_version = rv
         if kind == "BOOKMARK":
@@ -277,8 +310,6 @@ class Informer:
         if not isinstance(item, dict):
             return None, [KubeObjectError(self.resource.kind, "", "expected an object")], None
         doc = {**item, "apiVersion": self.resource.api_version, "kind": self.resource.kind}
-        meta = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
-        assert isinstance(meta, dict)
         key = _key_of(item)
         try:
             obj = parse_object(doc)
@@ -288,7 +319,7 @@ class Informer:
                 KubeObjectError(described, e.field, e.message)
                 for e in _validation_errors(Path("kube"), 0, "", doc, exc)
             ]
-            rv = str(meta.get("resourceVersion") or "")
+            rv = _resource_version(item) or ""
             if self._bad.get(key) == rv and rv:
                 errors = []  # already reported
             self._bad[key] = rv
@@ -312,12 +343,55 @@ class Informer:
         await asyncio.sleep(delay)
 
 
+async def _read_body(response: httpx.Response, limit: int) -> bytes:
+    """The whole body, refused (``ResponseTooLarge``) as soon as it is known to be over ``limit`` bytes."""
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ResponseTooLarge(f"list response of {declared} bytes, more than {limit}")
+    body = bytearray()
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) > limit:
+            raise ResponseTooLarge(f"list response over {limit} bytes")
+    return bytes(body)
+
+
+async def _lines(response: httpx.Response, limit: int) -> AsyncIterator[bytes]:
+    """The body's lines (without their ends), each of at most ``limit`` bytes (``ResponseTooLarge``)."""
+    pending = bytearray()
+    async for chunk in response.aiter_bytes():
+        searched = len(pending)  # no line end before here
+        pending += chunk
+        while (end := pending.find(b"\n", searched)) >= 0:
+            yield bytes(pending[:end])
+            del pending[: end + 1]
+            searched = 0
+        if len(pending) > limit:
+            raise ResponseTooLarge(f"watch event line over {limit} bytes")
+    if pending:
+        yield bytes(pending)
+
+
+def _resource_version(doc: dict[str, Any]) -> str | None:
+    """``metadata.resourceVersion`` ("" when absent), None when the metadata or it is of the wrong type."""
+    meta = doc.get("metadata")
+    if meta is None:
+        return ""
+    if not isinstance(meta, dict):
+        return None
+    rv = meta.get("resourceVersion")
+    if rv is None:
+        return ""
+    return rv if isinstance(rv, str) else None
+
+
 def _key_of(item: dict[str, Any]) -> tuple[str, str]:
     """An object's (namespace, name) as the API server sent it."""
     meta = item.get("metadata")
     if not isinstance(meta, dict):
         return ("", "")
-    return (str(meta.get("namespace") or ""), str(meta.get("name") or ""))
+    namespace, name = meta.get("namespace"), meta.get("name")
+    return (namespace if isinstance(namespace, str) else "", name if isinstance(name, str) else "")
 
 
 def describe_item(kind: str, key: tuple[str, str]) -> str:
@@ -326,4 +400,6 @@ def describe_item(kind: str, key: tuple[str, str]) -> str:
 
 
 def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    text = str(exc)
+    text = text if len(text) <= 300 else text[:299] + "…"  # an error event's message is the server's
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -10,7 +10,8 @@ source: the first is the full initial state (every object as an upsert, plus the
 one only a difference: every change since the last one taken, coalesced per object (``Pending``), so a slow
 consumer gets fewer, larger updates instead of an ever longer queue. Malformed objects are skipped with a
 ``KubeObjectError`` (a ``ManifestError`` subclass, so it fits ``SourceUpdate.errors``) naming kind,
-namespace/name and field. Watch, relist, resync and backoff rules are those of ``sources.informer.Informer``.
+namespace/name and field. Watch, relist, resync and backoff rules, and the bounds on what is read of the API
+server's answers (``Bounds``), are those of ``sources.informer.Informer``.
 
 Auth: a kubeconfig's current context (server, CA or insecure-skip-tls-verify, bearer token / tokenFile or
 client certificate and key, inline ``-data`` variants included), or in-cluster (``KUBERNETES_SERVICE_HOST``
@@ -37,11 +38,11 @@ import yaml
 
 from balancing.errors import ManifestError, SourceError
 from balancing.model.objects import POLICY_API_VERSION, KubeObject, ObjectRef, ref
-from balancing.sources.informer import Informer, KubeObjectError, Resource, Timing, describe_item
+from balancing.sources.informer import Bounds, Informer, KubeObjectError, Resource, Timing, describe_item
 from balancing.sources.manifests import SourceUpdate
 from balancing.sources.selected_pods import PodQuery, PodUnion, pod_queries
 
-__all__ = ["KubeConnection", "KubeObjectError", "KubeSource", "Timing", "resources_for"]
+__all__ = ["Bounds", "KubeConnection", "KubeObjectError", "KubeSource", "Timing", "resources_for"]
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +176,7 @@ class KubeSource:
         kubeconfig: Path | str | None = None,
         connection: KubeConnection | None = None,
         timing: Timing | None = None,
+        bounds: Bounds | None = None,
     ) -> None:
         if connection is None:
             if api_base_url is not None:
@@ -186,6 +188,7 @@ class KubeSource:
         self.node_name = node_name
         self.connection = connection
         self.timing = timing or Timing()
+        self.bounds = bounds or Bounds()
         self.resources = resources_for(node_name)
 
     async def updates(self) -> AsyncGenerator[SourceUpdate, None]:
@@ -193,7 +196,7 @@ class KubeSource:
         async with httpx.AsyncClient(
             base_url=self.connection.base_url, verify=self.connection.verify, timeout=30.0
         ) as client:
-            run = _Run(client, self.connection, self.timing)
+            run = _Run(client, self.connection, self.timing, self.bounds)
             try:
                 yield await run.start(self.resources, self.timing.pods_wait)
                 while True:
@@ -212,10 +215,17 @@ class _Run:
     A query's informer is retired only once every newly needed query has been listed, so a policy whose
     selector changes keeps its old pods until the new ones are known (make before break)."""
 
-    def __init__(self, client: httpx.AsyncClient, connection: KubeConnection, timing: Timing) -> None:
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        connection: KubeConnection,
+        timing: Timing,
+        bounds: Bounds | None = None,
+    ) -> None:
         self.client = client
         self.connection = connection
         self.timing = timing
+        self.bounds = bounds or Bounds()
         self.pending = Pending()
         self.pods = PodUnion()
         self.tasks: dict[Hashable, asyncio.Task[None]] = {}
@@ -294,7 +304,7 @@ class _Run:
     # --- plumbing --------------------------------------------------------------------------------------
 
     def _informer(self, resource: Resource) -> Informer:
-        return Informer(self.client, resource, self.connection.headers, self.timing)
+        return Informer(self.client, resource, self.connection.headers, self.timing, self.bounds)
 
     def _spawn(self, holder: Hashable, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """Run ``work()`` for ``holder``; should it ever fail (a bug: informers retry every API error), log

@@ -6,6 +6,7 @@
     ├── SourceError                   input could not be read
     │   └── ManifestError             one manifest file/document is invalid (file, document, obj, field)
     ├── DatapathError                 the kernel side failed
+    │   ├── BpfObjectError            the compiled BPF object cannot be opened (path, reason)
     │   ├── BpfLoadError              a BPF program was rejected (program, verifier log)
     │   ├── MapError                  a map operation failed (map, op, errno)
     │   ├── MapFull                   a map has no room left (map, capacity)
@@ -65,6 +66,18 @@ class ManifestError(SourceError):
 
 class DatapathError(BalancingError):
     """The kernel side (BPF programs, maps, pins, cgroup attachment) failed."""
+
+
+class BpfObjectError(DatapathError):
+    """The compiled BPF object file cannot be opened (missing, not an ELF BPF object, wrong BTF)."""
+
+    def __init__(self, path: Path | str, reason: str) -> None:
+        super().__init__(path, reason)
+        self.path = Path(path)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"BPF object {self.path} cannot be opened: {self.reason}"
 
 
 class BpfLoadError(DatapathError):

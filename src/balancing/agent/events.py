@@ -3,7 +3,8 @@
 Writes the event mode into the datapath's config map (off, sampled or all), and when events are on, runs the
 ring-buffer pipeline (attribution to pods, owners, JSON-lines sinks) and the unix socket ``balancing monitor``
 reads. Events off costs the datapath one config lookup per resolution; nothing else runs.
-Neighbours: ``agent`` (owns the lifecycle), ``events`` (the pipeline), ``datapath.ringbuf`` (config map).
+Neighbours: ``agent.lifecycle`` (owns the lifecycle), ``events`` (the pipeline), ``datapath.settings`` (the
+config map).
 """
 
 from __future__ import annotations
@@ -16,10 +17,9 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 
-from balancing.datapath import abi, loader, ringbuf
+from balancing.datapath import abi, loader, owners, podcgroups, settings
 from balancing.events import attribution, pipeline, sinks, stream
-from balancing.model import desired, objects
-from balancing.sources import podcgroups
+from balancing.model import objects
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class AgentEvents:
         self,
         cfg: EventsConfig,
         datapath: loader.DatapathConfig,
-        owner_of: Callable[[int], desired.Owner | None],
+        owner_of: owners.OwnerLookup,
         pod_by_uid: Callable[[str], objects.Pod | None],
         rescan_interval: float,
     ) -> None:
@@ -56,11 +56,11 @@ class AgentEvents:
     async def configure(self, executor: Executor, host_netns_cookie: int) -> None:
         """Write the datapath's run-time settings: the event mode (also off) and the host's netns."""
         write = functools.partial(
-            ringbuf.write_config,
+            settings.write_config,
             self.datapath.map_dir,
             MODES[self.cfg.mode],
             sample_every=self.cfg.sample_every,
-            wakeup_bytes=ringbuf.default_wakeup_bytes(self.datapath.event_bytes),
+            wakeup_bytes=settings.default_wakeup_bytes(self.datapath.event_bytes),
             reverse_events=self.cfg.reverse,
             host_netns_cookie=host_netns_cookie,
         )

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Mapping
 from typing import Protocol
 
-from balancing import health
+from balancing.agent import health
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,9 @@
-"""The agent's view as JSON, served at ``GET /state`` on its health port for the operator tools.
+"""The agent's view as JSON, served at ``GET /state`` on its state address for the operator tools.
 
 ``balancing inspect`` and ``balancing trace`` read the maps themselves (what connects see) and join this view
 for names: which Service or policy owns a frontend id, why its backend set is what it is (endpoint selection,
 traffic policy, topology, fallback), and which pod sits behind a backend address. Built on request from the
-model's store and the writer's ids; nothing here is cached or written.
+model's store and the writer's ids (``agent.lifecycle`` caches the encoded answer per change).
 
 Schema (stable; new keys may be added)::
 
@@ -17,10 +17,11 @@ Schema (stable; new keys may be added)::
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from balancing.model import desired, objects
+from balancing.model import desired, objects, store
 
 
 def owner_json(owner: desired.Owner | None) -> dict[str, str] | None:
@@ -64,6 +65,11 @@ def pods_json(pods: Iterable[objects.Pod]) -> dict[str, dict[str, str]]:
                 "node": pod.spec.node_name,
             }
     return out
+
+
+def policy_json(status: store.PolicyStatus) -> dict[str, Any]:
+    """One policy's readiness on this node, as the model reports it."""
+    return dataclasses.asdict(status)
 
 
 def build(

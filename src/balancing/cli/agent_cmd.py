@@ -10,13 +10,15 @@ from typing import Annotated
 
 import typer
 
-from balancing import agent_events, errors
+from balancing import errors
+from balancing.agent import events as agent_events
 from balancing.cli import flags
 from balancing.cli.inspect_common import DEFAULT_BPFFS
 from balancing.datapath import abi, loader, mounts, sockterm
 from balancing.events import stream
 from balancing.model import config
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 BpffsOpt = Annotated[Path, typer.Option("--bpffs", help="Directory on bpffs holding this agent's pins.")]
 
 
@@ -40,6 +42,12 @@ def _netns_dirs(values: list[str]) -> tuple[Path, ...]:
             if item.strip():
                 dirs[Path(item.strip())] = None
     return tuple(dirs)
+
+
+def _at_least(least: int, values: dict[str, int]) -> None:
+    for flag, value in values.items():
+        if value < least:
+            raise errors.ConfigError(flag, f"must be at least {least}")
 
 
 def _fail(exc: errors.BalancingError) -> None:
@@ -94,6 +102,13 @@ def agent(
     health_addr: Annotated[
         str, typer.Option(help="HOST:PORT for /healthz, /livez, /readyz.")
     ] = "0.0.0.0:10256",
+    state_addr: Annotated[
+        str,
+        typer.Option(
+            help="HOST:PORT for /state, the agent's view for `balancing inspect/trace --agent` (names of "
+            "Services, policies and pods: keep it on loopback); empty: not served."
+        ),
+    ] = "127.0.0.1:10264",
     bpf_object: Annotated[
         Path | None, typer.Option(help="Compiled BPF object [build/bpf/balancing.o].")
     ] = None,
@@ -157,6 +172,12 @@ def agent(
     """Run the node agent: program the datapath from a manifest directory and follow its changes."""
     from balancing import agent as agent_mod
 
+    if log_level.upper() not in LOG_LEVELS:
+        typer.secho(
+            f"error: --log-level: {log_level!r} is not one of {', '.join(LOG_LEVELS).lower()}", err=True
+        )
+        raise typer.Exit(2)
+
     logging.getLogger("watchfiles").setLevel(logging.WARNING)
     logging.basicConfig(
         level=log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -188,25 +209,32 @@ def agent(
         cg = cgroup or mounts.cgroup2_root()
         if mounts.fs_type_of(cg) != "cgroup2" or not cg.is_dir():
             raise errors.ConfigError("--cgroup", f"{cg} is not a cgroup v2 directory")
-        for flag, value in (
-            ("--max-services", max_services),
-            ("--max-backends", max_backends),
-            ("--max-reverse", max_reverse),
-            ("--max-sockets", max_sockets),
-            ("--max-affinity", max_affinity),
-        ):
-            if value < 1:
-                raise errors.ConfigError(flag, "must be at least 1")
+        _at_least(
+            1,
+            {
+                "--max-services": max_services,
+                "--max-backends": max_backends,
+                "--max-reverse": max_reverse,
+                "--max-sockets": max_sockets,
+                "--max-affinity": max_affinity,
+                "--event-sample-every": event_sample_every,
+                "--event-log-max-bytes": event_log_max_bytes,
+            },
+        )
+        _at_least(0, {"--event-log-backups": event_log_backups})
+        if not node_name.strip() or not node_name.isprintable():
+            raise errors.ConfigError("--node-name", f"{node_name!r} is not a node name")
         host, port = flags.host_port("--health-addr", health_addr)
         metrics_at = flags.host_port("--metrics-addr", metrics_addr) if metrics_addr else None
+        state_at = flags.host_port("--state-addr", state_addr) if state_addr else None
+        flags.positive_seconds("--resync-interval", resync_interval)
+
         if host_netns is not None and not host_netns.exists():
             raise errors.ConfigError("--host-netns", f"{host_netns} does not exist")
         if events not in agent_events.MODES:
             raise errors.ConfigError("--events", f"{events!r} is not one of off, sampled, all")
         if event_bytes < 4096 or event_bytes & (event_bytes - 1):
             raise errors.ConfigError("--event-bytes", f"{event_bytes} is not a power of two of at least 4096")
-        if event_sample_every < 1:
-            raise errors.ConfigError("--event-sample-every", "must be at least 1")
         events_cfg = agent_events.EventsConfig(
             events,
             event_sample_every,
@@ -242,6 +270,7 @@ def agent(
             resync_interval,
             healthcheck_address,
             metrics_addr=metrics_at,
+            state_addr=state_at,
             events=events_cfg,
             host_netns=host_netns,
             kube=None if manifests is not None else agent_mod.KubeSourceConfig(kubeconfig, api_server),

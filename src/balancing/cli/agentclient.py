@@ -1,7 +1,7 @@
 """The agent's ``GET /state`` for the operator tools: fetched once with a short timeout, then looked up.
 
 ``balancing inspect`` and ``balancing trace`` read the maps themselves and join this view for names (see
-``balancing.agentstate`` for the schema). Without ``--agent``, or when the agent does not answer in time,
+``balancing.agent.state`` for the schema). Without ``--agent``, or when the agent does not answer in time,
 the tools still work on the maps alone and say that names are unavailable; ``AgentView.error`` says why.
 """
 

@@ -2,7 +2,7 @@
 
 Reads the maps through the datapath's own decoders, so it shows exactly what connects see, including
 inconsistencies (missing slots or backends). With ``--agent URL`` it joins the agent's ``GET /state``
-(``balancing.agentstate``): owners, frontend kinds, the model's reasons, the pods behind backend addresses.
+(``balancing.agent.state``): owners, frontend kinds, the model's reasons, the pods behind backend addresses.
 Without it, or when the agent does not answer within a second or two, it shows the maps alone and says that
 names are unavailable (the name fields are then ``null``).
 

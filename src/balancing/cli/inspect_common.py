@@ -1,4 +1,5 @@
-"""Shared pieces of ``balancing inspect`` and ``balancing trace``: opening the pins, parsing, formatting.
+"""Shared pieces of ``balancing inspect`` and ``balancing trace``: opening the pins, parsing, formatting
+(``owner_text`` is also how ``balancing monitor`` names owners).
 
 The tools open the pinned maps read-only in spirit (they never write) and close them before printing.
 """

@@ -21,6 +21,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from balancing.cli import inspect_common
 from balancing.events import stream
 
 NOT_RUNNING_HINT = "is the agent running with events on? (agent flags --events sampled|all, --events-socket)"
@@ -63,14 +64,6 @@ def _client_text(client: dict[str, Any]) -> str:
     return f"{name}{container} {proc}"
 
 
-def _owner_text(owner: Any) -> str:
-    if not isinstance(owner, dict):
-        return "-"
-    ns = f"{owner.get('namespace')}/" if owner.get("namespace") else ""
-    port = f":{owner['portName']}" if owner.get("portName") else ""
-    return f"{owner.get('kind')} {ns}{owner.get('name')}{port}"
-
-
 def _text(value: Any) -> str:
     return escape("" if value is None else str(value))
 
@@ -82,9 +75,10 @@ def format_text(rec: dict[str, Any]) -> str:
     color = "red" if result == "refused" else "yellow" if result.startswith("fallback") else "green"
     client = rec.get("client")
     who = _client_text(client if isinstance(client, dict) else {})
+    owner = inspect_common.owner_text(rec.get("owner")) or "-"
     return (
         f"[dim]{_text(when)}[/] {_text(rec.get('hook')):<12} {_text(rec.get('protocol'))} {_text(who)} "
-        f"→ [bold]{_text(_owner_text(rec.get('owner')))}[/] {_text(rec.get('frontend'))} "
+        f"→ [bold]{_text(owner)}[/] {_text(rec.get('frontend'))} "
         f"⇒ {_text(rec.get('backend') or '-')} [{color}]{_text(result)}[/]"
     )
 

@@ -7,11 +7,11 @@
 2. ``spec.enabled`` is false → ``False``/``Disabled``;
 3. an older policy of the same kind claims one of its frontends → ``False``/``Conflict`` naming it (the
    webhook's rule, ``admission.conflicts``; the model lets the older one win there);
-4. the agents' ``status.nodes`` entries (``agent_status``), leaving out those of *departed* nodes (in-cluster
-   entries, i.e. without ``outOfCluster``, naming a Node that no longer exists, once the Nodes have been
-   listed): none → ``Unknown``/``Pending``; at least one node with backends → ``True``/``Programmed``; else
-   ``False`` with the reason every reporting node gives (e.g. ``ServiceNotFound``), or ``NoBackends`` when
-   they differ.
+4. the agents' ``status.nodes`` entries (``agent.policy_status``), leaving out those of *departed* nodes
+   (in-cluster entries, i.e. without ``outOfCluster``, naming a Node that no longer exists, once the Nodes
+   have been listed): none → ``Unknown``/``Pending``; at least one node with backends →
+   ``True``/``Programmed``; else ``False`` with the reason every reporting node gives (e.g.
+   ``ServiceNotFound``), or ``NoBackends`` when they differ.
 
 The message never counts nodes ("backends on at least one reporting node", "no backends on any reporting
 node (NoBackends, ServiceNotFound)"): a count would change with every node joining or leaving the cluster,
@@ -33,7 +33,8 @@ already there writes nothing, and of two replicas removing the same entry the se
 ``test``.
 
 Neighbours: ``policyindex`` (the policies, their validation errors, the Node names), ``admission`` (the
-conflict rule), ``sources.kubestatus`` (the writes), ``balancing.agent_status`` (what the node entries mean).
+conflict rule), ``sources.kubestatus`` (the writes), ``balancing.agent.policy_status`` (what the node entries
+mean).
 """
 
 from __future__ import annotations

@@ -94,9 +94,21 @@ _ring_buffer_consume = _fn("ring_buffer__consume", c_int, c_void_p)
 _ring_buffer_epoll_fd = _fn("ring_buffer__epoll_fd", c_int, c_void_p)
 
 
+_strerror = _fn("libbpf_strerror", c_int, c_int, c_char_p, ctypes.c_size_t)
+_LIBBPF_ERRNO_BASE = 4000  # libbpf's own codes (LIBBPF_ERRNO__FORMAT and on) that os.strerror cannot name
+
+
 def _error(call: str, ret: int | None = None) -> OSError:
     err = ctypes.get_errno() or (-ret if ret is not None and ret < 0 else 0) or 1
-    return OSError(err, f"{call}: {os.strerror(err)}")
+    return OSError(err, f"{call}: {_describe(err)}")
+
+
+def _describe(err: int) -> str:
+    if err < _LIBBPF_ERRNO_BASE:
+        return os.strerror(err)
+    buf = ctypes.create_string_buffer(128)
+    _strerror(err, buf, len(buf))
+    return buf.value.decode(errors="replace") or f"libbpf error {err}"
 
 
 def _check(call: str, ret: int) -> int:

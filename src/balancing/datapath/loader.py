@@ -129,7 +129,10 @@ def load(cfg: DatapathConfig) -> LoadReport:
     cfg.map_dir.mkdir(parents=True, exist_ok=True)
     cfg.link_dir.mkdir(parents=True, exist_ok=True)
     report = LoadReport()
-    obj = libbpf.object_open(str(cfg.object_path))
+    try:
+        obj = libbpf.object_open(str(cfg.object_path))
+    except OSError as exc:
+        raise errors.BpfObjectError(cfg.object_path, str(exc.strerror or exc).rpartition(": ")[2]) from exc
     reused_fds: list[int] = []
     try:
         for m in libbpf.maps(obj):

@@ -1,7 +1,7 @@
 """Who made a connection: a cgroup id from an event → the pod and container it runs in, or the host.
 
 The datapath reports ``bpf_get_current_cgroup_id()``; the kubelet names pod and container cgroups after the
-pod UID and container id (``sources.podcgroups`` knows the driver, runtime and QoS variants). ``Attributor``
+pod UID and container id (``datapath.podcgroups`` knows the driver, runtime and QoS variants). ``Attributor``
 keeps a ``PodCgroupIndex`` of the node's cgroup tree and resolves the pod UID to a Pod object through a
 lookup the agent provides (its store), so the pod's namespace and name follow the Pod objects of this node.
 The container is named from the Pod's ``status.containerStatuses[].containerID`` when the objects carry
@@ -11,7 +11,7 @@ Containers start all the time, so a cgroup id missing from the index triggers a 
 most every ``rescan_interval`` seconds. Until a scan that ran after its first sighting confirms it, an
 unknown id is attributed to the host provisionally; afterwards it is the host for good (cgroup ids are
 inode numbers and are not reused). Anything not below a pod cgroup is the host. Neighbours:
-``sources.podcgroups`` (scan, index), ``record`` (puts the result into the JSON record).
+``datapath.podcgroups`` (scan, index), ``record`` (puts the result into the JSON record).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from balancing.datapath import podcgroups
 from balancing.model import objects
-from balancing.sources import podcgroups
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,8 @@ stalling the others. The datapath's own count of events lost to a full ring is r
 
 Neighbours: ``datapath.ringbuf`` (reader, lost counter), ``attribution`` (cgroup → pod), ``record``
 (schema), ``sinks`` (log), ``stream`` (a subscriber per ``balancing monitor`` client). The agent wires it:
-it writes the config map and supplies ``owner_of`` (frontend identity → Service or policy).
+it writes the config map and supplies ``owner_of`` (frontend identity → Service or policy: the
+``datapath.owners.OwnerIndex`` that follows the writer's ids).
 """
 
 from __future__ import annotations
@@ -20,19 +21,16 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-from balancing.datapath import abi, ringbuf
+from balancing.datapath import abi, owners, ringbuf
 from balancing.events import record
 from balancing.events.attribution import Attributor
 from balancing.events.record import EventRecord
 from balancing.events.sinks import Sink
-from balancing.model.desired import Owner
 
 log = logging.getLogger(__name__)
-
-OwnerLookup = Callable[[int], Owner | None]  # frontend identity (svc_id) → its owner
 
 INTERVAL = 0.1  # seconds between timer consumes
 MAX_BACKLOG = 65536  # records read from the ring but not yet processed
@@ -47,7 +45,7 @@ class EventPipeline:
     def __init__(
         self,
         ring_pin: Path,
-        owner_of: OwnerLookup,
+        owner_of: owners.OwnerLookup,
         attributor: Attributor,
         sinks: Sequence[Sink] = (),
         *,

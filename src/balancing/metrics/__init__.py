@@ -3,11 +3,12 @@
 ``control.Metrics`` owns a dedicated registry with the control-plane metrics (kube-proxy's names where the
 meaning matches, prefixed ``balancing_``) and serves it over HTTP from a thread; ``collector`` reads the
 per-CPU BPF counters and map usage at each scrape (``kernel`` does the reading) and names frontends by
-their owners. May import ``balancing.datapath`` (ABI, libbpf, per-CPU reads), ``balancing.model.desired``
-and prometheus-client; never the agent, the CLI or the sources.
+their owners (``balancing.datapath.owners``, the index the agent keeps of the writer's ids). May import
+``balancing.datapath`` (ABI, libbpf, per-CPU reads, owners), ``balancing.model.desired`` and
+prometheus-client; never the agent, the CLI or the sources.
 """
 
-from balancing.metrics.collector import DatapathCollector, OwnerIndex
+from balancing.metrics.collector import DatapathCollector
 from balancing.metrics.control import Metrics, MetricsServer
 from balancing.metrics.kernel import KernelReader, MapUsage, Snapshot
 
@@ -17,6 +18,5 @@ __all__ = [
     "MapUsage",
     "Metrics",
     "MetricsServer",
-    "OwnerIndex",
     "Snapshot",
 ]

@@ -3,18 +3,18 @@
 The BPF programs count every resolution in a per-CPU hash map keyed by (frontend id, result, protocol,
 hook); nothing per connect crosses to user space. At each scrape ``DatapathCollector`` reads those sums
 (``kernel.KernelReader``) and names each frontend id by its owner through ``owner_of`` (the agent's
-``OwnerIndex``).
+``datapath.owners.OwnerIndex``, which follows the writer's ids).
 
-Counters stay monotonic although owners change under them: the collector keeps, per map key, the value it
-last attributed and adds only the *increase* since then to the owner's series. A frontend that a policy
-takes over (same id, new owner), a Service deleted and recreated (new id, same owner) or a map entry
-recreated (its count restarts) therefore never makes a series go down. A removed frontend's owner is
-remembered for ``OwnerIndex.linger`` seconds, so its last counts (and UDP replies of sockets still open) go
-to the right series. An id with no owner is held back until the agent's first full sync, and then for
-``unknown_grace`` seconds more (a scrape racing a write); after that it is counted under ``service_id`` with
-empty owner labels and its keys are deleted from the kernel map (``Reader.forget``): new frontends get new
-ids, so without this the counters of Services long gone would fill the map. A series whose owner no longer
-owns any counted frontend is dropped after ``retention`` seconds, so deleted Services do not accumulate.
+Counters stay monotonic although owners change under them: the collector keeps, per map key, the value it last
+attributed and adds only the *increase* since then to the owner's series. A frontend that a policy takes over
+(same id, new owner), a Service deleted and recreated (new id, same owner) or a map entry recreated (its count
+restarts) therefore never makes a series go down. The index still names a removed frontend's owner for
+``OwnerIndex.linger`` seconds, so its last counts (and UDP replies of sockets still open) go to the right
+series. An id with no owner is held back until the agent's first full sync, and then for ``unknown_grace``
+seconds more (a scrape racing a write); after that it is counted under ``service_id`` with empty owner labels
+and its keys are deleted from the kernel map (``Reader.forget``): new frontends get new ids, so without this
+the counters of Services long gone would fill the map. A series whose owner no longer owns any counted
+frontend is dropped after ``retention`` seconds, so deleted Services do not accumulate.
 """
 
 from __future__ import annotations
@@ -29,77 +29,21 @@ from typing import Protocol
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from balancing.datapath import owners
 from balancing.metrics import kernel
-from balancing.model.desired import Frontend, FrontendChanges, FrontendKey, Owner
+from balancing.model.desired import Owner
 from balancing.model.desired import Protocol as IPProtocol
 
 log = logging.getLogger(__name__)
 
 RESOLUTION_LABELS = ("kind", "namespace", "name", "port", "protocol", "result", "hook", "service_id")
 Labels = tuple[str, str, str, str, str, str, str, str]
-OwnerOf = Callable[[int], Owner | None]
 
 
 class Reader(Protocol):
     def read(self) -> kernel.Snapshot: ...
 
     def forget(self, svc_ids: set[int]) -> int: ...
-
-
-class OwnerIndex:
-    """Frontend id → owner of what the writer programmed; the agent refreshes it after each write. The
-    owner of a removed id is still given for ``linger`` seconds. ``synced``: a full sync has filled it.
-
-    Scrapes call it from the metrics thread: lookups are single dict reads, and ``replace`` swaps whole
-    dicts, so a reader sees the old or the new state, never a half-built one.
-    """
-
-    def __init__(self, *, linger: float = 300.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self.linger = linger
-        self._clock = clock
-        self._ids: dict[FrontendKey, int] = {}
-        self._owners: dict[int, Owner] = {}
-        self._retired: dict[int, tuple[Owner, float]] = {}  # removed id → (owner, when removed)
-        self.synced = False
-
-    def __call__(self, svc_id: int) -> Owner | None:
-        owner = self._owners.get(svc_id)
-        if owner is not None:
-            return owner
-        retired = self._retired.get(svc_id)
-        return retired[0] if retired is not None and self._clock() - retired[1] < self.linger else None
-
-    def _retire(self, gone: Mapping[int, Owner]) -> None:
-        now = self._clock()
-        kept = {i: r for i, r in self._retired.items() if now - r[1] < self.linger}
-        self._retired = {**kept, **{i: (owner, now) for i, owner in gone.items()}}
-
-    def __len__(self) -> int:
-        return len(self._owners)
-
-    def replace(
-        self, frontends: Mapping[FrontendKey, Frontend], svc_id: Callable[[FrontendKey], int | None]
-    ) -> None:
-        """After a full sync: exactly these frontends (``svc_id``: the writer's ``MapWriter.svc_id``)."""
-        ids = {k: i for k in frontends if (i := svc_id(k)) is not None}
-        owners = {i: frontends[k].owner for k, i in ids.items()}
-        self._retire({i: o for i, o in self._owners.items() if i not in owners})
-        self._ids, self._owners = ids, owners
-        self.synced = True
-
-    def apply(self, changes: FrontendChanges, svc_id: Callable[[FrontendKey], int | None]) -> None:
-        """After a partial sync: set the upserted frontends, forget the removed ones."""
-        gone: dict[int, Owner] = {}
-        for key in changes.remove - changes.upsert.keys():
-            old = self._ids.pop(key, None)
-            if old is not None and (owner := self._owners.pop(old, None)) is not None:
-                gone[old] = owner
-        self._retire(gone)
-        for key, frontend in changes.upsert.items():
-            i = svc_id(key)
-            if i is not None:
-                self._ids[key] = i
-                self._owners[i] = frontend.owner
 
 
 def _protocol(number: int) -> str:
@@ -115,7 +59,7 @@ class DatapathCollector(Collector):
     def __init__(
         self,
         bpffs: Path,
-        owner_of: OwnerOf,
+        owner_of: owners.OwnerLookup,
         *,
         entries_every: float = 30.0,
         unknown_grace: float = 60.0,
@@ -157,13 +101,13 @@ class DatapathCollector(Collector):
     # --- attribution ---------------------------------------------------------------------------------------
 
     def _account(self, counts: Mapping[kernel.StatKey, int], now: float) -> dict[Labels, int]:
-        owners: dict[int, Owner | None] = {}
+        owner_by_id: dict[int, Owner | None] = {}
         expired: set[int] = set()  # not programmed (past the grace): counted now, then deleted
         for key, value in counts.items():
             svc_id = key[0]
-            if svc_id not in owners:
-                owners[svc_id] = self._owner(svc_id, now)
-            owner = owners[svc_id]
+            if svc_id not in owner_by_id:
+                owner_by_id[svc_id] = self._owner(svc_id, now)
+            owner = owner_by_id[svc_id]
             since = self._unknown_since.get(svc_id)
             if owner is None and (since is None or now - since < self.unknown_grace):
                 continue  # held back: its increase goes to the owner once known
@@ -180,7 +124,7 @@ class DatapathCollector(Collector):
         self._forget(expired)
         for key in self._last.keys() - counts.keys():
             del self._last[key]
-        for svc_id in self._unknown_since.keys() - owners.keys():
+        for svc_id in self._unknown_since.keys() - owner_by_id.keys():
             del self._unknown_since[svc_id]
         for labels in [lb for lb, at in self._mapped_at.items() if now - at > self.retention]:
             del self._mapped_at[labels], self._totals[labels]

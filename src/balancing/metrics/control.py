@@ -18,19 +18,22 @@ agent calls them from its event loop.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from wsgiref.simple_server import WSGIServer
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 import balancing
+from balancing.datapath import owners
 from balancing.metrics import collector
-from balancing.model.desired import Owner
 
 # kube-proxy's sync buckets (ExponentialBuckets(0.001, 2, 15)): 1 ms .. 16 s.
 SYNC_BUCKETS = tuple(0.001 * 2**i for i in range(15))
@@ -54,6 +57,44 @@ PROGRAMMING_BUCKETS = (
 )
 PREFIX = "balancing_"
 STATUS_RESULTS = ("ok", "gone", "retry", "failed")  # sources.kubestatus outcomes
+
+
+IDLE_TIMEOUT = 10.0  # seconds a scrape connection may stall (reading the request or writing the answer)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """One scrape: a socket timeout bounds every read and write; no access log on stderr."""
+
+    timeout = IDLE_TIMEOUT
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+class _BoundedWSGIServer(ThreadingMixIn, WSGIServer):
+    """A thread per scrape, at most ``slots`` at once: a connection over the cap is closed unread."""
+
+    daemon_threads = True
+    slots: threading.BoundedSemaphore
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a client that went away or timed out: nothing to report
 
 
 @dataclass
@@ -177,6 +218,13 @@ class Metrics:
             "that failed, or the feature being unavailable on this kernel).",
             registry=r,
         )
+        self.task_restarts = Counter(
+            f"{PREFIX}task_restarts_total",
+            "Agent tasks (source, resync, pod-cgroups) that failed and were restarted; /healthz is 503 while "
+            "one is down.",
+            ["task"],
+            registry=r,
+        )
         for policy in ("internal", "external"):
             self.no_local.labels(policy).set(0)
         for result in STATUS_RESULTS:
@@ -225,6 +273,10 @@ class Metrics:
         if errors:
             self.udp_termination_errors.inc(errors)
 
+    def task_restarted(self, task: str) -> None:
+        """A supervised agent task failed and is being restarted."""
+        self.task_restarts.labels(task).inc()
+
     def write_failed(self, map_name: str) -> None:
         """A write to ``map_name`` failed ("" when the error names no map)."""
         self.write_failures.labels(map_name or "unknown").inc()
@@ -232,18 +284,34 @@ class Metrics:
     # --- wiring --------------------------------------------------------------------------------------------
 
     def watch_datapath(
-        self, bpffs: Path, owner_of: Callable[[int], Owner | None], *, entries_every: float = 30.0
+        self, bpffs: Path, owner_of: owners.OwnerLookup, *, entries_every: float = 30.0
     ) -> collector.DatapathCollector:
         """Read the pinned maps under ``bpffs`` at every scrape; hash maps other than the counters are
         counted at most every ``entries_every`` seconds."""
-        synced = (lambda: owner_of.synced) if isinstance(owner_of, collector.OwnerIndex) else (lambda: True)
+        synced = (lambda: owner_of.synced) if isinstance(owner_of, owners.OwnerIndex) else (lambda: True)
         c = collector.DatapathCollector(bpffs, owner_of, entries_every=entries_every, synced=synced)
         self.registry.register(c)
         return c
 
-    def serve(self, host: str, port: int) -> MetricsServer:
-        """Serve ``/metrics`` from a daemon thread (scrapes never run on the agent's event loop)."""
-        server, thread = prometheus_client.start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, host: str, port: int, *, max_connections: int = 16) -> MetricsServer:
+        """Serve ``/metrics`` from threads (scrapes never run on the agent's event loop), at most
+        ``max_connections`` at once (more are closed unread), each dropped after ``IDLE_TIMEOUT`` seconds
+        without progress (a half-sent request or a client that never reads holds nothing for long)."""
+        family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM)[0][0]
+        server_class: type[_BoundedWSGIServer] = type(
+            "_Server", (_BoundedWSGIServer,), {"address_family": family}
+        )
+        server: WSGIServer = make_server(
+            host,
+            port,
+            prometheus_client.make_wsgi_app(self.registry),
+            server_class,
+            handler_class=_QuietHandler,
+        )
+        assert isinstance(server, _BoundedWSGIServer)
+        server.slots = threading.BoundedSemaphore(max_connections)
+        thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
+        thread.start()
         return MetricsServer(server, thread)
 
     def exposition(self) -> bytes:

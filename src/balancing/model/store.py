@@ -82,9 +82,7 @@ class ClusterStore:
         self._selecting: dict[str, set[str]] = {}  # namespace → names of services with a selector
         self._nodes: dict[str, objects.Node] = {}
         self._node_port_users: set[ServiceKey] = set()  # services with NodePort frontends
-        self._topology_users: set[ServiceKey] = (
-            set()
-        )  # slices carry zone hints: read the zone
+        self._topology_users: set[ServiceKey] = set()  # their slices carry zone hints: they read the zone
         self._external_ip_users: set[ServiceKey] = set()  # services with spec.externalIPs
         self._dirty: set[ServiceKey] = set()
         self._health: dict[ServiceKey, tuple[int, HealthCheck]] = {}
@@ -153,6 +151,15 @@ class ClusterStore:
             self._put_node(name, None)
         elif kind in _POLICY_KINDS:
             self._drop_policy((kind, name))  # cluster-scoped: the namespace plays no part
+
+    def refs(self) -> list[objects.ObjectRef]:
+        """Every object held, by (kind, namespace, name)."""
+        held: list[objects.ObjectRef] = [("Service", ns, name) for ns, name in self._services]
+        held += [("EndpointSlice", ns, name) for ns, name in self._slices]
+        held += [("Pod", ns, name) for ns, pods in self._pods.items() for name in pods]
+        held += [("Node", "", name) for name in self._nodes]
+        held += [(kind, "", name) for kind, name in self._policies]
+        return held
 
     # --- output ------------------------------------------------------------------------------------------
 

@@ -33,8 +33,8 @@ event loop that must never wait:
   attempt: ``ok``, ``gone``, ``retry``, ``failed`` or (JSON patches only) ``stale``.
 
 Neighbours: ``sources.kube.KubeConnection`` (where the API server is and how to authenticate);
-``balancing.agent_status`` (the agent's ``nodes`` entry) and ``balancing.controller.status`` (the ``Ready``
-condition, the removal of departed nodes' entries) decide what to write.
+``balancing.agent.policy_status`` (the agent's ``nodes`` entry) and ``balancing.controller.status`` (the
+``Ready`` condition, the removal of departed nodes' entries) decide what to write.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@
     │   ├── BpfLoadError              a BPF program was rejected (program, verifier log)
     │   ├── MapError                  a map operation failed (map, op, errno)
     │   ├── MapFull                   a map has no room left (map, capacity)
+    │   ├── FrontendWriteError        one frontend could not be programmed (frontend, map, reason)
     │   └── IncompatiblePin           a pinned object cannot be reused (path, reason)
     └── ConfigError                   a command-line flag or setting is wrong (flag)
 
@@ -118,6 +119,21 @@ class MapFull(DatapathError):
 
     def __str__(self) -> str:
         return f"BPF map {self.map} is full ({self.capacity} entries)"
+
+
+class FrontendWriteError(DatapathError):
+    """One frontend could not be programmed as asked (``frontend``: its ``ip:port/PROTO``; ``map``: the map
+    concerned, "" when a value cannot be encoded at all). It was left at its previous complete state, or, if
+    the failure came after its master switched, at the new one with stale entries the next write deletes."""
+
+    def __init__(self, frontend: str, map: str, reason: str) -> None:
+        super().__init__(frontend, map, reason)
+        self.frontend = frontend
+        self.map = map
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"frontend {self.frontend} not programmed: {self.reason}"
 
 
 class IncompatiblePin(DatapathError):

@@ -2,8 +2,9 @@
 
 ``KernelMaps`` works on the pinned maps under a bpffs directory (batch syscalls for bulk changes, single ones
 for small changes); ``FakeMaps`` is an in-memory stand-in for writer unit tests that records every element
-operation and can call an observer between any two of them (the make-before-break tests). Kernel errors are
-translated here into ``MapFull`` / ``MapError`` naming the map.
+operation, can call an observer between any two of them (the make-before-break tests) and can fail chosen
+operations (the failure tests). Kernel errors are translated here into ``MapFull`` / ``MapError`` naming the
+map.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from balancing import errors
 from balancing.datapath import abi, libbpf
 
 Items = Sequence[tuple[bytes, bytes]]
+# (operation, map name, key, whether an update would add the key) → the exception to raise instead, or None
+Fault = Callable[[str, str, bytes, bool], BaseException | None]
 
 
 class MapIO(Protocol):
@@ -92,16 +95,23 @@ class KernelMaps:
 
 
 class FakeMaps:
-    """In-memory maps with the same interface; ``observer`` runs after every element operation."""
+    """In-memory maps with the same interface; ``observer`` runs after every element operation, ``fault``
+    before each (an element it fails is left as it was, those before it in the call stay written)."""
 
     def __init__(self, capacity: dict[str, int] | None = None) -> None:
         self.data: dict[str, dict[bytes, bytes]] = {}
         self.capacity = capacity or {}
         self.ops: list[tuple[str, str, bytes]] = []
         self.observer: Callable[[], None] | None = None
+        self.fault: Fault | None = None
 
     def _map(self, name: str) -> dict[bytes, bytes]:
         return self.data.setdefault(name, {})
+
+    def _check(self, op: str, name: str, key: bytes, adds: bool) -> None:
+        exc = self.fault(op, name, key, adds) if self.fault else None
+        if exc is not None:
+            raise exc
 
     def _record(self, op: str, name: str, key: bytes) -> None:
         self.ops.append((op, name, key))
@@ -111,6 +121,7 @@ class FakeMaps:
     def update(self, map_name: str, items: Items) -> None:
         m = self._map(map_name)
         for key, value in items:
+            self._check("update", map_name, key, key not in m)
             cap = self.capacity.get(map_name)
             if cap is not None and key not in m and len(m) >= cap:
                 raise errors.MapFull(map=map_name, capacity=cap)
@@ -120,6 +131,7 @@ class FakeMaps:
     def delete(self, map_name: str, keys: Sequence[bytes]) -> None:
         m = self._map(map_name)
         for key in keys:
+            self._check("delete", map_name, key, False)
             m.pop(key, None)
             self._record("delete", map_name, key)
 

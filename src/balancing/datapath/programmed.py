@@ -3,11 +3,14 @@
 Used by the writer to recover its state on start (nothing is flushed: it converges from what is there) and by
 ``balancing inspect`` to show the maps as they are. Inconsistencies a crash could leave (slots past the
 count, slots or fallback tiers without a master, backends no slot uses, client/QoS/affinity entries of
-unknown frontends) are reported as garbage keys or ``None`` slots rather than hidden.
+unknown frontends, affinity matches of a backend the primary slots no longer name) are reported as garbage
+keys or ``None`` slots rather than hidden. ``entries`` goes the other way: the map entries a programmed
+frontend stands for, which the writer writes back when a change of that frontend fails half-way.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from balancing.datapath import abi
@@ -42,6 +45,18 @@ class ProgrammedFrontend:
     @property
     def slots(self) -> list[BackendRef | None]:
         return self.primary.slots
+
+    def copy(self) -> ProgrammedFrontend:
+        """A copy the writer can change without touching this one."""
+        fallback = self.fallback
+        return ProgrammedFrontend(
+            self.svc_id,
+            Tier(self.primary.master, list(self.primary.slots)),
+            None if fallback is None else Tier(fallback.master, list(fallback.slots)),
+            set(self.affinity_matches),
+            dict(self.clients),
+            self.qos,
+        )
 
     @property
     def master(self) -> abi.SvcVal:
@@ -88,14 +103,16 @@ def read_state(io: MapIO) -> ProgrammedState:
             slots[(prefix, slot)] = (raw_key, abi.slot_backend_id(raw_val))
 
     used: set[int] = set()
+    primary_ids: dict[int, set[int]] = {}  # svc_id → the backend ids of its primary slots
 
-    def tier(prefix: bytes, raw_val: bytes) -> Tier:
+    def tier(prefix: bytes, raw_val: bytes, ids: set[int]) -> Tier:
         refs: list[BackendRef | None] = []
         for slot in range(1, abi.SvcVal.unpack(raw_val).count + 1):
             entry = slots.pop((prefix, slot), None)
             ref = backends.get(entry[1]) if entry else None
             if entry and ref:
                 used.add(entry[1])
+                ids.add(entry[1])
             refs.append(ref)
         return Tier(raw_val, refs)
 
@@ -103,8 +120,9 @@ def read_state(io: MapIO) -> ProgrammedState:
     for prefix, (raw_key, raw_val) in masters.items():
         key = abi.SvcKey.unpack(raw_key)
         if key.scope == abi.SCOPE_PRIMARY:
+            svc_id = abi.SvcVal.unpack(raw_val).svc_id
             state.frontends[frontend_key(key)] = ProgrammedFrontend(
-                abi.SvcVal.unpack(raw_val).svc_id, tier(prefix, raw_val)
+                svc_id, tier(prefix, raw_val, primary_ids.setdefault(svc_id, set()))
             )
         else:
             fallbacks[frontend_key(key)] = (prefix, raw_key, raw_val)
@@ -113,10 +131,10 @@ def read_state(io: MapIO) -> ProgrammedState:
         if frontend is None:
             state.junk(abi.MAP_SERVICES, raw_key)  # a fallback tier without its frontend: slots go too
         else:
-            frontend.fallback = tier(prefix, raw_val)
+            frontend.fallback = tier(prefix, raw_val, set())
     for raw_key, _ in slots.values():
         state.junk(abi.MAP_SERVICES, raw_key)
-    _read_extras(io, state)
+    _read_extras(io, state, primary_ids)
     for backend_id, ref in backends.items():
         if backend_id in used:
             state.backend_ids[ref] = backend_id
@@ -125,13 +143,43 @@ def read_state(io: MapIO) -> ProgrammedState:
     return state
 
 
-def _read_extras(io: MapIO, state: ProgrammedState) -> None:
-    """Attach affinity matches, client rules and QoS entries to their frontends; the rest is garbage."""
+def entries(
+    key: FrontendKey, frontend: ProgrammedFrontend, backend_ids: Mapping[BackendRef, int]
+) -> dict[str, dict[bytes, bytes]]:
+    """Map name → the entries (key → value) that ``frontend`` stands for. A ``None`` slot, or one whose
+    backend has no id, has no entry; a tier never programmed (empty master) has none either."""
+    svc: dict[bytes, bytes] = {}
+    tiers = [(abi.SCOPE_PRIMARY, frontend.primary)]
+    if frontend.fallback is not None:
+        tiers.append((abi.SCOPE_FALLBACK, frontend.fallback))
+    for scope, tier in tiers:
+        if not tier.master:
+            continue
+        pack_key = abi.SvcKeyPacker(key.ip, key.port, key.protocol, scope)
+        svc[pack_key(abi.MASTER_SLOT)] = tier.master
+        for slot, ref in enumerate(tier.slots, 1):
+            backend_id = backend_ids.get(ref) if ref is not None else None
+            if backend_id is not None:
+                svc[pack_key(slot)] = abi.pack_slot(backend_id)
+    svc_id = frontend.svc_id
+    return {
+        abi.MAP_SERVICES: svc,
+        abi.MAP_AFFINITY_MATCH: {
+            abi.pack_affinity_match(svc_id, b): abi.AFF_MATCH_VALUE for b in frontend.affinity_matches
+        },
+        abi.MAP_CLIENTS: {abi.pack_client_key(svc_id, cg): rule for cg, rule in frontend.clients.items()},
+        abi.MAP_QOS: {} if frontend.qos is None else {abi.pack_qos_key(svc_id): frontend.qos},
+    }
+
+
+def _read_extras(io: MapIO, state: ProgrammedState, primary_ids: dict[int, set[int]]) -> None:
+    """Attach affinity matches (of a backend in the primary slots), client rules and QoS entries to their
+    frontends; the rest is garbage."""
     by_id = {f.svc_id: f for f in state.frontends.values()}
     for raw_key, _ in io.items(abi.MAP_AFFINITY_MATCH):
         svc_id, backend_id = abi.unpack_affinity_match(raw_key)
         frontend = by_id.get(svc_id)
-        if frontend is None or not frontend.affinity_timeout:
+        if frontend is None or not frontend.affinity_timeout or backend_id not in primary_ids[svc_id]:
             state.junk(abi.MAP_AFFINITY_MATCH, raw_key)
         else:
             frontend.affinity_matches.add(backend_id)

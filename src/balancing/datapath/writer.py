@@ -1,28 +1,48 @@
 """Program a desired state into the maps: diff against what is programmed, apply make-before-break.
 
 For every changed frontend tier the writer keeps backends that stay in their slots, fills freed slots with new
-backends and compacts the tail, so one endpoint change costs a few element writes. One plan per change runs
-in dependency order (``_PHASES``): everything a master entry will point at (backends, affinity matches,
-client rules, QoS entries, slots, the fallback tier) is written before the master; what it no longer
-points at is deleted after it. A connect that reads the maps at any instant in between resolves to a backend
-that was valid before or after the change. Backend and frontend ids are recovered from the maps on start and
-allocated monotonically, so an id is never reused under a concurrent reader.
-Neighbours: ``maps`` (I/O), ``programmed`` (reading state), ``abi`` (encoding). Pod cgroup ids for policy
-client rules come from a resolver the agent passes in.
+backends and compacts the tail, so one endpoint change costs a few element writes. One plan per write holds
+every frontend's operations by phase, in dependency order (``_PHASES``): everything a master entry will point
+at (backends, affinity matches, client rules, QoS entries, slots, the fallback tier) is written before the
+master; what it no longer points at is deleted after it. A connect that reads the maps at any instant in
+between resolves to a backend that was valid before or after the change.
+
+A failure stays with its frontend. A value the ABI cannot hold fails that frontend's planning, before any
+write. The plan runs phase by phase in batches; if a map operation fails, each frontend's part of it
+(``_Change``) runs again alone, and a frontend that fails before its master switched is written back to its
+previous entries (``programmed.entries``). So every frontend ends whole at its old or its new state, the
+others are written, the failed ones are reported in ``WriteStats.failed``
+(``errors.FrontendWriteError``) and the writer's record is what the maps hold. Backend entries shared by frontends, and garbage, are deleted last,
+once every frontend's outcome is known. Only a failure no frontend owns (deleting those, or writing a
+frontend back) raises, after re-reading the maps. Backend and frontend ids are recovered from the maps on
+start and allocated monotonically, so an id is never reused under a concurrent reader.
+One module over 400 lines on purpose: planning, the failure path and the record it keeps true are one
+invariant. Neighbours: ``maps`` (I/O), ``programmed`` (reading state), ``abi`` (encoding). Pod cgroup ids for
+policy client rules come from a resolver the agent passes in.
 """
 
 from __future__ import annotations
 
+import errno
+import functools
 import itertools
 import logging
 from collections import Counter
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from balancing.datapath import abi
+from balancing import errors
+from balancing.datapath import abi, programmed
 from balancing.datapath.maps import MapIO
-from balancing.datapath.programmed import BackendRef, ProgrammedFrontend, Tier, backend_of, read_state
+from balancing.datapath.programmed import (
+    BackendRef,
+    ProgrammedFrontend,
+    ProgrammedState,
+    Tier,
+    backend_of,
+    read_state,
+)
 from balancing.model.desired import (
     Backend,
     DesiredState,
@@ -36,6 +56,9 @@ from balancing.model.desired import (
 log = logging.getLogger(__name__)
 Ref = TypeVar("Ref", bound=Hashable)
 PodCgroups = Callable[[PodRef], Sequence[int]]
+
+# A tier's count and slot numbers are u16 (struct bl_svc_val.count, bl_svc_key.slot).
+MAX_TIER_BACKENDS = 0xFFFF
 
 # (plan attribute, operation, map), in execution order.
 _PHASES = (
@@ -54,6 +77,17 @@ _PHASES = (
     ("stale_matches", "delete", abi.MAP_AFFINITY_MATCH),
     ("stale_backends", "delete", abi.MAP_BACKENDS),
 )
+# Up to this phase a frontend's master still names its old entries: a failure there writes it back.
+_SWITCH = [name for name, _, _ in _PHASES].index("stale_masters")
+# A frontend's phases by the kind of entry: (write it, delete it). Backend entries are shared (see _finish).
+_KINDS = (
+    ("matches", "stale_matches"),
+    ("clients", "stale_clients"),
+    ("qos", "stale_qos"),
+    ("slots", "stale_slots"),
+    ("fallback_masters", "stale_fallback_masters"),
+    ("masters", "stale_masters"),
+)
 _GARBAGE_PHASE = {
     abi.MAP_SERVICES: "stale_slots",
     abi.MAP_BACKENDS: "stale_backends",
@@ -61,6 +95,22 @@ _GARBAGE_PHASE = {
     abi.MAP_CLIENTS: "stale_clients",
     abi.MAP_QOS: "stale_qos",
 }
+
+
+def _located(key: FrontendKey, map_name: str, exc: BaseException) -> errors.FrontendWriteError:
+    """``exc`` (from a map operation on ``map_name``, or from encoding when that is "") as this frontend's."""
+    if isinstance(exc, errors.FrontendWriteError):
+        return exc
+    if isinstance(exc, errors.DatapathError):
+        located = errors.FrontendWriteError(str(key), str(getattr(exc, "map", map_name)), str(exc))
+    elif map_name:
+        located = errors.FrontendWriteError(str(key), map_name, f"writing BPF map {map_name} failed: {exc!r}")
+    else:
+        located = errors.FrontendWriteError(
+            str(key), "", f"a value does not fit the datapath's maps: {exc!r}"
+        )
+    located.__cause__ = exc
+    return located
 
 
 @dataclass
@@ -72,33 +122,82 @@ class WriteStats:
     # A connected UDP socket keeps the backend it was given at connect(): sockterm.SocketTerminator destroys
     # the ones these pairs name. A backend still in the frontend's other tier is not in the set.
     udp_backends_removed: dict[FrontendKey, frozenset[Backend]] = field(default_factory=dict)
+    # Frontends this write could not program as asked, with why (the others are written). A failed frontend
+    # is at a complete state (see errors.FrontendWriteError) and the writer knows which; a later write
+    # retries it.
+    failed: dict[FrontendKey, errors.FrontendWriteError] = field(default_factory=dict)
 
 
-@dataclass
 class _Plan:
-    backends: list[tuple[bytes, bytes]] = field(default_factory=list)
-    matches: list[tuple[bytes, bytes]] = field(default_factory=list)
-    clients: list[tuple[bytes, bytes]] = field(default_factory=list)
-    qos: list[tuple[bytes, bytes]] = field(default_factory=list)
-    slots: list[tuple[bytes, bytes]] = field(default_factory=list)
-    fallback_masters: list[tuple[bytes, bytes]] = field(default_factory=list)
-    masters: list[tuple[bytes, bytes]] = field(default_factory=list)
-    stale_masters: list[bytes] = field(default_factory=list)
-    stale_fallback_masters: list[bytes] = field(default_factory=list)
-    stale_slots: list[bytes] = field(default_factory=list)
-    stale_clients: list[bytes] = field(default_factory=list)
-    stale_qos: list[bytes] = field(default_factory=list)
-    stale_matches: list[bytes] = field(default_factory=list)
-    stale_backends: list[bytes] = field(default_factory=list)
-    released: set[BackendRef] = field(default_factory=set)
+    """Element operations by phase (``_PHASES``): of all the frontends of one write together, of one of them
+    (``cut``), or a write's closing deletions; and the backends the changed slots stop and start naming."""
 
-    def size(self) -> int:
-        return sum(len(getattr(self, name)) for name, _, _ in _PHASES)
+    __slots__ = (*(name for name, _, _ in _PHASES), "released", "acquired", "lists")
 
-    def written_keys(self, map_name: str) -> set[bytes]:
-        return {
-            k for name, op, m in _PHASES if op == "update" and m == map_name for k, _ in getattr(self, name)
-        }
+    def __init__(self) -> None:
+        self.backends: list[tuple[bytes, bytes]] = []
+        self.matches: list[tuple[bytes, bytes]] = []
+        self.clients: list[tuple[bytes, bytes]] = []
+        self.qos: list[tuple[bytes, bytes]] = []
+        self.slots: list[tuple[bytes, bytes]] = []
+        self.fallback_masters: list[tuple[bytes, bytes]] = []
+        self.masters: list[tuple[bytes, bytes]] = []
+        self.stale_masters: list[bytes] = []
+        self.stale_fallback_masters: list[bytes] = []
+        self.stale_slots: list[bytes] = []
+        self.stale_clients: list[bytes] = []
+        self.stale_qos: list[bytes] = []
+        self.stale_matches: list[bytes] = []
+        self.stale_backends: list[bytes] = []
+        self.released: list[BackendRef] = []  # once per slot that named it
+        self.acquired: list[BackendRef] = []
+        # every list above, the phases in order: what mark/cut/truncate work on
+        self.lists: tuple[list[Any], ...] = (
+            *(getattr(self, name) for name, _, _ in _PHASES),
+            self.released,
+            self.acquired,
+        )
+
+    def mark(self) -> tuple[int, ...]:
+        return tuple(map(len, self.lists))
+
+    def cut(self, start: tuple[int, ...], end: tuple[int, ...]) -> _Plan:
+        """The part added between two marks."""
+        part = _Plan()
+        for mine, theirs, i, j in zip(part.lists, self.lists, start, end, strict=True):
+            mine.extend(theirs[i:j])
+        return part
+
+    def truncate(self, start: tuple[int, ...]) -> None:
+        """Drop what was added since ``start``."""
+        for items, i in zip(self.lists, start, strict=True):
+            del items[i:]
+
+    def written_keys(self) -> Iterable[tuple[str, bytes]]:
+        for name, op, map_name in _PHASES:
+            if op == "update":
+                for key, _ in getattr(self, name):
+                    yield map_name, key
+
+
+@dataclass(slots=True)
+class _Change:
+    """One frontend's part of a write: its record before and after, its operations between two marks."""
+
+    key: FrontendKey
+    before: ProgrammedFrontend | None  # None: a new frontend
+    after: ProgrammedFrontend | None  # None: removed
+    frontend: Frontend | None = None  # what counts as applied once written
+    start: tuple[int, ...] = ()
+    end: tuple[int, ...] = ()
+
+
+class _Failed(Exception):
+    """A plan stopped at phase ``index`` (on ``map_name``) because of ``exc``."""
+
+    def __init__(self, index: int, map_name: str, exc: BaseException) -> None:
+        super().__init__(index, map_name, exc)
+        self.index, self.map_name, self.exc = index, map_name, exc
 
 
 def assign_slots(old: Sequence[Ref | None], new: Sequence[Ref]) -> list[Ref]:
@@ -128,6 +227,7 @@ class MapWriter:
     def __init__(self, io: MapIO, pod_cgroups: PodCgroups = _no_cgroups) -> None:
         self.io = io
         self.pod_cgroups = pod_cgroups
+        self._next_svc_id = self._next_backend_id = 1
         self.recover()
 
     def recover(self) -> None:
@@ -135,17 +235,12 @@ class MapWriter:
         state = read_state(self.io)
         self._frontends: dict[FrontendKey, ProgrammedFrontend] = state.frontends
         self._backend_ids: dict[BackendRef, int] = state.backend_ids
-        self._refs: Counter[BackendRef] = Counter(
-            r
-            for f in state.frontends.values()
-            for t in (f.primary, f.fallback)
-            if t is not None
-            for r in t.slots
-            if r is not None
-        )
+        self._refs: Counter[BackendRef] = Counter(r for f in state.frontends.values() for r in _slot_refs(f))
         self._garbage = state.garbage
-        self._next_svc_id = state.max_svc_id + 1
-        self._next_backend_id = state.max_backend_id + 1
+        # ids only grow, also over a re-read that no longer shows the highest ones this writer handed out
+        self._next_svc_id = max(self._next_svc_id, state.max_svc_id + 1)
+        self._next_backend_id = max(self._next_backend_id, state.max_backend_id + 1)
+        self._fresh: set[BackendRef] = set()  # backends given an id by the write going on
         # The Frontend last programmed per key: the very same object (the model caches them) or an equal
         # programmed_as() is skipped without re-encoding anything.
         self._applied: dict[FrontendKey, Frontend] = {}
@@ -162,6 +257,16 @@ class MapWriter:
             if f.fallback is not None
         }
 
+    def record(self) -> ProgrammedState:
+        """What the writer holds to be in the maps, in ``read_state``'s terms (to compare; do not change)."""
+        return ProgrammedState(
+            dict(self._frontends),
+            dict(self._backend_ids),
+            {m: list(keys) for m, keys in self._garbage.items()},
+            self._next_svc_id - 1,
+            self._next_backend_id - 1,
+        )
+
     def svc_id(self, key: FrontendKey) -> int | None:
         f = self._frontends.get(key)
         return f.svc_id if f else None
@@ -174,56 +279,97 @@ class MapWriter:
         return self.apply(FrontendChanges(upsert=desired.frontends, remove=stale))
 
     def apply(self, changes: FrontendChanges) -> WriteStats:
-        plan, stats = _Plan(), WriteStats()
+        """Write ``changes``; frontends that cannot be written are in ``failed`` (raises only for failures no
+        frontend owns, as ``errors.DatapathError``, after re-reading the maps)."""
+        stats = WriteStats()
         udp_before = self._udp_backends(changes)
+        plan, planned = _Plan(), list[_Change]()
         for key, frontend in changes.upsert.items():
-            if self._plan_upsert(plan, key, frontend):
-                stats.frontends_written += 1
+            self._add(plan, planned, stats, key, functools.partial(self._plan_upsert, plan, key, frontend))
         for key in changes.remove:
-            if key not in changes.upsert and self._plan_remove(plan, key):
-                stats.frontends_removed += 1
-        stats.ops = self._execute(plan)
+            if key not in changes.upsert:
+                self._add(plan, planned, stats, key, functools.partial(self._plan_remove, plan, key))
+        self._write(plan, planned, stats)
         stats.udp_backends_removed = self._udp_backends_removed(udp_before)
         return stats
 
     def refresh_clients(self) -> WriteStats:
         """Re-resolve the cgroups of policy backend pods (containers come and go) and rewrite client rules."""
-        plan, stats = _Plan(), WriteStats()
+        stats = WriteStats()
+        plan, planned = _Plan(), list[_Change]()
         for key, frontend in self._applied.items():
-            programmed = self._frontends[key]
-            if frontend.backend_pods or programmed.clients:
-                before = plan.size()
-                self._plan_clients(plan, key, programmed, frontend)
-                self._plan_master(plan, key, programmed, frontend)
-                stats.frontends_written += plan.size() > before
-        stats.ops = self._execute(plan)
+            if frontend.backend_pods or self._frontends[key].clients:
+                self._add(
+                    plan, planned, stats, key, functools.partial(self._plan_refresh, plan, key, frontend)
+                )
+        self._write(plan, planned, stats)
         return stats
 
-    def _plan_upsert(self, plan: _Plan, key: FrontendKey, frontend: Frontend) -> bool:
-        old = self._frontends.get(key)
+    def _add(
+        self,
+        plan: _Plan,
+        planned: list[_Change],
+        stats: WriteStats,
+        key: FrontendKey,
+        planner: Callable[[], _Change | None],
+    ) -> None:
+        """Plan one frontend's change into ``plan``; one that cannot be planned fails alone, before any write
+        (struct.error, OverflowError, ...: a value the maps cannot hold)."""
+        start = plan.mark()
+        try:
+            change = planner()
+        except Exception as exc:
+            for _, ref in plan.backends[start[0] :]:  # allocated for it: unknown again, for later frontends
+                del self._backend_ids[ref]
+                self._fresh.discard(ref)
+            plan.truncate(start)
+            stats.failed[key] = _located(key, "", exc)
+            return
+        if change is None:
+            return
+        end = plan.mark()
+        if end[: len(_PHASES)] == start[: len(_PHASES)]:  # programmed as asked already (e.g. after a re-read)
+            if change.frontend is not None:
+                self._applied[key] = change.frontend
+            return
+        change.start, change.end = start, end
+        planned.append(change)
+
+    def _plan_upsert(self, plan: _Plan, key: FrontendKey, frontend: Frontend) -> _Change | None:
+        before = self._frontends.get(key)
         prev = self._applied.get(key)
         if (
-            old is not None
+            before is not None
             and prev is not None
             and (prev is frontend or prev.programmed_as() == frontend.programmed_as())
         ):
-            return False
-        self._applied[key] = frontend
-        if old is None:
-            old = ProgrammedFrontend(self._next_svc_id, Tier(b"", []))
+            return None
+        for tier, backends in (("primary", frontend.backends), ("fallback", frontend.fallback or ())):
+            if len(backends) > MAX_TIER_BACKENDS:
+                reason = f"{len(backends)} {tier} backends, a tier holds at most {MAX_TIER_BACKENDS}"
+                raise errors.FrontendWriteError(str(key), abi.MAP_SERVICES, reason)
+        if before is None:
+            new = ProgrammedFrontend(self._next_svc_id, Tier(b"", []))
             self._next_svc_id += 1
-            self._frontends[key] = old
-        before = plan.size()
+        else:
+            new = before.copy()
         proto = key.protocol
         primary = [abi.pack_backend(b.ip, b.port, proto) for b in frontend.backends]
-        self._plan_tier(plan, abi.SvcKeyPacker(key.ip, key.port, proto), old.primary, primary)
-        self._plan_fallback(plan, key, old, frontend)
-        ids = [self._backend_ids[r] for r in old.primary.slots if r is not None]
-        self._plan_matches(plan, old, ids if frontend.affinity_timeout else [])
-        self._plan_clients(plan, key, old, frontend)
-        self._plan_qos(plan, old, frontend.qos_limit)
-        self._plan_master(plan, key, old, frontend)
-        return plan.size() > before
+        self._plan_tier(plan, abi.SvcKeyPacker(key.ip, key.port, proto), new.primary, primary)
+        self._plan_fallback(plan, key, new, frontend)
+        ids = [self._backend_ids[r] for r in new.primary.slots if r is not None]
+        self._plan_matches(plan, new, ids if frontend.affinity_timeout else [])
+        self._plan_clients(plan, key, new, frontend)
+        self._plan_qos(plan, new, frontend.qos_limit)
+        self._plan_master(plan, key, new, frontend)
+        return _Change(key, before, new, frontend)
+
+    def _plan_refresh(self, plan: _Plan, key: FrontendKey, frontend: Frontend) -> _Change | None:
+        before = self._frontends[key]
+        new = before.copy()
+        self._plan_clients(plan, key, new, frontend)
+        self._plan_master(plan, key, new, frontend)
+        return _Change(key, before, new, frontend)
 
     def _plan_tier(self, plan: _Plan, pack_key: abi.SvcKeyPacker, tier: Tier, refs: list[BackendRef]) -> None:
         if None not in tier.slots and len(tier.slots) == len(refs) and set(tier.slots) == set(refs):
@@ -311,11 +457,12 @@ class MapWriter:
             plan.stale_qos.append(abi.pack_qos_key(old.svc_id))
         old.qos = want
 
-    def _plan_remove(self, plan: _Plan, key: FrontendKey) -> bool:
-        old = self._frontends.pop(key, None)
-        self._applied.pop(key, None)
-        if old is None:
-            return False
+    def _plan_remove(self, plan: _Plan, key: FrontendKey) -> _Change | None:
+        before = self._frontends.get(key)
+        if before is None:
+            self._applied.pop(key, None)
+            return None
+        old = before.copy()  # scratch for the helpers below
         pack_key = abi.SvcKeyPacker(key.ip, key.port, key.protocol)
         plan.stale_masters.append(pack_key(abi.MASTER_SLOT))
         plan.stale_slots.extend(pack_key(s) for s in range(1, len(old.primary.slots) + 1))
@@ -329,7 +476,7 @@ class MapWriter:
         if old.qos is not None:
             plan.stale_qos.append(abi.pack_qos_key(old.svc_id))
         self._retarget(plan, old.primary, [])
-        return True
+        return _Change(key, before, None)
 
     def _backend_id(self, plan: _Plan, ref: BackendRef) -> int:
         backend_id = self._backend_ids.get(ref)
@@ -337,48 +484,152 @@ class MapWriter:
             backend_id = self._next_backend_id
             self._next_backend_id += 1
             self._backend_ids[ref] = backend_id
+            self._fresh.add(ref)
             plan.backends.append((abi.pack_backend_id(backend_id), ref))
         return backend_id
 
     def _retarget(self, plan: _Plan, tier: Tier, slots: list[BackendRef]) -> None:
-        for ref in tier.slots:
-            if ref is not None:
-                self._refs[ref] -= 1
-                plan.released.add(ref)
-        for ref in slots:
-            self._refs[ref] += 1
+        plan.released.extend(ref for ref in tier.slots if ref is not None)
+        plan.acquired.extend(slots)
         tier.slots = list(slots)
 
-    def _plan_release(self, plan: _Plan) -> None:
-        for ref in plan.released:
+    # --- executing ---------------------------------------------------------------------------------------
+
+    def _write(self, plan: _Plan, planned: list[_Change], stats: WriteStats) -> None:
+        """Run the plan of all frontends; after a failure, each frontend's part alone (see the module
+        docstring). Then delete what no frontend names any more."""
+        try:
+            self._run(plan, stats)
+        except _Failed as failed:
+            log.warning("batched map write failed (%s); writing frontend by frontend", failed.exc)
+            if failed.index == 0:  # only new backend entries were written, none is used yet: make room
+                self._run_or_raise(_deletes(abi.MAP_BACKENDS, plan.backends), stats)
+            written, reread = self._write_each(plan, planned, stats)
+        else:
+            written, reread = [plan], False
+            for change in planned:
+                self._commit(change, stats)
+            self._count(plan)
+        self._finish(written, stats)
+        if reread:
+            self.recover()
+
+    def _write_each(self, plan: _Plan, planned: list[_Change], stats: WriteStats) -> tuple[list[_Plan], bool]:
+        """Each frontend alone; one that fails is written back, or if its master switched, kept (the maps are
+        then re-read at the end, for what its failed deletions left). Returns the parts written, and whether
+        to re-read."""
+        written, reread = [], False
+        for change in planned:
+            part = plan.cut(change.start, change.end)
+            # a backend new in this write is written with each frontend that uses it, whichever others fail
+            part.backends[:] = [
+                (abi.pack_backend_id(self._backend_ids[ref]), ref)
+                for ref in dict.fromkeys(part.acquired)
+                if ref in self._fresh
+            ]
+            try:
+                self._run(part, stats)
+            except _Failed as failed:
+                stats.failed[change.key] = _located(change.key, failed.map_name, failed.exc)
+                if failed.index <= _SWITCH:
+                    self._write_back(change, part, stats)
+                    continue
+                # Switched: its backends stay until the re-read finds them unused, after what still names
+                # them (an affinity match left behind would send a client to a deleted backend).
+                part.released.clear()
+                reread = True
+            self._commit(change, stats)
+            self._count(part)
+            written.append(part)
+        return written, reread
+
+    def _write_back(self, change: _Change, part: _Plan, stats: WriteStats) -> None:
+        """Return a frontend whose change failed before its master switched to the entries it had, in
+        make-before-break order: what the old master names, then the masters, then what it does not name."""
+        old = programmed.entries(change.key, change.before, self._backend_ids) if change.before else {}
+        undo = _deletes(abi.MAP_BACKENDS, (e for e in part.backends if self._refs[e[1]] <= 0))  # make room
+        for write, delete in _KINDS:
+            map_name = _MAP[write]
+            touched = dict.fromkeys(
+                itertools.chain((k for k, _ in getattr(part, write)), getattr(part, delete))
+            )
+            for key in touched:
+                value = old.get(map_name, {}).get(key)
+                if value is None:
+                    getattr(undo, delete).append(key)
+                else:
+                    getattr(undo, write).append((key, value))
+        try:
+            self._run(undo, stats)
+        except _Failed as failed:
+            self.recover()
+            error = stats.failed[change.key]
+            raise errors.FrontendWriteError(
+                error.frontend, failed.map_name, f"{error.reason}; writing it back failed too: {failed.exc}"
+            ) from failed.exc
+
+    def _commit(self, change: _Change, stats: WriteStats) -> None:
+        """The change is in the maps: make it the record."""
+        if change.after is None:
+            del self._frontends[change.key]
+            self._applied.pop(change.key, None)
+            stats.frontends_removed += 1
+        else:
+            self._frontends[change.key] = change.after
+            if change.frontend is not None:
+                self._applied[change.key] = change.frontend
+            stats.frontends_written += 1
+
+    def _count(self, written: _Plan) -> None:
+        refs = self._refs
+        for ref in written.released:
+            refs[ref] -= 1
+        for ref in written.acquired:
+            refs[ref] += 1
+
+    def _finish(self, written: list[_Plan], stats: WriteStats) -> None:
+        """Delete the backends no frontend names any more (those new to failed frontends too) and the
+        garbage."""
+        tail = _Plan()
+        unused = set(itertools.chain.from_iterable(p.released for p in written))
+        if stats.failed:
+            unused.update(self._fresh)
+        for ref in unused:
             if self._refs[ref] <= 0:
-                del self._refs[ref]
+                self._refs.pop(ref, None)
                 backend_id = self._backend_ids.pop(ref, None)
                 if backend_id is not None:
-                    plan.stale_backends.append(abi.pack_backend_id(backend_id))
-        for map_name, keys in self._garbage.items():
-            rewritten = plan.written_keys(map_name)  # a garbage key the plan writes again is live again
-            getattr(plan, _GARBAGE_PHASE[map_name]).extend(k for k in keys if k not in rewritten)
-        self._garbage = {}
+                    tail.stale_backends.append(abi.pack_backend_id(backend_id))
+        self._fresh = set()
+        if self._garbage:
+            live = {k for p in written for k in p.written_keys()}  # a garbage key written again is live
+            for map_name, keys in self._garbage.items():
+                getattr(tail, _GARBAGE_PHASE[map_name]).extend(k for k in keys if (map_name, k) not in live)
+            self._garbage = {}
+        self._run_or_raise(tail, stats)
 
-    def _execute(self, plan: _Plan) -> int:
-        self._plan_release(plan)
-        ops = 0
+    def _run_or_raise(self, plan: _Plan, stats: WriteStats) -> None:
+        """Run a plan no frontend owns; a failure re-reads the maps and raises."""
         try:
-            for name, op, map_name in _PHASES:
-                items = getattr(plan, name)
-                if not items:
-                    continue
+            self._run(plan, stats)
+        except _Failed as failed:
+            self.recover()
+            if isinstance(failed.exc, errors.DatapathError):
+                raise failed.exc from None
+            raise errors.MapError(map=failed.map_name, op="delete", errno=errno.EIO) from failed.exc
+
+    def _run(self, plan: _Plan, stats: WriteStats) -> None:
+        for index, ((_, op, map_name), items) in enumerate(zip(_PHASES, plan.lists, strict=False)):
+            if not items:
+                continue
+            try:
                 if op == "update":
                     self.io.update(map_name, items)
                 else:
                     self.io.delete(map_name, items)
-                ops += len(items)
-        except Exception:
-            log.warning("map write failed after %d operations; re-reading the maps", ops)
-            self.recover()
-            raise
-        return ops
+            except Exception as exc:
+                raise _Failed(index, map_name, exc) from exc
+            stats.ops += len(items)
 
     # --- removed UDP backends (for socket termination) ---------------------------------------------------
 
@@ -409,6 +660,21 @@ class MapWriter:
         return removed
 
 
-def _tier_refs(frontend: ProgrammedFrontend) -> set[BackendRef]:
+_MAP = {name: map_name for name, _, map_name in _PHASES}
+
+
+def _deletes(map_name: str, items: Iterable[tuple[bytes, bytes]]) -> _Plan:
+    """A plan that deletes the keys of ``items`` from ``map_name`` (the backend or a stale phase)."""
+    plan = _Plan()
+    getattr(plan, _GARBAGE_PHASE[map_name]).extend(k for k, _ in items)
+    return plan
+
+
+def _slot_refs(frontend: ProgrammedFrontend) -> Iterable[BackendRef]:
+    """Every backend the frontend's slots name, once per slot (both tiers)."""
     tiers = (frontend.primary, frontend.fallback) if frontend.fallback is not None else (frontend.primary,)
-    return {r for t in tiers for r in t.slots if r is not None}
+    return [r for t in tiers for r in t.slots if r is not None]
+
+
+def _tier_refs(frontend: ProgrammedFrontend) -> set[BackendRef]:
+    return set(_slot_refs(frontend))

@@ -11,9 +11,9 @@ A failure stays with its frontend. A value the ABI cannot hold fails that fronte
 write. The plan runs phase by phase in batches; if a map operation fails, each frontend's part of it
 (``_Change``) runs again alone, and a frontend that fails before its master switched is written back to its
 previous entries (``programmed.entries``). So every frontend ends whole at its old or its new state, the
-others are written, the failed ones are reported in ``WriteStats.failed``
-(``errors.FrontendWriteError``) and the writer's record is what the maps hold. Backend entries shared by frontends, and garbage, are deleted last,
-once every frontend's outcome is known. Only a failure no frontend owns (deleting those, or writing a
+others are written, the failed ones are reported in ``WriteStats.failed`` (``errors.FrontendWriteError``)
+and the writer's record is what the maps hold. Backend entries shared by frontends, and garbage, are deleted
+last, once every frontend's outcome is known. Only a failure no frontend owns (deleting those, or writing a
 frontend back) raises, after re-reading the maps. Backend and frontend ids are recovered from the maps on
 start and allocated monotonically, so an id is never reused under a concurrent reader.
 One module over 400 lines on purpose: planning, the failure path and the record it keeps true are one

@@ -18,7 +18,7 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -75,6 +75,7 @@ class Programming:
         self.writer: writer.MapWriter | None = None
         self.pods = podcgroups.PodCgroupIndex()
         self.needs_resync = False
+        self._failing: dict[desired.FrontendKey, str] = {}  # frontends the last write could not program
         self.generation = 0  # bumped by every successful write: what the tools' view is keyed on
 
     async def open(self, kernel_maps: maps.MapIO, cgroup: Path) -> None:
@@ -98,7 +99,6 @@ class Programming:
             except errors.DatapathError as exc:
                 self.failed(exc)
                 return False
-        self.needs_resync = False
         self._written(stats)
         self.owners.replace(wanted.frontends, self.writer.svc_id)
         self.metrics.sync_done(time.perf_counter() - started, full=True)
@@ -130,7 +130,7 @@ class Programming:
             self.failed(exc)
             return
         self._written(stats)
-        self.owners.apply(changes, self.writer.svc_id)
+        self.owners.apply(changes.without(stats.failed), self.writer.svc_id)
         self.metrics.sync_done(time.perf_counter() - seen, full=False)
         self.metrics.programmed(seen)
         await self._after_write()
@@ -145,15 +145,34 @@ class Programming:
 
     def _written(self, stats: writer.WriteStats) -> None:
         self.generation += 1
+        self._frontend_failures(stats.failed)
         self.on_programmed()
         self.terminations.submit(stats.udp_backends_removed)
+
+    def _frontend_failures(self, failed: Mapping[desired.FrontendKey, errors.FrontendWriteError]) -> None:
+        """Frontends a write could not program (the others are written): each new or changed failure logged
+        once, counted, shown by ``/healthz``'s ``lastError``, retried by a full sync within a second."""
+        now = {key: str(err) for key, err in failed.items()}
+        for key, text in sorted(now.items(), key=lambda kv: str(kv[0])):
+            if self._failing.get(key) != text:
+                log.error("%s (the others are written; retrying)", text)
+            self.metrics.write_failed(failed[key].map)
+        for key in sorted(self._failing.keys() - now.keys(), key=str):
+            log.info("frontend %s programmed after an earlier failure", key)
+        self._failing = now
+        self.needs_resync = bool(now)
+        if now:
+            first = next(iter(now.values()))
+            self.health.last_error = f"{len(now)} frontends not programmed, e.g. {first}"
 
     async def _after_write(self) -> None:
         self.metrics.pending(0, 0)
         for policy, n in self.store.no_local_endpoints().items():
             self.metrics.no_local_endpoints(policy, n)
         await self.health_checks.update(self.store.health_checks())
+        error = self.health.last_error if self._failing else ""
         self.health.synced()
+        self.health.last_error = error
 
     def failed(self, exc: errors.DatapathError) -> None:
         log.error("programming the datapath failed, keeping what is programmed and retrying: %s", exc)
@@ -162,10 +181,17 @@ class Programming:
         self.metrics.write_failed(getattr(exc, "map", ""))
 
     async def resync_loop(self) -> None:
-        """Full syncs on a timer (within a second after a failed write)."""
+        """Full syncs on a timer; after a failed write within a second, backing off (doubling up to the
+        resync interval) while the same failures persist (a full map stays full until something goes)."""
         count = 0
+        retry = 1.0
         while True:
-            await asyncio.sleep(self.resync_interval if not self.needs_resync else 1.0)
+            if self.needs_resync:
+                await asyncio.sleep(min(retry, self.resync_interval))
+                retry *= 2
+            else:
+                retry = 1.0
+                await asyncio.sleep(self.resync_interval)
             count += 1
             if count % VERIFY_EVERY == 0 and self.writer is not None:
                 await asyncio.get_running_loop().run_in_executor(self.io, self.writer.recover)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import socket
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -168,3 +169,11 @@ class FrontendChanges:
 
     def __bool__(self) -> bool:
         return bool(self.upsert or self.remove)
+
+    def without(self, keys: Collection[FrontendKey]) -> FrontendChanges:
+        """The same change less ``keys`` (e.g. the frontends a write could not program)."""
+        if not keys:
+            return self
+        return FrontendChanges(
+            {k: f for k, f in self.upsert.items() if k not in keys}, self.remove.difference(keys)
+        )

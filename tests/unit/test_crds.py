@@ -161,14 +161,13 @@ def test_schema_is_structural(kind: str) -> None:
         for name in schema.get("required", []):
             if name not in schema.get("properties", {}):
                 problems.append(f"{path}: required {name!r} is not a property")
+        py_type = PY_TYPES.get(kind_, object) if isinstance(kind_, str) else object
         for value in schema.get("enum", []):
-            if not isinstance(value, PY_TYPES[kind_]):
+            if not isinstance(value, py_type):
                 problems.append(f"{path}: enum value {value!r} is not a {kind_}")
         if "default" in schema:
             default = schema["default"]
-            if not isinstance(default, PY_TYPES[kind_]) or (
-                "enum" in schema and default not in schema["enum"]
-            ):
+            if not isinstance(default, py_type) or ("enum" in schema and default not in schema["enum"]):
                 problems.append(f"{path}: default {default!r} does not fit the field")
         if schema.get("x-kubernetes-list-type") == "map":
             keys = schema.get("x-kubernetes-list-map-keys", [])
@@ -397,7 +396,7 @@ def clone(value: Any) -> Any:
 
 def edit(doc: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
     """A copy of ``doc`` with ``{"spec.a.b": value}`` set (``DELETE`` removes; ``.0`` indexes a list)."""
-    out = clone(doc)
+    out: dict[str, Any] = clone(doc)
     for dotted, value in changes.items():
         *parents, last = dotted.split(".")
         node: Any = out
@@ -517,6 +516,18 @@ CASES: list[Case] = [
     bad("lrp/service-no-name", edit(LRP_SVC, {f"{SM}.serviceName": DELETE}), REQUIRED),
     bad("lrp/service-empty-name", edit(LRP_SVC, {f"{SM}.serviceName": ""}), TOO_SHORT),
     bad("lrp/service-no-namespace", edit(LRP_SVC, {f"{SM}.namespace": DELETE}), REQUIRED),
+    # the Service's name and namespace as the API server checks a Service's (no dots, capitals, newlines)
+    ok("lrp/service-name-63", edit(LRP_SVC, {f"{SM}.serviceName": "a" * 63})),
+    ok("lrp/namespace-starts-with-digit", edit(LRP_SVC, {f"{SM}.namespace": "1-ns"})),
+    bad("lrp/service-name-64", edit(LRP_SVC, {f"{SM}.serviceName": "a" * 64}), TOO_LONG),
+    bad("lrp/service-name-upper-case", edit(LRP_SVC, {f"{SM}.serviceName": "Kube-dns"}), PATTERN),
+    bad("lrp/service-name-starts-with-digit", edit(LRP_SVC, {f"{SM}.serviceName": "1dns"}), PATTERN),
+    bad("lrp/service-name-dot", edit(LRP_SVC, {f"{SM}.serviceName": "kube.dns"}), PATTERN),
+    bad("lrp/service-name-trailing-dash", edit(LRP_SVC, {f"{SM}.serviceName": "dns-"}), PATTERN),
+    bad("lrp/service-name-newline", edit(LRP_SVC, {f"{SM}.serviceName": "kube-dns\n"}), PATTERN),
+    bad("lrp/namespace-64", edit(LRP_SVC, {f"{SM}.namespace": "a" * 64}), TOO_LONG),
+    bad("lrp/namespace-underscore", edit(LRP_SVC, {f"{SM}.namespace": "kube_system"}), PATTERN),
+    bad("lrp/namespace-control-character", edit(LRP_SVC, {f"{SM}.namespace": "kube\x1bsystem"}), PATTERN),
     bad("lrp/address-no-ip", edit(LRP_ADDR, {f"{AM}.ip": DELETE}), REQUIRED),
     bad("lrp/address-no-toPorts", edit(LRP_ADDR, {f"{AM}.toPorts": DELETE}), REQUIRED),
     bad("lrp/address-empty-toPorts", edit(LRP_ADDR, {f"{AM}.toPorts": []}), TOO_SHORT),
@@ -953,6 +964,8 @@ def _per_location_cases() -> list[Case]:
     cases += [
         bad("bp/both-matchers", edit(BP_SVC, both_matchers), ONE_MATCHER),
         bad("bp/address-matcher-unspecified", edit(BP_ADDR, {f"{AM}.ip": "::"}), UNSPECIFIED),
+        bad("bp/service-name-upper-case", edit(BP_SVC, {f"{SM}.serviceName": "Web"}), PATTERN),
+        bad("bp/service-namespace-dot", edit(BP_SVC, {f"{SM}.namespace": "a.b"}), PATTERN),
         bad("bp/address-matcher-bad-ip", edit(BP_ADDR, {f"{AM}.ip": "10.250.0.1000"}), NOT_IP),
     ]
     return cases
@@ -1188,7 +1201,7 @@ def random_policies(draw: st.DrawFn) -> dict[str, Any]:
 
     def selector() -> dict[str, Any]:
         key = st.sampled_from(["app", "x.io/app", "a b", "-a", "A/b"])
-        expr = {
+        expr: dict[str, Any] = {
             "key": draw(key),
             "operator": draw(st.sampled_from(["In", "NotIn", "Exists", "DoesNotExist", "Eq"])),
         }

@@ -4,7 +4,8 @@ Typed and validated like ``objects`` (camelCase, unknown fields ignored, errors 
 field). Both kinds are cluster-scoped (a ``metadata.namespace`` is dropped) and share:
 
 - ``spec.frontend``: exactly one of ``serviceMatcher {serviceName, namespace, toPorts?}`` (the Service's
-  ClusterIPs; without ``toPorts`` every Service port) or ``addressMatcher {ip, toPorts}`` (a custom VIP);
+  ClusterIPs; without ``toPorts`` every Service port; the names as the API server checks a Service's) or
+  ``addressMatcher {ip, toPorts}`` (a custom VIP);
 - ``toPorts[]``: ``{port: "1".."65535" (a number is accepted too), protocol: TCP|UDP, name?}``; in a list of
   more than one every port is named and names are unique; a frontend lists each port/protocol once;
 - port pairing: one frontend port and one backend port map directly; otherwise by name, and the frontend's
@@ -41,7 +42,7 @@ from pydantic import (
 )
 
 from balancing.model.desired import IPAddress, Protocol
-from balancing.model.meta import ObjectMeta, PrunedModel
+from balancing.model.meta import ObjectMeta, PrunedModel, check_dns1035_label, check_dns1123_label
 from balancing.model.selectors import LabelSelector
 from balancing.model.status import ObservedStatus, parse_status
 
@@ -238,8 +239,8 @@ PolicyIP = Annotated[IPAddress, BeforeValidator(_ip)]
 
 
 class ServiceMatcher(PrunedModel):
-    service_name: str = Field(min_length=1)
-    namespace: str = Field(min_length=1)
+    service_name: Annotated[str, Field(min_length=1), AfterValidator(check_dns1035_label)]  # a Service's name
+    namespace: Annotated[str, Field(min_length=1), AfterValidator(check_dns1123_label)]
     to_ports: FrontendPorts = Field(default_factory=list)  # empty: every port of the Service
 
 

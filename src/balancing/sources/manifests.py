@@ -6,32 +6,39 @@ one object or a ``List`` of them. ``load`` and ``rescan`` return a ``SourceUpdat
 what was in force before. Rules:
 
 - an object of a kind the model does not read is skipped with a logged warning;
-- a file that fails to parse, or holds any invalid document, keeps its last good version in force as a
+- a file that fails to parse, exceeds a cost budget (``decoding.Budgets``: size, nesting depth, alias
+  expansion, objects per file), or holds any invalid document, keeps its last good version in force as a
   whole (a file never good contributes nothing) and reports ``ManifestError``\\ s naming file, document,
-  object and field;
+  object and field; whatever a file holds, ``parse_manifest``, ``load`` and ``rescan`` never raise for it
+  (even a ``RecursionError``, ``MemoryError`` or a pydantic-core panic is the file's error);
+- an entry with a manifest name that is not a regular file (FIFO, socket, device, directory, dangling
+  symlink) is skipped with one warning and never opened for reading (``sources.files``);
 - an object defined in two files comes from the file whose name sorts first (warning naming both);
 - Service, EndpointSlice and Pod without a namespace are in ``default``;
 - a missing directory keeps everything in force (logged) until it is back.
 
-Neighbours: documents are validated by ``balancing.model.objects.parse_object``; ``sources.watch`` calls
+Scans are serialised by a lock, so they may run in a worker thread (``sources.watch`` runs them there).
+
+Neighbours: ``sources.files`` reads a file, ``sources.decoding`` turns its bytes into documents within the
+budgets, ``balancing.model.objects.parse_object`` validates each document; ``sources.watch`` calls
 ``rescan`` when files change; the agent applies updates to the model's store.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
 from balancing.errors import ManifestError, SourceError
 from balancing.model.fielderrors import field_errors, join_path
 from balancing.model.objects import KubeObject, ObjectRef, UnknownKind, parse_object, ref
+from balancing.sources import decoding, files
 
 log = logging.getLogger(__name__)
 
@@ -62,87 +69,103 @@ def is_manifest_name(name: str) -> bool:
 
 # --- parsing one file ----------------------------------------------------------------------------------
 
-
-class _Loader(yaml.SafeLoader):
-    """Safe YAML loader that keeps timestamps as text, as Kubernetes does."""
+MAX_REPORTED_ERRORS = 100  # per file and scan; the rest are summed up in one more error
 
 
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, regex) for tag, regex in resolvers if tag != "tag:yaml.org,2002:timestamp"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
+def parse_manifest(
+    path: Path, data: bytes, budgets: decoding.Budgets = decoding.DEFAULT_BUDGETS
+) -> tuple[list[KubeObject], list[ManifestError]]:
+    """Every object one file's content defines, and every problem found in it (no I/O).
 
-
-def parse_manifest(path: Path, data: bytes) -> tuple[list[KubeObject], list[ManifestError]]:
-    """Every object one file's content defines, and every problem found in it (no I/O)."""
+    Never raises for the content: whatever goes wrong decoding or validating it (a budget exceeded, a
+    ``RecursionError``, a ``MemoryError``, a panic in pydantic-core) is a ``ManifestError`` of the file,
+    located at the document, object and field as far as known.
+    """
     try:
-        documents = _documents(path, data)
+        items = _all_items(path, data, budgets)
     except ManifestError as exc:
         return [], [exc]
+    except BaseException as exc:
+        if not _contained(exc):
+            raise
+        return [], [ManifestError(path, 0, "", "", _unexpected(exc))]
     objects: list[KubeObject] = []
     errors: list[ManifestError] = []
-    for index, document in enumerate(documents, start=1):
-        for where, item in _items(document):
-            try:
-                objects.append(_parse_item(path, index, where, item))
-            except ManifestError as exc:
-                errors.append(exc)
-            except ValidationError as exc:
-                errors.extend(_validation_errors(path, index, where, item, exc))
-            except UnknownKind:
-                _skip(path, index, where, item)
+    for index, where, item in items:
+        obj, problems = _parse_one(path, index, where, item)
+        if obj is not None:
+            objects.append(obj)
+        errors.extend(problems)
+    if len(errors) > MAX_REPORTED_ERRORS:
+        more = len(errors) - MAX_REPORTED_ERRORS
+        errors = [*errors[:MAX_REPORTED_ERRORS], ManifestError(path, 0, "", "", f"{more} more problems")]
     return objects, errors
+
+
+def _all_items(path: Path, data: bytes, budgets: decoding.Budgets) -> list[tuple[int, str, Any]]:
+    """(document, location, raw object) of every object in the file, within the objects budget."""
+    try:
+        documents = decoding.decode(path.name, data, budgets)
+    except decoding.DecodeError as exc:
+        raise ManifestError(path, exc.document, "", exc.field, exc.message) from None
+    items = [
+        (index, where, item)
+        for index, document in enumerate(documents, start=1)
+        for where, item in _items(document)
+    ]
+    if len(items) > budgets.objects:
+        limit = f"{budgets.objects} objects"
+        message = decoding.over_budget("objects per file", limit, f"the file holds {len(items)}")
+        raise ManifestError(path, 0, "", "", message)
+    return items
+
+
+def _parse_one(
+    path: Path, index: int, where: str, item: Any
+) -> tuple[KubeObject | None, list[ManifestError]]:
+    """One raw object as a model object, or its problems (None and [] for a kind not read)."""
+    try:
+        return _parse_item(path, index, where, item), []
+    except ManifestError as exc:
+        return None, [exc]
+    except ValidationError as exc:
+        errors = _validation_errors(path, index, where, item, exc)
+        return None, errors or [ManifestError(path, index, _describe(item), where, "invalid")]
+    except UnknownKind:
+        _skip(path, index, where, item)
+        return None, []
+    except BaseException as exc:
+        if not _contained(exc):
+            raise
+        return None, [ManifestError(path, index, _describe(item), where, _unexpected(exc))]
+
+
+def _contained(exc: BaseException) -> bool:
+    """Whether an exception is the file's problem: any ``Exception``, and pydantic-core's Rust panics
+    (``pyo3_runtime.PanicException`` derives from ``BaseException``); never an interrupt or exit."""
+    return isinstance(exc, Exception) or type(exc).__name__ == "PanicException"
+
+
+def _unexpected(exc: BaseException) -> str:
+    return f"cannot be read ({type(exc).__name__}: {decoding.text_of(exc)})"
 
 
 def _skip(path: Path, index: int, where: str, item: dict[str, Any]) -> None:
     at = f" {where}" if where else ""
-    kind = (item.get("apiVersion"), item.get("kind"))
+    kind = (decoding.text_of(item.get("apiVersion")), decoding.text_of(item.get("kind")))
     log.warning("%s document %d%s: skipping %s %s (kind not read by balancing)", path, index, at, *kind)
-
-
-def _documents(path: Path, data: bytes) -> list[Any]:
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise ManifestError(path, 0, "", "", f"not UTF-8 text: {exc}") from None
-    if path.suffix.lower() == ".json":
-        try:
-            return [json.loads(text)]
-        except json.JSONDecodeError as exc:
-            raise ManifestError(
-                path, 1, "", "", f"invalid JSON at {_at(exc.lineno, exc.colno)}: {exc.msg}"
-            ) from None
-    documents: list[Any] = []
-    try:
-        for document in yaml.load_all(text, Loader=_Loader):
-            documents.append(document)
-    except yaml.YAMLError as exc:
-        raise ManifestError(path, len(documents) + 1, "", "", _yaml_message(exc)) from None
-    return documents
-
-
-def _at(line: int, column: int) -> str:
-    return f"line {line} column {column}"
-
-
-def _yaml_message(exc: yaml.YAMLError) -> str:
-    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
-        mark = exc.problem_mark
-        context = f" ({exc.context})" if exc.context else ""
-        return f"invalid YAML at {_at(mark.line + 1, mark.column + 1)}: {exc.problem}{context}"
-    return f"invalid YAML: {exc}"
 
 
 def _items(document: Any) -> list[tuple[str, Any]]:
     """The objects of one document with their location: itself, or each item of a ``List``."""
     if document is None:
         return []  # empty document, e.g. after a trailing ``---``
-    if not (isinstance(document, dict) and str(document.get("kind", "")).endswith("List")):
+    kind = document.get("kind") if isinstance(document, dict) else None
+    if not (isinstance(kind, str) and kind.endswith("List")):
         return [("", document)]
     items = document.get("items") or []
     if not isinstance(items, list):
         return [("items", items)]
-    kind = str(document["kind"])
     defaults = {} if kind == "List" else {"apiVersion": document.get("apiVersion"), "kind": kind[:-4]}
     return [(f"items[{i}]", _with_defaults(item, defaults)) for i, item in enumerate(items)]
 
@@ -179,13 +202,15 @@ def _validation_errors(
     ]
 
 
-def _describe(item: dict[str, Any]) -> str:
-    """``"Service default/web"`` from a raw document, as far as it names itself."""
-    kind = str(item.get("kind") or "")
+def _describe(item: Any) -> str:
+    """``"Service default/web"`` from a raw document, as far as it names itself (never raises)."""
+    if not isinstance(item, dict):
+        return ""
+    kind = decoding.text_of(item.get("kind") or "")
     meta = item.get("metadata")
     meta = meta if isinstance(meta, dict) else {}
-    name = str(meta.get("name") or "")
-    namespace = str(meta.get("namespace") or ("default" if kind in NAMESPACED_KINDS else ""))
+    name = decoding.text_of(meta.get("name") or "")
+    namespace = decoding.text_of(meta.get("namespace") or ("default" if kind in NAMESPACED_KINDS else ""))
     full = f"{namespace}/{name}" if namespace and name else name
     return f"{kind} {full}".strip()
 
@@ -203,28 +228,36 @@ class _File:
 class ManifestDirectory:
     """The objects defined by the manifest files directly in ``path``; see the module docstring."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, budgets: decoding.Budgets = decoding.DEFAULT_BUDGETS) -> None:
         self.path = Path(path)
+        self.budgets = budgets
         self._files: dict[str, _File] = {}
         self._in_force: dict[ObjectRef, KubeObject] = {}
         self._conflicts: set[tuple[ObjectRef, str, str]] = set()
         self._missing = False
+        self._skipped: dict[str, str] = {}  # entry name → what it is (warned about once)
+        self._lock = threading.Lock()  # one scan at a time, whichever thread runs it
 
     def load(self) -> SourceUpdate:
         """Re-read every file: all objects in force as upserts (plus deletes of any gone), all errors.
 
-        Raises ``SourceError`` if the directory does not exist.
+        Raises ``SourceError`` if the directory does not exist, never for a file's content.
         """
         if not self.path.is_dir():
             raise SourceError(f"manifest directory {self.path} does not exist or is not a directory")
-        update = self._scan(None, full=True)
+        with self._lock:
+            update = self._scan(None, full=True)
         if update is None:
             raise SourceError(f"manifest directory {self.path} disappeared while being read")
         return update
 
     def rescan(self, changed_paths: set[Path] | None = None) -> SourceUpdate:
-        """Re-read the given files (all if None): only the difference against what was in force."""
-        return self._scan(changed_paths, full=False) or SourceUpdate()
+        """Re-read the given files (all if None): only the difference against what was in force.
+
+        Never raises for a file's content or kind (see the module docstring).
+        """
+        with self._lock:
+            return self._scan(changed_paths, full=False) or SourceUpdate()
 
     def errors(self) -> list[ManifestError]:
         """Current problems, file by file (a file's errors clear when it is fixed or removed)."""
@@ -276,17 +309,23 @@ class ManifestDirectory:
         path = self.path / name
         old = self._files.get(name)
         try:
-            data = path.read_bytes() if path.is_file() else None
-        except FileNotFoundError:
+            data = files.read_regular(path, self.budgets.file_bytes)
+        except files.NotRegular as exc:
+            self._skip_entry(name, exc.kind)
             data = None
+        except files.TooLarge as exc:
+            limit = f"{self.budgets.file_bytes} bytes"
+            return self._unreadable(name, old, decoding.over_budget("file size", limit, f"{exc.size} bytes"))
         except OSError as exc:
-            return self._unreadable(name, old, exc)
+            return self._unreadable(name, old, f"cannot read: {exc}")
+        else:
+            self._skipped.pop(name, None)
         if data is None:
             self._files.pop(name, None)
             return []
         if old is not None and old.data == data and not force:
             return []
-        objects, errors = parse_manifest(path, data)
+        objects, errors = parse_manifest(path, data, self.budgets)
         if not errors:
             self._files[name] = _File(data, objects, [])
             return []
@@ -295,9 +334,16 @@ class ManifestDirectory:
         self._files[name] = _File(data, good, errors)
         return errors
 
-    def _unreadable(self, name: str, old: _File | None, exc: OSError) -> list[ManifestError]:
+    def _skip_entry(self, name: str, kind: str) -> None:
+        """Skip an entry that is not a regular file, with a warning the first time (per kind)."""
+        if self._skipped.get(name) != kind:
+            log.warning("%s: skipping %s (a %s, not a regular file)", self.path, name, kind)
+        self._skipped[name] = kind
+
+    def _unreadable(self, name: str, old: _File | None, message: str) -> list[ManifestError]:
+        """A file not read (I/O error, over the size budget): its last good version stays in force."""
         good = old.good if old else None
-        problem = _consequence(ManifestError(self.path / name, 0, "", "", f"cannot read: {exc}"), good)
+        problem = _consequence(ManifestError(self.path / name, 0, "", "", message), good)
         repeated = old is not None and old.data is None and [str(e) for e in old.errors] == [str(problem)]
         self._files[name] = _File(None, good, [problem])
         return [] if repeated else [problem]

@@ -7,6 +7,11 @@ as in Kubernetes ConfigMap volumes): the watch restarts on the new directory, an
 last objects stay in force (``ManifestDirectory`` logs it). Each (re)start resyncs with a full rescan once
 the watch is in place, so nothing changed meanwhile is missed.
 
+Reading and parsing run in a worker thread (``asyncio.to_thread``), never on the event loop: a large
+manifest edited takes its parse time in the thread while the loop keeps serving (health, state, events).
+``load`` is the first full read the same way. A scan's problems are ``ManifestError`` entries of its update:
+nothing a file holds ends the watch.
+
 Neighbours: ``ManifestDirectory`` (in ``manifests``) does all reading and diffing; the agent consumes the
 updates.
 """
@@ -33,18 +38,23 @@ MISSING_RETRY_S = 0.1  # while the directory is missing: how often to look for i
 Identity = tuple[int, int]  # (st_dev, st_ino) of the directory
 
 
+async def load(directory: ManifestDirectory) -> SourceUpdate:
+    """``directory.load()`` in a worker thread: the whole state first, before ``watch_manifests``."""
+    return await asyncio.to_thread(directory.load)
+
+
 async def watch_manifests(
     directory: ManifestDirectory, *, debounce_ms: int = 50
 ) -> AsyncIterator[SourceUpdate]:
     """Yield every non-empty update to ``directory`` as its files change, forever.
 
-    Call ``directory.load()`` first: the watch reports differences from the state then. Survives the
-    directory going missing or being replaced.
+    Call ``load(directory)`` (or ``directory.load()``) first: the watch reports differences from the state
+    then. Survives the directory going missing or being replaced.
     """
     while True:
         identity = _identity(directory.path)
         if identity is None:
-            directory.rescan()  # logs the directory as missing (once) and keeps the objects
+            await asyncio.to_thread(directory.rescan)  # logs the directory missing (once), keeps objects
             await asyncio.sleep(MISSING_RETRY_S)
             continue
         try:
@@ -77,7 +87,7 @@ async def _watch_while_same(
             paths = {Path(path) for _, path in batch}
             targeted = not (resync or replaced) and all(is_manifest_name(p.name) for p in paths)
             if batch or resync or replaced:
-                update = directory.rescan(paths if targeted else None)
+                update = await asyncio.to_thread(directory.rescan, paths if targeted else None)
                 if update:
                     yield update
             resync = False

@@ -54,5 +54,8 @@ def _has(node: Any, part: int | str) -> bool:
 def _field_path(loc: tuple[int | str, ...]) -> str:
     text = ""
     for part in loc:
-        text = f"{text}[{part}]" if isinstance(part, int) else join_path(text, str(part))
+        name = str(part)
+        if not name.isprintable():  # a key from the document: never a control character in a log line
+            name = repr(name)
+        text = f"{text}[{part}]" if isinstance(part, int) else join_path(text, name)
     return text

@@ -11,12 +11,12 @@ Neighbours: ``policies`` uses ``LabelSelector`` for endpoint and node selectors;
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from balancing.model import meta
 from balancing.model.meta import PrunedModel
 
 __all__ = [
@@ -30,34 +30,15 @@ __all__ = [
 
 NAMESPACE_LABEL = "io.kubernetes.pod.namespace"
 
-_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")  # used with fullmatch: no "$" newline
-_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
-_NAME_MAX = 63
-_PREFIX_MAX = 253
 MAX_TERMS = 64  # matchLabels entries and matchExpressions, as the CRDs bound them
 
 
 def check_label_key(key: str) -> str:
     """``key`` if it is a qualified name (``[prefix/]name``), else ``ValueError`` saying why."""
-    prefix, slash, name = key.rpartition("/")
-    if slash and (not prefix or len(prefix) > _PREFIX_MAX or not _DNS_SUBDOMAIN.fullmatch(prefix)):
-        raise ValueError(f"label key {key!r}: the prefix must be a DNS subdomain (lowercase, at most 253)")
-    if not name or len(name) > _NAME_MAX or not _NAME.fullmatch(name):
-        raise ValueError(
-            f"label key {key!r}: the name must be 1-63 characters of [A-Za-z0-9-_.], "
-            "starting and ending with a letter or digit"
-        )
-    return key
+    return meta.check_qualified_name(key)
 
 
-def check_label_value(value: str) -> str:
-    """``value`` if it is a valid label value (empty, or like a key's name part), else ``ValueError``."""
-    if value and (len(value) > _NAME_MAX or not _NAME.fullmatch(value)):
-        raise ValueError(
-            f"label value {value!r}: must be empty or 1-63 characters of [A-Za-z0-9-_.], "
-            "starting and ending with a letter or digit"
-        )
-    return value
+check_label_value = meta.check_label_value
 
 
 class LabelSelectorRequirement(PrunedModel):

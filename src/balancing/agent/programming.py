@@ -14,15 +14,13 @@ thread, in order. Neighbours: ``datapath.writer`` (the writes), ``model.store`` 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import gc
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from balancing import errors
+from balancing import errors, gcpause
 from balancing.agent import health, healthcheck_ports
 from balancing.agent.udp_termination import Terminations
 from balancing.datapath import maps, podcgroups, writer
@@ -30,27 +28,10 @@ from balancing.datapath.owners import OwnerIndex
 from balancing.metrics import Metrics
 from balancing.model import desired, store
 
-__all__ = ["VERIFY_EVERY", "Programming", "gc_paused"]
+__all__ = ["VERIFY_EVERY", "Programming"]
 
 log = logging.getLogger("balancing.agent")
 VERIFY_EVERY = 10  # resyncs between re-reads of the maps
-
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """Pause the cyclic GC during bulk model and map work.
-
-    A full sync of 10k services allocates ~10^6 short-lived objects while ~10^6 long-lived ones exist, so
-    generation-2 collections rescan the whole heap repeatedly (about a third of the sync's time); the objects
-    involved are acyclic and are freed by reference counting anyway.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 class Programming:
@@ -91,7 +72,7 @@ class Programming:
         """Program the whole desired state; False if the write failed (a resync follows)."""
         assert self.writer is not None
         started = time.perf_counter()
-        with gc_paused():
+        with gcpause.paused():
             wanted = self.store.desired()
             self.store.take_changes()  # everything it would report is in ``wanted``
             try:

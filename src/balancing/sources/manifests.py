@@ -35,6 +35,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from balancing import gcpause
 from balancing.errors import ManifestError, SourceError
 from balancing.model.fielderrors import field_errors, join_path
 from balancing.model.objects import KubeObject, ObjectRef, UnknownKind, parse_object, ref
@@ -269,6 +270,10 @@ class ManifestDirectory:
 
     def _scan(self, changed: set[Path] | None, *, full: bool) -> SourceUpdate | None:
         """Re-read and commit; None (nothing changed) if the directory is missing."""
+        with gcpause.paused():  # parsing a large file must not stall the agent's loop in collections
+            return self._scan_paused(changed, full=full)
+
+    def _scan_paused(self, changed: set[Path] | None, *, full: bool) -> SourceUpdate | None:
         saved = dict(self._files)
         names = self._names(changed)
         if names is None:

@@ -3,7 +3,8 @@
 Stages, data flowing one way: ``sources`` → ``model`` → ``datapath`` → ``events`` and ``metrics``; ``agent``,
 ``controller`` (the policies' admission webhooks and Ready condition) and ``cli`` wire them. Beside them:
 ``errors`` (the exception hierarchy), ``httpserve`` (the small asyncio HTTP server the agent and the
-controller share) and ``gcpause`` (the collector paused during bulk work). The direction is enforced by import-linter contracts in ``pyproject.toml``.
+controller share) and ``gcpause`` (the collector paused during bulk work). The direction is enforced by
+import-linter contracts in ``pyproject.toml``.
 """
 
 __version__ = "0.1.0"

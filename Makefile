@@ -33,9 +33,10 @@ $(BUILD)/bpf/balancing-%.o: bpf/balancing.c bpf/balancing.h
 	@mkdir -p $(dir $@)
 	clang $(BPF_CFLAGS) -mcpu=$* -c $< -o $@
 
+# mypy checks src, testkit, tests, bench and scripts (the `files` in pyproject.toml), all strict.
 lint: setup
-	$(PY) -m ruff format --check src tests bench
-	$(PY) -m ruff check src tests bench
+	$(PY) -m ruff format --check src testkit tests bench scripts
+	$(PY) -m ruff check src testkit tests bench scripts
 	$(PY) -m mypy
 	.venv/bin/lint-imports
 

@@ -1,14 +1,14 @@
 """Long-run memory benchmark of Kubernetes mode: informers → model store → map writer under steady churn.
 
 Job: show whether following a churning API server for a long time grows memory (the requirement: "no memory
-growth on long runs"). A child process serves ``tests/helpers/fakeapi.FakeApi`` and churns it at a steady
+growth on long runs"). A child process serves ``balancing_testkit.fakeapi.FakeApi`` and churns it at a steady
 population: endpoints added, removed and flipping readiness, Services, EndpointSlices, Pods (on this node
 and elsewhere), Nodes and policies (BalancingPolicies with ``serviceEndpoint.endpointSelector`` among them)
 replaced under names never used twice, namespaces retiring, malformed objects coming and going, and a
 ``compact()`` + ``drop_watches()`` every few seconds, so every watch resumes into a 410 and relists. This
-process runs the real ``KubeSource`` (short resync timings) and the agent's own code (``Agent._ingest``,
-``_follow``, ``_full_sync``, ``MapWriter.recover``) over a ``MapWriter`` on in-memory maps: no kernel, no
-root.
+process runs the real ``KubeSource`` (short resync timings) and the agent's own code (``Agent.take``,
+``follow_changes``, ``Programming.full_sync``, ``MapWriter.recover``) over a ``MapWriter`` on in-memory
+maps: no kernel, no root.
 
 After a warm-up it pauses the churn at intervals, lets everything drain, and records tracemalloc's live bytes
 (after ``gc.collect()``), RSS and the sizes of the internal caches (store, agent, writer, maps, every
@@ -45,18 +45,18 @@ from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+from balancing import agent
+from balancing.agent.programming import VERIFY_EVERY
+from balancing.datapath import loader, maps, writer
+from balancing.model.config import ModelConfig
+from balancing.model.objects import POLICY_API_VERSION
+from balancing.sources import kube
+from balancing.sources.informer import Informer, Timing
+from balancing.sources.manifests import SourceUpdate
+from balancing.sources.selected_pods import PodUnion
+from balancing_testkit.fakeapi import FakeApi
 
-from balancing import agent  # noqa: E402
-from balancing.datapath import loader, maps, writer  # noqa: E402
-from balancing.model.config import ModelConfig  # noqa: E402
-from balancing.model.objects import POLICY_API_VERSION  # noqa: E402
-from balancing.sources import kube  # noqa: E402
-from balancing.sources.informer import Informer, Timing  # noqa: E402
-from balancing.sources.manifests import SourceUpdate  # noqa: E402
-from balancing.sources.selected_pods import PodUnion  # noqa: E402
-from helpers.fakeapi import FakeApi  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 NODE = "bench-node"
 OTHER_NODES = ("node-b", "node-c")
@@ -541,13 +541,13 @@ def source_sizes(url: str) -> dict[str, int]:
 
 
 def state_sizes(a: agent.Agent, io: maps.FakeMaps, url: str) -> dict[str, int]:
-    assert a._writer is not None
+    assert a.programming.writer is not None
     sizes = source_sizes(url)
     sizes.update(container_sizes("store", a.store))
-    sizes.update(container_sizes("writer", a._writer))
+    sizes.update(container_sizes("writer", a.programming.writer))
     sizes.update(container_sizes("owners", a.owners))
-    for name in ("_pods_by_uid", "_uid_of", "_conflicts", "_policy_status"):
-        sizes[f"agent.{name}"] = len(getattr(a, name))
+    for name in ("pods_by_uid", "_uid_of", "_conflicts", "_policy_status"):
+        sizes[f"agent.{name}"] = len(getattr(a.ingest, name))
     sizes.update({f"maps[{name}]": len(data) for name, data in sorted(io.data.items())})
     sizes["asyncio tasks"] = len(asyncio.all_tasks())
     return sizes
@@ -619,7 +619,7 @@ async def measure(run: Run) -> None:
     if hasattr(a.owners, "linger"):  # removed frontends' owners are kept that long: let it show in the run
         a.owners.linger = args.owner_linger
     io = QuietMaps()
-    a._writer = writer.MapWriter(io, a._pod_cgroups)
+    a.programming.writer = writer.MapWriter(io, a.programming.pod_cgroups)
     timing = Timing(resync=args.resync, watch_timeout=60, read_slack=5.0, backoff_base=0.05, backoff_cap=0.5)
     source = kube.KubeSource(NODE, api_base_url=run.url, timing=timing)
     feed = Feed(run.counters)
@@ -627,11 +627,11 @@ async def measure(run: Run) -> None:
     first = await anext(updates)
     run.initial_objects = len(first.upserts)
     feed.changes = 0
-    a._ingest(first)  # as Agent.run: the initial state, one full sync, then follow
-    await a._full_sync()
+    a.take(first, whole=True)  # as Agent.follow_source: the initial state, one full sync, then follow
+    await a.programming.full_sync()
     del first
     lock = asyncio.Lock()  # held by the periodic full sync and by sampling
-    tasks = [asyncio.create_task(a._follow(updates)), asyncio.create_task(resync_loop(a, lock))]
+    tasks = [asyncio.create_task(a.follow_changes(updates)), asyncio.create_task(resync_loop(a, lock))]
     loop = asyncio.get_running_loop()
     started = time.monotonic()
     try:
@@ -643,7 +643,7 @@ async def measure(run: Run) -> None:
                 run.paused.set()
                 try:
                     await quiesce(feed, a, tasks)
-                    await loop.run_in_executor(a._io, lambda: None)  # the writer thread is idle
+                    await loop.run_in_executor(a.programming.io, lambda: None)  # the writer thread is idle
                     take_sample(run, a, io, feed, time.monotonic() - started)
                 finally:
                     run.paused.clear()
@@ -654,22 +654,21 @@ async def measure(run: Run) -> None:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await updates.aclose()
-        await a.health_checks.close()
-        a._io.shutdown(wait=True)
+        await a.programming.close()
         run.updates = feed.updates
 
 
 async def resync_loop(a: agent.Agent, lock: asyncio.Lock) -> None:
-    """``Agent._resync_loop``, holding ``lock`` while it syncs so samples never see half a full sync."""
+    """``Programming.resync_loop``, holding ``lock`` while it syncs so samples never see half a full sync."""
     count = 0
     loop = asyncio.get_running_loop()
     while True:
         await asyncio.sleep(a.cfg.resync_interval)
         async with lock:
             count += 1
-            if count % agent.VERIFY_EVERY == 0 and a._writer is not None:
-                await loop.run_in_executor(a._io, a._writer.recover)
-            await a._full_sync()
+            if count % VERIFY_EVERY == 0 and a.programming.writer is not None:
+                await loop.run_in_executor(a.programming.io, a.programming.writer.recover)
+            await a.programming.full_sync()
 
 
 async def quiesce(

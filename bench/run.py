@@ -16,19 +16,16 @@ import ipaddress
 import json
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from balancing.datapath import loader, maps, writer
+from balancing.gcpause import paused as gc_paused
+from balancing.model import objects, store
+from balancing_testkit.topology import Pod, Topology
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-from balancing.agent import gc_paused  # noqa: E402
-from balancing.datapath import loader, maps, writer  # noqa: E402
-from balancing.model import objects, store  # noqa: E402
-from helpers.topology import Pod, Topology  # noqa: E402
-
 OBJECT = ROOT / "build/bpf/balancing.o"
 PROBE_SRC = ROOT / "bench/tcp_connect.c"
 PROBE = ROOT / "build/bench/tcp_connect"

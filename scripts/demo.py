@@ -21,10 +21,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+from balancing_testkit.topology import Topology
 
-from helpers.topology import Topology  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 console = Console()
 PY = sys.executable
@@ -97,6 +96,8 @@ def run_demo(topo: Topology, manifests: Path) -> None:
         str(bpffs),
         "--health-addr",
         f"127.0.0.1:{port}",
+        "--state-addr",
+        "",
         "--max-services",
         "4096",
         "--max-backends",

@@ -11,6 +11,7 @@ command -v llc >/dev/null || need_pkgs+=(llvm)
 command -v bpftool >/dev/null || need_pkgs+=(bpftool)
 command -v ip >/dev/null || need_pkgs+=(iproute2)
 command -v nsenter >/dev/null || need_pkgs+=(util-linux)
+command -v nft >/dev/null || need_pkgs+=(nftables)  # the bare-metal test's nodes DNAT hostPorts as the portmap plugin does
 ldconfig -p | grep -q 'libbpf.so.1 ' || need_pkgs+=(libbpf1)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${need_pkgs[*]}"

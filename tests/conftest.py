@@ -1,10 +1,9 @@
-"""Test-wide set-up: ``tests/`` is importable, so every suite can use ``helpers`` (the harness, fakes)."""
+"""Test-wide set-up. ``tests/`` is on ``sys.path`` through the ``pythonpath`` ini option, so every suite
+imports ``helpers`` (what only the tests need); the shared harness is the ``balancing_testkit`` package
+(``testkit/``, installed with the dev dependencies). The kernel tests' plugin is registered here because
+``pytest_plugins`` is only honoured in the root conftest.
+"""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-TESTS = str(Path(__file__).resolve().parent)
-if TESTS not in sys.path:
-    sys.path.insert(0, TESTS)
+pytest_plugins = ["helpers.kernel_fixtures"]

@@ -1,14 +1,15 @@
 """Fixtures of the Service conformance suite: the kernel tests' harness, and a two-node cluster.
 
-Reuses ``tests/kernel/conftest.py`` (the skip logic when the machine cannot run kernel tests, the sweep of
-leftovers, the report hook that drives failure diagnostics) and ``tests/kernel/support.py``. Every test here
-is marked ``kernel`` and skipped, with the reason, where kernel tests cannot run.
+Uses the kernel tests' plugin ``helpers.kernel_fixtures`` (the skip logic when the machine cannot run kernel
+tests, the sweep of leftovers, the report hook that drives failure diagnostics, the ``topology`` fixture) and
+``helpers.support``. Every test here is marked ``kernel`` and skipped, with the reason, where kernel tests
+cannot run or ``build/bpf/balancing.o`` is missing.
 
 Fixtures:
-    two_nodes   function scope: a ``twonodes.TwoNodes`` (layout in ``twonodes.py``) with both agents running
-                and ready, the Node objects written, no Service. ``@pytest.mark.agent_args("--flag=value")``
-                on a test runs both agents with these options (an option the agent lacks is left out; the
-                test then fails in ``require_flags``).
+    two_nodes   function scope: a ``helpers.twonodes.TwoNodes`` (layout in ``tests/helpers/twonodes.py``)
+                with both agents running and ready, the Node objects written, no Service.
+                ``@pytest.mark.agent_args("--flag=value")`` on a test runs both agents with these options (an
+                option the agent lacks is left out; the test then fails in ``require_flags``).
 
 The cluster (namespaces, cgroups, backends, agents) is built once per test module, because starting two
 agents costs about a second: between tests the manifest directory is emptied (Node objects excepted), the
@@ -19,38 +20,16 @@ into the next test.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-_TESTS = Path(__file__).resolve().parents[1]
-for _p in (_TESTS, _TESTS / "kernel"):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
-
-
-def _load_kernel_conftest() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("blt_kernel_conftest", _TESTS / "kernel" / "conftest.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_kernel = _load_kernel_conftest()
-# the kernel tests' fixtures and hooks, re-exported so that they apply below this directory too
-topology = _kernel.topology  # a single empty Topology, for tests that build their own layout
-_sweep_harness_leftovers = _kernel._sweep_harness_leftovers
-pytest_runtest_makereport = _kernel.pytest_runtest_makereport
-kernel_skip_reason = _kernel.kernel_skip_reason
-
-from support import OBJECT, AgentProcess  # noqa: E402
-from twonodes import (  # noqa: E402
+from balancing_testkit.topology import Host, Topology
+from helpers import kernel_fixtures
+from helpers.support import OBJECT, AgentProcess, write_manifest
+from helpers.twonodes import (
     BACKEND_PORT,
     HEALTHCHECK_ADDRESS,
     NODES,
@@ -58,29 +37,22 @@ from twonodes import (  # noqa: E402
     TwoNodes,
     agent_flags,
     node_object,
-    write_manifest,
 )
-
-from helpers.topology import Host, Topology  # noqa: E402
 
 _HERE = Path(__file__).resolve().parent
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "agent_args(*args): command-line options for both agents")
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    mine = [it for it in items if _HERE in Path(str(it.path)).resolve().parents]
-    if not mine:
-        return
-    reason = kernel_skip_reason()
-    if reason is None and not OBJECT.is_file():
-        reason = f"{OBJECT} is missing (run `make bpf`)"
-    for item in mine:
-        item.add_marker(pytest.mark.kernel)
-        if reason:
-            item.add_marker(pytest.mark.skip(reason=reason))
+    kernel_fixtures.require_kernel(items, below=_HERE, extra=_object_missing)
+
+
+def _object_missing() -> str | None:
+    return None if OBJECT.is_file() else f"{OBJECT} is missing (run `make bpf`)"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _kernel_harness(harness_sweep: None) -> None:
+    """Leftovers of dead test processes swept before the first test here, ours after the last one."""
 
 
 @dataclass

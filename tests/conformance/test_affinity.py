@@ -21,10 +21,10 @@ Probabilities (backends are picked uniformly at random per connection when no af
 from __future__ import annotations
 
 import time
+from typing import Any
 
-from twonodes import TwoNodes, affinity, ep, key, service, slice_for
-
-from helpers.topology import Host
+from balancing_testkit.topology import Host
+from helpers.twonodes import TwoNodes, affinity, ep, key, service, slice_for
 
 VIP = "10.96.0.80"
 NODE_PORT = 30800
@@ -33,11 +33,11 @@ DEFAULT_TIMEOUT = 10800  # sessionAffinityConfig.clientIP.timeoutSeconds when no
 SHORT_TIMEOUT = 2
 
 
-def _hostname_service(c: TwoNodes, name: str, node_port: bool, spec: dict[str, object], pods: int = 3) -> str:
+def _hostname_service(c: TwoNodes, name: str, node_port: bool, spec: dict[str, Any], pods: int = 3) -> str:
     """StartServeHostnameService with ``pods`` endpoints spread over both nodes; returns the frontend key
     the clients use (the cluster IP, or node-a's InternalIP on the node port: "the first node's")."""
     backends = [c.pod(n) for n in ("pod-a1", "pod-b1", "pod-a2", "pod-b2")[:pods]]
-    extra: dict[str, object] = {"type": "NodePort", "node_ports": {"http": NODE_PORT}} if node_port else {}
+    extra: dict[str, Any] = {"type": "NodePort", "node_ports": {"http": NODE_PORT}} if node_port else {}
     svc = service(name, [VIP], [("http", 80, "TCP", 8080)], **extra, **spec)
     c.apply(name, [svc, slice_for(name, [ep(p) for p in backends])])
     k = key(c.a.ip4, NODE_PORT) if node_port else key(VIP, 80)

@@ -8,7 +8,7 @@ controller) are replaced by the EndpointSlices (or Pods) the controllers would w
 
 from __future__ import annotations
 
-from twonodes import (
+from helpers.twonodes import (
     TwoNodes,
     addresses_of,
     ep,

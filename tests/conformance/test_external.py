@@ -8,7 +8,8 @@ Mirrors "[sig-network] Services ..." (service.go) and "[sig-network] LoadBalance
 from __future__ import annotations
 
 import pytest
-from twonodes import (
+
+from helpers.twonodes import (
     TwoNodes,
     addresses_of,
     ep,

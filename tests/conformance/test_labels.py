@@ -7,7 +7,7 @@ one Service created with the label stays down throughout; another is toggled, ch
 
 from __future__ import annotations
 
-from twonodes import TwoNodes, ep, key, service, slice_for
+from helpers.twonodes import TwoNodes, ep, key, service, slice_for
 
 DISABLED_VIP = "10.96.0.90"
 TOGGLED_VIP = "10.96.0.91"

@@ -9,9 +9,10 @@ none once it is gone).
 
 from __future__ import annotations
 
-from twonodes import TwoNodes, ep, ep6, key, service, slice_for
+from collections.abc import Sequence
 
-from helpers.topology import Host
+from balancing_testkit.topology import Host
+from helpers.twonodes import TwoNodes, ep, ep6, key, service, slice_for
 
 VIP, VIP6 = "10.96.0.100", "fd00:96::100"
 HTTP_NODE_PORT, UDP_NODE_PORT = 30080, 30090
@@ -47,7 +48,7 @@ def _config(
 
 def _dial(
     c: TwoNodes,
-    sources: list[Host],
+    sources: Sequence[Host],
     proto: str,
     targets: list[tuple[str, int]],
     expect: frozenset[str] = frozenset(NETSERVERS),

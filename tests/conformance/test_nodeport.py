@@ -7,8 +7,11 @@ Mirrors "[sig-network] Services ..." (test/e2e/network/service.go) and "[sig-net
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
-from twonodes import (
+
+from helpers.twonodes import (
     TwoNodes,
     ep,
     ep6,
@@ -23,7 +26,7 @@ VIP6 = "fd00:96::30"
 NODE_PORT = 30080
 
 
-def _nodeport_service(name: str, ips: list[str], **spec: object) -> dict[str, object]:
+def _nodeport_service(name: str, ips: list[str], **spec: Any) -> dict[str, object]:
     return service(
         name, ips, [("http", 80, "TCP", 8080)], type="NodePort", node_ports={"http": NODE_PORT}, **spec
     )
@@ -100,7 +103,7 @@ def _type_and_ports_lifecycle(c: TwoNodes, proto: str) -> None:
     eps_one = [slice_for(name, [ep(pod)], [("", 8080, proto)])]
     eps_none = [slice_for(name, [], [("", 8080, proto)])]
 
-    def svc(port: int = 80, **spec: object) -> dict[str, object]:
+    def svc(port: int = 80, **spec: Any) -> dict[str, object]:
         return service(name, [VIP], [("", port, proto, 8080)], **spec)
 
     c.apply(name, [svc(), *eps_one])

@@ -8,7 +8,7 @@ would write for the e2e step (see the condition sets in ``twonodes.py``).
 
 from __future__ import annotations
 
-from twonodes import (
+from helpers.twonodes import (
     PUBLISHED_TERMINATING_UNREADY,
     PUBLISHED_UNREADY,
     READY,

@@ -8,7 +8,10 @@ docs/kube-proxy-differences.md).
 
 from __future__ import annotations
 
-from twonodes import (
+from typing import Any
+
+from balancing_testkit.topology import Host
+from helpers.twonodes import (
     READY,
     TERMINATING,
     Node,
@@ -19,8 +22,6 @@ from twonodes import (
     service,
     slice_for,
 )
-
-from helpers.topology import Host
 
 VIP = "10.96.0.60"
 NODE_PORT = 30600
@@ -77,7 +78,7 @@ def test_should_respect_internaltrafficpolicy_local_pod_and_node_to_pod_hostnetw
         _fails(c, src_b, VIP, 80)
 
 
-def _terminating_endpoint(c: TwoNodes, name: str, **spec: object) -> dict[str, object]:
+def _terminating_endpoint(c: TwoNodes, name: str, **spec: Any) -> dict[str, object]:
     """The e2e sequence: one webserver on node-a, ready; then deleted with a 100 s grace period: only a
     serving, terminating endpoint is left. Returns the Service."""
     svc = service(name, [VIP], [("http", 80, "TCP", 8080)], **spec)
@@ -154,7 +155,7 @@ def test_should_fallback_to_local_terminating_endpoints_when_there_are_no_ready_
     _serves(c, c.a.client, c.b.ip4, NODE_PORT, "pod-a1")  # pause-pod-0 -> node1: upstream expects failure
 
 
-def _local_lb_service(name: str, **spec: object) -> dict[str, object]:
+def _local_lb_service(name: str, **spec: Any) -> dict[str, object]:
     """A LoadBalancer Service with externalTrafficPolicy Local (so a healthCheckNodePort), no ingress yet."""
     return service(
         name,

@@ -8,7 +8,7 @@ ClusterIP or NodePort, and nothing while it is ExternalName.
 
 from __future__ import annotations
 
-from twonodes import TwoNodes, ep, external_name_service, key, service, slice_for
+from helpers.twonodes import TwoNodes, ep, external_name_service, key, service, slice_for
 
 VIP = "10.96.0.40"
 NODE_PORT = 30400

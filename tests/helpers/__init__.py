@@ -1,1 +1,12 @@
-"""Test harness for the kernel tests, the demo and the benchmarks (netns topology, backend and client)."""
+"""What only the tests need; importable as ``helpers`` (pytest's ``pythonpath`` puts ``tests/`` on the path).
+
+Modules:
+    kernel_fixtures  the kernel tests' pytest plugin (skip logic, leftover sweep, fixtures), registered in
+                     ``tests/conftest.py``
+    support          the kernel tests' datapath loaded in-process, the agent as a process, manifest builders
+    twonodes         the conformance suite's two-node cluster and its manifest builders
+    kubelet          the kubelet's cgroup layouts, as test parameters
+
+The harness shared with bench/ and scripts/ (topology, backend, client, fakeapi) is ``balancing_testkit``
+(``testkit/``); nothing outside ``tests/`` imports this package.
+"""

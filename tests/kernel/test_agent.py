@@ -10,14 +10,18 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support import (
+
+from balancing.datapath import abi, maps
+from balancing_testkit.topology import Cluster
+from helpers.support import (
     ROOT,
     AgentProcess,
+    Conditions,
     endpoint,
     endpoint_slice,
     pod,
@@ -25,9 +29,6 @@ from support import (
     wait_until,
     write_manifest,
 )
-
-from balancing.datapath import abi, maps
-from helpers.topology import Cluster
 
 VIP = "10.96.0.10"
 KEY = f"{VIP}:80/TCP"
@@ -48,15 +49,15 @@ def agent(cluster: Cluster, manifests: Path) -> Iterator[AgentProcess]:
         a.stop()
 
 
-def web(cluster: Cluster, conditions: list[dict[str, bool | None]], port: int = 8080) -> list[dict]:  # type: ignore[type-arg]
-    eps = [endpoint(p.ip4, **c) for p, c in zip(cluster.pods, conditions, strict=False)]  # type: ignore[arg-type]
+def web(cluster: Cluster, conditions: Sequence[Conditions], port: int = 8080) -> list[dict[str, Any]]:
+    eps = [endpoint(p.ip4, **c) for p, c in zip(cluster.pods, conditions, strict=False)]
     return [
         service("web", [VIP], [("http", 80, "TCP", port)]),
         endpoint_slice("web", eps, [("http", port, "TCP")]),
     ]
 
 
-def connect(cluster: Cluster, count: int = 60, vip: str = VIP, port: int = 80) -> dict:  # type: ignore[type-arg]
+def connect(cluster: Cluster, count: int = 60, vip: str = VIP, port: int = 80) -> dict[str, Any]:
     return cluster.topo.run_client(cluster.client, None, ["tcp", vip, str(port), "--count", str(count)])
 
 
@@ -91,7 +92,7 @@ def test_not_ready_endpoint_gets_no_connections(
 def test_terminating_fallback_when_nothing_is_ready(
     cluster: Cluster, manifests: Path, agent: AgentProcess
 ) -> None:
-    conditions = [
+    conditions: list[Conditions] = [
         {"ready": False, "serving": True, "terminating": True},
         {"ready": False, "serving": False, "terminating": True},  # never used: not serving
         {"ready": False, "serving": True, "terminating": True},
@@ -269,14 +270,14 @@ def test_health_check_node_port_reports_ready_local_endpoints(
     import urllib.error
     import urllib.request
 
-    def probe() -> tuple[int, dict]:  # type: ignore[type-arg]
+    def probe() -> tuple[int, dict[str, Any]]:
         try:
             with urllib.request.urlopen("http://127.0.0.2:32100/", timeout=2) as r:
                 return r.status, json.load(r)
         except urllib.error.HTTPError as exc:
             return exc.code, json.load(exc)
 
-    def lb(conditions: list[dict[str, bool | None]]) -> list[dict]:  # type: ignore[type-arg]
+    def lb(conditions: Sequence[Conditions]) -> list[dict[str, Any]]:
         docs = web(cluster, conditions)
         docs[0]["spec"].update(
             type="LoadBalancer",
@@ -312,7 +313,8 @@ def test_events_metrics_and_state_through_the_agent(
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
-    from support import free_port
+
+    from helpers.support import free_port
 
     sock, metrics_port = tmp_path / "events.sock", free_port()
     write_manifest(manifests, "web.yaml", web(cluster, [{}, {}, {}]))
@@ -382,7 +384,7 @@ def test_out_of_cluster_host_honours_enable_out_cluster(
     cluster: Cluster, manifests: Path, agent: AgentProcess
 ) -> None:
     """Bare-metal mode (--out-of-cluster): policies apply only with enableOutCluster (default true)."""
-    from support import balancing_policy
+    from helpers.support import balancing_policy
 
     a, b, _ = cluster.pods
     write_manifest(
@@ -419,7 +421,7 @@ def test_kubernetes_mode_follows_the_api_server_and_survives_its_outage(
 ) -> None:
     """--api-server: the same model and writer from list+watch; the datapath keeps translating while the API
     server is gone."""
-    from helpers.fakeapi import ThreadedApi
+    from balancing_testkit.fakeapi import ThreadedApi
 
     svc, eps = web(cluster, [{}])
     with ThreadedApi() as api:
@@ -445,9 +447,8 @@ def test_kubernetes_mode_follows_the_api_server_and_survives_its_outage(
 def test_kubernetes_mode_writes_this_nodes_policy_status(cluster: Cluster, tmp_path: Path) -> None:
     """The agent writes its entry in the policy's status.nodes (server-side apply, its own field manager),
     after the maps hold the policy, and again only when what it reports changes."""
-    from support import POLICY_API, balancing_policy
-
-    from helpers.fakeapi import ThreadedApi
+    from balancing_testkit.fakeapi import ThreadedApi
+    from helpers.support import POLICY_API, balancing_policy
 
     a = cluster.pods[0]
     path = f"/apis/{POLICY_API}/balancingpolicies"

@@ -38,7 +38,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import (
+
+from balancing_testkit.fakeapi import ThreadedApi
+from balancing_testkit.topology import Host, Topology, ip_batch, netns_path
+from helpers.support import (
     POLICY_API,
     AgentProcess,
     balancing_policy,
@@ -49,9 +52,6 @@ from support import (
     service,
     write_manifest,
 )
-
-from helpers.fakeapi import ThreadedApi
-from helpers.topology import Host, Topology, ip_batch, netns_path
 
 AGENT_NODE = "bm-host"  # the agent's --node-name: no Node object has it
 HOST_IP = "192.168.200.1"

@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 import yaml
-from support import ROOT, AgentProcess, endpoint, endpoint_slice, service, wait_until, write_manifest
-from test_sockterm import Holder, NetnsDir
 
-from helpers.topology import Cluster, Topology
+from balancing_testkit.topology import Cluster, Topology
+from helpers.sockets import Holder, NetnsDir
+from helpers.support import ROOT, AgentProcess, endpoint, endpoint_slice, service, wait_until, write_manifest
 
 VALUES = ROOT / "deploy/helm/balancing/values.yaml"
 VIP = "10.96.0.10"

@@ -12,15 +12,17 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
-from support import ROOT, SMALL_MAPS, Datapath, backends_of, programmed_frontends
 
 from balancing import errors
 from balancing.datapath import abi, loader, maps, writer
 from balancing.model.desired import BackendPod, Frontend, Owner, PodRef
-from helpers.topology import Cluster
+from balancing_testkit.topology import Cluster, Host
+from helpers.support import ROOT, SMALL_MAPS, Datapath, backends_of, parse_key, programmed_frontends
 
 VIP4, VIP6 = "10.96.0.10", "fd00:96::10"
 
@@ -33,7 +35,7 @@ def backends6(cluster: Cluster, port: int = 8080) -> list[str]:
     return [f"[{p.ip6}]:{port}" for p in cluster.pods]
 
 
-def client(cluster: Cluster, *args: object) -> dict:  # type: ignore[type-arg]
+def client(cluster: Cluster, *args: object) -> dict[str, Any]:
     return cluster.topo.run_client(cluster.client, None, [str(a) for a in args])
 
 
@@ -201,14 +203,13 @@ def test_reload_reuses_pins_and_swaps_changed_programs_without_a_failed_connect(
 def test_pinned_links_keep_translating_after_the_loading_process_exits(cluster: Cluster) -> None:
     bpffs = cluster.topo.bpffs / "node-a"
     script = textwrap.dedent(f"""
-        import sys
-        sys.path[:0] = [{str(ROOT / "tests/kernel")!r}, {str(ROOT / "tests")!r}]
         from pathlib import Path
-        from support import Datapath
+        from helpers.support import Datapath
         d = Datapath(Path({str(cluster.cgroup)!r}), Path({str(bpffs)!r}))
         d.program({{"{VIP4}:80/TCP": {backends4(cluster)!r}}})
     """)
-    subprocess.run([sys.executable, "-c", script], check=True, timeout=30)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}  # helpers, as pytest's `pythonpath` has it
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=30, env=env)
     try:
         assert client(cluster, "tcp", VIP4, 80, "--count", 30)["errors"] == {}
     finally:
@@ -269,13 +270,16 @@ def test_a_rejected_program_surfaces_the_verifier_log(cluster: Cluster, tmp_path
 
 
 def test_map_full_is_an_error_naming_the_map(cluster: Cluster) -> None:
+    """The frontend that does not fit fails alone, with an error naming the full map."""
     tiny = {**SMALL_MAPS, "max_services": 64, "max_backends": 4, "max_reverse": 64}
     d = Datapath(cluster.cgroup, cluster.topo.bpffs / "tiny", sizes=tiny)
     try:
         d.program({f"{VIP4}:80/TCP": backends4(cluster)})
-        with pytest.raises(errors.MapFull) as info:
-            d.program({f"{VIP4}:80/TCP": backends4(cluster), f"{VIP4}:81/TCP": backends4(cluster, 9090)})
-        assert info.value.map == "bl_be_v1" and info.value.capacity == 4
+        stats = d.program({f"{VIP4}:80/TCP": backends4(cluster), f"{VIP4}:81/TCP": backends4(cluster, 9090)})
+        assert [str(k) for k in stats.failed] == [f"{VIP4}:81/TCP"]
+        error = stats.failed[parse_key(f"{VIP4}:81/TCP")]
+        assert isinstance(error.__cause__, errors.MapFull) or "is full" in str(error)
+        assert error.map == "bl_be_v1" and "4 entries" in str(error)
         # the first frontend still works and the writer's view is the kernel's
         assert client(cluster, "tcp", VIP4, 80, "--count", 10)["errors"] == {}
         assert d.writer.programmed() == writer.MapWriter(d.io).programmed()
@@ -324,7 +328,7 @@ def test_pins_of_map_versions_the_object_no_longer_defines_are_retired(
     assert sorted(p.name for p in dp.cfg.map_dir.iterdir()) == sorted(abi.ALL_MAPS)
 
 
-def one_backend_each(cluster: Cluster, clients: list[object], count: int = 20) -> list[str]:
+def one_backend_each(cluster: Cluster, clients: Sequence[Host], count: int = 20) -> list[str]:
     """For each client namespace: the single backend all its connects reached (fails if it moved)."""
     out = []
     for c in clients:
@@ -400,7 +404,7 @@ def lrp(
     )
 
 
-def from_pod_a(cluster: Cluster, cgroup: Path, *args: object) -> dict:  # type: ignore[type-arg]
+def from_pod_a(cluster: Cluster, cgroup: Path, *args: object) -> dict[str, Any]:
     return cluster.topo.run_client(cluster.pods[0], cgroup, [str(a) for a in args])
 
 

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import SMALL_MAPS, Datapath, backends_of, parse_key
 
 from balancing.datapath import abi, loader, maps, ringbuf, settings, writer
 from balancing.events.attribution import Attributor
@@ -27,7 +26,8 @@ from balancing.events.pipeline import EventPipeline
 from balancing.events.record import EventRecord
 from balancing.model import objects
 from balancing.model.desired import Frontend, Owner
-from helpers.topology import Cluster
+from balancing_testkit.topology import Cluster
+from helpers.support import SMALL_MAPS, Datapath, backends_of, parse_key
 
 VIP = "10.96.0.10"
 KEY = f"{VIP}:80/TCP"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.topology import (
+from balancing_testkit.topology import (
     BACKEND_PY,
     Cluster,
     HarnessError,

@@ -15,12 +15,13 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support import Datapath, backends_of, parse_key
 
 from balancing.datapath import abi, libbpf, percpu
-from balancing.metrics import Metrics, MetricsServer, OwnerIndex
+from balancing.datapath.owners import OwnerIndex
+from balancing.metrics import Metrics, MetricsServer
 from balancing.model.desired import Frontend, Owner
-from helpers.topology import Cluster, parse_client_json
+from balancing_testkit.topology import Cluster, parse_client_json
+from helpers.support import Datapath, backends_of, parse_key
 
 VIP, VIP_EMPTY, VIP_DNS = "10.96.0.10", "10.96.0.20", "10.96.0.53"
 WEB = Owner("Service", "shop", "web", "http")

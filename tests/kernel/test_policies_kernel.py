@@ -22,6 +22,7 @@ node of the cluster) is tested.
 from __future__ import annotations
 
 import errno
+import functools
 import re
 import secrets
 import time
@@ -32,7 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import (
+
+from balancing.datapath import abi, maps
+from balancing_testkit.topology import Topology
+from helpers.support import (
     AgentProcess,
     balancing_policy,
     endpoint,
@@ -44,9 +48,6 @@ from support import (
     wait_until,
     write_manifest,
 )
-
-from balancing.datapath import abi, maps
-from helpers.topology import Topology
 
 NODE = "node-a"
 VIP, VIP6 = "10.96.0.10", "fd00:96::10"
@@ -186,6 +187,7 @@ class Lab:
         code, body = self.agent.get("/state")
         assert code == 200
         (found,) = [f for f in body["frontends"] if f["frontend"] == key]
+        assert isinstance(found, dict)
         return found
 
     def status(self, kind: str, name: str) -> tuple[bool, str]:
@@ -234,7 +236,8 @@ class Lab:
         assert kp.container is not None
         pod_dir = kp.container.parent
         for d in [*(d for d in pod_dir.iterdir() if d.is_dir()), pod_dir]:
-            wait_until(lambda d=d: _rmdir(d), what=f"rmdir {d}")  # EBUSY just after the last process left
+            # EBUSY just after the last process left
+            wait_until(functools.partial(_rmdir, d), what=f"rmdir {d}")
         kp.container = None
 
     # clients
@@ -467,7 +470,7 @@ def test_skip_redirect_from_backend_sends_node_local_dns_to_kube_dns(lab: Lab) -
 
     lab.write("lrp.yaml", policy(False))  # without the skip only the loop guard applies
     wait_until(
-        lambda: lab.rules() and all(flags == 0 for *_, flags in lab.rules()),
+        lambda: bool(lab.rules()) and all(flags == 0 for *_, flags in lab.rules()),
         what="client rules without the skip flag",
     )
     assert lab.answers(dns_vip, 53, 20, src=nl_a) == {"nodelocal-b": 20}

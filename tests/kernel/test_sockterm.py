@@ -12,7 +12,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -21,95 +20,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import ROOT, Datapath, parse_key, wait_until
 
 from balancing.datapath import abi, libbpf, sockterm
 from balancing.datapath.maps import FakeMaps
 from balancing.datapath.writer import MapWriter
 from balancing.model.desired import Backend, DesiredState, Frontend, FrontendChanges, FrontendKey, Owner
-from helpers.topology import Cluster, Host, netns_path
+from balancing_testkit.topology import Cluster, Host, netns_path
+from helpers.sockets import HOLDER, Holder, NetnsDir
+from helpers.support import ROOT, Datapath, parse_key, wait_until
 
 OBJECT = ROOT / "build/bpf/sockterm.o"
 VIP4, VIP6, VIP4_OTHER = "10.96.0.10", "fd00:96::10", "10.96.0.11"
 KEEP_PORT = 9090  # pod-a's extra TCP backend that keeps connections open (echo)
-
-# One socket held for the process's life. argv: udp|tcp HOST PORT. Prints a JSON line per step, READY after
-# the first: {"step", "connect"?, "hello"? (tcp: the backend's line), "send"?, "recv"? (errno names),
-# "reply"? (the first word of the answer: the backend's name, or tcp's echo)}.
-HOLDER = textwrap.dedent("""
-    import errno, json, signal, socket, sys
-    proto, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    target = (host, port, 0, 0) if family == socket.AF_INET6 else (host, port)
-    sock = socket.socket(family, socket.SOCK_DGRAM if proto == "udp" else socket.SOCK_STREAM)
-    sock.settimeout(1.0)
-
-    def name(exc):
-        return errno.errorcode.get(exc.errno, str(exc.errno)) if exc.errno else type(exc).__name__
-
-    def step(what, connect):
-        out = {"step": what}
-        if connect:
-            try:
-                sock.connect(target)
-                if proto == "tcp":
-                    out["hello"] = sock.recv(256).decode().split()[0]
-            except OSError as exc:
-                out["connect"] = name(exc)
-        try:
-            sock.send(b"ping\\n")
-        except OSError as exc:
-            out["send"] = name(exc)
-        try:
-            data = sock.recv(256)
-            out["reply"] = data.decode().split()[0] if data else "EOF"
-        except OSError as exc:
-            out["recv"] = name(exc)
-        print(json.dumps(out), flush=True)
-
-    signals = {signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM}
-    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
-    step("connect", True)
-    print("READY", flush=True)
-    while (sig := signal.sigwait(signals)) != signal.SIGTERM:
-        step("again" if sig == signal.SIGUSR1 else "reconnect", sig == signal.SIGUSR2)
-""")
-
-
-class Holder:
-    """A HOLDER process in the cluster's client namespace and node cgroup."""
-
-    def __init__(self, cluster: Cluster, proto: str, host: str, port: int) -> None:
-        self.topo = cluster.topo
-        self.proc = cluster.topo.spawn(
-            [sys.executable, "-c", HOLDER, proto, host, str(port)],
-            netns=cluster.client,
-            cgroup=cluster.cgroup,
-            ready="READY",
-            label=f"holder-{proto}-{host}",
-        )
-
-    def steps(self) -> list[dict[str, Any]]:
-        out, _ = self.topo.logs(self.proc)
-        return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-
-    @property
-    def first(self) -> dict[str, Any]:
-        return self.steps()[0]
-
-    def step(self, sig: int = signal.SIGUSR1) -> dict[str, Any]:
-        before = len(self.steps())
-        os.kill(self.proc.pid, sig)
-        wait_until(lambda: len(self.steps()) > before, 5.0, "the holder's next step")
-        return self.steps()[-1]
-
-    def again(self) -> dict[str, Any]:
-        """One more exchange on the same socket."""
-        return self.step(signal.SIGUSR1)
-
-    def reconnect(self) -> dict[str, Any]:
-        """connect() the same socket again, then exchange."""
-        return self.step(signal.SIGUSR2)
 
 
 @pytest.fixture(scope="module")
@@ -125,35 +47,6 @@ def term(cluster: Cluster, dp: Datapath, sockterm_object: Path) -> Iterator[sock
     with sockterm.SocketTerminator(dp.bpffs, cluster.cgroup, sockterm_object, netns_dirs=()) as t:
         assert t.available, t.reason
         yield t
-
-
-class NetnsDir:
-    """A test-owned stand-in for /run/netns: bind mounts of the topology's namespace files, as ``ip netns``
-    and container runtimes keep them (each a mount of the namespace's nsfs file)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.path.mkdir()
-        self._mounts: list[Path] = []
-
-    def add(self, netns: str, name: str | None = None) -> Path:
-        target = self.path / (name or netns)
-        target.touch()
-        subprocess.run(["mount", "--bind", str(netns_path(netns)), str(target)], check=True, timeout=10)
-        self._mounts.append(target)
-        return target
-
-    def close(self) -> None:
-        failed = []
-        for target in reversed(self._mounts):
-            done = subprocess.run(["umount", str(target)], check=False, capture_output=True, timeout=10)
-            if done.returncode != 0:  # busy: detach it now, the kernel drops it when it is free
-                lazy = ["umount", "--lazy", str(target)]
-                done = subprocess.run(lazy, check=False, capture_output=True, timeout=10)
-            if done.returncode != 0:
-                failed.append(f"{target}: {done.stderr.decode().strip()}")
-        self._mounts.clear()
-        assert not failed, failed
 
 
 @pytest.fixture
@@ -513,7 +406,8 @@ def test_the_agent_destroys_the_sockets_of_an_endpoint_removed_from_its_service(
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
-    from support import AgentProcess, endpoint, endpoint_slice, free_port, service, write_manifest
+
+    from helpers.support import AgentProcess, endpoint, endpoint_slice, free_port, service, write_manifest
 
     manifests = tmp_path / "manifests"
     manifests.mkdir()

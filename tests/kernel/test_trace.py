@@ -16,12 +16,12 @@ from typing import Any
 
 import pytest
 import typer
-from support import Datapath, backends_of
 from typer.testing import CliRunner
 
 from balancing.cli import trace
 from balancing.model.desired import BackendPod, Frontend, Owner, PodRef
-from helpers.topology import Cluster, in_netns
+from balancing_testkit.topology import Cluster, in_netns
+from helpers.support import Datapath, backends_of
 
 VIP4, VIP6 = "10.96.0.10", "fd00:96::10"
 SVC = Owner("Service", "default", "web", "http")

@@ -1,7 +1,7 @@
 """The JSON documents of ``balancing inspect`` and ``balancing trace``, and the agent client.
 
 The documents are built from maps the real writer programmed in memory (``FakeMaps``) joined with a
-``/state`` the real ``agentstate.build`` made from the same desired state, so both sides of the join are
+``/state`` the real ``agent.state.build`` made from the same desired state, so both sides of the join are
 the production code. The table renderers are run too (no output checked but that rows stay one line).
 """
 
@@ -21,7 +21,7 @@ import typer
 from rich.console import Console
 from typer.testing import CliRunner
 
-from balancing import agentstate
+from balancing.agent import state as agentstate
 from balancing.cli import agentclient, inspect, inspect_data, inspect_render, inspect_trace, trace
 from balancing.cli.agentclient import AgentView
 from balancing.cli.inspect_common import parse_frontend
@@ -339,10 +339,11 @@ def test_agent_client_fetches_state_and_never_raises(agent_url: str) -> None:
 
 
 def _render(items: Any) -> str:
-    out = Console(file=stdio.StringIO(), width=200)
+    buf = stdio.StringIO()
+    out = Console(file=buf, width=200)
     for item in items:
         out.print(item)
-    text = out.file.getvalue()
+    text = buf.getvalue()
     assert isinstance(text, str)
     return text
 
@@ -368,9 +369,10 @@ def test_tables_render_and_stay_one_line_per_row_at_200_services() -> None:
 def test_trace_text_renders(maps: tuple[FakeMaps, MapWriter], view: AgentView) -> None:
     io, _ = maps
     for key, caller in ((DNS, Caller(cgroup_id=777)), (STICKY, Caller()), (UNPROGRAMMED, Caller())):
-        out = Console(file=stdio.StringIO(), width=160)
+        buf = stdio.StringIO()
+        out = Console(file=buf, width=160)
         inspect_trace.render(trace.trace_json(replay(io, key, caller), view), view, out)
-        text = out.file.getvalue()
+        text = buf.getvalue()
         assert "trace" in text and ("verdict" in text or "not a frontend" in text)
 
 

@@ -406,7 +406,7 @@ async def test_existing_policies_come_from_the_api_server() -> None:
 
     from balancing.controller.policyindex import PolicyIndex
     from balancing.sources.kube import KubeSource, Timing
-    from helpers.fakeapi import FakeApi, serving
+    from balancing_testkit.fakeapi import FakeApi, serving
 
     fake = FakeApi()
     older = lrp_doc("older", "2025-06-01T00:00:00Z")

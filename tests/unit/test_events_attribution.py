@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
+from balancing.datapath import podcgroups
 from balancing.events.attribution import Attributor, ClientPod, container_names
 from balancing.model import objects
-from balancing.sources import podcgroups
 from helpers import kubelet
 from helpers.kubelet import CID, UID
 
@@ -144,7 +144,8 @@ def test_host_cgroups_are_confirmed_once_and_then_cost_no_scans(tmp_path: Path) 
     clock = Clock()
     host = tmp_path / "system.slice" / "kubelet.service"
     host.mkdir(parents=True)
-    attr = Attributor(tmp_path, {}.get, index=podcgroups.scan(tmp_path), rescan_interval=2.0, clock=clock)
+    index = podcgroups.scan(tmp_path)
+    attr = Attributor(tmp_path, lambda _uid: None, index=index, rescan_interval=2.0, clock=clock)
     clock.now = 1.0
     assert attr.attribute(ino(host)) is None and attr.scans == 0
     clock.now = 3.0

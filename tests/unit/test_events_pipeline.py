@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from balancing.datapath import abi
+from balancing.datapath import abi, podcgroups
 from balancing.events.attribution import Attributor
 from balancing.events.pipeline import EventPipeline
 from balancing.events.record import EventRecord
 from balancing.model.desired import Owner
-from balancing.sources import podcgroups
 
 WEB = Owner("Service", "default", "web", "http")
 
@@ -48,7 +47,7 @@ class ListSink:
 
 def make(tmp_path: Path, **kw: object) -> tuple[EventPipeline, ListSink]:
     sink = ListSink()
-    attr = Attributor(tmp_path, {}.get, index=podcgroups.PodCgroupIndex(), rescan_interval=1e9)
+    attr = Attributor(tmp_path, lambda _uid: None, index=podcgroups.PodCgroupIndex(), rescan_interval=1e9)
     owners = {17: WEB}
     pipeline = EventPipeline(tmp_path / abi.MAP_EVENTS, owners.get, attr, [sink], **kw)  # type: ignore[arg-type]
     return pipeline, sink
@@ -92,7 +91,7 @@ def test_backlog_is_bounded(tmp_path: Path) -> None:
 
 def test_bad_records_and_failing_lookups_are_counted_not_fatal(tmp_path: Path) -> None:
     sink = ListSink()
-    attr = Attributor(tmp_path, {}.get, index=podcgroups.PodCgroupIndex(), rescan_interval=1e9)
+    attr = Attributor(tmp_path, lambda _uid: None, index=podcgroups.PodCgroupIndex(), rescan_interval=1e9)
 
     def owner_of(svc_id: int) -> Owner | None:
         if svc_id == 13:

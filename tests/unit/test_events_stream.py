@@ -18,15 +18,14 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from balancing.cli import monitor
-from balancing.datapath import abi
+from balancing.cli import inspect_common, monitor
+from balancing.datapath import abi, podcgroups
 from balancing.events import stream
 from balancing.events.attribution import Attributor
 from balancing.events.pipeline import EventPipeline
 from balancing.events.stream import EventStreamServer
 from balancing.model import objects
 from balancing.model.desired import Owner
-from balancing.sources import podcgroups
 
 T = TypeVar("T")
 UID = "3f1c9a2e-8b7d-4c1e-9f00-123456789abc"
@@ -231,7 +230,12 @@ def test_a_stuck_client_is_disconnected(agent: Agent, monkeypatch: pytest.Monkey
 def run_monitor(agent: Agent, *args: str, publish: tuple[bytes, ...] = MIXED) -> Any:
     app = typer.Typer()
     app.command()(monitor.monitor)
-    publisher = threading.Thread(target=lambda: (agent.wait_clients(1), agent.publish(*publish)))
+
+    def publish_once_subscribed() -> None:
+        agent.wait_clients(1)
+        agent.publish(*publish)
+
+    publisher = threading.Thread(target=publish_once_subscribed)
     publisher.start()
     try:
         return CliRunner().invoke(app, ["--socket", str(agent.server.path), *args])
@@ -312,3 +316,11 @@ def test_filters_match_namespace_and_name() -> None:
     assert not monitor.matches(rec, None, ("default", "client-1"))
     assert not monitor.matches({"owner": None, "client": {"host": True}}, ("default", "web"), None)
     assert not monitor.matches({"owner": None, "client": {"host": True}}, None, ("default", "client-0"))
+
+
+def test_monitor_names_owners_as_inspect_does() -> None:
+    """One owner formatter for the tools (``inspect_common.owner_text``); ``-`` when the owner is unknown."""
+    owner = {"kind": "BalancingPolicy", "namespace": "", "name": "dns", "portName": ""}
+    assert f"→ [bold]{inspect_common.owner_text(owner)}[/]" in monitor.format_text({"owner": owner})
+    assert "→ [bold]BalancingPolicy dns[/]" in monitor.format_text({"owner": owner})
+    assert "→ [bold]-[/]" in monitor.format_text({"owner": None})

@@ -96,7 +96,7 @@ class Case:
 
 ONE = eps("web-1", ep("10.0.0.1"), ep("10.0.0.2"))
 WEB = {key("10.96.0.10"): backends("10.0.0.1:8080", "10.0.0.2:8080")}
-SELECTOR = {"selector": {"app": "web"}}
+SELECTOR: dict[str, Any] = {"selector": {"app": "web"}}
 NAMED = ({"name": "http", "port": 80, "targetPort": "web"},)
 
 CASES = [

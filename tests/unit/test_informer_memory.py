@@ -30,7 +30,7 @@ from balancing.sources.informer import Informer, Timing
 from balancing.sources.kube import KubeSource
 from balancing.sources.manifests import SourceUpdate
 from balancing.sources.selected_pods import PodUnion
-from helpers.fakeapi import FakeApi, serving
+from balancing_testkit.fakeapi import FakeApi, serving
 
 NODE = "node-1"
 SERVICES = "/api/v1/services"
@@ -135,7 +135,7 @@ def container_sizes(prefix: str, obj: object) -> dict[str, int]:
 
 def sizes(a: agent.Agent, io: maps.FakeMaps, url: str) -> dict[str, int]:
     """Every cache's size; informers and pod merges are found through the GC (the source keeps them)."""
-    assert a._writer is not None
+    assert a.programming.writer is not None
     gc.collect()
     found: dict[str, int] = {"informers": 0, "pod unions": 0}
     for obj in gc.get_objects():
@@ -148,10 +148,10 @@ def sizes(a: agent.Agent, io: maps.FakeMaps, url: str) -> dict[str, int]:
             found["pod unions"] += 1
             found.update(container_sizes("pods", obj))
     found.update(container_sizes("store", a.store))
-    found.update(container_sizes("writer", a._writer))
+    found.update(container_sizes("writer", a.programming.writer))
     found.update({f"maps[{name}]": len(data) for name, data in io.data.items()})
-    for name in ("_pods_by_uid", "_uid_of", "_conflicts", "_policy_status"):
-        found[f"agent.{name}"] = len(getattr(a, name))
+    for name in ("pods_by_uid", "_uid_of", "_conflicts", "_policy_status"):
+        found[f"agent.{name}"] = len(getattr(a.ingest, name))
     found["owners"] = len(a.owners._owners)
     return found
 
@@ -173,8 +173,8 @@ async def ingest(a: agent.Agent, updates: Queue, until: Callable[[], bool]) -> N
             if until():
                 return
             continue
-        a._ingest(update)
-        await a._write(a.store.take_changes(), time.perf_counter())
+        a.take(update)
+        await a.programming.write(a.store.take_changes(), time.perf_counter())
 
 
 @pytest.mark.asyncio
@@ -203,12 +203,12 @@ async def test_caches_return_to_their_baseline_after_churn(api: tuple[FakeApi, s
     )
     a = agent.Agent(cfg)
     io = maps.FakeMaps()
-    a._writer = writer.MapWriter(io)
+    a.programming.writer = writer.MapWriter(io)
     source = KubeSource(NODE, api_base_url=url, timing=FAST)
     try:
         async with contextlib.aclosing(source.updates()) as stream:
-            a._ingest(await anext(stream))
-            a._writer.sync(a.store.desired())
+            a.take(await anext(stream), whole=True)
+            a.programming.writer.sync(a.store.desired())
             a.store.take_changes()
             updates: Queue = asyncio.Queue()
             pumping = asyncio.create_task(pump(stream, updates))
@@ -219,7 +219,7 @@ async def test_caches_return_to_their_baseline_after_churn(api: tuple[FakeApi, s
                 with contextlib.suppress(asyncio.CancelledError):
                     await pumping
     finally:
-        a._io.shutdown(wait=True)
+        a.programming.io.shutdown(wait=True)
 
 
 async def churn(fake: FakeApi, url: str, a: agent.Agent, io: maps.FakeMaps, updates: Queue) -> None:

@@ -2,8 +2,8 @@
 JSON nested 10k deep, not JSON, the wrong types. Each fails that one request (a warning naming the
 resource), then the informer's backoff and relist or rewatch bring the good objects; no task dies.
 
-The hostile answers come from ``HostileApi``: the fake API server of ``helpers.fakeapi``, with raw answers
-queued per (path, watch or list) sent instead of the served ones, once each."""
+The hostile answers come from ``HostileApi``: the fake API server of ``balancing_testkit.fakeapi``, with raw
+answers queued per (path, watch or list) sent instead of the served ones, once each."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from balancing.sources import boundedjson
 from balancing.sources.informer import Bounds
 from balancing.sources.kube import KubeSource, Timing
 from balancing.sources.manifests import SourceUpdate
-from helpers.fakeapi import FakeApi, serving
+from balancing_testkit.fakeapi import FakeApi, serving
 
 SERVICES = "/api/v1/services"
 FAST = Timing(resync=3600, watch_timeout=60, read_slack=5, backoff_base=0.02, backoff_cap=0.1)

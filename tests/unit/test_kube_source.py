@@ -14,9 +14,10 @@ import pytest_asyncio
 import yaml
 
 from balancing.errors import SourceError
+from balancing.model.objects import Service
 from balancing.sources.kube import KubeObjectError, KubeSource, Timing
 from balancing.sources.manifests import SourceUpdate
-from helpers.fakeapi import FakeApi, serving
+from balancing_testkit.fakeapi import FakeApi, serving
 
 SERVICES = "/api/v1/services"
 NODES = "/api/v1/nodes"
@@ -37,7 +38,7 @@ def pod(name: str, node: str) -> dict[str, Any]:
 
 
 PORTS = [{"port": "80", "protocol": "TCP", "name": "http"}]
-POLICY = {
+POLICY: dict[str, Any] = {
     "metadata": {"name": "lrp"},
     "spec": {
         "frontend": {"serviceMatcher": {"serviceName": "web", "namespace": "default", "toPorts": PORTS}},
@@ -446,7 +447,8 @@ async def test_pending_changes_coalesce_per_object() -> None:
     )
     assert len(pending) == 6
     update = await asyncio.wait_for(pending.take(), 1)
-    assert {o.metadata.name: o.spec.cluster_ip for o in update.upserts} == {
+    assert all(isinstance(o, Service) for o in update.upserts)
+    assert {o.metadata.name: o.spec.cluster_ip for o in update.upserts if isinstance(o, Service)} == {
         "web": "10.0.0.100",
         "back": "10.0.2.1",
     }

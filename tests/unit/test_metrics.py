@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from balancing import metrics
 from balancing.datapath import abi
+from balancing.datapath.owners import OwnerIndex
 from balancing.metrics import kernel
 from balancing.model.desired import Frontend, FrontendChanges, FrontendKey, Owner, parse_ip
 from balancing.model.desired import Protocol as IPProtocol
@@ -215,7 +216,7 @@ def test_unknown_ids_wait_for_their_owner_then_are_labelled_by_service_id(
 
 
 def test_a_removed_frontends_last_counts_still_go_to_its_owner(reader: FakeReader, clock: FakeClock) -> None:
-    index = metrics.OwnerIndex(linger=300, clock=clock)
+    index = OwnerIndex(linger=300, clock=clock)
     fkey = FrontendKey(parse_ip("10.96.0.1"), 80, IPProtocol.TCP)
     index.replace({fkey: Frontend(WEB, ())}, {fkey: 1}.get)
     mt = metrics.Metrics(clock=clock)
@@ -318,7 +319,7 @@ def test_owner_index_follows_full_and_partial_syncs(clock: FakeClock) -> None:
         return FrontendKey(parse_ip(ip), port, IPProtocol.TCP)
 
     ids = {fk("10.96.0.1"): 1, fk("10.96.0.2"): 2, fk("10.96.0.3"): 3}
-    index = metrics.OwnerIndex(linger=300, clock=clock)
+    index = OwnerIndex(linger=300, clock=clock)
     index.replace({fk("10.96.0.1"): Frontend(WEB, ()), fk("10.96.0.2"): Frontend(WEB, ())}, ids.get)
     assert index(1) == WEB and index(2) == WEB and index(3) is None and len(index) == 2
     index.apply(
@@ -504,7 +505,7 @@ def test_nothing_is_attributed_or_deleted_before_the_first_full_sync(
 ) -> None:
     """An agent whose first sync is slow (an API server still unreachable after a reboot) must not count live
     frontends as ownerless, nor delete their counters."""
-    index = metrics.OwnerIndex(clock=clock)
+    index = OwnerIndex(clock=clock)
     mt = metrics.Metrics(clock=clock)
     mt.registry.register(
         metrics.DatapathCollector(

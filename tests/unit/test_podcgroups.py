@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from balancing.sources import podcgroups
+from balancing.datapath import podcgroups
 from helpers import kubelet
 from helpers.kubelet import CID, UID
 

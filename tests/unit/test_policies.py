@@ -383,9 +383,10 @@ def test_ref_is_cluster_scoped() -> None:
 
 def test_policies_are_immutable_and_comparable() -> None:
     a, b = objects.parse_object(lrp_doc()), objects.parse_object(lrp_doc())
+    assert isinstance(a, policies.LocalRedirectPolicy)
     assert a == b
     with pytest.raises(ValidationError):
-        a.spec.enabled = False  # type: ignore[misc]
+        a.spec.enabled = False
 
 
 @pytest.mark.parametrize(
@@ -414,8 +415,10 @@ def test_pair_ports(
 
 def test_frontend_text() -> None:
     lrp = objects.parse_object(lrp_doc())
+    assert isinstance(lrp, policies.LocalRedirectPolicy)
     assert str(lrp.spec.frontend) == "Service kube-system/kube-dns all ports"
     bp = objects.parse_object(bp_doc())
+    assert isinstance(bp, policies.BalancingPolicy)
     assert str(bp.spec.frontend) == "address 169.254.0.90 80/TCP (http)"
 
 

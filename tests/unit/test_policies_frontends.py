@@ -478,7 +478,7 @@ def backends(store: ClusterStore, fkey: FrontendKey) -> tuple[str, list[str], li
     return str(f.owner), [str(b) for b in f.backends], fallback, str(f.fallback_owner or "")
 
 
-DNS = [svc(), slice_of("kube-dns", "kube-system", "10.0.0.5")]
+DNS: list[objects.KubeObject] = [svc(), slice_of("kube-dns", "kube-system", "10.0.0.5")]
 CACHE = {"app": "dns-cache"}
 CLUSTER_BP = bp("dns-cache", service=("kube-system", "kube-dns"), vip=None, selector={"matchLabels": CACHE},
                 back=DNS_PORTS)  # fmt: skip
@@ -537,8 +537,9 @@ def test_address_lrp_refuses_without_local_backend_even_over_a_balancing_policy(
 
 
 def test_balancing_policy_replaces_service_backends_while_it_has_backends() -> None:
-    web = [svc("web", "default", svc_ports=[("http", 80, "TCP")]),
-           slice_of("web", "default", "10.0.0.1", svc_ports=[("http", 80, "TCP")])]  # fmt: skip
+    ports = [("http", 80, "TCP")]
+    web: list[objects.KubeObject] = [svc("web", "default", svc_ports=ports),
+                                     slice_of("web", "default", "10.0.0.1", svc_ports=ports)]  # fmt: skip
     policy = bp(service=("default", "web"), vip=None, front=None, back=[("8080", "TCP", "")])
     store = loaded(*web, policy)
     web_key = key("10.96.0.10:80/TCP")

@@ -23,7 +23,7 @@ from balancing.sources import kubestatus
 from balancing.sources.informer import Informer, Resource
 from balancing.sources.kube import KubeConnection, KubeSource, Timing
 from balancing.sources.manifests import SourceUpdate
-from helpers.fakeapi import FakeApi, serving
+from balancing_testkit.fakeapi import FakeApi, serving
 
 API = "balancing.elf.io/v1beta1"
 BP = f"/apis/{API}/balancingpolicies"
@@ -369,10 +369,11 @@ def test_entries_kept_until_the_nodes_are_listed() -> None:
     index.listeners.append(lambda _update: seen.append(index.nodes_changed))
     node_obj = objects.parse_object({"apiVersion": "v1", "kind": "Node", **node("node-1")})
     index.apply(SourceUpdate([node_obj]), nodes_listed=True)
-    assert index.nodes() == {"node-1"} and seen == [frozenset({"node-1"})]
+    assert index.nodes() == frozenset({"node-1"}) and seen == [frozenset({"node-1"})]
     index.apply(SourceUpdate([node_obj]))  # a Node's new version (a heartbeat): no change of names
     index.apply(SourceUpdate(deletes=[("Node", "", "node-1")]))
-    assert seen == [frozenset({"node-1"}), frozenset(), frozenset({"node-1"})] and index.nodes() == set()
+    assert seen == [frozenset({"node-1"}), frozenset(), frozenset({"node-1"})]
+    assert index.nodes() == frozenset()
     assert index.nodes_changed == frozenset()
 
 

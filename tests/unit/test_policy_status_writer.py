@@ -1,9 +1,9 @@
-"""The agent's policy status entries (``agent_status``) written through ``sources.kubestatus`` to a fake API
-server doing (simplified) server-side apply: one write per change, debounced with the latest value winning,
-a change of backends alone at most once per minor interval, agents' entries side by side, an entry removed,
-out-of-cluster entries marked, 404 ignored (and still paced), failures retried, 401/403 given up after a
-few attempts, nothing ever raised; the writer's JSON patches (a stale one made again); and the agent's
-wiring of it (no kernel needed)."""
+"""The agent's policy status entries (``agent.policy_status``) written through ``sources.kubestatus`` to a
+fake API server doing (simplified) server-side apply: one write per change, debounced with the latest value
+winning, a change of backends alone at most once per minor interval, agents' entries side by side, an entry
+removed, out-of-cluster entries marked, 404 ignored (and still paced), failures retried, 401/403 given up
+after a few attempts, nothing ever raised; the writer's JSON patches (a stale one made again); and the
+agent's wiring of it (no kernel needed)."""
 
 from __future__ import annotations
 
@@ -20,13 +20,14 @@ import httpx2 as httpx
 import pytest
 import pytest_asyncio
 
-from balancing import agent, agent_status
+from balancing import agent
+from balancing.agent import policy_status as agent_status
 from balancing.datapath import loader
 from balancing.model import config, objects, policies, store
 from balancing.sources import kubestatus
 from balancing.sources.kube import KubeConnection
 from balancing.sources.manifests import SourceUpdate
-from helpers.fakeapi import FakeApi, serving
+from balancing_testkit.fakeapi import FakeApi, serving
 
 API = "balancing.elf.io/v1beta1"
 BP = f"/apis/{API}/balancingpolicies"
@@ -553,12 +554,12 @@ async def test_agent_reports_once_the_datapath_holds_it(
                             status_timing=FAST)  # fmt: skip
     node = agent.Agent(cfg)
     try:
-        await node._open_status_reporter()
-        assert node._reporter is not None
-        node._ingest(watched(fake))
+        await node.open_status_reporter()
+        assert node.reporter is not None
+        node.take(watched(fake))
         await asyncio.sleep(FAST.delay + 0.05)
         assert fake.patches() == []  # not before the maps hold it
-        node._report_status()  # what a successful sync calls
+        node.report_status()  # what a successful sync calls
         await until(lambda: bool(nodes(fake)))
         assert nodes(fake)[0] | {"lastUpdateTime": ""} == {
             "nodeName": "node-1", "backends": 1, "ready": True, "reason": "Ready", "lastUpdateTime": ""
@@ -567,18 +568,18 @@ async def test_agent_reports_once_the_datapath_holds_it(
             lambda: b'balancing_policy_status_writes_total{result="ok"} 1.0' in node.metrics.exposition()
         )
     finally:
-        if node._reporter is not None:
-            await node._reporter.writer.close()
-        node._io.shutdown()
+        if node.reporter is not None:
+            await node.reporter.writer.close()
+        node.programming.io.shutdown()
     quiet = agent.Agent(dataclasses.replace(cfg, policy_status=False))
-    await quiet._open_status_reporter()
-    assert quiet._reporter is None
-    quiet._io.shutdown()
-    assert not node._reporter.out_of_cluster  # an in-cluster agent's entries are not marked
+    await quiet.open_status_reporter()
+    assert quiet.reporter is None
+    quiet.programming.io.shutdown()
+    assert not node.reporter.out_of_cluster  # an in-cluster agent's entries are not marked
     outside = agent.Agent(
         dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, external_client=True))
     )
-    await outside._open_status_reporter()
-    assert outside._reporter is not None and outside._reporter.out_of_cluster  # --out-of-cluster: marked
-    await outside._reporter.writer.close()
-    outside._io.shutdown()
+    await outside.open_status_reporter()
+    assert outside.reporter is not None and outside.reporter.out_of_cluster  # --out-of-cluster: marked
+    await outside.reporter.writer.close()
+    outside.programming.io.shutdown()

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from balancing.model.objects import Pod, parse_object
+from balancing.model.objects import KubeObject, Pod, parse_object
 from balancing.model.policies import BalancingPolicy, LocalRedirectPolicy
 from balancing.model.selectors import LabelSelector
 from balancing.sources.manifests import SourceUpdate
@@ -77,7 +77,7 @@ def test_pod_queries_of_the_policies_in_force() -> None:
             },
         }
     )
-    policies = [
+    policies: list[KubeObject] = [
         balancing("a", by_selector("web")),
         balancing("b", by_selector("web", "hostPort")),  # same selector: one watch
         balancing("c", by_selector("edge", "nodeProxy")),

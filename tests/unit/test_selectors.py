@@ -101,7 +101,7 @@ INVALID_CASES = [
                 ("matchExpressions", 0, "values"), "label value 'x y'"),
     InvalidCase("bad matchLabels key", {"matchLabels": {"a b": "x"}}, ("matchLabels",), "label key 'a b'"),
     InvalidCase("bad matchLabels prefix", {"matchLabels": {"Bad_Prefix/a": "x"}}, ("matchLabels",),
-                "the prefix must be a DNS subdomain"),
+                "the prefix must be a lowercase DNS subdomain"),
     InvalidCase("empty prefix", {"matchLabels": {"/a": "x"}}, ("matchLabels",), "prefix"),
     InvalidCase("name too long", {"matchLabels": {"a" * 64: "x"}}, ("matchLabels",), "1-63 characters"),
     InvalidCase("bad matchLabels value", {"matchLabels": {"a": "-x"}}, ("matchLabels",), "label value '-x'"),

@@ -605,7 +605,7 @@ def test_frontend_kinds_and_affinity_in_the_store() -> None:
 
 # --- what a Node change recomputes --------------------------------------------------------------
 
-NODE_SERVICES = [
+NODE_SERVICES: list[objects.KubeObject] = [
     svc("plain", "10.96.0.1"),
     svc("np", "10.96.0.2", type="NodePort", node_port=30080),
     svc("topo", "10.96.0.3"),
@@ -680,7 +680,7 @@ def test_node_change_recomputes_only_its_users(case: NodeChangeCase, monkeypatch
     assert {str(k) for k in changes.remove} == case.removed
     assert case.added <= {str(k) for k in changes.upsert}
     monkeypatch.undo()
-    objs = [NODE_1, NODE_2, *NODE_SERVICES]
+    objs: list[objects.KubeObject] = [NODE_1, NODE_2, *NODE_SERVICES]
     if isinstance(case.change, tuple):
         objs = [o for o in objs if objects.ref(o) != case.change]
     else:

@@ -1,17 +1,23 @@
-"""watch_manifests: file changes reach the caller within a second, and the directory may come and go."""
+"""watch_manifests: file changes reach the caller within a second, and the directory may come and go.
+
+Parsing happens off the event loop (the loop keeps ticking while a large file parses), and no file's
+content ends the watch.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from pathlib import Path
 
 from balancing.model.objects import KubeObject, ObjectRef, Service, ref
 from balancing.sources.manifests import ManifestDirectory, SourceUpdate
-from balancing.sources.watch import watch_manifests
+from balancing.sources.watch import load, watch_manifests
 
 WITHIN_S = 1.0
 WEB = ("Service", "default", "web")
@@ -35,7 +41,9 @@ class Follower:
         self.state = {ref(obj): obj for obj in directory.load().upserts}
         self.updates: list[SourceUpdate] = []
 
-    async def until(self, condition: Callable[[dict[ObjectRef, KubeObject]], bool]) -> None:
+    async def until(
+        self, condition: Callable[[dict[ObjectRef, KubeObject]], bool], within: float = WITHIN_S
+    ) -> None:
         async def follow() -> None:
             while not condition(self.state):
                 update = await anext(self.stream)
@@ -45,7 +53,7 @@ class Follower:
                 for key in update.deletes:
                     del self.state[key]
 
-        await asyncio.wait_for(follow(), WITHIN_S)
+        await asyncio.wait_for(follow(), within)
 
 
 def run(root: Path, scenario: Callable[[Follower], object]) -> None:
@@ -137,3 +145,83 @@ def test_directory_briefly_missing_keeps_objects(tmp_path: Path) -> None:
         await f.until(lambda s: API not in s)
 
     run(root, scenario)
+
+
+def test_hostile_file_does_not_end_the_watch(tmp_path: Path) -> None:
+    async def scenario(f: Follower) -> None:
+        (tmp_path / "deep.yaml").write_text("[" * 3000)
+        (tmp_path / "int.yaml").write_text(service("x").replace("port: 80", "port: " + "9" * 5000))
+        await f.until(lambda s: sum(len(u.errors) for u in f.updates) == 2)
+        (tmp_path / "web.yaml").write_text(service("web"))
+        await f.until(lambda s: port(s, WEB) == 80)
+
+    run(tmp_path, scenario)
+
+
+SERVICES = 4000  # about a second of parsing and validation
+
+
+def large_manifest(services: int) -> str:
+    return "---\n".join(
+        service(f"s{i}").replace("spec:\n", f"spec:\n  clusterIP: 10.96.{i // 250}.{i % 250 + 1}\n")
+        for i in range(services)
+    )
+
+
+class Ticker:
+    """Measures the longest the event loop went without running a 10 ms tick."""
+
+    def __init__(self) -> None:
+        self.longest = 0.0
+        self.task = asyncio.create_task(self._run())
+
+    async def start(self) -> Ticker:
+        await asyncio.sleep(0.02)  # the first tick has run
+        return self
+
+    async def _run(self) -> None:
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(0.01)
+            now = time.perf_counter()
+            self.longest = max(self.longest, now - last)
+            last = now
+
+    async def stop(self) -> float:
+        await asyncio.sleep(0.02)  # a tick after whatever ran last
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+        return self.longest
+
+
+def test_large_file_parses_off_the_loop(tmp_path: Path) -> None:
+    text = large_manifest(SERVICES)
+
+    async def scenario(f: Follower) -> None:
+        (tmp_path / "web.yaml").write_text(service("web"))
+        await f.until(lambda s: WEB in s)  # the watch is in place
+        ticker = await Ticker().start()
+        started = time.perf_counter()
+        (tmp_path / "big.yaml").write_text(text)
+        await f.until(lambda s: len(s) == SERVICES + 1, within=60)
+        took = time.perf_counter() - started
+        longest = await ticker.stop()
+        assert longest < min(0.5, took / 3), (longest, took)  # parsing on the loop: longest ~ took
+
+    run(tmp_path, scenario)
+
+
+def test_load_runs_off_the_loop(tmp_path: Path) -> None:
+    (tmp_path / "big.yaml").write_text(large_manifest(SERVICES))
+
+    async def main() -> None:
+        ticker = await Ticker().start()
+        started = time.perf_counter()
+        update = await load(ManifestDirectory(tmp_path))
+        took = time.perf_counter() - started
+        longest = await ticker.stop()
+        assert len(update.upserts) == SERVICES
+        assert longest < min(0.5, took / 3), (longest, took)
+
+    asyncio.run(main())

@@ -335,7 +335,8 @@ def test_a_failure_after_the_switch_keeps_the_new_state_and_the_next_write_clean
     stats = writer.sync(state({0: [0, 1], 1: [4]}, affinity=30))
     assert set(stats.failed) == {KEYS[0]}
     assert resolve_all(maps, KEYS[0]) == {V4[0], V4[1]}  # switched: the new state
-    assert affinity_targets(maps, KEYS[0]) is not None and affinity_targets(maps, KEYS[0]) <= {
+    targets = affinity_targets(maps, KEYS[0])
+    assert targets is not None and targets <= {
         V4[0],
         V4[1],
         V4[2],
@@ -369,7 +370,8 @@ def test_when_writing_back_fails_too_the_write_raises_a_located_error_and_reread
         writer.sync(state({0: [3, 1]}))
     assert info.value.frontend == str(KEYS[0]) and "writing it back failed too" in str(info.value)
     assert_record_true(writer, maps)
-    assert resolve_all(maps, KEYS[0]) <= {V4[0], V4[1], V4[2], V4[3]}
+    reachable = resolve_all(maps, KEYS[0])
+    assert reachable is not None and reachable <= {V4[0], V4[1], V4[2], V4[3]}
     maps.fault = None
     assert not writer.sync(state({0: [3, 1]})).failed
     assert resolve_all(maps, KEYS[0]) == {V4[1], V4[3]}

@@ -1094,7 +1094,7 @@ class Topology:
         self,
         client: NetnsArg,
         cgroup: CgroupArg,
-        args: Sequence[str | int],
+        args: Sequence[str | float],
         *,
         timeout: float = 60.0,
     ) -> dict[str, Any]:
@@ -1108,7 +1108,7 @@ class Topology:
         return parse_client_json(argv, res)
 
     def spawn_client(
-        self, client: NetnsArg, cgroup: CgroupArg, args: Sequence[str | int], *, ready_timeout: float = 10.0
+        self, client: NetnsArg, cgroup: CgroupArg, args: Sequence[str | float], *, ready_timeout: float = 10.0
     ) -> subprocess.Popen[bytes]:
         """Start client.py (typically `loop` mode) in the background; waits for its READY line."""
         argv = self.client_argv([str(a) for a in args])
@@ -1181,7 +1181,7 @@ def build_cluster(
 
 
 def _main(argv: Sequence[str]) -> int:
-    """python tests/helpers/topology.py {list|sweep|sweep-all}: inspect or remove harness leftovers."""
+    """python -m balancing_testkit.topology {list|sweep|sweep-all}: inspect or remove harness leftovers."""
     cmd = argv[0] if argv else "list"
     if cmd == "list":
         for lo in list_leftovers():

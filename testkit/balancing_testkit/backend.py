@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Tiny TCP/UDP test backend ("pod") for the kernel tests, demo and benchmarks. Standard library only.
 
-    python tests/helpers/backend.py --name pod-a --port 8080 [--udp-port 8080] [--addr ::]
+    python testkit/balancing_testkit/backend.py --name pod-a --port 8080 [--udp-port 8080] [--addr ::]
 
 TCP: on every accepted connection send one line ``<name> <peer_ip> <peer_port>\\n`` and close
 (``--keep-open``: after the line, echo whatever the client sends until it closes).

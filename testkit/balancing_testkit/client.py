@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Test client for the kernel tests, demo and benchmarks. Standard library only.
 
-    python tests/helpers/client.py MODE HOST PORT [--count N] [--family 4|6|mapped] [--timeout S] [--details]
+    python testkit/balancing_testkit/client.py MODE HOST PORT [--count N] [--family 4|6|mapped] [--timeout S]
+        [--details]
 
 Modes (every mode prints exactly one JSON object as the last line of stdout and exits 0, also when
 connections fail; exit status 2 means bad arguments):

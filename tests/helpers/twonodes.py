@@ -1,6 +1,6 @@
 """A two-node cluster on one kernel for the Service conformance cases, and the manifests they write.
 
-Layout (built by the ``two_nodes`` fixture in ``conftest.py``)::
+Layout (built by the ``two_nodes`` fixture in ``tests/conformance/conftest.py``)::
 
     node-a (cgroup node-a, zone zone-a)            node-b (cgroup node-b, zone zone-b)
       host-a   netns 10.244.2.1 / fd00:244::2:1      host-b   netns 10.244.2.2 / fd00:244::2:2
@@ -37,14 +37,14 @@ import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import pytest
-from support import AgentProcess, endpoint, endpoint_slice, wait_until, write_manifest
-from support import pod as support_pod
-from support import service as _service
 
-from helpers.topology import Client, Host, Pod, Topology
+from balancing_testkit.topology import Client, Host, Pod, Topology
+from helpers.support import AgentProcess, Conditions, endpoint, endpoint_slice, wait_until, write_manifest
+from helpers.support import pod as support_pod
+from helpers.support import service as _service
 
 NODES = ("node-a", "node-b")
 ZONES = {"node-a": "zone-a", "node-b": "zone-b"}
@@ -148,27 +148,27 @@ def slice_for(
     return endpoint_slice(svc, endpoints, ports, name=name)
 
 
-def ep(pod: Host, node: str | None = None, **conditions: bool | None) -> Doc:
+def ep(pod: Host, node: str | None = None, **conditions: Unpack[Conditions]) -> Doc:
     """An endpoint for ``pod`` on its node (``ready``/``serving``/``terminating`` as keyword arguments)."""
     return endpoint(pod.ip4, node=node or pod.node or "", **conditions)
 
 
-def ep6(pod: Host, node: str | None = None, **conditions: bool | None) -> Doc:
+def ep6(pod: Host, node: str | None = None, **conditions: Unpack[Conditions]) -> Doc:
     return endpoint(pod.ip6, node=node or pod.node or "", **conditions)
 
 
 # conditions the endpoint-slice controller writes for a pod ...
-READY: dict[str, bool] = {"ready": True, "serving": True, "terminating": False}
-UNREADY: dict[str, bool] = {"ready": False, "serving": False, "terminating": False}  # readiness probe fails
-TERMINATING: dict[str, bool] = {
+READY: Conditions = {"ready": True, "serving": True, "terminating": False}
+UNREADY: Conditions = {"ready": False, "serving": False, "terminating": False}  # readiness probe fails
+TERMINATING: Conditions = {
     "ready": False,
     "serving": True,
     "terminating": True,
 }  # deleted, still serving
-TERMINATING_UNREADY: dict[str, bool] = {"ready": False, "serving": False, "terminating": True}
+TERMINATING_UNREADY: Conditions = {"ready": False, "serving": False, "terminating": True}
 # ... and for the same pods when the Service has publishNotReadyAddresses (ready is forced to true)
-PUBLISHED_UNREADY: dict[str, bool] = {"ready": True, "serving": False, "terminating": False}
-PUBLISHED_TERMINATING_UNREADY: dict[str, bool] = {"ready": True, "serving": False, "terminating": True}
+PUBLISHED_UNREADY: Conditions = {"ready": True, "serving": False, "terminating": False}
+PUBLISHED_TERMINATING_UNREADY: Conditions = {"ready": True, "serving": False, "terminating": True}
 
 
 def external_name_service(name: str, target: str = "externalsvc.example.com") -> Doc:
@@ -290,7 +290,7 @@ class TwoNodes:
         """Both agents program frontend ``k`` with session affinity ``timeout_seconds`` (0: none)."""
         for agent in self.agents:
             wait_until(
-                lambda a=agent: affinity_of(a.bpffs).get(k) == timeout_seconds,
+                functools.partial(_has_affinity, agent, k, timeout_seconds),
                 timeout,
                 f"affinity {timeout_seconds}s on {k} on {agent.node}",
             )
@@ -369,6 +369,10 @@ class TwoNodes:
 def addresses_of(result: dict[str, Any]) -> list[str]:
     """The client addresses the backends saw (``seen_by_backend``), normalised."""
     return sorted(str(ipaddress.ip_address(a)) for a in result["seen_by_backend"])
+
+
+def _has_affinity(agent: AgentProcess, k: str, seconds: int) -> bool:
+    return affinity_of(agent.bpffs).get(k) == seconds
 
 
 def affinity_of(bpffs: Path) -> dict[str, int]:

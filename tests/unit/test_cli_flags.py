@@ -1,0 +1,75 @@
+"""Bad flags to ``balancing agent`` give a one-line error naming the flag and exit 2, before anything runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from balancing import errors
+from balancing.cli import flags
+from balancing.cli.main import app
+from balancing.datapath import mounts
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("127.0.0.1:10256", ("127.0.0.1", 10256)),
+        (":9", ("0.0.0.0", 9)),
+        ("[::1]:80", ("::1", 80)),
+        ("localhost:0", ("localhost", 0)),
+        ("node-1.example.com:65535", ("node-1.example.com", 65535)),
+    ],
+)
+def test_host_port_accepts(value: str, expected: tuple[str, int]) -> None:
+    assert flags.host_port("--x", value) == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["abc", "1.2.3.4", ":", "1.2.3.4:", "1.2.3.4:65536", "1.2.3.4:-1", "::1:80", "[::1:80", "[1.2.3.4]:80",
+     "999.1.1.1:80", "bad host:80", "a\nb:80"],
+)  # fmt: skip
+def test_host_port_rejects_naming_the_flag(value: str) -> None:
+    with pytest.raises(errors.ConfigError) as exc:
+        flags.host_port("--health-addr", value)
+    assert "--health-addr" in str(exc.value)
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf")])
+def test_positive_seconds_rejects(value: float) -> None:
+    with pytest.raises(errors.ConfigError):
+        flags.positive_seconds("--resync-interval", value)
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["--health-addr", "nonsense"], "--health-addr"),
+        (["--metrics-addr", "1.2.3.4:99999"], "--metrics-addr"),
+        (["--state-addr", "[::1"], "--state-addr"),
+        (["--resync-interval", "nan"], "--resync-interval"),
+        (["--resync-interval", "-5"], "--resync-interval"),
+        (["--node-name", ""], "--node-name"),
+        (["--node-name", "a\x1bb"], "--node-name"),
+        (["--log-level", "verbose"], "--log-level"),
+        (["--max-backends", "0"], "--max-backends"),
+        (["--event-sample-every", "0"], "--event-sample-every"),
+        (["--event-log-backups", "-1"], "--event-log-backups"),
+        (["--events", "most"], "--events"),
+        ([], "BPF object"),  # an empty file: not a BPF object (a datapath error, still one line)
+    ],
+)
+def test_agent_flag_errors_are_one_line_and_exit_2(tmp_path: Path, args: list[str], flag: str) -> None:
+    obj = tmp_path / "balancing.o"
+    obj.write_bytes(b"")
+    base = ["agent", "--node-name", "n1", "--manifests", str(tmp_path), "--bpf-object", str(obj),
+            "--cgroup", str(mounts.cgroup2_root())]  # fmt: skip
+    if flag == "--node-name":
+        base = [base[0], *base[3:]]
+    result = CliRunner().invoke(app, [*base, *args])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and flag in lines[0] and "Traceback" not in result.output, result.output

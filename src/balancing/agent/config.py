@@ -45,3 +45,4 @@ class AgentConfig:
     netns_dirs: tuple[Path, ...] = sockterm.NETNS_DIRS  # where termination also finds network namespaces
     status_timing: kubestatus.WriterTiming = field(default_factory=kubestatus.WriterTiming)
     restart_backoff: tuple[float, float] = (0.5, 30.0)  # a failed task's first and longest restart delay
+    socket_lb_host_namespace_only: bool = False  # translate only the host network namespace's sockets

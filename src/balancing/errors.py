@@ -4,7 +4,10 @@
 
     BalancingError
     ├── SourceError                   input could not be read
-    │   └── ManifestError             one manifest file/document is invalid (file, document, obj, field)
+    │   ├── ObjectError               one input object is invalid (obj, field, message)
+    │   │   ├── ManifestError         ... in a manifest file/document (file, document)
+    │   │   └── KubeObjectError       ... as the API server served it
+    │   └── Gone                      the API server no longer has the version to resume from (HTTP 410)
     ├── DatapathError                 the kernel side failed
     │   ├── BpfObjectError            the compiled BPF object cannot be opened (path, reason)
     │   ├── BpfLoadError              a BPF program was rejected (program, verifier log)
@@ -36,7 +39,34 @@ class SourceError(BalancingError):
     """An input (manifest directory, API server) could not be read or holds invalid objects."""
 
 
-class ManifestError(SourceError):
+class ObjectError(SourceError):
+    """One object a source read is invalid: ``obj`` names it (``"Service default/web"``, else ``""``),
+    ``field`` is the dotted field path (``"spec.ports[0].port"``, else ``""``). A source reports these in its
+    updates and keeps the object's last good version; where the object came from is the subclass's."""
+
+    def __init__(self, obj: str, field: str, message: str) -> None:
+        super().__init__(obj, field, message)
+        self.obj = obj
+        self.field = field
+        self.message = message
+
+    def __str__(self) -> str:
+        field = f"{self.field}: " if self.field else ""
+        return f"{self.obj or '?'}: {field}{self.message}"
+
+
+class KubeObjectError(ObjectError):
+    """An object as the API server served it is invalid."""
+
+    def __str__(self) -> str:
+        return f"API server object {super().__str__()}"
+
+
+class Gone(SourceError):
+    """The resourceVersion to resume a watch from is too old (HTTP 410): the informer relists."""
+
+
+class ManifestError(ObjectError):
     """One manifest file, or one document in it, is invalid.
 
     ``document`` is 1-based (0: the whole file, e.g. unreadable); ``obj`` names the object when known
@@ -45,12 +75,10 @@ class ManifestError(SourceError):
     """
 
     def __init__(self, file: Path | str, document: int, obj: str, field: str, message: str) -> None:
-        super().__init__(file, document, obj, field, message)
+        super().__init__(obj, field, message)
+        self.args = (file, document, obj, field, message)
         self.file = Path(file)
         self.document = document
-        self.obj = obj
-        self.field = field
-        self.message = message
 
     def __str__(self) -> str:
         where = str(self.file)

@@ -21,7 +21,7 @@ from balancing.agent import health, supervise
 from balancing.datapath import abi, loader, maps, writer
 from balancing.model import config
 from balancing.model.objects import parse_object
-from balancing.sources.manifests import SourceUpdate
+from balancing.sources.update import SourceUpdate
 
 
 def service_doc(name: str, ip: str) -> dict[str, Any]:
@@ -49,7 +49,7 @@ def write(directory: Path, name: str, *docs: dict[str, Any]) -> None:
     (directory / name).write_text(yaml.safe_dump_all(docs))
 
 
-async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+async def until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
     async with asyncio.timeout(timeout):
         while not predicate():
             await asyncio.sleep(0.02)

@@ -28,8 +28,8 @@ from balancing.model.config import ModelConfig
 from balancing.model.objects import POLICY_API_VERSION
 from balancing.sources.informer import Informer, Timing
 from balancing.sources.kube import KubeSource
-from balancing.sources.manifests import SourceUpdate
 from balancing.sources.selected_pods import PodUnion
+from balancing.sources.update import SourceUpdate
 from balancing_testkit.fakeapi import FakeApi, serving
 
 NODE = "node-1"

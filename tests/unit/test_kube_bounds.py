@@ -20,7 +20,7 @@ import pytest
 from balancing.sources import boundedjson
 from balancing.sources.informer import Bounds
 from balancing.sources.kube import KubeSource, Timing
-from balancing.sources.manifests import SourceUpdate
+from balancing.sources.update import SourceUpdate
 from balancing_testkit.fakeapi import FakeApi, serving
 
 SERVICES = "/api/v1/services"

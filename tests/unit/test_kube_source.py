@@ -13,10 +13,10 @@ import pytest
 import pytest_asyncio
 import yaml
 
-from balancing.errors import SourceError
+from balancing.errors import KubeObjectError, ObjectError, SourceError
 from balancing.model.objects import Service
-from balancing.sources.kube import KubeObjectError, KubeSource, Timing
-from balancing.sources.manifests import SourceUpdate
+from balancing.sources.kube import KubeSource, Timing
+from balancing.sources.update import SourceUpdate
 from balancing_testkit.fakeapi import FakeApi, serving
 
 SERVICES = "/api/v1/services"
@@ -279,12 +279,13 @@ async def gathered(
     updates: AsyncIterator[SourceUpdate], done: Callable[[SourceUpdate], bool]
 ) -> SourceUpdate:
     """Updates merged in arrival order until ``done`` holds for the merge (changes may arrive coalesced)."""
-    merged = SourceUpdate()
+    merged_errors: list[ObjectError] = []
+    merged = SourceUpdate(errors=merged_errors)
     while not done(merged):
         update = await next_update(updates)
         merged.upserts.extend(update.upserts)
         merged.deletes.extend(update.deletes)
-        merged.errors.extend(update.errors)
+        merged_errors.extend(update.errors)
     return merged
 
 

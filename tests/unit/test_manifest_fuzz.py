@@ -37,7 +37,8 @@ from balancing.errors import ManifestError
 from balancing.model.config import ModelConfig
 from balancing.model.desired import Protocol
 from balancing.model.store import ClusterStore
-from balancing.sources.manifests import ManifestDirectory, SourceUpdate
+from balancing.sources.manifests import ManifestDirectory
+from balancing.sources.update import SourceUpdate
 
 EXAMPLES = sorted((Path(__file__).parents[2] / "examples").rglob("*.yaml"))
 MUTATION_CASES = 8000

@@ -14,17 +14,24 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from balancing.errors import ManifestError
+from balancing.errors import ManifestError, ObjectError
 from balancing.model.objects import KubeObject, Service, ref
 from balancing.sources import decoding, files, manifests
-from balancing.sources.manifests import ManifestDirectory, SourceUpdate, is_manifest_name, parse_manifest
+from balancing.sources.manifests import ManifestDirectory, is_manifest_name, parse_manifest
+from balancing.sources.update import SourceUpdate
+
+
+def located(errors: Sequence[ObjectError]) -> list[ManifestError]:
+    """A manifest source's errors, each a ``ManifestError`` (file and document)."""
+    assert all(isinstance(e, ManifestError) for e in errors)
+    return [e for e in errors if isinstance(e, ManifestError)]
 
 
 def service(name: str, port: int = 80, namespace: str | None = None) -> str:
@@ -151,7 +158,7 @@ def test_validation_error_names_file_document_object_field(tmp_path: Path, d: Ma
     path.write_text(service("api") + "---\n" + service("web", port=70000))
     update = d.load()
     assert update.upserts == []  # whole file: nothing of a never-good file
-    (error,) = update.errors
+    (error,) = located(update.errors)
     assert isinstance(error, ManifestError)
     assert (error.file, error.document, error.obj) == (path, 2, "Service default/web")
     assert error.field == "spec.ports[0].port" and "65535" in error.message
@@ -173,7 +180,7 @@ def test_bad_yaml_keeps_last_good_version(tmp_path: Path, d: ManifestDirectory) 
     path.write_text(service("web", port=81) + "---\nkind: [unclosed\n")
     update = d.rescan()
     assert update.upserts == [] and update.deletes == []
-    (error,) = update.errors
+    (error,) = located(update.errors)
     assert error.document == 2 and error.file == path
     assert "invalid YAML at line" in error.message and "last good version" in error.message
     assert port_of(d.objects(), "web") == 80
@@ -186,7 +193,7 @@ def test_validation_error_keeps_last_good_version_then_fix(tmp_path: Path, d: Ma
     path.write_text(service("web", port=0))
     update = d.rescan({path})
     assert not update.upserts and not update.deletes
-    assert [e.field for e in update.errors] == ["spec.ports[0].port"]
+    assert [e.field for e in located(update.errors)] == ["spec.ports[0].port"]
     assert "keeping the last good version" in str(update.errors[0])
     assert port_of(d.objects(), "web") == 80
 
@@ -201,7 +208,7 @@ def test_bad_first_version_contributes_nothing_until_fixed(tmp_path: Path, d: Ma
     path.write_text('{"apiVersion": "v1", "kind": "Service",')
     update = d.load()
     assert update.upserts == []
-    (error,) = update.errors
+    (error,) = located(update.errors)
     assert "invalid JSON at line 1" in error.message
     path.write_text(json.dumps(yaml.safe_load(service("web"))))
     assert refs(d.rescan().upserts) == [("Service", "default", "web")]
@@ -217,7 +224,7 @@ def test_unchanged_bad_file_not_reported_again(tmp_path: Path, d: ManifestDirect
 
 def test_missing_kind_and_non_mapping_documents(tmp_path: Path, d: ManifestDirectory) -> None:
     (tmp_path / "a.yaml").write_text("metadata: {name: x}\n---\n- 1\n- 2\n")
-    errors = d.load().errors
+    errors = located(d.load().errors)
     assert [(e.document, e.field) for e in errors] == [(1, "apiVersion"), (2, "")]
 
 
@@ -354,7 +361,7 @@ def test_hostile_content_is_the_files_error(tmp_path: Path, d: ManifestDirectory
     else:
         path.write_text(content)
     update = d.rescan()
-    (error,) = update.errors
+    (error,) = located(update.errors)
     assert (error.file, error.field) == (path, field) and error.document in (0, 1)
     assert expected in error.message and "keeping the last good version" in error.message, error.message
     assert port_of(d.objects(), "web") == 80 and not update.upserts and not update.deletes
@@ -364,14 +371,14 @@ def test_hostile_content_is_the_files_error(tmp_path: Path, d: ManifestDirectory
 
     restarted = ManifestDirectory(tmp_path).load()  # and a restart still starts
     assert refs(restarted.upserts) == [("Service", "default", "later")]
-    assert [e.file for e in restarted.errors] == [path]
+    assert [e.file for e in located(restarted.errors)] == [path]
 
 
 def test_duplicate_key_names_both_lines(tmp_path: Path, d: ManifestDirectory) -> None:
     (tmp_path / "a.yaml").write_text(
         service("api") + "---\n" + service("web").replace("  name: web\n", "  name: web\n  name: w2\n")
     )
-    (error,) = d.load().errors
+    (error,) = located(d.load().errors)
     assert error.document == 2
     assert error.message.startswith(
         'invalid YAML at line 14 column 3: mapping key "name" already defined at line 13'
@@ -383,7 +390,7 @@ def test_merge_keys_may_be_overridden_but_not_repeated(tmp_path: Path, d: Manife
     text = service("web").replace("  - port: 80", "  - {<<: *p, port: 81}")
     (tmp_path / "a.yaml").write_text(text.replace("spec:", base + "spec:"))
     update = d.load()
-    assert [str(e) for e in update.errors] == [] and port_of(update.upserts, "web") == 81
+    assert [str(e) for e in located(update.errors)] == [] and port_of(update.upserts, "web") == 81
     (tmp_path / "a.yaml").write_text(
         text.replace("port: 81}", "port: 81, port: 82}").replace("spec:", base + "spec:")
     )
@@ -444,7 +451,7 @@ def test_odd_values_in_naming_fields_are_errors_not_crashes(tmp_path: Path, d: M
     (tmp_path / "b.yaml").write_text("kind: [List]\nitems: 3\n---\nkind: ServiceList\nitems: 3\n---\n[]\n")
     update = d.load()
     assert update.upserts == []  # a.json: a kind not read (named as far as it fits in a message)
-    assert [(e.file.name, e.document, e.field) for e in update.errors] == [
+    assert [(e.file.name, e.document, e.field) for e in located(update.errors)] == [
         ("b.yaml", 1, "apiVersion"),
         ("b.yaml", 2, "items"),
         ("b.yaml", 3, ""),
@@ -484,7 +491,10 @@ def test_objects_budget(tmp_path: Path) -> None:
     update = d.load()
     assert len(update.upserts) == 3
     budget = "over the objects per file budget (3 objects)"
-    assert [e.file.name for e in update.errors if e.message.startswith(budget)] == ["docs.yaml", "list.json"]
+    assert [e.file.name for e in located(update.errors) if e.message.startswith(budget)] == [
+        "docs.yaml",
+        "list.json",
+    ]
     assert "the file holds 4" in update.errors[1].message
 
 
@@ -499,7 +509,7 @@ def test_alias_budget_allows_modest_reuse(tmp_path: Path, d: ManifestDirectory) 
 def test_alias_bomb_is_cheap(tmp_path: Path, d: ManifestDirectory) -> None:
     (tmp_path / "a.yaml").write_text(BOMB + "\n")
     started = time.perf_counter()
-    (error,) = d.load().errors
+    (error,) = located(d.load().errors)
     assert time.perf_counter() - started < 0.5
     assert "alias expansion" in error.message
 
@@ -536,14 +546,14 @@ def test_ampersands_in_text_are_just_text() -> None:
 def test_depth_budget_counts_aliases_expanded(tmp_path: Path) -> None:
     d = ManifestDirectory(tmp_path, decoding.Budgets(depth=8))
     (tmp_path / "a.yaml").write_text("a: &a [[[[1]]]]\nb: [[[*a]]]\n")
-    (error,) = d.load().errors
+    (error,) = located(d.load().errors)
     assert "over the nesting depth budget (8 levels)" in error.message and "aliases expanded" in error.message
 
 
 def test_many_errors_are_summed_up(tmp_path: Path, d: ManifestDirectory) -> None:
     items = [{"apiVersion": "v1", "kind": "Service", "metadata": {"name": f"s{i}"}} for i in range(150)]
     (tmp_path / "a.json").write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
-    errors = d.load().errors
+    errors = located(d.load().errors)
     assert len(errors) == manifests.MAX_REPORTED_ERRORS + 1
     assert errors[-1].message.startswith("50 more problems")
 

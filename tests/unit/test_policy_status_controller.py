@@ -22,7 +22,7 @@ from balancing.model.status import NodeReport
 from balancing.sources import kubestatus
 from balancing.sources.informer import Informer, Resource
 from balancing.sources.kube import KubeConnection, KubeSource, Timing
-from balancing.sources.manifests import SourceUpdate
+from balancing.sources.update import SourceUpdate
 from balancing_testkit.fakeapi import FakeApi, serving
 
 API = "balancing.elf.io/v1beta1"

@@ -26,7 +26,7 @@ from balancing.datapath import loader
 from balancing.model import config, objects, policies, store
 from balancing.sources import kubestatus
 from balancing.sources.kube import KubeConnection
-from balancing.sources.manifests import SourceUpdate
+from balancing.sources.update import SourceUpdate
 from balancing_testkit.fakeapi import FakeApi, serving
 
 API = "balancing.elf.io/v1beta1"

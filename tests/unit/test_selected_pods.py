@@ -9,8 +9,8 @@ import pytest
 from balancing.model.objects import KubeObject, Pod, parse_object
 from balancing.model.policies import BalancingPolicy, LocalRedirectPolicy
 from balancing.model.selectors import LabelSelector
-from balancing.sources.manifests import SourceUpdate
 from balancing.sources.selected_pods import PodQuery, PodUnion, pod_queries, selector_query
+from balancing.sources.update import SourceUpdate
 
 NS = "io.kubernetes.pod.namespace"
 PORTS = [{"port": "80", "protocol": "TCP"}]

@@ -21,7 +21,7 @@ from balancing.agent.config import AgentConfig, KubeSourceConfig
 from balancing.metrics import Metrics
 from balancing.model import objects, store
 from balancing.sources import kube, manifests, watch
-from balancing.sources.manifests import SourceUpdate
+from balancing.sources.update import SourceUpdate
 
 __all__ = ["Ingest", "updates"]
 

@@ -35,7 +35,7 @@ from balancing.agent.udp_termination import Terminations
 from balancing.datapath import loader, maps, netns, owners
 from balancing.model import store
 from balancing.sources import kube, kubestatus, manifests
-from balancing.sources.manifests import SourceUpdate
+from balancing.sources.update import SourceUpdate
 
 __all__ = ["Agent", "run"]
 

@@ -30,7 +30,7 @@ from typing import Any
 
 from balancing.model import policies, policy_frontends, store
 from balancing.sources import kubestatus
-from balancing.sources.manifests import SourceUpdate
+from balancing.sources.update import SourceUpdate
 
 __all__ = [
     "FIELD_MANAGER_PREFIX",

@@ -19,10 +19,10 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from balancing.errors import ManifestError
+from balancing.errors import KubeObjectError, ObjectError
 from balancing.model import objects, policies
 from balancing.sources import kube
-from balancing.sources.manifests import SourceUpdate
+from balancing.sources.update import SourceUpdate
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +31,9 @@ FOLLOWED_KINDS = (*POLICY_KINDS, "Node")
 PolicyKey = tuple[str, str]  # (kind, name)
 
 
-def invalid_policy(err: ManifestError) -> PolicyKey | None:
+def invalid_policy(err: ObjectError) -> PolicyKey | None:
     """The policy an API-server object error is about (``KubeObjectError.obj`` is ``"Kind name"``)."""
-    if not isinstance(err, kube.KubeObjectError):
+    if not isinstance(err, KubeObjectError):
         return None
     kind, _, name = err.obj.partition(" ")
     return (kind, name) if kind in POLICY_KINDS and name and "/" not in name else None

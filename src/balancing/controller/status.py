@@ -53,7 +53,7 @@ from balancing.model import policies, policy_frontends
 from balancing.model.status import NodeReport
 from balancing.sources import kubestatus
 from balancing.sources.kube import KubeConnection
-from balancing.sources.manifests import SourceUpdate
+from balancing.sources.update import SourceUpdate
 
 __all__ = [
     "FIELD_MANAGER",

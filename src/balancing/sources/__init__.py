@@ -5,8 +5,8 @@ standard library, pydantic, PyYAML, watchfiles, httpx, ``balancing.model`` and `
 datapath, events, agent or CLI (import-linter enforces this). The agent applies the updates to the model's
 store.
 
-Modules: the manifest directory: ``manifests`` reads a directory of YAML/JSON manifests (``SourceUpdate``
-lives here), ``watch`` follows it as files change, ``files`` reads one file without blocking and within a
+Modules: ``update`` (``SourceUpdate``, what every source delivers). The manifest directory: ``manifests``
+reads a directory of YAML/JSON manifests, ``watch`` follows it as files change, ``files`` reads one file without blocking and within a
 size budget, ``decoding`` turns its bytes into documents strictly and within cost budgets. The API server:
 ``kube`` follows it by list+watch (``KubeSource``), ``informer`` follows one resource, ``selected_pods``
 decides which Pods beyond this node's to follow, ``boundedjson`` parses its JSON within a nesting bound,

@@ -36,35 +36,20 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx2 as httpx
 from pydantic import ValidationError
 
-from balancing.errors import ManifestError
+from balancing.errors import Gone, KubeObjectError, ObjectError
+from balancing.model.fielderrors import field_errors
 from balancing.model.objects import KubeObject, ObjectRef, UnknownKind, parse_object, ref
 from balancing.sources import boundedjson
-from balancing.sources.manifests import SourceUpdate, _validation_errors
+from balancing.sources.update import SourceUpdate
 
 log = logging.getLogger(__name__)
 
 Headers = Callable[[], dict[str, str]]
-
-
-class KubeObjectError(ManifestError):
-    """An object read from the API server is invalid (``obj``: ``"Service default/web"``, ``field``)."""
-
-    def __init__(self, obj: str, field: str, message: str) -> None:
-        super().__init__(Path("kube-apiserver"), 0, obj, field, message)
-
-    def __str__(self) -> str:
-        field = f"{self.field}: " if self.field else ""
-        return f"API server object {self.obj or '?'}: {field}{self.message}"
-
-
-class Gone(Exception):
-    """The resourceVersion to resume from is too old (HTTP 410): relist."""
 
 
 @dataclass(frozen=True)
@@ -158,7 +143,7 @@ class Informer:
         if resource_version is None:
             raise ValueError("list response has a malformed metadata.resourceVersion")
         new: dict[ObjectRef, KubeObject] = {}
-        errors: list[ManifestError] = []
+        errors: list[ObjectError] = []
         seen_bad: set[tuple[str, str]] = set()
         for item in body["items"]:
             obj, error, key = self._parse(item)
@@ -305,7 +290,7 @@ class Informer:
         }
         return {k: v for k, v in params.items() if v}
 
-    def _parse(self, item: Any) -> tuple[KubeObject | None, list[ManifestError], tuple[str, str] | None]:
+    def _parse(self, item: Any) -> tuple[KubeObject | None, list[ObjectError], tuple[str, str] | None]:
         """The object, or the errors it has (once per resourceVersion), and its (namespace, name)."""
         if not isinstance(item, dict):
             return None, [KubeObjectError(self.resource.kind, "", "expected an object")], None
@@ -315,9 +300,9 @@ class Informer:
             obj = parse_object(doc)
         except ValidationError as exc:
             described = describe_item(self.resource.kind, key)
-            errors: list[ManifestError] = [
-                KubeObjectError(described, e.field, e.message)
-                for e in _validation_errors(Path("kube"), 0, "", doc, exc)
+            errors: list[ObjectError] = [
+                KubeObjectError(described, at, "; ".join(messages))
+                for at, messages in field_errors(doc, exc).items()
             ]
             rv = _resource_version(item) or ""
             if self._bad.get(key) == rv and rv:

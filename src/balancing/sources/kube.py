@@ -9,7 +9,7 @@ policies and Nodes) watches no pods at all. ``updates()`` yields ``SourceUpdate`
 source: the first is the full initial state (every object as an upsert, plus the errors found), each later
 one only a difference: every change since the last one taken, coalesced per object (``Pending``), so a slow
 consumer gets fewer, larger updates instead of an ever longer queue. Malformed objects are skipped with a
-``KubeObjectError`` (a ``ManifestError`` subclass, so it fits ``SourceUpdate.errors``) naming kind,
+``errors.KubeObjectError`` (an ``ObjectError``, as ``SourceUpdate.errors`` holds) naming kind,
 namespace/name and field. Watch, relist, resync and backoff rules, and the bounds on what is read of the API
 server's answers (``Bounds``), are those of ``sources.informer.Informer``.
 
@@ -36,13 +36,13 @@ from typing import Any
 import httpx2 as httpx
 import yaml
 
-from balancing.errors import ManifestError, SourceError
+from balancing.errors import ObjectError, SourceError
 from balancing.model.objects import POLICY_API_VERSION, KubeObject, ObjectRef, ref
-from balancing.sources.informer import Bounds, Informer, KubeObjectError, Resource, Timing, describe_item
-from balancing.sources.manifests import SourceUpdate
+from balancing.sources.informer import Bounds, Informer, Resource, Timing, describe_item
 from balancing.sources.selected_pods import PodQuery, PodUnion, pod_queries
+from balancing.sources.update import SourceUpdate
 
-__all__ = ["Bounds", "KubeConnection", "KubeObjectError", "KubeSource", "Timing", "resources_for"]
+__all__ = ["Bounds", "KubeConnection", "KubeSource", "Timing", "resources_for"]
 
 log = logging.getLogger(__name__)
 
@@ -344,7 +344,7 @@ class Pending:
 
     def __init__(self, max_errors: int = 1000) -> None:
         self._objects: dict[ObjectRef, KubeObject | None] = {}  # None: deleted
-        self._errors: dict[str, list[ManifestError]] = {}  # by the object they are about ("Kind ns/name")
+        self._errors: dict[str, list[ObjectError]] = {}  # by the object they are about ("Kind ns/name")
         self._max_errors = max_errors
         self._ready = asyncio.Event()
 

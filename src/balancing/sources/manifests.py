@@ -2,8 +2,8 @@
 
 ``ManifestDirectory`` reads every ``*.yaml``, ``*.yml`` and ``*.json`` file directly in the directory (not
 hidden files, not editor leftovers such as ``x~``), each holding one or more documents, a document being
-one object or a ``List`` of them. ``load`` and ``rescan`` return a ``SourceUpdate``: the difference against
-what was in force before. Rules:
+one object or a ``List`` of them. ``load`` and ``rescan`` return a ``SourceUpdate`` (``sources.update``): the
+difference against what was in force before. Rules:
 
 - an object of a kind the model does not read is skipped with a logged warning;
 - a file that fails to parse, exceeds a cost budget (``decoding.Budgets``: size, nesting depth, alias
@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,27 +40,12 @@ from balancing.errors import ManifestError, SourceError
 from balancing.model.fielderrors import field_errors, join_path
 from balancing.model.objects import KubeObject, ObjectRef, UnknownKind, parse_object, ref
 from balancing.sources import decoding, files
+from balancing.sources.update import SourceUpdate
 
 log = logging.getLogger(__name__)
 
 NAMESPACED_KINDS = frozenset({"Service", "EndpointSlice", "Pod"})
 SUFFIXES = (".yaml", ".yml", ".json")
-
-
-@dataclass(frozen=True)
-class SourceUpdate:
-    """A change to the objects in force: new or changed objects, removed refs, and newly found errors.
-
-    False when empty. ``errors`` holds problems found by this scan (a file re-read unchanged is not
-    reported again); ``ManifestDirectory.errors()`` gives all current ones.
-    """
-
-    upserts: list[KubeObject] = field(default_factory=list)
-    deletes: list[ObjectRef] = field(default_factory=list)
-    errors: list[ManifestError] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return bool(self.upserts or self.deletes or self.errors)
 
 
 def is_manifest_name(name: str) -> bool:

@@ -27,7 +27,7 @@ from balancing.model import objects
 from balancing.model.objects import KubeObject, ObjectRef, ref
 from balancing.model.policies import BalancingPolicy
 from balancing.model.selectors import NAMESPACE_LABEL, LabelSelector, LabelSelectorRequirement
-from balancing.sources.manifests import SourceUpdate
+from balancing.sources.update import SourceUpdate
 
 __all__ = ["PodQuery", "PodUnion", "pod_queries", "selector_query"]
 

@@ -28,7 +28,8 @@ from pathlib import Path
 
 from watchfiles import Change, awatch
 
-from balancing.sources.manifests import ManifestDirectory, SourceUpdate, is_manifest_name
+from balancing.sources.manifests import ManifestDirectory, is_manifest_name
+from balancing.sources.update import SourceUpdate
 
 log = logging.getLogger(__name__)
 

@@ -138,8 +138,7 @@ def service_ignored(service: objects.Service) -> str | None:
         return f"labelled {PROXY_NAME_LABEL}={labels[PROXY_NAME_LABEL]}"
     if HEADLESS_LABEL in labels:
         return f"labelled {HEADLESS_LABEL}"
-    spec = service.spec
-    if all(ip in ("", "None") for ip in spec.cluster_ips or [spec.cluster_ip or ""]):  # no parsing: cheap
+    if not service.spec.service_ips():
         return "headless (no cluster IP)"
     return None
 

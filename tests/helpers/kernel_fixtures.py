@@ -42,7 +42,7 @@ from balancing_testkit.topology import (
     owned_cgroup,
     sweep_leftovers,
 )
-from helpers.support import Datapath
+from helpers.support import AgentProcess, Datapath
 
 _BPF_SYSCALL_NR = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "ppc64le": 361, "s390x": 351}
 _BPF_PROG_QUERY = 16
@@ -166,6 +166,23 @@ def topology(request: pytest.FixtureRequest) -> Iterator[Topology]:
 def cluster(topology: Topology) -> Cluster:
     """pod-a, pod-b, pod-c with backends on TCP+UDP 8080, and client "client" running in node "node-a"."""
     return build_cluster(topology)
+
+
+@pytest.fixture
+def manifests(tmp_path: Path) -> Path:
+    """An empty manifest directory for an agent."""
+    d = tmp_path / "manifests"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def agent(cluster: Cluster, manifests: Path) -> Iterator[AgentProcess]:
+    """``balancing agent`` for the cluster's node on ``manifests`` (not started: tests start it)."""
+    a = AgentProcess(cluster.topo, manifests, cluster.node)
+    yield a
+    if a.proc is not None and a.proc.poll() is None:
+        a.stop()
 
 
 @pytest.fixture

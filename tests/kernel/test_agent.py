@@ -10,11 +10,9 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from balancing.datapath import abi, maps
 from balancing_testkit.topology import Cluster
@@ -32,21 +30,6 @@ from helpers.support import (
 
 VIP = "10.96.0.10"
 KEY = f"{VIP}:80/TCP"
-
-
-@pytest.fixture
-def manifests(tmp_path: Path) -> Path:
-    d = tmp_path / "manifests"
-    d.mkdir()
-    return d
-
-
-@pytest.fixture
-def agent(cluster: Cluster, manifests: Path) -> Iterator[AgentProcess]:
-    a = AgentProcess(cluster.topo, manifests, cluster.node)
-    yield a
-    if a.proc is not None and a.proc.poll() is None:
-        a.stop()
 
 
 def web(cluster: Cluster, conditions: Sequence[Conditions], port: int = 8080) -> list[dict[str, Any]]:

@@ -23,7 +23,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,21 +37,6 @@ from helpers.support import AgentProcess, endpoint, endpoint_slice, service, wai
 VIP_A, VIP_B, VIP_BAD, VIP_C = "10.96.0.10", "10.96.0.20", "10.96.0.30", "10.96.0.40"
 BAD = "bad.yaml"
 TASK_FAILED = re.compile(r"task \S+ (failed|ended unexpectedly)")
-
-
-@pytest.fixture
-def manifests(tmp_path: Path) -> Path:
-    d = tmp_path / "manifests"
-    d.mkdir()
-    return d
-
-
-@pytest.fixture
-def agent(cluster: Cluster, manifests: Path) -> Iterator[AgentProcess]:
-    a = AgentProcess(cluster.topo, manifests, cluster.node)
-    yield a
-    if a.proc is not None and a.proc.poll() is None:
-        a.stop()
 
 
 def key(vip: str) -> str:

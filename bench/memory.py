@@ -52,8 +52,8 @@ from balancing.model.config import ModelConfig
 from balancing.model.objects import POLICY_API_VERSION
 from balancing.sources import kube
 from balancing.sources.informer import Informer, Timing
-from balancing.sources.update import SourceUpdate
 from balancing.sources.selected_pods import PodUnion
+from balancing.sources.update import SourceUpdate
 from balancing_testkit.fakeapi import FakeApi
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from balancing import errors
-from balancing.cli import flags
+from balancing.cli import flags, logs
 from balancing.cli.main import app
 from balancing.datapath import mounts
 
@@ -73,3 +73,52 @@ def test_agent_flag_errors_are_one_line_and_exit_2(tmp_path: Path, args: list[st
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and flag in lines[0] and "Traceback" not in result.output, result.output
+
+
+def _help(*args: str) -> str:
+    result = CliRunner().invoke(app, [*args, "--help"], env={"COLUMNS": "250", "TERM": "dumb"})
+    assert result.exit_code == 0, result.output
+    return " ".join(result.output.split())
+
+
+def test_help_keeps_brackets_and_shows_defaults() -> None:
+    """Help is plain text: ``[cgroup2 root]`` is not eaten as markup, defaults are shown."""
+    agent = _help("agent")
+    assert (
+        "[cgroup2 root]" in agent and "[the agent's own]" in agent and "[/run/netns, /var/run/netns]" in agent
+    )
+    assert "[default: 0.0.0.0:10256]" in agent and "[default: info]" in agent
+    assert "--config FILE" in agent and "--socket-lb-host-namespace-only" in agent and "--context" in agent
+    assert "[this process's]" in _help("trace") and "[default: table]" in _help("inspect", "services")
+    assert "[generated]" in _help("controller")
+
+
+def test_version_and_completion() -> None:
+    from importlib import metadata
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"balancing {metadata.version('balancing')}"
+    assert "--install-completion" in _help()
+
+
+def test_new_agent_flags_reach_the_agent_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from balancing import agent as agent_mod
+
+    seen: list[agent_mod.AgentConfig] = []
+    monkeypatch.setattr(agent_mod, "run", seen.append)
+    monkeypatch.setattr(logs, "setup", lambda *_args: None)  # the root logger stays the test runner's
+    obj = tmp_path / "balancing.o"
+    obj.write_bytes(b"")
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text("apiVersion: v1\nkind: Config\n")
+    args = ["agent", "--node-name", "n1", "--kubeconfig", str(kubeconfig), "--context", "prod",
+            "--bpf-object", str(obj), "--cgroup", str(mounts.cgroup2_root()),
+            "--socket-lb-host-namespace-only",
+            "--netns-dir", "/a,/b", "--netns-dir", "/a", "--nodeport-addresses", "10.0.0.0/8,fd00::/64",
+            "--log-format", "json", "--state-addr", ""]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    (cfg,) = seen
+    assert cfg.kube == agent_mod.KubeSourceConfig(kubeconfig, None, "prod", in_cluster=False)
+    assert cfg.socket_lb_host_namespace_only and cfg.netns_dirs == (Path("/a"), Path("/b"))
+    assert len(cfg.model.nodeport_cidrs) == 2 and cfg.state_addr is None

@@ -386,9 +386,64 @@ def test_commands_fail_clearly_without_pins(tmp_path: Path) -> None:
         assert res.exit_code == 2 and "cannot open the maps" in res.output, res.output
     res = runner.invoke(app, ["trace", "10.96.0.10/TCP", "--bpffs", str(tmp_path)])
     assert res.exit_code == 2 and "VIP:PORT/PROTO" in res.output
-    res = runner.invoke(app, ["inspect", "services", "-o", "yaml", "--bpffs", str(tmp_path)])
+    res = runner.invoke(app, ["inspect", "services", "-o", "xml", "--bpffs", str(tmp_path)])
     assert res.exit_code == 2
 
 
 def test_local_addresses() -> None:
     assert inspect.is_local_address("127.0.0.1")
+
+
+V6 = FrontendKey(ipaddress.ip_address("fd00:96::10"), 53, Protocol.UDP)
+V6_BACKEND = Backend(ipaddress.ip_address("fd00:244::5"), 53)
+
+
+@pytest.fixture
+def v6_cli(monkeypatch: pytest.MonkeyPatch) -> Iterator[CliRunner]:
+    """``balancing inspect`` on in-memory maps holding an IPv6 frontend, joined with the agent's view."""
+    import contextlib
+
+    from balancing.cli import main
+
+    model = DesiredState({V6: Frontend(DNS_SVC, (V6_BACKEND,), "1 ready endpoint")})
+    io = FakeMaps()
+    writer = MapWriter(io)
+    writer.sync(model)
+    view = agentclient.from_state(agentstate.build("node-a", model, writer.svc_id, [], []), "http://a/state")
+
+    @contextlib.contextmanager
+    def fake_maps(_bpffs: Path) -> Iterator[FakeMaps]:
+        yield io
+
+    monkeypatch.setattr(inspect, "open_maps", fake_maps)
+    monkeypatch.setattr(trace, "open_maps", fake_maps)
+    monkeypatch.setattr(agentclient, "fetch", lambda agent, timeout=0: view)
+    assert main.app is not None
+    yield CliRunner()
+
+
+@pytest.mark.parametrize("output", ["table", "wide"])
+def test_ipv6_frontends_survive_the_tables(v6_cli: CliRunner, output: str) -> None:
+    from balancing.cli.main import app as main_app
+
+    env = {"COLUMNS": "200", "TERM": "dumb"}
+    for what in ("services", "backends"):
+        res = v6_cli.invoke(main_app, ["inspect", what, "-o", output], env=env)
+        assert res.exit_code == 0, res.output
+        assert "[fd00:96::10]:53/UDP" in res.output and "[fd00:244::5]:53" in res.output, res.output
+    res = v6_cli.invoke(main_app, ["trace", "[fd00:96::10]:53/UDP"], env=env)
+    assert res.exit_code == 0 and "[fd00:96::10]:53/UDP" in res.output, res.output
+
+
+def test_inspect_and_trace_print_yaml_as_they_print_json(v6_cli: CliRunner) -> None:
+    import yaml
+
+    from balancing.cli.main import app as main_app
+
+    for args in (["inspect", "services"], ["inspect", "backends"], ["trace", "[fd00:96::10]:53/UDP"]):
+        as_json = v6_cli.invoke(main_app, [*args, "-o", "json"])
+        as_yaml = v6_cli.invoke(main_app, [*args, "-o", "yaml"])
+        assert as_json.exit_code == 0 and as_yaml.exit_code == 0, as_yaml.output
+        assert yaml.safe_load(as_yaml.output) == json.loads(as_json.output)
+    doc = yaml.safe_load(v6_cli.invoke(main_app, ["inspect", "services", "-o", "yaml"]).output)
+    assert doc["services"][0]["frontend"] == "[fd00:96::10]:53/UDP"

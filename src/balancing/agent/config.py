@@ -1,7 +1,8 @@
 """What one node agent is told to do: its sources, datapath, servers and features (``AgentConfig``).
 
-Built by ``cli.agent_cmd`` from flags (every value already checked there); read by ``agent.lifecycle`` and
-the parts it wires. Plain frozen data, no behaviour.
+Built by ``cli.agent_cmd`` from the merged configuration file, environment and flags (every value already
+checked there, see ``cli.configfile``); read by ``agent.lifecycle`` and the parts it wires. Plain frozen
+data, no behaviour.
 """
 
 from __future__ import annotations
@@ -19,10 +20,14 @@ __all__ = ["AgentConfig", "KubeSourceConfig"]
 
 @dataclass(frozen=True)
 class KubeSourceConfig:
-    """Where the API server is: a kubeconfig, a plain URL (``kubectl proxy``), or neither: in-cluster."""
+    """Where the API server is: a kubeconfig (``context``: one of its contexts, else its current one), a
+    plain URL (``kubectl proxy``), in-cluster (``in_cluster``), or ``context`` alone: that context of the
+    environment's kubeconfig (``KUBECONFIG``, else ``~/.kube/config``). None of them: in-cluster."""
 
     kubeconfig: Path | None = None
     api_server: str | None = None
+    context: str | None = None
+    in_cluster: bool = False  # asked for explicitly (--in-cluster, source.kubernetes.inCluster)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,15 @@ Bad input is logged with its file or object and field by the source, and the las
 programmed. In Kubernetes mode, once the datapath holds a change, this node's entry in each policy's
 ``status.nodes`` is brought up to date in the background (``agent.policy_status``). SIGTERM/SIGINT stop the
 agent; the pinned datapath keeps translating.
+
+``/statusz`` on the health port (``Agent.statusz``, for ``balancing status``) adds to ``agent.health``'s
+counts the version, the source kind, the programs the load attached and how full the writer's maps are
+(``map_fill``, recounted once per write)::
+
+    {..., "version": str, "source": "manifests" | "kubernetes", "frontends": int,   # programmed
+     "maps": {"services" | "backends" | "affinityMatch" | "clients" | "qos":
+              {"entries": int, "capacity": int | null}},
+     "programs": {"attached": [program name], "loadWarnings": int}}
 """
 
 from __future__ import annotations
@@ -27,19 +36,54 @@ import signal
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from functools import partial
+from importlib import metadata
 
 from balancing import errors, metrics
 from balancing.agent import events, health, ingest, policy_status, programming, state, supervise
 from balancing.agent.config import AgentConfig
 from balancing.agent.udp_termination import Terminations
-from balancing.datapath import loader, maps, netns, owners
+from balancing.datapath import abi, loader, maps, netns, owners
+from balancing.datapath.programmed import ProgrammedState
 from balancing.model import store
 from balancing.sources import kube, kubestatus, manifests
 from balancing.sources.update import SourceUpdate
 
-__all__ = ["Agent", "run"]
+__all__ = ["Agent", "map_fill", "run"]
 
 log = logging.getLogger("balancing.agent")
+# /statusz's map names → the writer's maps
+FILLED_MAPS = {
+    "services": abi.MAP_SERVICES,
+    "backends": abi.MAP_BACKENDS,
+    "affinityMatch": abi.MAP_AFFINITY_MATCH,
+    "clients": abi.MAP_CLIENTS,
+    "qos": abi.MAP_QOS,
+}
+
+
+def map_fill(state: ProgrammedState) -> dict[str, int]:
+    """Entries of the writer's maps that ``state`` (the writer's record) stands for, by ``FILLED_MAPS``
+    name; missing slots count for nothing."""
+    services = 0
+    for f in state.frontends.values():
+        for tier in (f.primary, f.fallback):
+            if tier is not None and tier.master:
+                services += 1 + sum(1 for ref in tier.slots if ref is not None)
+    fs = state.frontends.values()
+    return {
+        "services": services,
+        "backends": len(state.backend_ids),
+        "affinityMatch": sum(len(f.affinity_matches) for f in fs),
+        "clients": sum(len(f.clients) for f in fs),
+        "qos": sum(1 for f in fs if f.qos is not None),
+    }
+
+
+def _version() -> str:
+    try:
+        return metadata.version("balancing")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 class Agent:
@@ -71,14 +115,29 @@ class Agent:
         self._state_cache: tuple[int, int, bytes] | None = None  # (store generation, write generation, body)
         self._ingested = 0
         self._metrics_server: metrics.MetricsServer | None = None
+        self.load_report: loader.LoadReport | None = None  # what the start attached (for /statusz)
+        self._capacity: dict[str, int] = {}  # map name → max entries, as the kernel has them
+        self._fill: tuple[int, dict[str, object]] | None = None  # (write generation, /statusz's maps)
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Start, run until ``stop`` is set, stop (the datapath stays attached); errors logged meanwhile
+        are counted for ``/statusz``."""
+        errors_seen = logging.getLogger("balancing")
+        errors_seen.addHandler(self.health.errors)
+        try:
+            await self._run(stop)
+        finally:
+            errors_seen.removeHandler(self.health.errors)
+
+    async def _run(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         dp = self.cfg.datapath
         io = self.programming.io
         report = await loop.run_in_executor(io, loader.load, dp)
         log.info("datapath on %s, pins in %s: %s", dp.cgroup, dp.bpffs, report.summary())
+        self.load_report = report
         kernel_maps = await loop.run_in_executor(io, maps.KernelMaps, dp.map_dir)
+        self._capacity = dict(getattr(kernel_maps, "capacity", {}))
         await self.programming.open(kernel_maps, dp.cgroup)
         if self.cfg.terminate_udp:  # after loader.load: it would retire the terminator's own pin
             await self.terminations.open(dp, self.cfg.netns_dirs)
@@ -128,11 +187,10 @@ class Agent:
         )
 
     async def _serve(self) -> list[asyncio.AbstractServer]:
-        """The health port (``/healthz``, ``/livez``, ``/readyz``), ``/state``, and metrics."""
+        """The health port (``/healthz``, ``/livez``, ``/readyz``, ``/statusz``), ``/state``, and metrics."""
         servers: list[asyncio.AbstractServer] = []
-        listen = [
-            ("--health-addr", health.agent_routes(self.health), (self.cfg.health_host, self.cfg.health_port))
-        ]
+        health_routes = health.agent_routes(self.health, self.statusz)
+        listen = [("--health-addr", health_routes, (self.cfg.health_host, self.cfg.health_port))]
         if self.cfg.state_addr is not None:
             listen.append(("--state-addr", health.routes({"/state": self.state}), self.cfg.state_addr))
         for flag, handler, (host, port) in listen:
@@ -249,6 +307,48 @@ class Agent:
             body["policies"] = [state.policy_json(s) for s in self.store.policy_status().values()]
             self._state_cache = (*key, json.dumps(body).encode())
         return 200, self._state_cache[2]
+
+    # --- GET /statusz ---------------------------------------------------------------------------------------
+
+    def statusz(self) -> tuple[int, dict[str, object]]:
+        """``agent.health``'s ``/statusz`` with the version, source, programs and map fill: counts only."""
+        report = self.load_report
+        programs = (
+            []
+            if report is None
+            else sorted(
+                {
+                    *report.programs_attached,
+                    *report.programs_swapped,
+                    *report.programs_unchanged,
+                    *report.programs_moved,
+                }
+            )
+        )
+        return self.health.statusz(
+            {
+                "version": _version(),
+                "source": "manifests" if self.directory is not None else "kubernetes",
+                **self._map_status(),
+                "programs": {"attached": programs, "loadWarnings": len(report.warnings) if report else 0},
+            }
+        )
+
+    def _map_status(self) -> dict[str, object]:
+        """``frontends`` and ``maps`` (entries and capacity), recounted once per write."""
+        generation = self.programming.generation
+        w = self.programming.writer
+        if w is None:
+            return {"frontends": 0, "maps": {}}
+        if self._fill is None or self._fill[0] != generation:
+            record = w.record()
+            fill = map_fill(record)
+            counted = {
+                name: {"entries": fill[name], "capacity": self._capacity.get(pinned)}
+                for name, pinned in FILLED_MAPS.items()
+            }
+            self._fill = (generation, {"frontends": len(record.frontends), "maps": counted})
+        return self._fill[1]
 
 
 def run(cfg: AgentConfig) -> None:

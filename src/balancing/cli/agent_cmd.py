@@ -1,69 +1,174 @@
-"""``balancing agent``: the node agent's flags, checked here (errors name the flag), then ``agent.run``."""
+"""``balancing agent``: the agent's configuration (``--config`` file, environment, flags), then ``agent.run``.
+
+The flags given on the command line override the environment and the file (``cli.configfile`` merges and
+checks them, errors naming the flag, variable or file field); ``build`` turns the merged configuration into
+the one ``AgentConfig``, checking it against the machine (the source directory, the cgroup, the BPF object).
+A bad value is a one-line error and exit status 2, before anything runs.
+"""
 
 from __future__ import annotations
 
 import logging
-import os
-import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from balancing import errors
 from balancing.agent import events as agent_events
-from balancing.cli import flags
-from balancing.cli.inspect_common import DEFAULT_BPFFS
-from balancing.datapath import abi, loader, mounts, sockterm
-from balancing.events import stream
+from balancing.cli import configfile, flags, logs
+from balancing.cli.configfile import DEFAULTS
+from balancing.datapath import loader, mounts
 from balancing.model import config
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-BpffsOpt = Annotated[Path, typer.Option("--bpffs", help="Directory on bpffs holding this agent's pins.")]
+log = logging.getLogger("balancing.agent")
+_EV, _MAPS = DEFAULTS.events, DEFAULTS.maps
 
 
 def default_object() -> Path:
-    """The compiled BPF object: $BALANCING_BPF_OBJECT, the repo's build/, or the installed package's copy."""
-    env = os.environ.get("BALANCING_BPF_OBJECT")
-    candidates = [Path(env)] if env else []
+    """The compiled BPF object: the repo's build/, else the installed package's copy (``bpfObject`` and
+    ``BALANCING_BPF_OBJECT`` name another)."""
     here = Path(__file__).resolve()
-    candidates += [here.parents[3] / "build/bpf/balancing.o", here.parents[1] / "bpf/balancing.o"]
-    for c in candidates:
-        if c.is_file():
-            return c
-    return candidates[0]
+    candidates = [here.parents[3] / "build/bpf/balancing.o", here.parents[1] / "bpf/balancing.o"]
+    return next((c for c in candidates if c.is_file()), candidates[0])
 
 
-def _netns_dirs(values: list[str]) -> tuple[Path, ...]:
+def _netns_dirs(values: list[str]) -> list[Path]:
     """--netns-dir values (repeated, each possibly a comma list) as distinct paths, in order."""
     dirs: dict[Path, None] = {}
     for value in values:
         for item in value.split(","):
             if item.strip():
                 dirs[Path(item.strip())] = None
-    return tuple(dirs)
+    return list(dirs)
 
 
-def _at_least(least: int, values: dict[str, int]) -> None:
-    for flag, value in values.items():
-        if value < least:
-            raise errors.ConfigError(flag, f"must be at least {least}")
+def given_flags(ctx: typer.Context) -> dict[str, Any]:
+    """The flags given on the command line (flag → value in the configuration's terms)."""
+    given: dict[str, Any] = {}
+    for param in ctx.command.params:
+        name = param.name or ""
+        source = ctx.get_parameter_source(name)
+        if name == "config" or source is None or source.name != "COMMANDLINE":
+            continue
+        flag = next(o for o in param.opts if o.startswith("--"))
+        value = ctx.params[name]
+        if flag == "--nodeport-addresses":
+            value = [c.strip() for c in value.split(",") if c.strip()]
+        elif flag == "--netns-dir":
+            value = _netns_dirs(value or [])
+        given[flag] = value
+    return given
 
 
-def _fail(exc: errors.BalancingError) -> None:
-    typer.secho(f"error: {exc}", fg="red", err=True)
-    if isinstance(exc, errors.BpfLoadError) and exc.log:
-        typer.echo(exc.log[-4000:], err=True)
-    raise typer.Exit(2)
+def _check_source(loaded: configfile.Loaded) -> None:
+    src = loaded.config.source
+    kube = src.kubernetes
+    if src.manifests is None and (
+        kube is None or not (kube.in_cluster or kube.kubeconfig or kube.api_server or kube.context)
+    ):
+        raise errors.ConfigError(
+            "--manifests",
+            "give exactly one source: --manifests, --kubeconfig, --api-server or --in-cluster "
+            "(or source: in --config)",
+        )
+    if src.manifests is not None and not src.manifests.is_dir():
+        raise errors.ConfigError(loaded.where("source", "manifests"), f"{src.manifests} is not a directory")
+    if kube is not None and kube.kubeconfig is not None and not kube.kubeconfig.is_file():
+        where = loaded.where("source", "kubernetes", "kubeconfig")
+        raise errors.ConfigError(where, f"{kube.kubeconfig} is not a file")
+
+
+def build(loaded: configfile.Loaded) -> Any:
+    """The ``agent.AgentConfig`` of a merged configuration, checked against this machine."""
+    from balancing import agent as agent_mod
+
+    c, where = loaded.config, loaded.where
+    if c.node_name is None:
+        raise errors.ConfigError("--node-name", "required (or BALANCING_NODE_NAME, or nodeName in --config)")
+    _check_source(loaded)
+    obj = c.bpf_object or default_object()
+    if not obj.is_file():
+        raise errors.ConfigError(where("bpf_object"), f"{obj} does not exist (run `make bpf`)")
+    cg = c.cgroup or mounts.cgroup2_root()
+    if mounts.fs_type_of(cg) != "cgroup2" or not cg.is_dir():
+        raise errors.ConfigError(where("cgroup"), f"{cg} is not a cgroup v2 directory")
+    if c.host_netns is not None and not c.host_netns.exists():
+        raise errors.ConfigError(where("host_netns"), f"{c.host_netns} does not exist")
+    health_host, health_port = flags.host_port(where("health_addr"), c.health_addr)
+    ev, maps, kube = c.events, c.maps, c.source.kubernetes
+    return agent_mod.AgentConfig(
+        c.source.manifests,
+        config.ModelConfig(
+            c.node_name,
+            config.parse_cidrs(c.nodeport_addresses),
+            c.external_ips_local_only,
+            c.out_of_cluster,
+        ),
+        loader.DatapathConfig(
+            obj,
+            c.bpffs,
+            cg,
+            maps.services,
+            maps.backends,
+            maps.reverse,
+            maps.sockets,
+            maps.affinity,
+            event_bytes=ev.ring_bytes,
+        ),
+        health_host,
+        health_port,
+        c.resync_interval,
+        c.healthcheck_address,
+        metrics_addr=flags.host_port(where("metrics_addr"), c.metrics_addr) if c.metrics_addr else None,
+        state_addr=flags.host_port(where("state_addr"), c.state_addr) if c.state_addr else None,
+        events=agent_events.EventsConfig(
+            ev.mode,
+            ev.sample_every,
+            ev.reverse,
+            ev.log,
+            ev.stdout,
+            ev.log_max_bytes,
+            ev.log_backups,
+            ev.socket,
+        ),
+        host_netns=c.host_netns,
+        kube=None
+        if kube is None
+        else agent_mod.KubeSourceConfig(kube.kubeconfig, kube.api_server, kube.context, kube.in_cluster),
+        policy_status=c.policy_status,
+        terminate_udp=c.terminate_udp_sockets,
+        netns_dirs=tuple(c.netns_dirs),
+        socket_lb_host_namespace_only=c.socket_lb.host_namespace_only,
+    )
 
 
 def agent(
-    node_name: Annotated[str, typer.Option(help="This node's name (as in Node objects and pod nodeName).")],
+    ctx: typer.Context,
+    config_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            metavar="FILE",
+            help="A BalancingConfiguration (YAML, docs/configuration.md); BALANCING_* variables override "
+            "it and flags override both.",
+        ),
+    ] = None,
+    node_name: Annotated[
+        str | None, typer.Option(help="This node's name (as in Node objects and pod nodeName). Required.")
+    ] = None,
     manifests: Annotated[
         Path | None, typer.Option(help="Standalone mode: a directory of Kubernetes manifests (YAML/JSON).")
     ] = None,
     kubeconfig: Annotated[
         Path | None, typer.Option(help="Kubernetes mode: read the API server named by this kubeconfig.")
+    ] = None,
+    context: Annotated[
+        str | None,
+        typer.Option(
+            help="Kubernetes mode: this context of --kubeconfig, or alone of the environment's kubeconfig "
+            "(KUBECONFIG, else ~/.kube/config) [the current-context]."
+        ),
     ] = None,
     api_server: Annotated[
         str | None, typer.Option(help="Kubernetes mode: a plain-HTTP API server URL (e.g. kubectl proxy).")
@@ -77,14 +182,14 @@ def agent(
             help="Kubernetes mode: write this node's entry (backends, ready, reason) in each policy's "
             "status.nodes (server-side apply, only on change)."
         ),
-    ] = True,
+    ] = DEFAULTS.policy_status,
     terminate_udp_sockets: Annotated[
         bool,
         typer.Option(
             help="Destroy connected UDP sockets whose backend left the frontend they connected to, so "
             "clients reconnect to a live one (kube-proxy's UDP conntrack cleanup; Linux >= 6.5)."
         ),
-    ] = True,
+    ] = DEFAULTS.terminate_udp_sockets,
     netns_dir: Annotated[
         list[str] | None,
         typer.Option(
@@ -92,192 +197,100 @@ def agent(
             help="Directory of network namespace files (bind mounts, as ip netns and containerd/CRI-O keep "
             "in /run/netns) where socket termination also looks for the namespaces of the cgroup's "
             "processes: the only way to find them when the agent has its own PID namespace. Repeatable, "
-            "or comma-separated; empty: none. Default: /run/netns and /var/run/netns.",
+            "or comma-separated; empty: none. [/run/netns, /var/run/netns]",
         ),
     ] = None,
     cgroup: Annotated[
         Path | None, typer.Option(help="cgroup v2 directory to attach to [cgroup2 root].")
     ] = None,
-    bpffs: BpffsOpt = DEFAULT_BPFFS,
+    bpffs: Annotated[
+        Path, typer.Option(help="Directory on bpffs holding this agent's pins.")
+    ] = DEFAULTS.bpffs,
     health_addr: Annotated[
-        str, typer.Option(help="HOST:PORT for /healthz, /livez, /readyz.")
-    ] = "0.0.0.0:10256",
+        str, typer.Option(help="HOST:PORT for /healthz, /livez, /readyz and /statusz.")
+    ] = DEFAULTS.health_addr,
     state_addr: Annotated[
         str,
         typer.Option(
             help="HOST:PORT for /state, the agent's view for `balancing inspect/trace --agent` (names of "
             "Services, policies and pods: keep it on loopback); empty: not served."
         ),
-    ] = "127.0.0.1:10264",
+    ] = DEFAULTS.state_addr,
     bpf_object: Annotated[
-        Path | None, typer.Option(help="Compiled BPF object [build/bpf/balancing.o].")
+        Path | None, typer.Option(help="Compiled BPF object [build/bpf/balancing.o, else the package's].")
     ] = None,
     max_services: Annotated[
         int, typer.Option(help="Service map entries (frontends + slots).")
-    ] = abi.DEFAULT_SVC_ENTRIES,
-    max_backends: Annotated[int, typer.Option(help="Backend map entries.")] = abi.DEFAULT_BACKENDS,
-    max_reverse: Annotated[
-        int, typer.Option(help="UDP reverse-translation LRU entries.")
-    ] = abi.DEFAULT_REV_ENTRIES,
+    ] = _MAPS.services,
+    max_backends: Annotated[int, typer.Option(help="Backend map entries.")] = _MAPS.backends,
+    max_reverse: Annotated[int, typer.Option(help="UDP reverse-translation LRU entries.")] = _MAPS.reverse,
     max_sockets: Annotated[
         int, typer.Option(help="Live translated connected sockets with reverse translation.")
-    ] = abi.DEFAULT_SOCK_ENTRIES,
+    ] = _MAPS.sockets,
     max_affinity: Annotated[
         int, typer.Option(help="Session-affinity records (client namespace x frontend), LRU.")
-    ] = abi.DEFAULT_AFF_ENTRIES,
+    ] = _MAPS.affinity,
     nodeport_addresses: Annotated[
         str, typer.Option(help="Comma-separated CIDRs: NodePorts only on node addresses inside them [all].")
     ] = "",
     external_ips_local_only: Annotated[
         bool,
         typer.Option(help="Translate an externalIP only when it is this node's address (Cilium's choice)."),
-    ] = False,
+    ] = DEFAULTS.external_ips_local_only,
     healthcheck_address: Annotated[
         str, typer.Option(help="Address the healthCheckNodePort servers listen on.")
-    ] = "0.0.0.0",
-    resync_interval: Annotated[float, typer.Option(help="Seconds between full reconciling syncs.")] = 30.0,
+    ] = DEFAULTS.healthcheck_address,
+    resync_interval: Annotated[
+        float, typer.Option(help="Seconds between full reconciling syncs.")
+    ] = DEFAULTS.resync_interval,
     metrics_addr: Annotated[
         str, typer.Option(help="HOST:PORT for Prometheus metrics (kube-proxy's default); empty: no metrics.")
-    ] = "127.0.0.1:10249",
+    ] = DEFAULTS.metrics_addr,
     out_of_cluster: Annotated[
         bool,
         typer.Option(
             help="This host is not a Node (bare-metal mode): its clients are external clients "
             "(externalTrafficPolicy Local applies, no loopback NodePorts, policies need enableOutCluster)."
         ),
-    ] = False,
+    ] = DEFAULTS.out_of_cluster,
     host_netns: Annotated[
         Path | None,
         typer.Option(
             help="The host's network namespace (loopback NodePorts are its alone) [the agent's own]."
         ),
     ] = None,
-    events: Annotated[str, typer.Option(help="Resolution events: off, sampled or all.")] = "off",
+    socket_lb_host_namespace_only: Annotated[
+        bool, typer.Option(help="Translate only the sockets of the host's network namespace.")
+    ] = DEFAULTS.socket_lb.host_namespace_only,
+    events: Annotated[str, typer.Option(help="Resolution events: off, sampled or all.")] = _EV.mode,
     event_sample_every: Annotated[
         int, typer.Option(help="With --events sampled: one in N resolutions.")
-    ] = 100,
-    event_reverse: Annotated[bool, typer.Option(help="Also emit reverse-translation events.")] = False,
+    ] = _EV.sample_every,
+    event_reverse: Annotated[bool, typer.Option(help="Also emit reverse-translation events.")] = _EV.reverse,
     event_bytes: Annotated[
         int, typer.Option(help="Event ring buffer size (a power of two, at least 4096).")
-    ] = abi.DEFAULT_EVENT_BYTES,
-    event_stdout: Annotated[bool, typer.Option(help="Write events as JSON lines to stdout.")] = False,
+    ] = _EV.ring_bytes,
+    event_stdout: Annotated[bool, typer.Option(help="Write events as JSON lines to stdout.")] = _EV.stdout,
     event_log: Annotated[Path | None, typer.Option(help="Write events as JSON lines to this file.")] = None,
-    event_log_max_bytes: Annotated[int, typer.Option(help="Rotate the event log at this size.")] = 100 << 20,
-    event_log_backups: Annotated[int, typer.Option(help="Rotated event logs to keep.")] = 3,
+    event_log_max_bytes: Annotated[
+        int, typer.Option(help="Rotate the event log at this size.")
+    ] = _EV.log_max_bytes,
+    event_log_backups: Annotated[int, typer.Option(help="Rotated event logs to keep.")] = _EV.log_backups,
     events_socket: Annotated[
         Path, typer.Option(help="Unix socket streaming events to `balancing monitor`.")
-    ] = stream.DEFAULT_SOCKET,
-    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    ] = _EV.socket,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = DEFAULTS.logging.level,
+    log_format: Annotated[
+        str, typer.Option(help="text, or json (one object per line).")
+    ] = DEFAULTS.logging.format,
 ) -> None:
-    """Run the node agent: program the datapath from a manifest directory and follow its changes."""
+    """Run the node agent: program the datapath from a manifest directory or the Kubernetes API."""
     from balancing import agent as agent_mod
 
-    if log_level.upper() not in LOG_LEVELS:
-        typer.secho(
-            f"error: --log-level: {log_level!r} is not one of {', '.join(LOG_LEVELS).lower()}", err=True
-        )
-        raise typer.Exit(2)
-
-    logging.getLogger("watchfiles").setLevel(logging.WARNING)
-    logging.basicConfig(
-        level=log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     try:
-        chosen = [
-            f
-            for f, v in (
-                ("--manifests", manifests),
-                ("--kubeconfig", kubeconfig),
-                ("--api-server", api_server),
-                ("--in-cluster", in_cluster),
-            )
-            if v
-        ]
-        if len(chosen) != 1:
-            raise errors.ConfigError(
-                "--manifests",
-                "give exactly one source: --manifests, --kubeconfig, --api-server or --in-cluster"
-                + (f" (got {', '.join(chosen)})" if chosen else ""),
-            )
-        if manifests is not None and not manifests.is_dir():
-            raise errors.ConfigError("--manifests", f"{manifests} is not a directory")
-        if kubeconfig is not None and not kubeconfig.is_file():
-            raise errors.ConfigError("--kubeconfig", f"{kubeconfig} is not a file")
-        obj = bpf_object or default_object()
-        if not obj.is_file():
-            raise errors.ConfigError("--bpf-object", f"{obj} does not exist (run `make bpf`)")
-        cg = cgroup or mounts.cgroup2_root()
-        if mounts.fs_type_of(cg) != "cgroup2" or not cg.is_dir():
-            raise errors.ConfigError("--cgroup", f"{cg} is not a cgroup v2 directory")
-        _at_least(
-            1,
-            {
-                "--max-services": max_services,
-                "--max-backends": max_backends,
-                "--max-reverse": max_reverse,
-                "--max-sockets": max_sockets,
-                "--max-affinity": max_affinity,
-                "--event-sample-every": event_sample_every,
-                "--event-log-max-bytes": event_log_max_bytes,
-            },
-        )
-        _at_least(0, {"--event-log-backups": event_log_backups})
-        if not node_name.strip() or not node_name.isprintable():
-            raise errors.ConfigError("--node-name", f"{node_name!r} is not a node name")
-        host, port = flags.host_port("--health-addr", health_addr)
-        metrics_at = flags.host_port("--metrics-addr", metrics_addr) if metrics_addr else None
-        state_at = flags.host_port("--state-addr", state_addr) if state_addr else None
-        flags.positive_seconds("--resync-interval", resync_interval)
-
-        if host_netns is not None and not host_netns.exists():
-            raise errors.ConfigError("--host-netns", f"{host_netns} does not exist")
-        if events not in agent_events.MODES:
-            raise errors.ConfigError("--events", f"{events!r} is not one of off, sampled, all")
-        if event_bytes < 4096 or event_bytes & (event_bytes - 1):
-            raise errors.ConfigError("--event-bytes", f"{event_bytes} is not a power of two of at least 4096")
-        events_cfg = agent_events.EventsConfig(
-            events,
-            event_sample_every,
-            event_reverse,
-            event_log,
-            event_stdout,
-            event_log_max_bytes,
-            event_log_backups,
-            events_socket,
-        )
-        try:
-            cidrs = config.parse_cidrs(nodeport_addresses.split(","))
-        except ValueError as exc:
-            raise errors.ConfigError("--nodeport-addresses", str(exc)) from exc
-        model = config.ModelConfig(node_name, cidrs, external_ips_local_only, out_of_cluster)
-        dp = loader.DatapathConfig(
-            obj,
-            bpffs,
-            cg,
-            max_services,
-            max_backends,
-            max_reverse,
-            max_sockets,
-            max_affinity,
-            event_bytes=event_bytes,
-        )
-        cfg = agent_mod.AgentConfig(
-            manifests,
-            model,
-            dp,
-            host,
-            port,
-            resync_interval,
-            healthcheck_address,
-            metrics_addr=metrics_at,
-            state_addr=state_at,
-            events=events_cfg,
-            host_netns=host_netns,
-            kube=None if manifests is not None else agent_mod.KubeSourceConfig(kubeconfig, api_server),
-            policy_status=policy_status,
-            terminate_udp=terminate_udp_sockets,
-            netns_dirs=_netns_dirs(netns_dir) if netns_dir else sockterm.NETNS_DIRS,
-        )
+        loaded = configfile.load(config_file, given_flags(ctx))
+        logs.setup(loaded.config.logging.level, loaded.config.logging.format)
+        cfg = build(loaded)
         agent_mod.run(cfg)
     except errors.BalancingError as exc:
-        _fail(exc)
+        flags.fail(exc)

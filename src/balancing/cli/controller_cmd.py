@@ -7,7 +7,8 @@ configuration). Existing policies, for the older-wins conflict check, come from 
 informer will feed; until then none. Following an API server, it also writes each policy's Ready condition
 and removes departed Nodes' entries from the policies' ``status.nodes`` (``controller.status``; it follows
 the Nodes for that; ``--no-policy-status`` turns it off). ``--max-connections`` caps the connections the
-webhook server holds at once (``controller.server.MAX_CONNECTIONS``).
+webhook server holds at once (``controller.server.MAX_CONNECTIONS``). Logging as the agent's
+(``--log-level``, ``--log-format``: ``cli.logs``); a bad flag is a one-line error naming it, exit status 2.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import typer
 
 from balancing import controller as webhooks
 from balancing import errors
-from balancing.cli import flags
+from balancing.cli import flags, logs
 from balancing.controller import policyindex
 from balancing.controller import server as webhook_server
 from balancing.controller import status as policy_status_mod
@@ -110,16 +111,21 @@ def controller(
             "closed at once.",
         ),
     ] = webhook_server.MAX_CONNECTIONS,
-    log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    log_format: Annotated[str, typer.Option(help="text, or json (one object per line).")] = "text",
 ) -> None:
     """Run the validating and mutating admission webhooks for LocalRedirectPolicy and BalancingPolicy."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        level = logs.check_level("--log-level", log_level)
+        fmt = logs.check_format("--log-format", log_format)
         host, port = flags.host_port("--listen", listen)
+        if (tls_cert is None) != (tls_key is None):
+            raise errors.ConfigError("--tls-cert", "give both --tls-cert and --tls-key, or neither")
+        if sum(1 for v in (kubeconfig, api_server, in_cluster) if v) > 1:
+            raise errors.ConfigError("--kubeconfig", "give one of --kubeconfig, --api-server, --in-cluster")
     except errors.ConfigError as exc:
-        raise typer.BadParameter(exc.message, param_hint="--listen") from None
-    if (tls_cert is None) != (tls_key is None):
-        raise typer.BadParameter("give both --tls-cert and --tls-key, or neither", param_hint="--tls-cert")
+        flags.fail(exc)
+    logs.setup(level, fmt)
     directory = cert_dir or Path(tempfile.mkdtemp(prefix="balancing-controller-"))
     try:
         context = webhooks.load_or_generate(
@@ -130,8 +136,7 @@ def controller(
             ca_bundle=ca_bundle,
         )
     except (OSError, ValueError) as exc:
-        typer.secho(f"error: TLS: {exc}", fg="red", err=True)
-        raise typer.Exit(2) from None
+        flags.fail(errors.ConfigError("TLS", str(exc)))
     reloader = (
         CertReloader(context, tls_cert, tls_key) if tls_cert is not None and tls_key is not None else None
     )
@@ -140,8 +145,7 @@ def controller(
         try:
             source = kube.KubeSource("", api_base_url=api_server, kubeconfig=kubeconfig)
         except SourceError as exc:
-            typer.secho(f"error: {exc}", fg="red", err=True)
-            raise typer.Exit(2) from None
+            flags.fail(exc)
         index = policyindex.PolicyIndex()
         webhook = webhooks.Webhook(index.existing, ready=index.ready)
         if policy_status:

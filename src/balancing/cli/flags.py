@@ -1,10 +1,13 @@
-"""Flag values shared by the commands: parsed here once, errors naming the flag."""
+"""Flag values shared by the commands: parsed here once, errors naming the flag; ``fail`` reports one."""
 
 from __future__ import annotations
 
 import ipaddress
 import math
 import re
+from typing import NoReturn
+
+import typer
 
 from balancing import errors
 
@@ -50,3 +53,12 @@ def positive_seconds(flag: str, value: float) -> float:
     if not math.isfinite(value) or value <= 0:
         raise errors.ConfigError(flag, f"{value} is not a positive number of seconds")
     return value
+
+
+def fail(exc: errors.BalancingError) -> NoReturn:
+    """A one-line error (and a rejected BPF program's verifier log) on stderr, exit status 2."""
+    typer.secho(f"error: {exc}", fg="red", err=True)
+    log = getattr(exc, "log", None)
+    if isinstance(exc, errors.BpfLoadError) and log:
+        typer.echo(log[-4000:], err=True)
+    raise typer.Exit(2)

@@ -6,10 +6,10 @@ inconsistencies (missing slots or backends). With ``--agent URL`` it joins the a
 Without it, or when the agent does not answer within a second or two, it shows the maps alone and says that
 names are unavailable (the name fields are then ``null``).
 
-JSON output (``-o json``; stable: keys are only ever added). Every document also has
-``"agent": {"url": str | null, "available": bool, "error": str | null}``. ``owner`` objects are the agent's:
-``{"kind", "namespace", "name", "portName"}``; ``pod`` objects ``{"namespace", "name", "node"}``; a ``null``
-in a backend list marks a slot whose entry is missing::
+JSON output (``-o json``, or the same document as YAML with ``-o yaml``; stable: keys are only ever
+added). Every document also has ``"agent": {"url": str | null, "available": bool, "error": str | null}``.
+``owner`` objects are the agent's: ``{"kind", "namespace", "name", "portName"}``; ``pod`` objects
+``{"namespace", "name", "node"}``; a ``null`` in a backend list marks a slot whose entry is missing::
 
     services:  {"services": [{"frontend": "ip:port/PROTO", "address", "port", "protocol", "serviceId",
                  "affinityTimeoutSeconds", "backends": ["ip:port" | null], "fallback": [...] | null,
@@ -40,7 +40,6 @@ the model's); ``local`` says whether the address is one of this host's.
 from __future__ import annotations
 
 import errno
-import json
 import socket
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -49,12 +48,17 @@ import typer
 from rich.table import Table
 
 from balancing.cli import agentclient, inspect_data, inspect_render
+from balancing.cli import output as cli_output
 from balancing.cli.agentclient import AgentView, Json
 from balancing.cli.inspect_common import DEFAULT_BPFFS, AgentOpt, BpffsOpt, OutputOpt, check_output, open_maps
 from balancing.datapath.maps import MapIO
 from balancing.model.desired import parse_ip
 
-app = typer.Typer(no_args_is_help=True, help="Show what the datapath maps hold, with the agent's names.")
+app = typer.Typer(
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    help="Show what the datapath maps hold, with the agent's names.",
+)
 
 Builder = Callable[[MapIO, AgentView], Json]
 Renderer = Callable[[Json, AgentView, bool], Iterable[Table | str]]
@@ -85,8 +89,8 @@ def _run(bpffs: Path, agent: str | None, output: str, build: Builder, render: Re
     view = agentclient.fetch(agent)
     with open_maps(bpffs) as io:
         doc = build(io, view)
-    if output == "json":
-        typer.echo(json.dumps({**doc, "agent": view.describe()}, indent=2))
+    if output in cli_output.DOCUMENT_FORMATS:
+        typer.echo(cli_output.dumps({**doc, "agent": view.describe()}, output))
         return
     out = inspect_render.console(output == "wide")
     inspect_render.print_note(out, view)

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
+from balancing.cli import output as cli_output
 from balancing.datapath import abi, maps
 from balancing.model.desired import FrontendKey, Protocol, parse_ip
 
@@ -31,13 +32,11 @@ AgentOpt = Annotated[
     str | None,
     typer.Option("--agent", help="The agent's health address (http://127.0.0.1:10256) for names."),
 ]
-OutputOpt = Annotated[str, typer.Option("-o", "--output", help="table, wide or json.")]
+OutputOpt = Annotated[str, typer.Option("-o", "--output", help="table, wide, json or yaml.")]
 
 
-def check_output(output: str, allowed: tuple[str, ...] = ("table", "wide", "json")) -> str:
-    if output not in allowed:
-        raise typer.BadParameter(f"must be one of {', '.join(allowed)}", param_hint="-o/--output")
-    return output
+def check_output(output: str, allowed: tuple[str, ...] = ("table", "wide", "json", "yaml")) -> str:
+    return cli_output.check(output, allowed)
 
 
 @contextmanager

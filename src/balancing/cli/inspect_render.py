@@ -161,7 +161,7 @@ def nodes(doc: Json, view: AgentView, wide: bool) -> Iterable[Table | str]:
     for n in doc["nodes"]:
         where = " ".join(x for x in (n["node"] or "", "(this host)" if n["local"] else "") if x)
         t = table(
-            f"{n['address']} {where}".strip(),
+            _t(f"{n['address']} {where}".strip()),
             ["frontend", "id", "owner", "backends"] + (["reason"] if wide else []),
         )
         for f in n["frontends"]:

@@ -4,7 +4,8 @@ Connects to the agent's event stream (``events.stream``: NDJSON on a unix socket
 the agent) and prints every record that passes the filters: ``--service NS/NAME`` keeps events whose
 frontend belongs to that Service or policy (``NAME`` alone: any namespace, or a cluster-scoped policy),
 ``--pod NS/NAME`` events made by that client pod. ``-o json`` prints the records unchanged (schema in
-``events.record``). The stream ends when the agent stops; Ctrl-C ends the command.
+``events.record``), ``-o yaml`` each as a YAML document (``---`` first). The stream ends when the agent
+stops; Ctrl-C ends the command.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from balancing.cli import inspect_common
+from balancing.cli import output as cli_output
 from balancing.events import stream
 
 NOT_RUNNING_HINT = "is the agent running with events on? (agent flags --events sampled|all, --events-socket)"
@@ -118,12 +120,11 @@ def monitor(
     pod: Annotated[
         str | None, typer.Option("--pod", help="Only events from this client pod: NS/NAME.")
     ] = None,
-    output: Annotated[str, typer.Option("-o", "--output", help="text or json.")] = "text",
+    output: Annotated[str, typer.Option("-o", "--output", help="text, json or yaml.")] = "text",
     count: Annotated[int, typer.Option("--count", help="Stop after this many events (0: never).")] = 0,
 ) -> None:
     """Live stream of resolution events (which client reached which backend through which frontend)."""
-    if output not in ("text", "json"):
-        raise typer.BadParameter(f"{output!r} is not text or json", param_hint="--output")
+    cli_output.check(output, ("text", *cli_output.DOCUMENT_FORMATS))
     service_ref, pod_ref = parse_ref(service, "--service"), parse_ref(pod, "--pod")
     console = Console(highlight=False, soft_wrap=True)
     shown = 0
@@ -138,6 +139,9 @@ def monitor(
                 continue
             if output == "json":
                 sys.stdout.write(line if line.endswith("\n") else line + "\n")
+                sys.stdout.flush()
+            elif output == "yaml":
+                sys.stdout.write(cli_output.dumps_line(rec, "yaml") + "\n")
                 sys.stdout.flush()
             else:
                 console.print(format_text(rec))

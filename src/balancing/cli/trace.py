@@ -8,7 +8,8 @@ Nothing is written to the maps. With ``--agent URL`` the agent's ``/state`` adds
 reason for the backend set (ready / terminating fallback / topology / traffic policy / policy layering) and
 the pods behind backend addresses.
 
-JSON output (``-o json``; stable, keys are only ever added; owner/pod objects as in ``balancing inspect``)::
+JSON output (``-o json``, the same as YAML with ``-o yaml``; stable, keys are only ever added; owner/pod
+objects as in ``balancing inspect``)::
 
     {"target": "ip:port/PROTO",
      "caller": {"cgroup": str | null, "cgroupId": int | null, "netnsCookie": int | null,
@@ -40,7 +41,6 @@ JSON output (``-o json``; stable, keys are only ever added; owner/pod objects as
 
 from __future__ import annotations
 
-import json
 import socket
 import struct
 from pathlib import Path
@@ -50,6 +50,7 @@ import typer
 from rich.console import Console
 
 from balancing.cli import agentclient, inspect_trace
+from balancing.cli import output as cli_output
 from balancing.cli.agentclient import AgentView, Json
 from balancing.cli.inspect_common import (
     DEFAULT_BPFFS,
@@ -215,7 +216,7 @@ def trace(
         typer.Option("--from-cgroup", help="Connect as a process in this cgroup v2 [this process's]."),
     ] = None,
     agent: AgentOpt = None,
-    output: Annotated[str, typer.Option("-o", "--output", help="text or json.")] = "text",
+    output: Annotated[str, typer.Option("-o", "--output", help="text, json or yaml.")] = "text",
     netns_cookie: Annotated[
         int | None, typer.Option("--netns-cookie", help="The client's network namespace cookie [this one's].")
     ] = None,
@@ -224,7 +225,7 @@ def trace(
     ] = None,
 ) -> None:
     """Replay the datapath's decision for a connect to VIP:PORT/PROTO: frontend, candidates, rule, backend."""
-    output = check_output(output, ("text", "json"))
+    output = check_output(output, ("text", *cli_output.DOCUMENT_FORMATS))
     try:
         key, ipv4_socket = parse_target(target)
     except ValueError as exc:
@@ -240,7 +241,7 @@ def trace(
     with open_maps(bpffs) as io:
         result = replay.replay(io, key, caller)
     doc = trace_json(result, view, cgroup)
-    if output == "json":
-        typer.echo(json.dumps(doc, indent=2))
+    if output in cli_output.DOCUMENT_FORMATS:
+        typer.echo(cli_output.dumps(doc, output))
         return
     inspect_trace.render(doc, view, Console())

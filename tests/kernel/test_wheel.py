@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+import balancing
 from balancing.datapath import libbpf
 from balancing_testkit.topology import Cluster
 from helpers.support import (

@@ -154,7 +154,8 @@ def test_wheel_carries_the_objects_and_only_the_package(installed: Installed) ->
     assert {"balancing/bpf/balancing.o", "balancing/bpf/sockterm.o"} <= set(names)
     assert "balancing/cli/main.py" in names
     tops = {n.split("/")[0] for n in names}
-    assert tops == {"balancing", f"balancing-{balancing.__version__}.dist-info"}, tops  # no testkit, tests, helpers, bench
+    # no testkit, tests, helpers, bench
+    assert tops == {"balancing", f"balancing-{balancing.__version__}.dist-info"}, tops
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
 
 

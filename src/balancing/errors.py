@@ -7,6 +7,8 @@
     │   ├── ObjectError               one input object is invalid (obj, field, message)
     │   │   ├── ManifestError         ... in a manifest file/document (file, document)
     │   │   └── KubeObjectError       ... as the API server served it
+    │   ├── KubeconfigError           a kubeconfig is unusable (file, context, field)
+    │   │   └── CredentialError       credentials could not be had for a request (an exec plugin failed)
     │   └── Gone                      the API server no longer has the version to resume from (HTTP 410)
     ├── DatapathError                 the kernel side failed
     │   ├── LibbpfMissing             libbpf.so.1 cannot be loaded (library, reason)
@@ -61,6 +63,26 @@ class KubeObjectError(ObjectError):
 
     def __str__(self) -> str:
         return f"API server object {super().__str__()}"
+
+
+class KubeconfigError(SourceError):
+    """A kubeconfig is unusable: ``file`` (the file, or the files merged), ``context`` (or ""), ``field``
+    (``users[admin].exec.apiVersion``, or "") and what is wrong."""
+
+    def __init__(self, file: str, context: str, field: str, message: str) -> None:
+        super().__init__(file, context, field, message)
+        self.file, self.context, self.field, self.message = file, context, field, message
+
+    def __str__(self) -> str:
+        where = [f"kubeconfig {self.file}"]
+        where += [f"context {self.context!r}"] if self.context else []
+        where += [self.field] if self.field else []
+        return f"{', '.join(where)}: {self.message}"
+
+
+class CredentialError(KubeconfigError, ValueError):
+    """Credentials could not be had for a request (an exec plugin failed). A ``ValueError`` too: the
+    informers retry those with backoff, as they do any failed request."""
 
 
 class Gone(SourceError):

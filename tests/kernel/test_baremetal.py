@@ -16,7 +16,11 @@ at teardown (namespaces with their links and nftables rules, cgroups, bpffs pins
 
 The agent runs as a process, ``--out-of-cluster`` with node name "bm-host" (no Node has it) and the bm
 namespace as ``--host-netns``, fed by a fake API server (``--api-server``) or, for the same scenarios, by a
-manifest directory (``--manifests``, which sees every Pod).
+manifest directory (``--manifests``, which sees every Pod). The first case starts it with the shipped
+systemd unit's ExecStart line instead (``deploy/systemd/balancing-agent.service``, read by
+``helpers.systemd_unit``): the unit's environment, then an EnvironmentFile of this test's pointing it at the
+test's bpffs, cgroup and ports, and at the fake API server through a kubeconfig (or the manifest
+directory); only the executable becomes this interpreter's ``-m balancing``.
 
 The node's hop (hostPort, and the nodeProxy address) is an nftables DNAT rule in the node's namespace, the
 way the CNI portmap plugin implements hostPort: packets really cross the node, conntrack reverses the
@@ -30,7 +34,9 @@ the agent follows with label-selector watches besides its own node's Pods.
 from __future__ import annotations
 
 import copy
+import os
 import shutil
+import sys
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -41,12 +47,15 @@ import pytest
 
 from balancing_testkit.fakeapi import ThreadedApi
 from balancing_testkit.topology import Host, Topology, ip_batch, netns_path
+from helpers import systemd_unit
 from helpers.support import (
     POLICY_API,
+    SMALL_MAPS,
     AgentProcess,
     balancing_policy,
     endpoint,
     endpoint_slice,
+    free_port,
     node,
     pod,
     service,
@@ -109,6 +118,23 @@ class Feed:
     def agent_args(self) -> list[str]:
         return [] if self.api is None else ["--api-server", self.api.url]
 
+    def unit_source(self) -> str:
+        """The unit's ``AGENT_SOURCE``: a kubeconfig naming the fake API server, or the manifest directory."""
+        if self.api is None:
+            return f"--manifests {self.directory}"
+        kubeconfig = self.directory.parent / "kubeconfig"
+        kubeconfig.write_text(
+            f"""
+            apiVersion: v1
+            kind: Config
+            current-context: bm
+            contexts: [{{name: bm, context: {{cluster: fake, user: agent}}}}]
+            clusters: [{{name: fake, cluster: {{server: "{self.api.url}"}}}}]
+            users: [{{name: agent, user: {{token: host-agent-token}}}}]
+            """
+        )
+        return f"--kubeconfig {kubeconfig}"
+
 
 def _file_name(doc: dict[str, Any]) -> str:
     meta = doc["metadata"]
@@ -164,11 +190,9 @@ class BareMetal:
         self._uplink(netns, "bm0", HOST_IP)
         ip_batch(netns, [f"route add unreachable {cidr}" for cidr in self.topo.vip_cidrs])
         self.host = Host("bm", netns, HOST_IP, "", node=AGENT_NODE)
+        self.host_args = ["--out-of-cluster", "--host-netns", str(netns_path(netns))]
         self.agent = AgentProcess(
-            self.topo,
-            self.feed.directory,
-            AGENT_NODE,
-            extra=["--out-of-cluster", "--host-netns", str(netns_path(netns)), *self.feed.agent_args()],
+            self.topo, self.feed.directory, AGENT_NODE, extra=[*self.host_args, *self.feed.agent_args()]
         )
 
     def _uplink(self, netns: str, port: str, *addresses: str) -> None:
@@ -250,11 +274,44 @@ class BareMetal:
 
     # the agent and the client
 
-    def start(self) -> None:
+    def start(self, *, unit: bool = False) -> None:
+        """Start the agent: with the harness's argv, or (``unit``) with the systemd unit's ExecStart line."""
         for proc in self._starting:
             self.topo.wait_ready(proc)
         self._starting.clear()
-        self.agent.start(manifests_flag=self.feed.api is None)
+        if not unit:
+            self.agent.start(manifests_flag=self.feed.api is None)
+            return
+        a = self.agent
+        env_file = self.feed.directory.parent / "balancing-agent.env"
+        env_file.write_text(
+            "\n".join(
+                [
+                    f"BALANCING_NODE_NAME={AGENT_NODE}",
+                    f"BALANCING_BPFFS={a.bpffs}",
+                    f"BALANCING_HEALTH_ADDR=127.0.0.1:{a.port}",
+                    f"BALANCING_METRICS_ADDR=127.0.0.1:{free_port()}",
+                    f"BALANCING_EVENTS__SOCKET={self.feed.directory.parent / 'events.sock'}",
+                    f'AGENT_SOURCE="{self.feed.unit_source()}"',
+                    "AGENT_ARGS="
+                    + " ".join(
+                        [
+                            f"--cgroup {a.cgroup} --state-addr 127.0.0.1:{a.state_port}",
+                            f"--bpf-object {a.bpf_object}",
+                            *(f"--{k.replace('_', '-')}={v}" for k, v in SMALL_MAPS.items()),
+                            *self.host_args,
+                        ]
+                    ),
+                ]
+            )
+        )
+        shipped = systemd_unit.read(host=AGENT_NODE)
+        env = {**shipped.environment, **systemd_unit.environment_file(env_file.read_text())}
+        argv = systemd_unit.argv(shipped.exec_start, env)
+        assert argv[0] == "/usr/local/bin/balancing"
+        argv = [sys.executable, "-m", "balancing", *argv[1:]]
+        a.proc = self.topo.spawn(argv, env={**os.environ, **env}, label=f"agent-{AGENT_NODE}-unit")
+        a.wait_ready()
 
     def stop(self) -> None:
         if self.agent.proc is not None and self.agent.proc.poll() is None:
@@ -341,7 +398,7 @@ def test_host_reaches_ready_pods_behind_nodes_through_the_cluster_ip(routed: Bar
     pods = [lab.add_pod("web-1a", 1), lab.add_pod("web-1b", 1), lab.add_pod("web-2a", 2)]
     late = lab.add_pod("web-2b", 2, ready=False)
     lab.feed.put(*lab.service_docs(), *(lab.node_doc(n) for n in lab.nodes))
-    lab.start()
+    lab.start(unit=True)  # the shipped systemd unit's ExecStart line
 
     ready = {p.name for p in pods}
     assert lab.agent.frontends()[KEY_TCP] == sorted(f"{p.ip}:{POD_PORT}" for p in pods)
@@ -353,6 +410,8 @@ def test_host_reaches_ready_pods_behind_nodes_through_the_cluster_ip(routed: Bar
     lab.set_ready(late.name, True)
     lab.wait(KEY_TCP, [f"{p.ip}:{POD_PORT}" for p in lab.pods.values()])
     assert set(lab.answers("tcp", VIP, 80, 80)) == ready | {late.name}
+    if lab.feed.api is not None:  # through the kubeconfig the unit's source named
+        assert lab.feed.api.fake.headers["authorization"] == "Bearer host-agent-token"
 
 
 # --- pod IPs not routable: hostPort and nodeProxy --------------------------------------------------------

@@ -91,7 +91,13 @@ class Ingest:
 
 def new_kube_source(cfg: AgentConfig) -> kube.KubeSource:
     k = cfg.kube or KubeSourceConfig()
-    return kube.KubeSource(cfg.model.node_name, api_base_url=k.api_server, kubeconfig=k.kubeconfig)
+    return kube.KubeSource(
+        cfg.model.node_name,
+        api_base_url=k.api_server,
+        kubeconfig=k.kubeconfig,
+        context=k.context,
+        in_cluster=k.in_cluster or None,  # an explicit --in-cluster is never overridden by KUBECONFIG
+    )
 
 
 async def updates(

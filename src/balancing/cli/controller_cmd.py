@@ -143,7 +143,9 @@ def controller(
     source, index, status = None, None, None
     if kubeconfig is not None or api_server is not None or in_cluster:
         try:
-            source = kube.KubeSource("", api_base_url=api_server, kubeconfig=kubeconfig)
+            source = kube.KubeSource(
+                "", api_base_url=api_server, kubeconfig=kubeconfig, in_cluster=in_cluster or None
+            )
         except SourceError as exc:
             flags.fail(exc)
         index = policyindex.PolicyIndex()

@@ -13,31 +13,32 @@ consumer gets fewer, larger updates instead of an ever longer queue. Malformed o
 namespace/name and field. Watch, relist, resync and backoff rules, and the bounds on what is read of the API
 server's answers (``Bounds``), are those of ``sources.informer.Informer``.
 
-Auth: a kubeconfig's current context (server, CA or insecure-skip-tls-verify, bearer token / tokenFile or
-client certificate and key, inline ``-data`` variants included), or in-cluster (``KUBERNETES_SERVICE_HOST``
-and the service account token, re-read for every request, and CA), or a plain ``api_base_url`` (no auth,
-for tests and ``kubectl proxy``).
+Connection (``KubeConnection.choose``): a plain ``api_base_url`` (no auth, for tests and ``kubectl proxy``);
+a ``kubeconfig`` file and a ``context`` of it (else its current one; ``sources.kubeconfig`` reads it: CA,
+client certificates, tokens, token files, exec credential plugins); in-cluster (``KUBERNETES_SERVICE_HOST``,
+the service account's CA and token, re-read whenever the kubelet rotates it) when ``in_cluster`` is true; and
+with neither a URL, a file nor ``in_cluster`` given: the environment's kubeconfig (``KUBECONFIG``, a list
+merged as kubectl merges it, else ``~/.kube/config``) when a ``context`` is named or ``KUBECONFIG`` is set,
+else in-cluster. The client retries a request once with fresh credentials after a 401 (``auth``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import os
 import ssl
-import tempfile
-from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Hashable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Hashable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx2 as httpx
-import yaml
 
 from balancing.errors import ObjectError, SourceError
 from balancing.model.objects import POLICY_API_VERSION, KubeObject, ObjectRef, ref
+from balancing.sources import kubeconfig, kubecredentials
 from balancing.sources.informer import Bounds, Informer, Resource, Timing, describe_item
 from balancing.sources.selected_pods import PodQuery, PodUnion, pod_queries
 from balancing.sources.update import SourceUpdate
@@ -68,22 +69,20 @@ def resources_for(node_name: str) -> list[Resource]:
 
 @dataclass
 class KubeConnection:
-    """Where the API server is and how to authenticate to it."""
+    """Where the API server is and how to authenticate to it: ``headers()`` for each request (a token file
+    re-read whenever it changes, an exec plugin's credential cached until it expires), and ``auth`` for an
+    httpx client to also retry a request once with fresh credentials after a 401."""
 
     base_url: str
     verify: ssl.SSLContext | bool = True
-    token: str | None = None
-    token_file: Path | None = None
-    _tempdir: Any = field(default=None, repr=False)  # keeps inline client cert/key files alive
+    credentials: kubecredentials.Credentials = field(default_factory=kubecredentials.Credentials)
 
     def headers(self) -> dict[str, str]:
-        token = self.token
-        if self.token_file is not None:
-            try:
-                token = self.token_file.read_text().strip()
-            except OSError as exc:
-                log.warning("cannot read token file %s: %s", self.token_file, exc)
-        return {"Authorization": f"Bearer {token}"} if token else {}
+        return self.credentials.headers()
+
+    @property
+    def auth(self) -> httpx.Auth:
+        return kubecredentials.RetryAuth(self.credentials)
 
     @classmethod
     def plain(cls, base_url: str) -> KubeConnection:
@@ -96,70 +95,48 @@ class KubeConnection:
             raise SourceError("not in a cluster: KUBERNETES_SERVICE_HOST/PORT unset; give --kubeconfig")
         host = f"[{host}]" if ":" in host else host
         context = ssl.create_default_context(cafile=str(account / "ca.crt"))
-        return cls(f"https://{host}:{port}", context, token_file=account / "token")
+        return cls(f"https://{host}:{port}", context, kubecredentials.TokenFile(account / "token"))
 
     @classmethod
     def from_kubeconfig(cls, path: Path | str, context_name: str | None = None) -> KubeConnection:
-        path = Path(path)
-        try:
-            config = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError) as exc:
-            raise SourceError(f"cannot read kubeconfig {path}: {exc}") from None
-        try:
-            return cls._from_config(path, config, context_name)
-        except (KeyError, TypeError, ValueError, ssl.SSLError, OSError) as exc:
-            raise SourceError(f"kubeconfig {path}: {type(exc).__name__}: {exc}") from None
+        """Context ``context_name`` (else the current one) of the kubeconfig ``path``."""
+        return cls._of(kubeconfig.load(path, context_name))
 
     @classmethod
-    def _from_config(cls, path: Path, config: Any, context_name: str | None) -> KubeConnection:
-        def named(section: str, name: str) -> dict[str, Any]:
-            for entry in config.get(section) or []:
-                if entry.get("name") == name:
-                    value = entry.get(section[:-1]) or {}
-                    assert isinstance(value, dict)
-                    return value
-            raise KeyError(f"{section[:-1]} {name!r} not found")
+    def from_environment(
+        cls, context_name: str | None = None, environ: Mapping[str, str] | None = None
+    ) -> KubeConnection:
+        """Context ``context_name`` (else the current one) of the kubeconfig files ``KUBECONFIG`` lists
+        (merged as kubectl merges them), else of ``~/.kube/config``."""
+        return cls._of(kubeconfig.load(None, context_name, environ=environ))
 
-        context = named("contexts", context_name or config["current-context"])
-        cluster, user = named("clusters", context["cluster"]), named("users", context.get("user", ""))
-        base = path.parent
+    @classmethod
+    def choose(
+        cls,
+        *,
+        api_base_url: str | None = None,
+        kubeconfig: Path | str | None = None,
+        context: str | None = None,
+        in_cluster: bool | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> KubeConnection:
+        """The connection asked for: a plain URL; a kubeconfig file; in-cluster when ``in_cluster``; else
+        (``in_cluster`` None) the environment's kubeconfig when a ``context`` is named or ``KUBECONFIG`` is
+        set, in-cluster otherwise."""
+        env = os.environ if environ is None else environ
+        if context is not None and (api_base_url is not None or in_cluster):
+            raise SourceError("a context needs a kubeconfig (not an API server URL or in-cluster)")
+        if api_base_url is not None:
+            return cls.plain(api_base_url)
+        if kubeconfig is not None:
+            return cls.from_kubeconfig(kubeconfig, context)
+        if in_cluster is None and (context is not None or env.get("KUBECONFIG")):
+            return cls.from_environment(context, env)
+        return cls.in_cluster()
 
-        def file(key: str, where: dict[str, Any]) -> str | None:
-            value = where.get(key)
-            return str(base / value) if value else None
-
-        server = str(cluster["server"]).rstrip("/")
-        verify: ssl.SSLContext | bool = True
-        tempdir = None
-        if server.startswith("https"):
-            if cluster.get("insecure-skip-tls-verify"):
-                ctx = ssl.create_default_context()
-                ctx.check_hostname = False
-                ctx.verify_mode = ssl.CERT_NONE
-            elif cluster.get("certificate-authority-data"):
-                cadata = base64.b64decode(cluster["certificate-authority-data"]).decode()
-                ctx = ssl.create_default_context(cadata=cadata)
-            else:
-                ctx = ssl.create_default_context(cafile=file("certificate-authority", cluster))
-            cert, key = file("client-certificate", user), file("client-key", user)
-            if user.get("client-certificate-data") and user.get("client-key-data"):
-                tempdir = tempfile.TemporaryDirectory(prefix="balancing-kube-")
-                cert, key = (os.path.join(tempdir.name, n) for n in ("client.crt", "client.key"))
-                for name, data in ((cert, user["client-certificate-data"]), (key, user["client-key-data"])):
-                    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                    with os.fdopen(fd, "wb") as out:
-                        out.write(base64.b64decode(data))
-            if cert and key:
-                ctx.load_cert_chain(cert, key)
-            verify = ctx
-        token_file = file("tokenFile", user)
-        return cls(
-            server,
-            verify,
-            token=user.get("token"),
-            token_file=Path(token_file) if token_file else None,
-            _tempdir=tempdir,
-        )
+    @classmethod
+    def _of(cls, config: kubeconfig.ClientConfig) -> KubeConnection:
+        return cls(config.server, config.verify, config.credentials)
 
 
 # --- the source ----------------------------------------------------------------------------------------
@@ -174,17 +151,16 @@ class KubeSource:
         *,
         api_base_url: str | None = None,
         kubeconfig: Path | str | None = None,
+        context: str | None = None,
+        in_cluster: bool | None = None,
         connection: KubeConnection | None = None,
         timing: Timing | None = None,
         bounds: Bounds | None = None,
     ) -> None:
         if connection is None:
-            if api_base_url is not None:
-                connection = KubeConnection.plain(api_base_url)
-            elif kubeconfig is not None:
-                connection = KubeConnection.from_kubeconfig(kubeconfig)
-            else:
-                connection = KubeConnection.in_cluster()
+            connection = KubeConnection.choose(
+                api_base_url=api_base_url, kubeconfig=kubeconfig, context=context, in_cluster=in_cluster
+            )
         self.node_name = node_name
         self.connection = connection
         self.timing = timing or Timing()
@@ -194,7 +170,10 @@ class KubeSource:
     async def updates(self) -> AsyncGenerator[SourceUpdate, None]:
         """The full initial state, then every non-empty difference, forever (close to stop)."""
         async with httpx.AsyncClient(
-            base_url=self.connection.base_url, verify=self.connection.verify, timeout=30.0
+            base_url=self.connection.base_url,
+            verify=self.connection.verify,
+            auth=self.connection.auth,
+            timeout=30.0,
         ) as client:
             run = _Run(client, self.connection, self.timing, self.bounds)
             try:

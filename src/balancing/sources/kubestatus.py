@@ -55,6 +55,7 @@ from urllib.parse import quote
 import httpx2 as httpx
 
 from balancing.model.objects import POLICY_API_VERSION
+from balancing.sources import kubecredentials
 from balancing.sources.kube import KubeConnection
 
 __all__ = [
@@ -316,7 +317,7 @@ class StatusWriter:
                 content=json.dumps(build()).encode(),
                 headers={**self.connection.headers(), "Content-Type": self.content_type},
             )
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, kubecredentials.CredentialError) as exc:  # credentials: e.g. a failed exec
             return "retry", 0.0, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         code = response.status_code
         if code < 300:
@@ -338,7 +339,10 @@ class StatusWriter:
     def _connect(self) -> httpx.AsyncClient:
         if self._client is None:
             self._client = httpx.AsyncClient(
-                base_url=self.connection.base_url, verify=self.connection.verify, timeout=self.timing.timeout
+                base_url=self.connection.base_url,
+                verify=self.connection.verify,
+                timeout=self.timing.timeout,
+                auth=self.connection.auth,  # fresh credentials, a retry after a 401
             )
         return self._client
 

@@ -20,7 +20,7 @@ Json = dict[str, Any]
 
 
 def state_url(agent: str) -> str:
-    """``127.0.0.1:10256`` or ``http://host:port[/state]`` → the full ``/state`` URL."""
+    """``127.0.0.1:10264`` or ``http://host:port[/state]`` → the full ``/state`` URL."""
     url = agent if "://" in agent else f"http://{agent}"
     return url if url.rstrip("/").endswith("/state") else url.rstrip("/") + "/state"
 
@@ -98,7 +98,8 @@ class AgentView:
             return None
         if self.url is None:
             return (
-                "names unavailable: maps only (pass --agent http://127.0.0.1:10256 to join the agent's view)"
+                "names unavailable: maps only (pass --agent http://127.0.0.1:10264, the agent's --state-addr, "
+                "to join the agent's view)"
             )
         return f"names unavailable: maps only (agent {self.url}: {self.error})"
 

@@ -30,7 +30,9 @@ FLAG_NAMES = {
 BpffsOpt = Annotated[Path, typer.Option("--bpffs", help="Directory on bpffs holding the agent's pins.")]
 AgentOpt = Annotated[
     str | None,
-    typer.Option("--agent", help="The agent's health address (http://127.0.0.1:10256) for names."),
+    typer.Option(
+        "--agent", help="The agent's state address (its --state-addr, http://127.0.0.1:10264) for names."
+    ),
 ]
 OutputOpt = Annotated[str, typer.Option("-o", "--output", help="table, wide, json or yaml.")]
 

@@ -98,8 +98,8 @@ class AgentView:
             return None
         if self.url is None:
             return (
-                "names unavailable: maps only (pass --agent http://127.0.0.1:10264, the agent's --state-addr, "
-                "to join the agent's view)"
+                "names unavailable: maps only (pass --agent http://127.0.0.1:10264, the agent's "
+                "--state-addr, to join the agent's view)"
             )
         return f"names unavailable: maps only (agent {self.url}: {self.error})"
 

@@ -204,23 +204,45 @@ static __always_inline __u32 pick_backend(struct bpf_sock_addr *ctx, struct bl_s
 	return backend_id;
 }
 
-static __always_inline int in_host_netns(struct bpf_sock_addr *ctx)
+static __always_inline struct bl_config *config(void)
 {
 	__u32 zero = 0;
-	struct bl_config *cfg = bpf_map_lookup_elem(&bl_cfg_v2, &zero);
 
+	return bpf_map_lookup_elem(&bl_cfg_v3, &zero);
+}
+
+static __always_inline int in_host_netns(struct bpf_sock_addr *ctx, const struct bl_config *cfg)
+{
 	return cfg && cfg->host_netns_cookie && bpf_get_netns_cookie(ctx) == cfg->host_netns_cookie;
+}
+
+/* Whether socket LB leaves this client alone: outside the host netns with socketLB.hostNamespaceOnly, or in
+ * the cgroup of an excluded pod (bl_skip_v1, consulted only while the agent says it has entries). */
+static __always_inline int excluded(struct bpf_sock_addr *ctx, const struct bl_config *cfg)
+{
+	__u64 cgroup_id;
+
+	if (!cfg || !cfg->flags)
+		return 0;
+	if ((cfg->flags & BL_CFG_F_HOST_NS_ONLY) && !in_host_netns(ctx, cfg))
+		return 1;
+	if (!(cfg->flags & BL_CFG_F_SKIP))
+		return 0;
+	cgroup_id = bpf_get_current_cgroup_id();
+	return bpf_map_lookup_elem(&bl_skip_v1, &cgroup_id) != 0;
 }
 
 /* What the worker decided, for counters and events. */
 struct bl_outcome {
+	struct bl_config *cfg; /* the run-time settings, once the address turned out to be a frontend */
 	__u32 svc_id;
 	__u8  result; /* BL_RES_* */
 };
 
 /*
- * The worker: look the address up as a frontend and rewrite it to a backend. Policy frontends may skip
- * their primary tier for this connection (the client is a backend pod with skipRedirectFromBackend, its
+ * The worker: look the address up as a frontend and rewrite it to a backend. A client socket LB leaves alone
+ * (excluded()) passes, as does a client outside the host netns for a host-only frontend. Policy frontends may
+ * skip their primary tier for this connection (the client is a backend pod with skipRedirectFromBackend, its
  * only backend is the client itself, or the QoS limit is reached) and then use the fallback tier.
  * Returns BL_PASS, BL_XLATED or BL_REFUSE; ``out`` says why.
  */
@@ -238,7 +260,10 @@ static __always_inline int translate(struct bpf_sock_addr *ctx, struct bl_sockad
 	master = bpf_map_lookup_elem(&bl_svc_v1, &key);
 	if (!master)
 		return BL_PASS;
-	if ((master->flags & BL_SVC_F_HOST_ONLY) && !in_host_netns(ctx))
+	out->cfg = config(); /* not before: connections to anything else never read it */
+	if (excluded(ctx, out->cfg))
+		return BL_PASS;
+	if ((master->flags & BL_SVC_F_HOST_ONLY) && !in_host_netns(ctx, out->cfg))
 		return BL_PASS; /* e.g. a pod's own 127.0.0.1:<nodePort> */
 	out->svc_id = master->svc_id;
 	out->result = BL_RES_REFUSED;
@@ -293,9 +318,9 @@ refuse:
 static __always_inline void account(struct bpf_sock_addr *ctx, __u8 hook, const struct bl_sockaddr *orig,
 				    const struct bl_sockaddr *to, const struct bl_outcome *out)
 {
+	const struct bl_config *cfg = out->cfg;
 	struct bl_stat_key sk = { .svc_id = out->svc_id, .result = out->result, .proto = (__u8)ctx->protocol,
 				  .hook = hook };
-	struct bl_config *cfg;
 	struct bl_event *ev;
 	__u32 zero = 0;
 	__u64 *count = bpf_map_lookup_elem(&bl_stats_v1, &sk);
@@ -307,7 +332,6 @@ static __always_inline void account(struct bpf_sock_addr *ctx, __u8 hook, const 
 
 		bpf_map_update_elem(&bl_stats_v1, &sk, &one, BPF_NOEXIST);
 	}
-	cfg = bpf_map_lookup_elem(&bl_cfg_v2, &zero);
 	if (!cfg || cfg->events == BL_EVENTS_OFF)
 		return;
 	if (out->result == BL_RES_REVERSED && !cfg->reverse_events)
@@ -433,6 +457,7 @@ static __always_inline int backward4(struct bpf_sock_addr *ctx, int lookup_udp, 
 	if (reverse(ctx, &sa, lookup_udp, &out) == BL_XLATED && addr_is_v4(sa.addr)) {
 		ctx->user_ip4 = sa.addr[3];
 		ctx->user_port = (__u32)sa.port;
+		out.cfg = config();
 		account(ctx, hook, &sa, &seen, &out);
 	}
 	return 1;
@@ -447,6 +472,7 @@ static __always_inline int backward6(struct bpf_sock_addr *ctx, int lookup_udp, 
 	seen = sa;
 	if (reverse(ctx, &sa, lookup_udp, &out) == BL_XLATED) {
 		addr_to_v6(ctx, &sa);
+		out.cfg = config();
 		account(ctx, hook, &sa, &seen, &out);
 	}
 	return 1;

@@ -187,13 +187,25 @@ enum bl_events_mode {
 	BL_EVENTS_ALL     = 2,
 };
 
+/*
+ * struct bl_config.flags: which clients the socket hooks leave alone. Checked only once the address is a
+ * frontend, so connections to anything else pay nothing for them; a client left alone is neither translated
+ * nor counted, and no event is emitted (the reverse hooks act only on sockets the forward hooks translated).
+ */
+enum bl_cfg_flags {
+	BL_CFG_F_HOST_NS_ONLY = 1 << 0, /* socketLB.hostNamespaceOnly: only the host netns's sockets (agent config) */
+	BL_CFG_F_SKIP         = 1 << 1, /* bl_skip_v1 has entries: look the client's cgroup up (set by the writer) */
+};
+
 /* Run-time settings written by the agent (array of one). */
 struct bl_config {
 	__u32 events;        /* enum bl_events_mode */
 	__u32 sample_every;  /* with BL_EVENTS_SAMPLED: one event in this many resolutions */
 	__u32 wakeup_bytes;  /* wake the reader only once this much is queued (it also polls on a timer) */
 	__u32 reverse_events;/* also emit BL_RES_REVERSED events */
-	__u64 host_netns_cookie; /* the host's network namespace (BL_SVC_F_HOST_ONLY frontends) */
+	__u64 host_netns_cookie; /* the host's network namespace (BL_SVC_F_HOST_ONLY, BL_CFG_F_HOST_NS_ONLY) */
+	__u32 flags;         /* enum bl_cfg_flags */
+	__u32 pad;           /* 0 */
 };
 
 /* One resolution, as the ring buffer carries it. */
@@ -259,7 +271,7 @@ _Static_assert(sizeof(struct bl_client_key) == 16, "bl_client_key layout");
 _Static_assert(sizeof(struct bl_client_val) == 8, "bl_client_val layout");
 _Static_assert(sizeof(struct bl_qos_val) == 16, "bl_qos_val layout");
 _Static_assert(sizeof(struct bl_stat_key) == 8, "bl_stat_key layout");
-_Static_assert(sizeof(struct bl_config) == 24, "bl_config layout");
+_Static_assert(sizeof(struct bl_config) == 32, "bl_config layout");
 _Static_assert(sizeof(struct bl_event) == 96, "bl_event layout");
 _Static_assert(sizeof(struct bl_doom_key) == 40, "bl_doom_key layout");
 _Static_assert(sizeof(struct bl_term_rec) == 16, "bl_term_rec layout");
@@ -275,6 +287,7 @@ _Static_assert(sizeof(struct bl_term_rec) == 16, "bl_term_rec layout");
 #define BL_DEFAULT_STAT_ENTRIES  262144             /* (frontend, result, proto, hook) counters */
 #define BL_DEFAULT_EVENT_BYTES   (4 << 20)          /* ring buffer */
 #define BL_DEFAULT_DOOM_ENTRIES  65536              /* doomed (frontend, backend) pairs per iterator run */
+#define BL_DEFAULT_SKIP_ENTRIES  16384              /* cgroups of this node's pods excluded from socket LB */
 
 /*
  * The maps. The datapath object (BL_OBJ_DATAPATH) carries all of them but bl_doom_v1 and pins each under
@@ -365,13 +378,25 @@ struct {
 	__type(value, __u64);
 } bl_stats_v1 SEC(".maps");
 
-/* Run-time settings (index 0): events, sampling, wakeup threshold, the host's netns. Written by the agent. */
+/* Run-time settings (index 0): events, sampling, wakeup threshold, the host's netns, which clients are left
+ * alone. Written by the agent. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
 	__type(value, struct bl_config);
-} bl_cfg_v2 SEC(".maps");
+} bl_cfg_v3 SEC(".maps");
+
+/* Clients excluded from socket LB (pods annotated, or in a namespace labelled, balancing.elf.io/socket-lb:
+ * disabled): cgroup v2 id of one of the pod's cgroups -> 1 (unused). Looked up only while BL_CFG_F_SKIP is
+ * set. Written by the agent. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, BL_DEFAULT_SKIP_ENTRIES);
+	__type(key, __u64);
+	__type(value, __u32);
+} bl_skip_v1 SEC(".maps");
 
 /* Resolution events (struct bl_event), read by the agent's event pipeline. */
 struct {
@@ -413,6 +438,7 @@ struct bl_btf_anchor {
 	enum bl_result result;
 	enum bl_hook hook;
 	enum bl_events_mode events;
+	enum bl_cfg_flags cfg_flags;
 	enum bl_evstat evstat;
 	struct bl_event event;        /* by value: behind a pointer BTF would only forward-declare it */
 	struct bl_term_rec term_rec;

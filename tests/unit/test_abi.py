@@ -156,3 +156,18 @@ def test_every_result_and_hook_has_a_name() -> None:
     assert set(abi.HOOKS) == set(_mirrored("HOOK_").values())
     assert len(set(abi.RESULTS.values())) == len(abi.RESULTS)
     assert len(set(abi.HOOKS.values())) == len(abi.HOOKS)
+
+
+def test_config_flags_change_alone() -> None:
+    """The writer sets the skip flag, ``datapath.settings`` the rest: each keeps what the other wrote."""
+    raw = abi.pack_config(abi.EVENTS_SAMPLED, 7, 4096, True, 1234, abi.CFG_F_HOST_NS_ONLY)
+    assert abi.config_flags(raw) == abi.CFG_F_HOST_NS_ONLY
+    both = abi.with_config_flags(raw, abi.CFG_F_HOST_NS_ONLY | abi.CFG_F_SKIP)
+    assert abi.CONFIG.packer.unpack(both) == (abi.EVENTS_SAMPLED, 7, 4096, 1, 1234, 3, 0)
+    assert abi.with_config_flags(None, abi.CFG_F_SKIP) == abi.pack_config(0, 0, 0, False, 0, abi.CFG_F_SKIP)
+    assert abi.config_flags(None) == 0
+
+
+def test_skip_key_is_a_cgroup_id() -> None:
+    key = abi.pack_skip_key(2**40 + 5)
+    assert len(key) == 8 and abi.unpack_skip_key(key) == 2**40 + 5

@@ -734,6 +734,7 @@ def test_rbac_least_privilege(full_objects: list[dict[str, Any]]) -> None:
         "endpointslices",
         "nodes",
         "pods",
+        "namespaces",
         "localredirectpolicies",
         "balancingpolicies",
     }

@@ -225,12 +225,12 @@ async def test_caches_return_to_their_baseline_after_churn(api: tuple[FakeApi, s
 async def churn(fake: FakeApi, url: str, a: agent.Agent, io: maps.FakeMaps, updates: Queue) -> None:
     services = a.store._services
     baseline = sizes(a, io, url)
-    assert baseline["informers"] == 7  # six collections and the kept policy's pods
+    assert baseline["informers"] == 8  # seven collections and the kept policy's pods
 
     # Round 1: created, then deleted while watched.
     made = populate(fake, "w", 1)
     await ingest(a, updates, lambda: len(services) == 1 + N)
-    assert sizes(a, io, url)["informers"] == 7 + N
+    assert sizes(a, io, url)["informers"] == 8 + N
     for path, namespace, name in made:
         fake.delete(path, namespace, name)
     await ingest(a, updates, lambda: sizes(a, io, url) == baseline)

@@ -246,3 +246,18 @@ def test_ipv6_frontend() -> None:
     io, _ = program({k: Frontend(SVC, (V6,))})
     t = run(io, k)
     assert t.deterministic and t.outcomes[0].backend == V6
+
+
+def test_socket_lb_exclusions_pass_untranslated() -> None:
+    """The config's flags and the skip map, as the hooks check them once the address is a frontend."""
+    io, _ = program({key(): Frontend(SVC, (A, B))})
+    cookie_host, cookie_pod = 11, 22
+    config = abi.CONFIG.packer.pack(0, 0, 0, 0, cookie_host, 0, 0)
+    io.data[abi.MAP_CONFIG] = {abi.CONFIG_KEY: abi.with_config_flags(config, abi.CFG_F_SKIP)}
+    io.data[abi.MAP_SKIP] = {abi.pack_skip_key(CGROUP_A): abi.SKIP_VALUE}
+    excluded = replay(io, key(), Caller(cgroup_id=CGROUP_A, now_ns=NOW))
+    assert excluded.action == "pass" and excluded.decided_by == "socket-lb-excluded" and not excluded.outcomes
+    assert replay(io, key(), Caller(cgroup_id=CGROUP_A + 1, now_ns=NOW)).action == "translate"
+    io.data[abi.MAP_CONFIG] = {abi.CONFIG_KEY: abi.with_config_flags(config, abi.CFG_F_HOST_NS_ONLY)}
+    assert replay(io, key(), Caller(netns_cookie=cookie_pod, now_ns=NOW)).action == "pass"
+    assert replay(io, key(), Caller(netns_cookie=cookie_host, now_ns=NOW)).action == "translate"

@@ -1,10 +1,11 @@
 """The agent's resolution-event plumbing: the datapath's event switch, the pipeline and the stream socket.
 
-Writes the event mode into the datapath's config map (off, sampled or all), and when events are on, runs the
-ring-buffer pipeline (attribution to pods, owners, JSON-lines sinks) and the unix socket ``balancing monitor``
-reads. Events off costs the datapath one config lookup per resolution; nothing else runs.
-Neighbours: ``agent.lifecycle`` (owns the lifecycle), ``events`` (the pipeline), ``datapath.settings`` (the
-config map).
+Writes the datapath's run-time settings (``configure``): the event mode (off, sampled or all), the host's
+network namespace and whether only its sockets are translated (socketLB.hostNamespaceOnly). When events are
+on, runs the ring-buffer pipeline (attribution to pods, owners, JSON-lines sinks) and the unix socket
+``balancing monitor`` reads. Events off costs the datapath one config lookup per resolution; nothing else
+runs. Neighbours: ``agent.lifecycle`` (owns the lifecycle), ``events`` (the pipeline), ``datapath.settings``
+(the config map).
 """
 
 from __future__ import annotations
@@ -53,8 +54,12 @@ class AgentEvents:
         self.pipeline: pipeline.EventPipeline | None = None
         self._log: sinks.EventLog | None = None
 
-    async def configure(self, executor: Executor, host_netns_cookie: int) -> None:
-        """Write the datapath's run-time settings: the event mode (also off) and the host's netns."""
+    async def configure(
+        self, executor: Executor, host_netns_cookie: int, *, host_netns_only: bool = False
+    ) -> None:
+        """Write the datapath's run-time settings: the event mode (also off), the host's netns, and with
+        ``host_netns_only`` that only the host netns's sockets are translated. Run it on the datapath's
+        executor: the map writer's skip flag shares the config entry (``datapath.settings``)."""
         write = functools.partial(
             settings.write_config,
             self.datapath.map_dir,
@@ -63,6 +68,7 @@ class AgentEvents:
             wakeup_bytes=settings.default_wakeup_bytes(self.datapath.event_bytes),
             reverse_events=self.cfg.reverse,
             host_netns_cookie=host_netns_cookie,
+            host_netns_only=host_netns_only,
         )
         await asyncio.get_running_loop().run_in_executor(executor, write)
 

@@ -58,6 +58,7 @@ FILLED_MAPS = {
     "affinityMatch": abi.MAP_AFFINITY_MATCH,
     "clients": abi.MAP_CLIENTS,
     "qos": abi.MAP_QOS,
+    "skip": abi.MAP_SKIP,
 }
 
 
@@ -76,6 +77,7 @@ def map_fill(state: ProgrammedState) -> dict[str, int]:
         "affinityMatch": sum(len(f.affinity_matches) for f in fs),
         "clients": sum(len(f.clients) for f in fs),
         "qos": sum(1 for f in fs if f.qos is not None),
+        "skip": len(state.skip),
     }
 
 
@@ -146,7 +148,7 @@ class Agent:
         cookie = await loop.run_in_executor(
             io, netns.own_cookie if host_ns is None else partial(netns.cookie_of, host_ns)
         )
-        await self.events.configure(io, cookie)
+        await self.events.configure(io, cookie, host_netns_only=self.cfg.socket_lb_host_namespace_only)
         try:
             await self.open_status_reporter()
             tasks = [

@@ -181,7 +181,8 @@ class Programming:
     async def pod_cgroup_loop(
         self, cgroup: Path, interval: float, changed: Callable[[podcgroups.PodCgroupIndex], None]
     ) -> None:
-        """Containers start and restart with new cgroups: keep the policies' client rules on them."""
+        """Containers start and restart with new cgroups: keep the policies' client rules and the excluded
+        pods' skip entries on them."""
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(interval)
@@ -196,7 +197,7 @@ class Programming:
                 self.failed(exc)
                 continue
             if stats.ops:
-                log.info("pod cgroups changed: %d client rules written", stats.ops)
+                log.info("pod cgroups changed: %d client rule and skip map operations", stats.ops)
 
     async def close(self) -> None:
         await self.health_checks.close()

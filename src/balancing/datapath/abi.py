@@ -28,7 +28,8 @@ MAP_AFFINITY_MATCH = "bl_affm_v1"
 MAP_CLIENTS = "bl_client_v1"
 MAP_QOS = "bl_qos_v1"
 MAP_STATS = "bl_stats_v1"
-MAP_CONFIG = "bl_cfg_v2"
+MAP_CONFIG = "bl_cfg_v3"
+MAP_SKIP = "bl_skip_v1"
 MAP_EVENTS = "bl_events_v1"
 MAP_EVENT_STATS = "bl_evstat_v1"
 MAP_DOOMED = "bl_doom_v1"  # carried by sockterm.o only (socket termination), never pinned: not in ALL_MAPS
@@ -44,6 +45,7 @@ ALL_MAPS = (
     MAP_QOS,
     MAP_STATS,
     MAP_CONFIG,
+    MAP_SKIP,
     MAP_EVENTS,
     MAP_EVENT_STATS,
 )
@@ -56,6 +58,7 @@ ENUMS = {
     "bl_result": "RES_",
     "bl_hook": "HOOK_",
     "bl_events_mode": "EVENTS_",
+    "bl_cfg_flags": "CFG_F_",
     "bl_evstat": "EVSTAT_",
 }
 SCOPE_PRIMARY = 0
@@ -110,6 +113,9 @@ HOOKS = {
     HOOK_GETPEERNAME6: "getpeername6",
 }
 EVENTS_OFF, EVENTS_SAMPLED, EVENTS_ALL = 0, 1, 2  # struct bl_config.events
+# struct bl_config.flags: which clients the socket hooks leave alone.
+CFG_F_HOST_NS_ONLY = 1 << 0  # socketLB.hostNamespaceOnly (the agent's configuration, datapath.settings)
+CFG_F_SKIP = 1 << 1  # bl_skip_v1 has entries (the writer's)
 EVSTAT_LOST = 0  # index in bl_evstat_v1: events dropped, the ring buffer was full
 EVSTAT_MAX = 1  # the number of event counters
 
@@ -124,6 +130,7 @@ DEFAULT_QOS_ENTRIES = 4096
 DEFAULT_STAT_ENTRIES = 262144
 DEFAULT_EVENT_BYTES = 4 << 20
 DEFAULT_DOOM_ENTRIES = 65536
+DEFAULT_SKIP_ENTRIES = 16384
 # The capacity each map is declared with (the loaders override most from flags before load).
 DEFAULT_ENTRIES = {
     MAP_SERVICES: DEFAULT_SVC_ENTRIES,
@@ -136,6 +143,7 @@ DEFAULT_ENTRIES = {
     MAP_QOS: DEFAULT_QOS_ENTRIES,
     MAP_STATS: DEFAULT_STAT_ENTRIES,
     MAP_CONFIG: 1,
+    MAP_SKIP: DEFAULT_SKIP_ENTRIES,
     MAP_EVENTS: DEFAULT_EVENT_BYTES,
     MAP_EVENT_STATS: EVSTAT_MAX,
     MAP_DOOMED: DEFAULT_DOOM_ENTRIES,
@@ -203,6 +211,8 @@ CONFIG = Layout(
         ("wakeup_bytes", "I"),
         ("reverse_events", "I"),
         ("host_netns_cookie", "Q"),
+        ("flags", "I"),
+        ("pad", "I"),
     ),
 )
 EVENT = Layout(
@@ -447,6 +457,7 @@ MAP_LAYOUTS: dict[str, tuple[Layout, Layout]] = {
     MAP_QOS: (Layout("__u32", (("svc_id", "I"),)), QOS_VAL),
     MAP_STATS: (STAT_KEY, Layout("__u64", (("count", "Q"),))),
     MAP_CONFIG: (Layout("__u32", (("index", "I"),)), CONFIG),
+    MAP_SKIP: (Layout("__u64", (("cgroup_id", "Q"),)), Layout("__u32", (("value", "I"),))),
     MAP_DOOMED: (DOOM_KEY, Layout("__u32", (("value", "I"),))),
 }
 
@@ -502,9 +513,42 @@ def unpack_stat_key(raw: bytes) -> tuple[int, str, int, str]:
 
 
 def pack_config(
-    events: int, sample_every: int, wakeup_bytes: int, reverse_events: bool, host_netns_cookie: int = 0
+    events: int,
+    sample_every: int,
+    wakeup_bytes: int,
+    reverse_events: bool,
+    host_netns_cookie: int = 0,
+    flags: int = 0,
 ) -> bytes:
-    return _CONFIG.pack(events, sample_every, wakeup_bytes, int(reverse_events), host_netns_cookie)
+    return _CONFIG.pack(events, sample_every, wakeup_bytes, int(reverse_events), host_netns_cookie, flags, 0)
+
+
+CONFIG_KEY = struct.pack("=I", 0)  # the config map's one entry
+_CONFIG_FLAGS = CONFIG.offsets()["flags"]
+
+
+def config_flags(raw: bytes | None) -> int:
+    """``flags`` of a packed config value (0 for None: the kernel's array holds zeros until written)."""
+    return int(_U32.unpack_from(raw, _CONFIG_FLAGS)[0]) if raw else 0
+
+
+def with_config_flags(raw: bytes | None, flags: int) -> bytes:
+    """A packed config value with ``flags`` replaced, every other field kept (zero for None)."""
+    value = bytearray(raw or bytes(CONFIG.size))
+    _U32.pack_into(value, _CONFIG_FLAGS, flags)
+    return bytes(value)
+
+
+_U64_KEY = struct.Struct("=Q")
+SKIP_VALUE = b"\x01\x00\x00\x00"
+
+
+def pack_skip_key(cgroup_id: int) -> bytes:
+    return _U64_KEY.pack(cgroup_id)
+
+
+def unpack_skip_key(raw: bytes) -> int:
+    return int(_U64_KEY.unpack(raw)[0])
 
 
 _DOOM_KEY = DOOM_KEY.packer

@@ -35,7 +35,15 @@ class KernelMaps:
     BATCH_MIN = 32  # below this, single updates are cheaper than building a batch
     BATCH_MAX = 8192
 
-    WRITER_MAPS = (abi.MAP_SERVICES, abi.MAP_BACKENDS, abi.MAP_AFFINITY_MATCH, abi.MAP_CLIENTS, abi.MAP_QOS)
+    WRITER_MAPS = (
+        abi.MAP_SERVICES,
+        abi.MAP_BACKENDS,
+        abi.MAP_AFFINITY_MATCH,
+        abi.MAP_CLIENTS,
+        abi.MAP_QOS,
+        abi.MAP_SKIP,
+        abi.MAP_CONFIG,  # its skip flag only (datapath.settings writes the rest)
+    )
 
     def __init__(self, map_dir: Path, names: Sequence[str] = WRITER_MAPS) -> None:
         self.fds: dict[str, int] = {}

@@ -5,7 +5,9 @@ Used by the writer to recover its state on start (nothing is flushed: it converg
 count, slots or fallback tiers without a master, backends no slot uses, client/QoS/affinity entries of
 unknown frontends, affinity matches of a backend the primary slots no longer name) are reported as garbage
 keys or ``None`` slots rather than hidden. ``entries`` goes the other way: the map entries a programmed
-frontend stands for, which the writer writes back when a change of that frontend fails half-way.
+frontend stands for, which the writer writes back when a change of that frontend fails half-way. Beside the
+frontends: the cgroup ids of the skip map (clients socket LB leaves alone) and whether the config's skip flag
+is set; an id whose cgroup is gone is not garbage, the writer's next diff removes it.
 """
 
 from __future__ import annotations
@@ -75,6 +77,8 @@ class ProgrammedState:
     garbage: dict[str, list[bytes]] = field(default_factory=dict)  # map name → keys to delete
     max_svc_id: int = 0
     max_backend_id: int = 0
+    skip: set[int] = field(default_factory=set)  # cgroup ids in the skip map
+    skip_flag: bool = False  # abi.CFG_F_SKIP in the config map: the hooks look the skip map up
 
     def junk(self, map_name: str, key: bytes) -> None:
         self.garbage.setdefault(map_name, []).append(key)
@@ -135,6 +139,8 @@ def read_state(io: MapIO) -> ProgrammedState:
     for raw_key, _ in slots.values():
         state.junk(abi.MAP_SERVICES, raw_key)
     _read_extras(io, state, primary_ids)
+    state.skip = {abi.unpack_skip_key(raw_key) for raw_key, _ in io.items(abi.MAP_SKIP)}
+    state.skip_flag = any(abi.config_flags(raw) & abi.CFG_F_SKIP for _, raw in io.items(abi.MAP_CONFIG))
     for backend_id, ref in backends.items():
         if backend_id in used:
             state.backend_ids[ref] = backend_id

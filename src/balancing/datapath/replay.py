@@ -125,9 +125,11 @@ class Trace:
     outcomes: list[Outcome] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
+    excluded: str | None = None  # why the caller is left untranslated (socket-LB exclusions)
+
     @property
     def action(self) -> str:
-        if self.svc_id is None:
+        if self.svc_id is None or self.excluded is not None:
             return "pass"
         actions = {o.action for o in self.outcomes}
         return actions.pop() if len(actions) == 1 else "depends"
@@ -135,7 +137,9 @@ class Trace:
     @property
     def deterministic(self) -> bool:
         """One possible result for this caller (the counter it is counted under may still vary)."""
-        return self.svc_id is None or len({(o.action, o.backend_id) for o in self.outcomes}) == 1
+        if self.svc_id is None or self.excluded is not None:
+            return True
+        return len({(o.action, o.backend_id) for o in self.outcomes}) == 1
 
 
 class _Maps:
@@ -174,6 +178,11 @@ def replay(io: MapIO, target: FrontendKey, caller: Caller) -> Trace:
         out.notes.append("not a frontend: the connect goes out untranslated (it paid one hash lookup)")
         return _finish(out, maps)
     out.svc_id, out.primary = primary.svc_id, primary
+    out.excluded = _excluded(maps, out.caller)
+    if out.excluded is not None:
+        out.decided_by = "socket-lb-excluded"
+        out.notes.append(f"{out.excluded}: the hooks leave this caller untranslated")
+        return _finish(out, maps)
     own = _client_rule(maps, out)
     if out.skipped is None and primary.flags & abi.SVC_F_QOS:
         _qos(maps, out)
@@ -197,6 +206,26 @@ def replay(io: MapIO, target: FrontendKey, caller: Caller) -> Trace:
         else:
             out.outcomes.append(_backend(maps, out, "primary", backend_id, slot, result, p))
     return _finish(out, maps)
+
+
+def _excluded(maps: _Maps, caller: Caller) -> str | None:
+    """Why the hooks leave ``caller`` alone once the address is a frontend, as the datapath checks it (the
+    config's flags: host network namespace only, excluded pods' cgroups); None: translated."""
+    raw = maps.get(abi.MAP_CONFIG, abi.CONFIG_KEY)
+    if raw is None:
+        return None
+    config = dict(zip((name for name, _ in abi.CONFIG.fields), abi.CONFIG.packer.unpack(raw), strict=True))
+    flags = abi.config_flags(raw)
+    if flags & abi.CFG_F_HOST_NS_ONLY and caller.netns_cookie not in (None, config["host_netns_cookie"]):
+        return "socketLB.hostNamespaceOnly: the socket is not in the host network namespace"
+    skip_key = abi.pack_skip_key(caller.cgroup_id or 0)
+    if (
+        flags & abi.CFG_F_SKIP
+        and caller.cgroup_id is not None
+        and maps.get(abi.MAP_SKIP, skip_key) is not None
+    ):
+        return "the caller's pod is excluded from the socket LB (balancing.elf.io/socket-lb: disabled)"
+    return None
 
 
 def _decided_by(primary: TierView, mode: str, own: int) -> str:

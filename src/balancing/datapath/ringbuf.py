@@ -2,7 +2,7 @@
 
 ``RingBuffer`` reads a *pinned* ``BPF_MAP_TYPE_RINGBUF`` map through libbpf's ring buffer API and hands the
 raw bytes of every record to a Python callback. The datapath submits with ``BPF_RB_NO_WAKEUP`` until
-``wakeup_bytes`` are queued (``settings``: ``bl_cfg_v2``), so a reader must watch ``epoll_fd`` *and* call
+``wakeup_bytes`` are queued (``settings``: ``bl_cfg_v3``), so a reader must watch ``epoll_fd`` *and* call
 ``consume()`` on a timer. The callback runs inside the C call: an exception it raises is caught, counted
 (``callback_errors``) and logged, never propagated into libbpf.
 

@@ -19,6 +19,11 @@ start and allocated monotonically, so an id is never reused under a concurrent r
 One module over 400 lines on purpose: planning, the failure path and the record it keeps true are one
 invariant. Neighbours: ``maps`` (I/O), ``programmed`` (reading state), ``abi`` (encoding). Pod cgroup ids for
 policy client rules come from a resolver the agent passes in.
+
+Socket-LB exclusions (``DesiredState.excluded_pods``) are written before any frontend of a write: the cgroup
+ids of the excluded pods (the same resolver) in the skip map, new ones before the config's skip flag is set,
+and the flag cleared before the map empties, so the hooks look the map up only while it has entries. The
+set belongs to no frontend: a failure re-reads the maps and raises, before any frontend is written.
 """
 
 from __future__ import annotations
@@ -228,6 +233,7 @@ class MapWriter:
         self.io = io
         self.pod_cgroups = pod_cgroups
         self._next_svc_id = self._next_backend_id = 1
+        self._excluded: frozenset[PodRef] = frozenset()  # the pods socket LB leaves alone, as last asked
         self.recover()
 
     def recover(self) -> None:
@@ -244,6 +250,7 @@ class MapWriter:
         # The Frontend last programmed per key: the very same object (the model caches them) or an equal
         # programmed_as() is skipped without re-encoding anything.
         self._applied: dict[FrontendKey, Frontend] = {}
+        self._skip, self._skip_flag = set(state.skip), state.skip_flag
 
     # --- reading -----------------------------------------------------------------------------------------
 
@@ -265,6 +272,8 @@ class MapWriter:
             {m: list(keys) for m, keys in self._garbage.items()},
             self._next_svc_id - 1,
             self._next_backend_id - 1,
+            set(self._skip),
+            self._skip_flag,
         )
 
     def svc_id(self, key: FrontendKey) -> int | None:
@@ -276,12 +285,17 @@ class MapWriter:
     def sync(self, desired: DesiredState) -> WriteStats:
         """Converge the maps to exactly ``desired`` (a full reconcile; no-op entries cost nothing)."""
         stale = frozenset(k for k in self._frontends if k not in desired.frontends)
-        return self.apply(FrontendChanges(upsert=desired.frontends, remove=stale))
+        return self.apply(FrontendChanges(desired.frontends, stale, desired.excluded_pods), full=True)
 
-    def apply(self, changes: FrontendChanges) -> WriteStats:
+    def apply(self, changes: FrontendChanges, *, full: bool = False) -> WriteStats:
         """Write ``changes``; frontends that cannot be written are in ``failed`` (raises only for failures no
-        frontend owns, as ``errors.DatapathError``, after re-reading the maps)."""
+        frontend owns, as ``errors.DatapathError``, after re-reading the maps). ``full``: re-resolve the
+        excluded pods' cgroups even if the set did not change."""
         stats = WriteStats()
+        if changes.excluded_pods is not None and changes.excluded_pods != self._excluded:
+            self._excluded, full = changes.excluded_pods, True
+        if full:
+            self._write_skip(stats)
         udp_before = self._udp_backends(changes)
         plan, planned = _Plan(), list[_Change]()
         for key, frontend in changes.upsert.items():
@@ -294,8 +308,10 @@ class MapWriter:
         return stats
 
     def refresh_clients(self) -> WriteStats:
-        """Re-resolve the cgroups of policy backend pods (containers come and go) and rewrite client rules."""
+        """Re-resolve the cgroups of policy backend pods and excluded pods (containers come and go) and
+        rewrite client rules and the skip map."""
         stats = WriteStats()
+        self._write_skip(stats)
         plan, planned = _Plan(), list[_Change]()
         for key, frontend in self._applied.items():
             if frontend.backend_pods or self._frontends[key].clients:
@@ -446,6 +462,35 @@ class MapWriter:
         for cgroup_id in old.clients.keys() - wanted.keys():
             plan.stale_clients.append(abi.pack_client_key(old.svc_id, cgroup_id))
         old.clients = wanted
+
+    def _write_skip(self, stats: WriteStats) -> None:
+        """The skip map to the excluded pods' cgroups now; the skip flag set only while it has entries."""
+        wanted = {cgroup_id for pod in self._excluded for cgroup_id in self.pod_cgroups(pod)}
+        added, gone = sorted(wanted - self._skip), sorted(self._skip - wanted)
+        try:
+            if added:
+                self.io.update(abi.MAP_SKIP, [(abi.pack_skip_key(c), abi.SKIP_VALUE) for c in added])
+                stats.ops += len(added)
+                self._skip.update(added)
+            if bool(wanted) != self._skip_flag:
+                self._set_skip_flag(bool(wanted))
+                stats.ops += 1
+            if gone:
+                self.io.delete(abi.MAP_SKIP, [abi.pack_skip_key(c) for c in gone])
+                stats.ops += len(gone)
+                self._skip.difference_update(gone)
+        except Exception as exc:
+            self.recover()
+            if isinstance(exc, errors.DatapathError):
+                raise
+            raise errors.MapError(map=abi.MAP_SKIP, op="update", errno=errno.EIO) from exc
+
+    def _set_skip_flag(self, on: bool) -> None:
+        """Set or clear ``abi.CFG_F_SKIP``, keeping the rest of the config (``datapath.settings`` owns it)."""
+        raw = next((value for _, value in self.io.items(abi.MAP_CONFIG)), None)
+        flags = abi.config_flags(raw) & ~abi.CFG_F_SKIP | (abi.CFG_F_SKIP if on else 0)
+        self.io.update(abi.MAP_CONFIG, [(abi.CONFIG_KEY, abi.with_config_flags(raw, flags))])
+        self._skip_flag = on
 
     def _plan_qos(self, plan: _Plan, old: ProgrammedFrontend, limit: int) -> None:
         want = abi.pack_qos_val(limit) if limit else None

@@ -3,7 +3,9 @@
 A ``DesiredState`` maps each ``FrontendKey`` (address, port, protocol) to a ``Frontend``: who owns it and the
 ordered backends new connections may use. An empty backend tuple is meaningful: the frontend is known but
 has no usable endpoint, so the datapath refuses connections (ECONNREFUSED) instead of letting them through.
-The datapath reads these types and nothing else from the model.
+Beside the frontends, ``excluded_pods``: this node's pods whose processes socket LB leaves alone (their
+connections are neither translated nor counted). The datapath reads these types and nothing else from the
+model.
 """
 
 from __future__ import annotations
@@ -156,25 +158,31 @@ class Frontend:
 
 @dataclass(slots=True)
 class DesiredState:
-    """Every frontend this node's datapath should translate."""
+    """Every frontend this node's datapath should translate, and the pods on this node it must leave alone
+    (pod annotation or Namespace label ``balancing.elf.io/socket-lb: disabled``)."""
 
     frontends: dict[FrontendKey, Frontend] = field(default_factory=dict)
+    excluded_pods: frozenset[PodRef] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
 class FrontendChanges:
-    """An incremental change: frontends to set (added or changed) and keys to remove."""
+    """An incremental change: frontends to set (added or changed) and keys to remove; and, when it changed,
+    the whole new set of excluded pods (None: unchanged)."""
 
     upsert: dict[FrontendKey, Frontend]
     remove: frozenset[FrontendKey]
+    excluded_pods: frozenset[PodRef] | None = None
 
     def __bool__(self) -> bool:
-        return bool(self.upsert or self.remove)
+        return bool(self.upsert or self.remove) or self.excluded_pods is not None
 
     def without(self, keys: Collection[FrontendKey]) -> FrontendChanges:
         """The same change less ``keys`` (e.g. the frontends a write could not program)."""
         if not keys:
             return self
         return FrontendChanges(
-            {k: f for k, f in self.upsert.items() if k not in keys}, self.remove.difference(keys)
+            {k: f for k, f in self.upsert.items() if k not in keys},
+            self.remove.difference(keys),
+            self.excluded_pods,
         )

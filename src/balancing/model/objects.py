@@ -1,5 +1,6 @@
-"""Typed Kubernetes objects the model reads: Service, EndpointSlice, Pod, Node (the fields we use) and the
-two policy kinds of ``balancing.elf.io/v1beta1`` (defined in ``policies``, registered here in ``KINDS``).
+"""Typed Kubernetes objects the model reads: Service, EndpointSlice, Pod, Node, Namespace (the fields we use)
+and the two policy kinds of ``balancing.elf.io/v1beta1`` (defined in ``policies``, registered here in
+``KINDS``).
 
 Parsed from the API's JSON shape (camelCase); unknown fields are ignored and null fields are absent, so real
 manifests and API objects load as they are. Every field read is validated as the API server validates it
@@ -13,7 +14,10 @@ is skipped when computing), Pod phases and conditions, and the API server's rule
 nothing the model does (``sessionAffinityConfig`` with ``sessionAffinity: None``, a nodePort on a ClusterIP
 Service, a headless NodePort Service: each ignored or skipped).
 
-One module over 400 lines on purpose: it is the one place the API's shapes of the four kinds are written down
+Socket-LB exclusion (``socket_lb_disabled``): the Pod annotation or Namespace label
+``balancing.elf.io/socket-lb: disabled`` leaves a pod's processes to the network (service meshes, KubeVirt).
+
+One module over 400 lines on purpose: it is the one place the API's shapes of the core kinds are written down
 (the rules shared with the policy kinds are in ``meta``).
 """
 
@@ -56,6 +60,8 @@ from balancing.model.policies import BalancingPolicy, LocalRedirectPolicy
 __all__ = [
     "KINDS",
     "POLICY_API_VERSION",
+    "SOCKET_LB",
+    "SOCKET_LB_DISABLED",
     "BalancingPolicy",
     "ClientIPConfig",
     "Container",
@@ -72,6 +78,8 @@ __all__ = [
     "LoadBalancerIngress",
     "LoadBalancerStatus",
     "LocalRedirectPolicy",
+    "Namespace",
+    "NamespaceMeta",
     "Node",
     "NodeAddress",
     "NodeStatus",
@@ -93,6 +101,7 @@ __all__ = [
     "UnknownKind",
     "parse_object",
     "ref",
+    "socket_lb_disabled",
 ]
 
 
@@ -488,7 +497,49 @@ class Node(KubeModel):
     status: NodeStatus = Field(default_factory=NodeStatus)
 
 
-KubeObject = Service | EndpointSlice | Pod | Node | LocalRedirectPolicy | BalancingPolicy
+class NamespaceMeta(ObjectMeta):
+    """A Namespace's ``metadata``: its name is a DNS-1123 label (it names the namespace of other objects)."""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return check_dns1123_label(value)
+
+
+class Namespace(KubeModel):
+    """A Namespace: only its labels are read (``SOCKET_LB``). Cluster-scoped: a ``metadata.namespace`` in a
+    manifest is dropped, as the API server ignores it."""
+
+    kind: Literal["Namespace"] = "Namespace"
+    metadata: NamespaceMeta
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cluster_scoped(cls, data: Any) -> Any:
+        if (
+            isinstance(data, dict)
+            and isinstance(data.get("metadata"), dict)
+            and "namespace" in data["metadata"]
+        ):
+            meta = {k: v for k, v in data["metadata"].items() if k != "namespace"}
+            return {**data, "metadata": meta}
+        return data
+
+
+# A Pod annotation, or a label of the Pod's Namespace: "disabled" leaves the pod's processes to the network
+# (no socket-level translation; e.g. a service mesh's sidecar or a KubeVirt VM translates on its own).
+SOCKET_LB = "balancing.elf.io/socket-lb"
+SOCKET_LB_DISABLED = "disabled"
+
+
+def socket_lb_disabled(pod: Pod, namespace_labels: dict[str, str]) -> bool:
+    """Whether socket LB leaves ``pod`` alone: its annotation or its Namespace's label (``namespace_labels``,
+    empty when the Namespace is unknown) ``balancing.elf.io/socket-lb`` is "disabled". Any other value is as
+    good as none: the default, translated."""
+    return SOCKET_LB_DISABLED in (pod.metadata.annotations.get(SOCKET_LB), namespace_labels.get(SOCKET_LB))
+
+
+KubeObject = Service | EndpointSlice | Pod | Node | Namespace | LocalRedirectPolicy | BalancingPolicy
 
 POLICY_API_VERSION = "balancing.elf.io/v1beta1"
 KINDS: dict[tuple[str, str], type[KubeModel]] = {
@@ -496,6 +547,7 @@ KINDS: dict[tuple[str, str], type[KubeModel]] = {
     ("discovery.k8s.io/v1", "EndpointSlice"): EndpointSlice,
     ("v1", "Pod"): Pod,
     ("v1", "Node"): Node,
+    ("v1", "Namespace"): Namespace,
     (POLICY_API_VERSION, "LocalRedirectPolicy"): LocalRedirectPolicy,
     (POLICY_API_VERSION, "BalancingPolicy"): BalancingPolicy,
 }
@@ -512,14 +564,16 @@ def parse_object(doc: dict[str, Any]) -> KubeObject:
     if model is None:
         raise UnknownKind(f"apiVersion {key[0]!r} kind {key[1]!r} is not read by balancing")
     obj = model.model_validate(doc)
-    assert isinstance(obj, Service | EndpointSlice | Pod | Node | LocalRedirectPolicy | BalancingPolicy)
+    assert isinstance(
+        obj, Service | EndpointSlice | Pod | Node | Namespace | LocalRedirectPolicy | BalancingPolicy
+    )
     return obj
 
 
-ObjectRef = tuple[str, str, str]  # (kind, namespace, name); namespace "" for Nodes and the policy kinds
+ObjectRef = tuple[str, str, str]  # (kind, namespace, name); namespace "" for the cluster-scoped kinds
 
 
 def ref(obj: KubeObject) -> ObjectRef:
-    """The object's identity. The policy kinds are cluster-scoped: their namespace is always "" (a
-    ``metadata.namespace`` in a manifest is dropped when parsing, as the API server ignores it)."""
+    """The object's identity. Namespaces and the policy kinds are cluster-scoped: their namespace is always ""
+    (a ``metadata.namespace`` in a manifest is dropped when parsing, as the API server ignores it)."""
     return (obj.kind, obj.metadata.namespace, obj.metadata.name)

@@ -1,9 +1,10 @@
 """The current Kubernetes objects of the cluster, indexed so a change recomputes only what it touches.
 
-``ClusterStore`` takes ``upsert``/``delete`` of Services, EndpointSlices, Pods and Nodes, marks the services a
-change can affect as dirty, and on ``desired()`` or ``take_changes()`` recomputes just those with
-``frontends.compute_service``. Per-service results are cached; when two services claim the same
-``FrontendKey`` the older one (creationTimestamp, then namespace/name) wins and ``conflicts()`` says so.
+``ClusterStore`` takes ``upsert``/``delete`` of Services, EndpointSlices, Pods, Nodes, Namespaces and the
+policies, marks the services a change can affect as dirty, and on ``desired()`` or ``take_changes()``
+recomputes just those with ``frontends.compute_service``. Per-service results are cached; when two services
+claim the same ``FrontendKey`` the older one (creationTimestamp, then namespace/name) wins and
+``conflicts()`` says so.
 ``take_changes`` reports what differs from what the previous call handed out, which is what the datapath
 writer applies. ``health_checks`` gives the health check node ports to serve, from the same cache.
 
@@ -22,6 +23,11 @@ timestamp, then name; ``conflicts()`` names both), and ``layering.combine`` laye
 BalancingPolicy over Service into the one ``Frontend`` the datapath gets. ``policy_status`` says, per
 policy, whether it is in force on this node and why. A policy version that changes only its status or
 resourceVersion (the agents and the controller writing status) recomputes nothing.
+
+Socket-LB exclusions: this node's pods whose annotation or Namespace label says
+``balancing.elf.io/socket-lb: disabled`` (``objects.socket_lb_disabled``) are kept as a set, updated by a
+change of the pod or of its Namespace's labels; ``desired`` carries it and ``take_changes`` reports it when it
+changed, for the writer to map to the pods' cgroups.
 Pure: no I/O, no clocks; the caller feeds objects in (``sources``) and reads state out.
 
 One module on purpose (over 400 lines): the object indexes, the dirty sets and the per-service and
@@ -81,6 +87,9 @@ class ClusterStore:
         self._pods: dict[str, dict[str, objects.Pod]] = {}
         self._selecting: dict[str, set[str]] = {}  # namespace → names of services with a selector
         self._nodes: dict[str, objects.Node] = {}
+        self._namespace_labels: dict[str, dict[str, str]] = {}  # per Namespace object: its labels
+        self._excluded: dict[tuple[str, str], contract.PodRef] = {}  # this node's pods socket LB leaves alone
+        self._excluded_taken: frozenset[contract.PodRef] = frozenset()  # as take_changes handed it out
         self._node_port_users: set[ServiceKey] = set()  # services with NodePort frontends
         self._topology_users: set[ServiceKey] = set()  # their slices carry zone hints: they read the zone
         self._external_ip_users: set[ServiceKey] = set()  # services with spec.externalIPs
@@ -135,6 +144,8 @@ class ClusterStore:
             self._put_pod(obj.metadata.namespace, obj.metadata.name, obj)
         elif isinstance(obj, objects.Node):
             self._put_node(obj.metadata.name, obj)
+        elif isinstance(obj, objects.Namespace):
+            self._put_namespace(obj.metadata.name, obj)
         else:
             self._put_policy(obj)
 
@@ -149,6 +160,8 @@ class ClusterStore:
             self._put_pod(namespace, name, None)
         elif kind == "Node":
             self._put_node(name, None)
+        elif kind == "Namespace":
+            self._put_namespace(name, None)
         elif kind in _POLICY_KINDS:
             self._drop_policy((kind, name))  # cluster-scoped: the namespace plays no part
 
@@ -158,6 +171,7 @@ class ClusterStore:
         held += [("EndpointSlice", ns, name) for ns, name in self._slices]
         held += [("Pod", ns, name) for ns, pods in self._pods.items() for name in pods]
         held += [("Node", "", name) for name in self._nodes]
+        held += [("Namespace", "", name) for name in self._namespace_labels]
         held += [(kind, "", name) for kind, name in self._policies]
         return held
 
@@ -166,11 +180,18 @@ class ClusterStore:
     def desired(self) -> contract.DesiredState:
         """The full desired state (a copy; recomputes only dirty services)."""
         self._flush()
-        return contract.DesiredState(dict(self._frontends))
+        return contract.DesiredState(dict(self._frontends), self.excluded_pods())
+
+    def excluded_pods(self) -> frozenset[contract.PodRef]:
+        """This node's pods (with a UID, which their cgroups are named by) that socket LB leaves alone."""
+        return frozenset(self._excluded.values())
 
     def take_changes(self) -> contract.FrontendChanges:
         """What changed since the previous call (since creation for the first one)."""
         self._flush()
+        excluded = self.excluded_pods()
+        excluded_changed = excluded != self._excluded_taken
+        self._excluded_taken = excluded
         upsert: _Owned = {}
         remove: set[contract.FrontendKey] = set()
         for key in self._changed:
@@ -183,7 +204,7 @@ class ClusterStore:
             else:
                 upsert[key] = self._taken[key] = now
         self._changed.clear()
-        return contract.FrontendChanges(upsert, frozenset(remove))
+        return contract.FrontendChanges(upsert, frozenset(remove), excluded if excluded_changed else None)
 
     def conflicts(self) -> list[str]:
         """One message per frontend claimed by several services, per frontend and policy kind claimed by
@@ -350,6 +371,7 @@ class ClusterStore:
                 del self._pods[namespace]
         else:
             self._pods.setdefault(namespace, {})[name] = new
+        self._exclude(namespace, name, new)
         labels = [p.metadata.labels for p in (old, new) if p is not None]
         self._dirty.update(self._pod_users(namespace, labels))
         for pkey, selected in self._selected.items():
@@ -360,6 +382,30 @@ class ClusterStore:
                 selected[namespace, name] = new
             if was or now:
                 self._policy_dirty.add(pkey)
+
+    def _exclude(self, namespace: str, name: str, pod: objects.Pod | None) -> None:
+        """Whether socket LB leaves this pod alone (only this node's pods: their cgroups are here)."""
+        if (
+            pod is not None
+            and pod.metadata.uid
+            and pod.spec.node_name == self._node_name
+            and objects.socket_lb_disabled(pod, self._namespace_labels.get(namespace, {}))
+        ):
+            self._excluded[namespace, name] = contract.PodRef(namespace, name, pod.metadata.uid)
+        else:
+            self._excluded.pop((namespace, name), None)
+
+    def _put_namespace(self, name: str, new: objects.Namespace | None) -> None:
+        """A Namespace's labels: a change of its socket-LB label re-reads its pods' exclusion."""
+        old = self._namespace_labels.get(name, {})
+        labels = dict(new.metadata.labels) if new is not None else {}
+        if new is None:
+            self._namespace_labels.pop(name, None)
+        else:
+            self._namespace_labels[name] = labels
+        if old.get(objects.SOCKET_LB) != labels.get(objects.SOCKET_LB):
+            for pod_name, pod in self._pods.get(name, {}).items():
+                self._exclude(name, pod_name, pod)
 
     def _pod_users(self, namespace: str, labels: Iterable[dict[str, str]]) -> list[ServiceKey]:
         """Services of the namespace whose endpoints come from pods and that select any of ``labels``."""

@@ -56,6 +56,7 @@ def resources_for(node_name: str) -> list[Resource]:
         Resource("/api/v1/services", "v1", "Service"),
         Resource("/apis/discovery.k8s.io/v1/endpointslices", "discovery.k8s.io/v1", "EndpointSlice"),
         Resource("/api/v1/nodes", "v1", "Node"),
+        Resource("/api/v1/namespaces", "v1", "Namespace"),  # their labels: socket-LB exclusions
         Resource(
             f"/apis/{POLICY_API_VERSION}/localredirectpolicies", POLICY_API_VERSION, "LocalRedirectPolicy"
         ),

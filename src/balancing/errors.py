@@ -38,6 +38,14 @@ class BalancingError(Exception):
 # --- sources -------------------------------------------------------------------------------------------
 
 
+def printable(text: str) -> str:
+    """``text`` with control characters escaped: what an input names (a file, an object, a key) must never
+    start a new, forged line in a log."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class SourceError(BalancingError):
     """An input (manifest directory, API server) could not be read or holds invalid objects."""
 
@@ -55,7 +63,7 @@ class ObjectError(SourceError):
 
     def __str__(self) -> str:
         field = f"{self.field}: " if self.field else ""
-        return f"{self.obj or '?'}: {field}{self.message}"
+        return printable(f"{self.obj or '?'}: {field}{self.message}")
 
 
 class KubeObjectError(ObjectError):
@@ -110,7 +118,7 @@ class ManifestError(ObjectError):
         if self.obj:
             where += f" ({self.obj})"
         field = f"{self.field}: " if self.field else ""
-        return f"{where}: {field}{self.message}"
+        return printable(f"{where}: {field}{self.message}")
 
 
 # --- datapath ------------------------------------------------------------------------------------------

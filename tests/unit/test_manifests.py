@@ -624,3 +624,17 @@ def _not_blocking() -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def test_no_name_in_a_file_can_forge_a_log_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Control characters in a kind, a name or a file name are escaped in every message."""
+    forged = "x\nERROR balancing.agent: forged"
+    (tmp_path / "a.yaml").write_text(
+        f"apiVersion: v1\nkind: {json.dumps('Secretz' + forged)}\nmetadata: {{name: a}}\n---\n"
+        f"apiVersion: v1\nkind: Service\nmetadata: {{name: {json.dumps('web' + forged)}}}\n"
+        "spec: {ports: [{port: 80}]}\n"
+    )
+    with caplog.at_level(logging.WARNING):
+        update = ManifestDirectory(tmp_path).load()
+    assert update.errors and all("\n" not in str(e) for e in update.errors)
+    assert caplog.records and all("\n" not in r.getMessage() for r in caplog.records)

@@ -638,3 +638,25 @@ def test_injected_failures_leave_every_frontend_whole_the_record_true_and_retrie
         assert not read_state(maps).garbage or writer.sync(after).ops > 0
         assert writer.sync(after).ops == 0
         assert MapWriter(maps).sync(after).ops == 0, "a restarted writer agrees with the maps"
+
+
+def test_a_failed_client_refresh_is_planned_again_by_the_next_sync() -> None:
+    """A container restarted into a new cgroup whose client rule did not fit: once there is room, the next
+    full sync writes it (the failed frontend is not taken as programmed as asked)."""
+    from balancing.model.desired import BackendPod, PodRef
+
+    pod = PodRef("default", "p", "uid-1")
+    cgroups = [7]
+    maps = FakeMaps(capacity={abi.MAP_CLIENTS: 1})
+    writer = MapWriter(maps, lambda _pod: list(cgroups))
+    desired = state({0: [0, 1]})
+    desired.frontends[KEYS[0]] = replace(desired.frontends[KEYS[0]], backend_pods=(BackendPod(pod, V4[0]),))
+    assert not writer.sync(desired).failed
+    cgroups[:] = [7, 8]  # a second container: its rule does not fit
+    assert set(writer.refresh_clients().failed) == {KEYS[0]}
+    assert_record_true(writer, maps)
+    maps.capacity[abi.MAP_CLIENTS] = 4  # room again
+    stats = writer.sync(desired)
+    assert not stats.failed and stats.ops
+    assert {abi.unpack_client_key(k)[1] for k in maps.data[abi.MAP_CLIENTS]} == {7, 8}
+    assert_record_true(writer, maps)

@@ -41,8 +41,8 @@ class Ingest:
 
     def replace(self, update: SourceUpdate) -> None:
         """``update`` is the source's whole state: apply it, deleting whatever else the store holds."""
-        present = {objects.ref(o) for o in update.upserts}
-        gone = [r for r in self.store.refs() if r not in present and r not in set(update.deletes)]
+        present = {objects.ref(o) for o in update.upserts} | set(update.deletes)
+        gone = [r for r in self.store.refs() if r not in present]
         self.apply(SourceUpdate(update.upserts, [*update.deletes, *gone], update.errors))
 
     def apply(self, update: SourceUpdate) -> None:

@@ -225,9 +225,9 @@ class Agent:
         """The source's whole state, one full sync, then every change; what a restart runs again."""
         async with contextlib.aclosing(self.updates()) as stream:
             self.take(await anext(stream), whole=True)
-            if await self.programming.full_sync():
-                self._synced.set()
-                self.health.task_up("source")
+            self._synced.set()  # the store holds the whole state: a full sync from now on flushes nothing
+            self.health.task_up("source")
+            await self.programming.full_sync()  # a failure is retried by the resync loop
             await self.follow_changes(stream)
 
     async def follow_changes(self, stream: AsyncGenerator[SourceUpdate, None]) -> None:

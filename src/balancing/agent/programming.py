@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -110,7 +110,7 @@ class Programming:
             await self.health_checks.update(self.store.health_checks())
             self.failed(exc)
             return
-        self._written(stats)
+        self._written(stats, touched={*changes.upsert, *changes.remove})
         self.owners.apply(changes.without(stats.failed), self.writer.svc_id)
         self.metrics.sync_done(time.perf_counter() - seen, full=False)
         self.metrics.programmed(seen)
@@ -124,27 +124,36 @@ class Programming:
             (time.perf_counter() - seen) * 1000,
         )
 
-    def _written(self, stats: writer.WriteStats) -> None:
+    def _written(
+        self, stats: writer.WriteStats, touched: Collection[desired.FrontendKey] | None = None
+    ) -> None:
+        """After a write: ``touched`` are the frontends it was about (None: a full sync, about all)."""
         self.generation += 1
-        self._frontend_failures(stats.failed)
+        self._frontend_failures(stats.failed, touched)
         self.on_programmed()
         self.terminations.submit(stats.udp_backends_removed)
 
-    def _frontend_failures(self, failed: Mapping[desired.FrontendKey, errors.FrontendWriteError]) -> None:
+    def _frontend_failures(
+        self,
+        failed: Mapping[desired.FrontendKey, errors.FrontendWriteError],
+        touched: Collection[desired.FrontendKey] | None,
+    ) -> None:
         """Frontends a write could not program (the others are written): each new or changed failure logged
-        once, counted, shown by ``/healthz``'s ``lastError``, retried by a full sync within a second."""
+        once, counted, shown by ``/healthz``'s ``lastError`` (a count: the names stay in the log), retried by
+        a full sync. A full sync (``touched`` None) says what fails now; a partial write only about the
+        frontends it touched, so it never clears a failure a concurrent full sync just found."""
         now = {key: str(err) for key, err in failed.items()}
         for key, text in sorted(now.items(), key=lambda kv: str(kv[0])):
             if self._failing.get(key) != text:
                 log.error("%s (the others are written; retrying)", text)
             self.metrics.write_failed(failed[key].map)
-        for key in sorted(self._failing.keys() - now.keys(), key=str):
+        still = {} if touched is None else {k: v for k, v in self._failing.items() if k not in touched}
+        for key in sorted(self._failing.keys() - now.keys() - still.keys(), key=str):
             log.info("frontend %s programmed after an earlier failure", key)
-        self._failing = now
-        self.needs_resync = bool(now)
-        if now:
-            first = next(iter(now.values()))
-            self.health.last_error = f"{len(now)} frontends not programmed, e.g. {first}"
+        self._failing = {**still, **now}
+        self.needs_resync = bool(self._failing)
+        if self._failing:
+            self.health.last_error = f"{len(self._failing)} frontends not programmed (the log names them)"
 
     async def _after_write(self) -> None:
         self.metrics.pending(0, 0)
@@ -196,6 +205,8 @@ class Programming:
             except errors.DatapathError as exc:
                 self.failed(exc)
                 continue
+            if stats.failed:  # the writer plans them again; a full sync retries them
+                self._frontend_failures(stats.failed, touched=set(stats.failed))
             if stats.ops:
                 log.info("pod cgroups changed: %d client rule and skip map operations", stats.ops)
 

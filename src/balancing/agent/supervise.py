@@ -45,8 +45,8 @@ async def supervise(
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a following task must survive anything; the log has the traceback
-            problem = f"{type(exc).__name__}: {exc}"[:500]
-            log.error("task %s failed, restarting in %.1f s: %s", name, delay, problem, exc_info=exc)
+            problem = type(exc).__name__  # /healthz may listen on every address: the details stay in the log
+            log.error("task %s failed, restarting in %.1f s: %s: %s", name, delay, problem, exc, exc_info=exc)
         else:
             log.error("task %s %s, restarting in %.1f s", name, problem, delay)
         health.task_down(name, problem)

@@ -18,19 +18,11 @@ from balancing import errors
 from balancing.agent import events as agent_events
 from balancing.cli import configfile, flags, logs
 from balancing.cli.configfile import DEFAULTS
-from balancing.datapath import loader, mounts
+from balancing.datapath import bpfobjects, loader, mounts
 from balancing.model import config
 
 log = logging.getLogger("balancing.agent")
 _EV, _MAPS = DEFAULTS.events, DEFAULTS.maps
-
-
-def default_object() -> Path:
-    """The compiled BPF object: the repo's build/, else the installed package's copy (``bpfObject`` and
-    ``BALANCING_BPF_OBJECT`` name another)."""
-    here = Path(__file__).resolve()
-    candidates = [here.parents[3] / "build/bpf/balancing.o", here.parents[1] / "bpf/balancing.o"]
-    return next((c for c in candidates if c.is_file()), candidates[0])
 
 
 def _netns_dirs(values: list[str]) -> list[Path]:
@@ -87,7 +79,7 @@ def build(loaded: configfile.Loaded) -> Any:
     if c.node_name is None:
         raise errors.ConfigError("--node-name", "required (or BALANCING_NODE_NAME, or nodeName in --config)")
     _check_source(loaded)
-    obj = c.bpf_object or default_object()
+    obj = c.bpf_object or bpfobjects.default_object()  # the installed package's, else build/bpf
     if not obj.is_file():
         raise errors.ConfigError(where("bpf_object"), f"{obj} does not exist (run `make bpf`)")
     cg = c.cgroup or mounts.cgroup2_root()

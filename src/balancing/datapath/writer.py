@@ -313,7 +313,7 @@ class MapWriter:
         stats = WriteStats()
         self._write_skip(stats)
         plan, planned = _Plan(), list[_Change]()
-        for key, frontend in self._applied.items():
+        for key, frontend in list(self._applied.items()):  # a failure drops its key from _applied
             if frontend.backend_pods or self._frontends[key].clients:
                 self._add(
                     plan, planned, stats, key, functools.partial(self._plan_refresh, plan, key, frontend)
@@ -340,6 +340,7 @@ class MapWriter:
                 self._fresh.discard(ref)
             plan.truncate(start)
             stats.failed[key] = _located(key, "", exc)
+            self._applied.pop(key, None)  # not as asked: the next write plans it again
             return
         if change is None:
             return
@@ -576,6 +577,7 @@ class MapWriter:
                 self._run(part, stats)
             except _Failed as failed:
                 stats.failed[change.key] = _located(change.key, failed.map_name, failed.exc)
+                self._applied.pop(change.key, None)  # not as asked: the next write plans it again
                 if failed.index <= _SWITCH:
                     self._write_back(change, part, stats)
                     continue

@@ -18,6 +18,7 @@ agent calls them from its event loop.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -63,9 +64,25 @@ IDLE_TIMEOUT = 10.0  # seconds a scrape connection may stall (reading the reques
 
 
 class _QuietHandler(WSGIRequestHandler):
-    """One scrape: a socket timeout bounds every read and write; no access log on stderr."""
+    """One scrape: a socket timeout bounds every read and write, and a deadline the whole connection (a
+    client trickling a byte now and then would otherwise hold its slot for ever); no access log."""
 
     timeout = IDLE_TIMEOUT
+    deadline = 3 * IDLE_TIMEOUT
+
+    def setup(self) -> None:
+        super().setup()
+        self._deadline = threading.Timer(self.deadline, self._cut)
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    def finish(self) -> None:
+        self._deadline.cancel()
+        super().finish()
+
+    def _cut(self) -> None:
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
 
     def log_message(self, format: str, *args: object) -> None:
         pass

@@ -101,7 +101,8 @@ def object_count(document: Any) -> int:
 
 
 def text_of(value: Any, limit: int = 200) -> str:
-    """``str(value)`` for a message: never raises, at most ``limit`` characters, collections by type."""
+    """``str(value)`` for a message: never raises, at most ``limit`` characters, collections by type, and
+    no control character (a newline in a name must not forge a log line): such text is shown as a repr."""
     if isinstance(value, str):
         text = value
     elif isinstance(value, (dict, list, tuple, set)):
@@ -111,6 +112,8 @@ def text_of(value: Any, limit: int = 200) -> str:
             text = str(value)
         except Exception:  # e.g. an int past the conversion limit
             text = f"<{type(value).__name__}>"
+    if not text.isprintable():
+        text = repr(text)
     return text if len(text) <= limit else text[:limit] + "..."
 
 

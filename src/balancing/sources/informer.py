@@ -171,7 +171,8 @@ class Informer:
         return SourceUpdate(upserts, deletes, errors)
 
     async def _list(self, params: dict[str, str]) -> Any:
-        request = self.client.build_request("GET", self.resource.path, params=params, headers=self.headers())
+        headers = await asyncio.to_thread(self.headers)  # may run an exec credential plugin: off the loop
+        request = self.client.build_request("GET", self.resource.path, params=params, headers=headers)
         response = await self.client.send(request, stream=True)
         try:
             if response.status_code == 410:
@@ -226,8 +227,9 @@ class Informer:
         timeout = httpx.Timeout(10.0, read=server_timeout + self.timing.read_slack)
         try:
             async with asyncio.timeout(remaining):
+                headers = await asyncio.to_thread(self.headers)  # may run an exec plugin: off the loop
                 request = self.client.build_request(
-                    "GET", self.resource.path, params=params, headers=self.headers(), timeout=timeout
+                    "GET", self.resource.path, params=params, headers=headers, timeout=timeout
                 )
                 response = await self.client.send(request, stream=True)
                 try:

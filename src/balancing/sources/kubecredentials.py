@@ -17,6 +17,7 @@ Errors: ``errors.KubeconfigError`` (a ``SourceError``) names the file, the conte
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime
 import json
@@ -24,9 +25,10 @@ import logging
 import os
 import ssl
 import subprocess
+import threading
 import time
-from collections.abc import Callable, Generator
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, Callable, Generator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +65,7 @@ class Credentials:
     def headers(self) -> dict[str, str]:
         return {}
 
-    def invalidate(self) -> None:
+    def invalidate(self, sent: dict[str, str] | None = None) -> None:
         return None
 
 
@@ -112,7 +114,7 @@ class TokenFile(Credentials):
             self._problem = problem
         return _bearer(self.fallback)
 
-    def invalidate(self) -> None:
+    def invalidate(self, sent: dict[str, str] | None = None) -> None:
         self._seen = None
 
 
@@ -131,14 +133,22 @@ class ExecPlugin(Credentials):
     _token: str | None = None
     _fetched: bool = False
     _expires: float | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def headers(self) -> dict[str, str]:
-        if not self._fetched or (self._expires is not None and self.clock() >= self._expires):
-            self._refresh()
-        return _bearer(self._token)
+        """Callers run this off the event loop (the plugin may take seconds); concurrent callers wait for
+        one run of the plugin instead of each starting one."""
+        with self._lock:
+            if not self._fetched or (self._expires is not None and self.clock() >= self._expires):
+                self._refresh()
+            return _bearer(self._token)
 
-    def invalidate(self) -> None:
-        self._fetched = False
+    def invalidate(self, sent: dict[str, str] | None = None) -> None:
+        """After a 401: ask the plugin again, unless the credential that was refused (``sent``) was already
+        replaced by a newer one (several requests refused at once run the plugin once)."""
+        with self._lock:
+            if sent is None or sent == _bearer(self._token):
+                self._fetched = False
 
     def _refresh(self) -> None:
         status = self._status(self._run())
@@ -262,8 +272,22 @@ class RetryAuth(httpx.Auth):
         response = yield request
         if response.status_code != 401:
             return
-        self.credentials.invalidate()
+        self.credentials.invalidate(sent)
         fresh = self.credentials.headers()
+        if fresh != sent:
+            request.headers.pop("Authorization", None)
+            request.headers.update(fresh)
+            yield request
+
+    async def async_auth_flow(self, request: httpx.Request) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        """``auth_flow`` with the credential calls in a thread: an exec plugin never blocks the loop."""
+        sent = await asyncio.to_thread(self.credentials.headers)
+        request.headers.update(sent)
+        response = yield request
+        if response.status_code != 401:
+            return
+        await asyncio.to_thread(self.credentials.invalidate, sent)
+        fresh = await asyncio.to_thread(self.credentials.headers)
         if fresh != sent:
             request.headers.pop("Authorization", None)
             request.headers.update(fresh)

@@ -311,11 +311,12 @@ class StatusWriter:
         if self.content_type == APPLY_CONTENT_TYPE:
             params["force"] = "true"  # only an apply takes it
         try:
+            credentials = await asyncio.to_thread(self.connection.headers)  # an exec plugin: off the loop
             response = await client.patch(
                 status_path(kind, name),
                 params=params,
                 content=json.dumps(build()).encode(),
-                headers={**self.connection.headers(), "Content-Type": self.content_type},
+                headers={**credentials, "Content-Type": self.content_type},
             )
         except (httpx.HTTPError, kubecredentials.CredentialError) as exc:  # credentials: e.g. a failed exec
             return "retry", 0.0, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

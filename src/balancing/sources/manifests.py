@@ -327,7 +327,7 @@ class ManifestDirectory:
     def _skip_entry(self, name: str, kind: str) -> None:
         """Skip an entry that is not a regular file, with a warning the first time (per kind)."""
         if self._skipped.get(name) != kind:
-            log.warning("%s: skipping %s (a %s, not a regular file)", self.path, name, kind)
+            log.warning("%s: skipping %s (a %s, not a regular file)", self.path, decoding.text_of(name), kind)
         self._skipped[name] = kind
 
     def _unreadable(self, name: str, old: _File | None, message: str) -> list[ManifestError]:

@@ -28,6 +28,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers.docedit import DELETE, clone, edit
+
 ROOT = Path(__file__).resolve().parents[2]
 CRD_DIR = ROOT / "deploy" / "crds"
 EXAMPLES = ROOT / "examples" / "policies"
@@ -381,33 +383,6 @@ def admit(doc: dict[str, Any]) -> Admission:
 
 
 # --- the corpus ------------------------------------------------------------------------------------------
-
-DELETE = object()
-
-
-def clone(value: Any) -> Any:
-    """A deep copy that shares nothing (``copy.deepcopy`` keeps two references to one list as one list)."""
-    if isinstance(value, dict):
-        return {k: clone(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [clone(v) for v in value]
-    return value
-
-
-def edit(doc: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
-    """A copy of ``doc`` with ``{"spec.a.b": value}`` set (``DELETE`` removes; ``.0`` indexes a list)."""
-    out: dict[str, Any] = clone(doc)
-    for dotted, value in changes.items():
-        *parents, last = dotted.split(".")
-        node: Any = out
-        for part in parents:
-            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
-        key: Any = int(last) if isinstance(node, list) else last
-        if value is DELETE:
-            del node[key]
-        else:
-            node[key] = clone(value)
-    return out
 
 
 def port(number: Any, protocol: str = "TCP", name: str | None = None) -> dict[str, Any]:

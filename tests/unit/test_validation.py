@@ -21,36 +21,9 @@ from balancing.model import objects
 from balancing.model.config import ModelConfig
 from balancing.model.fielderrors import field_errors
 from balancing.model.store import ClusterStore
+from helpers.docedit import DELETE, edit
 
 POLICY_API = "balancing.elf.io/v1beta1"
-DELETE = object()
-
-
-def edit(doc: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
-    """A copy of ``doc`` with ``{"spec.ports.0.port": value}`` set (``DELETE`` removes the field; the index
-    one past a list's end appends)."""
-
-    def copy(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: copy(v) for k, v in value.items()}
-        return [copy(v) for v in value] if isinstance(value, list) else value
-
-    out: dict[str, Any] = copy(doc)
-    for dotted, value in changes.items():
-        *parents, last = dotted.split(".")
-        node: Any = out
-        for part in parents:
-            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
-        key: Any = int(last) if isinstance(node, list) else last
-        if value is DELETE:
-            del node[key]
-        elif isinstance(node, list) and key == len(node):
-            node.append(copy(value))
-        else:
-            node[key] = copy(value)
-    return out
-
-
 SERVICE: dict[str, Any] = {
     "apiVersion": "v1",
     "kind": "Service",

@@ -113,7 +113,7 @@ class Agent:
         )
         self.kube_source: kube.KubeSource | None = None
         self.reporter: policy_status.PolicyStatusReporter | None = None
-        self._synced = asyncio.Event()  # the first full sync is in the maps: the resync loop may run
+        self._synced = asyncio.Event()  # the store holds the whole state: the resync loop may run
         self._state_cache: tuple[int, int, bytes] | None = None  # (store generation, write generation, body)
         self._ingested = 0
         self._metrics_server: metrics.MetricsServer | None = None

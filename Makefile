@@ -8,7 +8,7 @@ BPF_CFLAGS := -O2 -g -Wall -Werror -target bpf -D__TARGET_ARCH_$(ARCH) -I/usr/in
 BPF_OBJ := $(BUILD)/bpf/balancing.o
 SOCKTERM_OBJ := $(BUILD)/bpf/sockterm.o
 
-.PHONY: all setup bpf wheel lint test test-unit test-kernel demo bench bench-memory clean
+.PHONY: all setup bpf wheel lint test test-unit test-kernel demo bench bench-hooks bench-memory clean
 
 all: bpf
 
@@ -61,6 +61,11 @@ demo: setup bpf
 
 bench: setup bpf
 	$(PY) bench/run.py
+
+# Per-hook BPF cost (ns/run under bpf_stats), HEAD's object vs the working tree's, side by side; e.g.
+# ARGS="--services 1,10000,100000 --rounds 5".
+bench-hooks: setup bpf
+	$(PY) bench/hooks.py $(ARGS)
 
 # Memory over a long Kubernetes-mode run under churn (no kernel, no root); e.g. ARGS="--duration 120 -o json".
 bench-memory: setup

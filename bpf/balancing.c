@@ -13,6 +13,7 @@
 #include <linux/errno.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
+#include <bpf/bpf_core_read.h>
 
 #define BL_OBJ_DATAPATH /* the maps of balancing.h this object carries */
 #include "balancing.h"
@@ -526,12 +527,54 @@ int bl_getpeername6(struct bpf_sock_addr *ctx)
 	return backward6(ctx, 0, BL_HOOK_GETPEERNAME6);
 }
 
-/* A translated connected socket is closing: forget its reverse entry. */
+/*
+ * Kernel types, only the member read here: libbpf relocates the access against the kernel's BTF. A socket's
+ * cookie is 0 until something asks for it; connect4/6 ask before they store reverse state keyed by it.
+ */
+typedef struct {
+	__s64 counter;
+} atomic64_t;
+
+struct sock_common {
+	atomic64_t skc_cookie;
+} __attribute__((preserve_access_index));
+
+struct sock {
+	struct sock_common __sk_common;
+} __attribute__((preserve_access_index));
+
+/*
+ * Whether this socket may have reverse state: only a socket whose cookie was generated can. The cookie is
+ * read without generating it (bpf_get_socket_cookie() would allocate one for every socket that never had
+ * one); a failed read answers "maybe".
+ */
+static __always_inline int may_have_state(struct bpf_sock *ctx)
+{
+	struct sock *sk = 0;
+	/* a sock program's context is the kernel's struct sock; the offset is relocated by libbpf */
+	__u64 off = __builtin_preserve_field_info(sk->__sk_common.skc_cookie.counter, BPF_FIELD_BYTE_OFFSET);
+	__u64 cookie;
+
+	if (bpf_probe_read_kernel(&cookie, sizeof(cookie), (const char *)ctx + off))
+		return 1; /* the read failed (and zeroed cookie): maybe */
+	return cookie != 0;
+}
+
+/*
+ * A translated connected socket is closing: forget its reverse entry. Most sockets were never translated: a
+ * socket without a cookie cannot have an entry (no map access at all); otherwise look first and delete only
+ * what is there (a hash delete takes the bucket lock even on a miss, a lookup does not). Nothing races on
+ * this socket's key: it is being released.
+ */
 SEC("cgroup/sock_release")
 int bl_sock_release(struct bpf_sock *ctx)
 {
-	__u64 cookie = bpf_get_socket_cookie(ctx);
+	__u64 cookie;
 
-	bpf_map_delete_elem(&bl_sock_v2, &cookie);
+	if (!may_have_state(ctx))
+		return 1;
+	cookie = bpf_get_socket_cookie(ctx);
+	if (bpf_map_lookup_elem(&bl_sock_v2, &cookie))
+		bpf_map_delete_elem(&bl_sock_v2, &cookie);
 	return 1;
 }

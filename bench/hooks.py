@@ -17,9 +17,7 @@ Removes every namespace, cgroup and pin it made.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -27,44 +25,25 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import run  # bench/run.py (beside this script): the probe, the Service objects, hook_stats
 from balancing.datapath import loader, maps, writer
 from balancing.gcpause import paused as gc_paused
 from balancing.model import store
 from balancing_testkit.topology import Topology
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-run = importlib.import_module("run")  # bench/run.py: the probe, the Service objects, hook_stats
-
 ROOT = run.ROOT
-STATS_SYSCTL = Path("/proc/sys/kernel/bpf_stats_enabled")
-ARCH = {"x86_64": "x86", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
-BPF_CFLAGS = ["-O2", "-g", "-Wall", "-Werror", "-target", "bpf", f"-D__TARGET_ARCH_{ARCH}"]
+STATS_SYSCTL = run.STATS_SYSCTL
 
 
 def build_base(rev: str, workdir: Path) -> Path:
-    """Compile bpf/balancing.c and bpf/balancing.h as of ``rev`` into ``workdir``."""
-    for name in ("balancing.c", "balancing.h"):
-        text = subprocess.run(
-            ["git", "-C", str(ROOT), "show", f"{rev}:bpf/{name}"], check=True, capture_output=True, text=True
-        ).stdout
-        (workdir / name).write_text(text)
-    multiarch = subprocess.run(
-        ["gcc", "-print-multiarch"], check=True, capture_output=True, text=True
-    ).stdout.strip()
-    out = workdir / "balancing.o"
-    subprocess.run(
-        [
-            "clang",
-            *BPF_CFLAGS,
-            f"-I/usr/include/{multiarch}",
-            "-c",
-            str(workdir / "balancing.c"),
-            "-o",
-            str(out),
-        ],
-        check=True,
-    )
-    return out
+    """Compile the BPF object as of ``rev`` into ``workdir`` with that revision's own Makefile (one place for
+    the flags)."""
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", rev, "bpf", "Makefile"], check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(workdir)], input=archive, check=True)
+    subprocess.run(["make", "-s", "-C", str(workdir), "build/bpf/balancing.o"], check=True)
+    return workdir / "build" / "bpf" / "balancing.o"
 
 
 def prog_stats(link_dir: Path) -> dict[str, tuple[int, int]]:
@@ -77,26 +56,10 @@ def prog_stats(link_dir: Path) -> dict[str, tuple[int, int]]:
 
 def xlated_insns(link_dir: Path) -> dict[str, int]:
     """Verified (xlated) instruction count of each attached program."""
-    out = {}
-    for pin in sorted(link_dir.iterdir()):
-        link = json.loads(
-            subprocess.run(
-                ["bpftool", "-j", "link", "show", "pinned", str(pin)],
-                check=True,
-                capture_output=True,
-                text=True,
-            ).stdout
-        )
-        dump = json.loads(
-            subprocess.run(
-                ["bpftool", "-j", "prog", "dump", "xlated", "id", str(link["prog_id"])],
-                check=True,
-                capture_output=True,
-                text=True,
-            ).stdout
-        )
-        out[pin.name] = len(dump)
-    return out
+    return {
+        pin.name: len(run.bpftool_json("prog", "dump", "xlated", "id", run.linked_prog(pin)))
+        for pin in sorted(link_dir.iterdir())
+    }
 
 
 def one_round(

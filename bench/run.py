@@ -80,24 +80,20 @@ def connect_round(topo: Topology, client: Any, node: Path, ip: str, port: int, n
 STATS_SYSCTL = Path("/proc/sys/kernel/bpf_stats_enabled")
 
 
+def bpftool_json(*args: str) -> Any:
+    """``bpftool -j ARGS``'s answer."""
+    done = subprocess.run(["bpftool", "-j", *args], check=True, capture_output=True, text=True)
+    return json.loads(done.stdout)
+
+
+def linked_prog(link_pin: Path) -> str:
+    """The id of the program behind a pinned link."""
+    return str(bpftool_json("link", "show", "pinned", str(link_pin))["prog_id"])
+
+
 def hook_stats(link_pin: Path) -> tuple[int, int]:
     """(run_time_ns, run_cnt) of the program behind a pinned link (needs kernel.bpf_stats_enabled=1)."""
-    link = json.loads(
-        subprocess.run(
-            ["bpftool", "-j", "link", "show", "pinned", str(link_pin)],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-    )
-    prog = json.loads(
-        subprocess.run(
-            ["bpftool", "-j", "prog", "show", "id", str(link["prog_id"])],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-    )
+    prog = bpftool_json("prog", "show", "id", linked_prog(link_pin))
     return int(prog.get("run_time_ns", 0)), int(prog.get("run_cnt", 0))
 
 

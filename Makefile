@@ -8,7 +8,7 @@ BPF_CFLAGS := -O2 -g -Wall -Werror -target bpf -D__TARGET_ARCH_$(ARCH) -I/usr/in
 BPF_OBJ := $(BUILD)/bpf/balancing.o
 SOCKTERM_OBJ := $(BUILD)/bpf/sockterm.o
 
-.PHONY: all setup bpf wheel lint test test-unit test-kernel demo bench bench-hooks bench-memory clean
+.PHONY: all setup bpf cluster wheel lint test test-unit test-kernel demo bench bench-hooks bench-memory clean
 
 all: bpf
 
@@ -33,6 +33,21 @@ $(BUILD)/bpf/balancing-%.o: bpf/balancing.c bpf/balancing.h
 	@mkdir -p $(dir $@)
 	clang $(BPF_CFLAGS) -mcpu=$* -c $< -o $@
 
+# The real control plane of the cluster tests (tests/cluster: etcd, kube-apiserver, the Service controllers),
+# a Go test fixture only. Go's module and build caches (GOMODCACHE, GOCACHE) make a rebuild after a source
+# change incremental; make's timestamps skip the go command entirely when nothing changed.
+CLUSTER_BIN := $(BUILD)/cluster/cluster
+# The release of k8s.io/kubernetes in tests/cluster/go.mod, stamped as the server's version (kubectl version).
+KUBE_VERSION := $(shell sed -n 's/^\tk8s.io\/kubernetes v//p' tests/cluster/go.mod)
+KUBE_LDFLAGS := $(foreach p,k8s.io/component-base/version k8s.io/client-go/pkg/version,\
+  -X $(p).gitVersion=v$(KUBE_VERSION) -X $(p).gitMajor=$(word 1,$(subst ., ,$(KUBE_VERSION))) \
+  -X $(p).gitMinor=$(word 2,$(subst ., ,$(KUBE_VERSION))) -X $(p).gitTreeState=clean)
+cluster: $(CLUSTER_BIN)
+
+$(CLUSTER_BIN): $(wildcard tests/cluster/*.go) tests/cluster/go.mod tests/cluster/go.sum
+	@mkdir -p $(dir $@)
+	cd tests/cluster && go build -buildvcs=false -ldflags '$(KUBE_LDFLAGS)' -o $(abspath $@) .
+
 # The sdist and the wheel built from it, in build/dist: the wheel carries the BPF objects as package data
 # (balancing/bpf/*.o), compiled by hatch_build.py through the `bpf` target above into a temporary BUILD.
 wheel: setup
@@ -47,7 +62,7 @@ lint: setup
 	$(PY) -m mypy
 	.venv/bin/lint-imports
 
-test: setup bpf lint
+test: setup bpf cluster lint
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 test-unit: setup

@@ -265,6 +265,7 @@ class AgentProcess:
         self.cgroup = topo.node_cgroup(node)
         self.port = free_port()
         self.state_port = free_port()
+        self.metrics_port = free_port()
         self.bpf_object = bpf_object
         self.extra = extra or []
         self.proc: subprocess.Popen[bytes] | None = None
@@ -290,7 +291,7 @@ class AgentProcess:
             "--bpf-object",
             str(self.bpf_object),
             "--metrics-addr",
-            f"127.0.0.1:{free_port()}",
+            f"127.0.0.1:{self.metrics_port}",
             *(f"--{k.replace('_', '-')}={v}" for k, v in SMALL_MAPS.items()),
             *self.extra,
         ]

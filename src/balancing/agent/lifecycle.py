@@ -217,9 +217,18 @@ class Agent:
 
     def updates(self) -> AsyncGenerator[SourceUpdate, None]:
         """A new stream from the source, its first update the whole state."""
-        if self.directory is None and self.kube_source is None:
-            self.kube_source = ingest.new_kube_source(self.cfg)
+        if self.directory is None:
+            self._open_kube_source()
         return ingest.updates(self.directory, self.kube_source)
+
+    def _open_kube_source(self) -> kube.KubeSource:
+        """The Kubernetes source (one per agent, shared by the updates and the status writer), its counts
+        exported as metrics."""
+        if self.kube_source is None:
+            self.kube_source = ingest.new_kube_source(self.cfg)
+            counts = self.kube_source.counts
+            self.metrics.watch_kube(counts.events, counts.lists)
+        return self.kube_source
 
     async def follow_source(self) -> None:
         """The source's whole state, one full sync, then every change; what a restart runs again."""
@@ -269,11 +278,10 @@ class Agent:
         """With the API as source and ``policy_status``: the writer of this node's status entries."""
         if self.directory is not None or not self.cfg.policy_status:
             return
-        if self.kube_source is None:
-            self.kube_source = ingest.new_kube_source(self.cfg)
+        source = self._open_kube_source()
         node = self.cfg.model.node_name
         status_writer = kubestatus.StatusWriter(
-            self.kube_source.connection,
+            source.connection,
             policy_status.field_manager(node),
             timing=self.cfg.status_timing,
             on_result=lambda _key, result: self.metrics.status_written(result),

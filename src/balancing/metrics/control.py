@@ -34,7 +34,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 import balancing
 from balancing.datapath import owners
-from balancing.metrics import collector
+from balancing.metrics import collector, kubecounts
 
 # kube-proxy's sync buckets (ExponentialBuckets(0.001, 2, 15)): 1 ms .. 16 s.
 SYNC_BUCKETS = tuple(0.001 * 2**i for i in range(15))
@@ -309,6 +309,10 @@ class Metrics:
         c = collector.DatapathCollector(bpffs, owner_of, entries_every=entries_every, synced=synced)
         self.registry.register(c)
         return c
+
+    def watch_kube(self, events: kubecounts.Counted, lists: kubecounts.Counted) -> None:
+        """Export the Kubernetes source's counts of watch events and lists (read at every scrape)."""
+        self.registry.register(kubecounts.KubeSourceCollector(events, lists))
 
     def serve(self, host: str, port: int, *, max_connections: int = 16) -> MetricsServer:
         """Serve ``/metrics`` from threads (scrapes never run on the agent's event loop), at most

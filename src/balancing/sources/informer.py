@@ -12,6 +12,8 @@
   watch cache (``resourceVersion=0``), a resync asks for nothing older than what was seen
   (``resourceVersionMatch=NotOlderThan``), and only after a 410 is the list a quorum read;
 - failures retry with exponential backoff and jitter (capped);
+- every watch event received is counted by type, and every list by why it ran (``Counts``: initial, resync,
+  gone, error, unserved), for the agent's metrics: a 410 or a bookmark is visible, not only logged;
 - a collection not served (404, e.g. policy CRDs not installed) counts as empty and is relisted after a
   backoff until it appears;
 - responses are read within ``Bounds``: a list body of at most ``list_bytes``, a watch event line of at most
@@ -31,11 +33,12 @@ Neighbours: ``sources.kube.KubeSource`` runs one informer per resource and merge
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx2 as httpx
@@ -85,6 +88,17 @@ class Bounds:
     depth: int = 128  # JSON nesting: a Pod's managedFields inside a List reach about 20 levels
 
 
+@dataclass
+class Counts:
+    """What the informers of one source received, by resource kind: watch events by type (ADDED, MODIFIED,
+    DELETED, BOOKMARK, ERROR) and lists by reason (``initial``, ``resync``, ``gone`` after a 410, ``retry``
+    after a failed request, ``unserved`` while the collection is 404). Shared by the source's informers;
+    read (never reset) by ``metrics``."""
+
+    events: collections.Counter[tuple[str, str]] = field(default_factory=collections.Counter)
+    lists: collections.Counter[tuple[str, str]] = field(default_factory=collections.Counter)
+
+
 class ResponseTooLarge(ValueError):
     """An answer from the API server is over one of the ``Bounds``."""
 
@@ -99,9 +113,11 @@ class Informer:
         headers: Headers,
         timing: Timing,
         bounds: Bounds | None = None,
+        counts: Counts | None = None,
     ) -> None:
         self.client = client
         self.resource = resource
+        self.counts = counts or Counts()
         self.headers = headers
         self.timing = timing
         self.bounds = bounds or Bounds()
@@ -112,6 +128,7 @@ class Informer:
         self._failures = 0
         self._next_resync = 0.0
         self.missing = False  # the collection is not served (404): relisted after a backoff, not watched
+        self._list_reason = "initial"  # why the next list runs (Counts.lists)
 
     # --- listing ---------------------------------------------------------------------------------------
 
@@ -122,6 +139,7 @@ class Informer:
                 update = await self.relist()
             except Gone:
                 self._quorum = True  # the version asked for is too old to serve: ask for the latest
+                self._list_reason = "gone"
                 await self._backoff(f"listing {self.resource.path}: resourceVersion too old")
                 continue
             except (httpx.HTTPError, ValueError) as exc:
@@ -131,6 +149,8 @@ class Informer:
             return update
 
     async def relist(self) -> SourceUpdate:
+        self.counts.lists[(self.resource.kind, self._list_reason)] += 1
+        self._list_reason = "retry"  # until this one succeeds
         params = self._params()
         if not self._quorum:
             params["resourceVersion"] = self.resource_version or "0"
@@ -167,6 +187,7 @@ class Informer:
         self.objects = new
         self.resource_version = resource_version
         self._quorum = False
+        self._list_reason = "unserved" if self.missing else "resync"
         self._next_resync = time.monotonic() + self.timing.resync
         return SourceUpdate(upserts, deletes, errors)
 
@@ -209,6 +230,7 @@ class Informer:
                 self._failures = 0
             except Gone:
                 log.info("%s: resourceVersion %s gone; relisting", self.resource.path, self.resource_version)
+                self._list_reason = "gone"
                 self._next_resync = 0.0
                 self._quorum = True
             except (httpx.HTTPError, ValueError) as exc:
@@ -252,6 +274,8 @@ class Informer:
         kind, item = event.get("type"), event.get("object")
         if not isinstance(item, dict):
             raise ValueError("watch event has no object")
+        if kind in ("ADDED", "MODIFIED", "DELETED", "BOOKMARK", "ERROR"):
+            self.counts.events[(self.resource.kind, kind)] += 1
         if kind == "ERROR":
             if item.get("code") == 410:
                 raise Gone()

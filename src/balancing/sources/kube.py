@@ -11,7 +11,8 @@ one only a difference: every change since the last one taken, coalesced per obje
 consumer gets fewer, larger updates instead of an ever longer queue. Malformed objects are skipped with a
 ``errors.KubeObjectError`` (an ``ObjectError``, as ``SourceUpdate.errors`` holds) naming kind,
 namespace/name and field. Watch, relist, resync and backoff rules, and the bounds on what is read of the API
-server's answers (``Bounds``), are those of ``sources.informer.Informer``.
+server's answers (``Bounds``), are those of ``sources.informer.Informer``; ``counts`` (``Counts``) adds up
+what the informers of every run received (watch events by type, lists by reason) for the agent's metrics.
 
 Connection (``KubeConnection.choose``): a plain ``api_base_url`` (no auth, for tests and ``kubectl proxy``);
 a ``kubeconfig`` file and a ``context`` of it (else its current one; ``sources.kubeconfig`` reads it: CA,
@@ -39,11 +40,11 @@ import httpx2 as httpx
 from balancing.errors import ObjectError, SourceError
 from balancing.model.objects import POLICY_API_VERSION, KubeObject, ObjectRef, ref
 from balancing.sources import kubeconfig, kubecredentials
-from balancing.sources.informer import Bounds, Informer, Resource, Timing, describe_item
+from balancing.sources.informer import Bounds, Counts, Informer, Resource, Timing, describe_item
 from balancing.sources.selected_pods import PodQuery, PodUnion, pod_queries
 from balancing.sources.update import SourceUpdate
 
-__all__ = ["Bounds", "KubeConnection", "KubeSource", "Timing", "resources_for"]
+__all__ = ["Bounds", "Counts", "KubeConnection", "KubeSource", "Timing", "resources_for"]
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +168,7 @@ class KubeSource:
         self.timing = timing or Timing()
         self.bounds = bounds or Bounds()
         self.resources = resources_for(node_name)
+        self.counts = Counts()  # what every run's informers received (for metrics)
 
     async def updates(self) -> AsyncGenerator[SourceUpdate, None]:
         """The full initial state, then every non-empty difference, forever (close to stop)."""
@@ -176,7 +178,7 @@ class KubeSource:
             auth=self.connection.auth,
             timeout=30.0,
         ) as client:
-            run = _Run(client, self.connection, self.timing, self.bounds)
+            run = _Run(client, self.connection, self.timing, self.bounds, self.counts)
             try:
                 yield await run.start(self.resources, self.timing.pods_wait)
                 while True:
@@ -201,11 +203,13 @@ class _Run:
         connection: KubeConnection,
         timing: Timing,
         bounds: Bounds | None = None,
+        counts: Counts | None = None,
     ) -> None:
         self.client = client
         self.connection = connection
         self.timing = timing
         self.bounds = bounds or Bounds()
+        self.counts = counts or Counts()
         self.pending = Pending()
         self.pods = PodUnion()
         self.tasks: dict[Hashable, asyncio.Task[None]] = {}
@@ -284,7 +288,7 @@ class _Run:
     # --- plumbing --------------------------------------------------------------------------------------
 
     def _informer(self, resource: Resource) -> Informer:
-        return Informer(self.client, resource, self.connection.headers, self.timing, self.bounds)
+        return Informer(self.client, resource, self.connection.headers, self.timing, self.bounds, self.counts)
 
     def _spawn(self, holder: Hashable, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """Run ``work()`` for ``holder``; should it ever fail (a bug: informers retry every API error), log

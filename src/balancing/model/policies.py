@@ -81,6 +81,7 @@ REDIRECT_MODES: tuple[RedirectMode, ...] = ("podEndpoint", "hostPort", "nodeProx
 QOS_LIMIT_MAX = 2**32 - 1  # the datapath keeps it in a u32
 
 MAX_PORTS = 64  # per toPorts list, as the CRDs bound them
+MAX_ADDRESSES = 64  # per addressEndpoint, as the CRD bounds them (the API server's CEL cost budget)
 _PORT_TEXT = re.compile(r"[1-9][0-9]{0,4}")  # with fullmatch ("$" would let a trailing newline through)
 _PORT_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?")
 _PORT_NAME_MAX = 63
@@ -235,6 +236,13 @@ def _ip(value: Any) -> IPAddress:
 PolicyIP = Annotated[IPAddress, BeforeValidator(_ip)]
 
 
+def _at_most_addresses(value: list[IPAddress]) -> list[IPAddress]:
+    # checked after the items (a max_length would hide every bad address behind the count)
+    if len(value) > MAX_ADDRESSES:
+        raise ValueError(f"at most {MAX_ADDRESSES} addresses (got {len(value)})")
+    return value
+
+
 # --- frontend --------------------------------------------------------------------------------------------
 
 
@@ -350,7 +358,7 @@ class ServiceEndpoint(PrunedModel):
 
 
 class AddressEndpoint(PrunedModel):
-    addresses: list[PolicyIP] = Field(min_length=1)
+    addresses: Annotated[list[PolicyIP], AfterValidator(_at_most_addresses)] = Field(min_length=1)
     to_ports: BackendPorts = Field(min_length=1)
 
 

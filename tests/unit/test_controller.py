@@ -191,6 +191,17 @@ def test_conflict_with_older_policy_denied() -> None:
     assert "Service kube-system/kube-dns" in message and "older LocalRedirectPolicy older" in message
 
 
+def test_create_in_the_same_second_loses_even_with_a_smaller_name() -> None:
+    """The real API server stamps creationTimestamp (whole seconds) before admission: a newcomer created
+    in the same second as an existing policy must not win by name and take that one's frontend."""
+    existing = parsed(lrp_doc("zz-existing", "2026-06-01T00:00:00Z"))
+    allowed, message = validate(
+        request("CREATE", lrp_doc("aa-new", "2026-06-01T00:00:00Z")), lambda: [existing]
+    )
+    assert not allowed
+    assert "older LocalRedirectPolicy zz-existing" in message
+
+
 def test_conflict_with_newer_policy_allowed() -> None:
     newer = parsed(lrp_doc("newer", "2026-06-01T00:00:00Z"))
     doc = lrp_doc("existing-older", "2026-01-01T00:00:00Z")
@@ -281,7 +292,7 @@ def test_admission_response_shape() -> None:
     assert answer["response"] == {
         "uid": "u",
         "allowed": False,
-        "status": {"code": 403, "reason": "Invalid", "message": "no"},
+        "status": {"code": 403, "reason": "Forbidden", "message": "no"},
     }
 
 

@@ -108,24 +108,30 @@ def _now() -> str:
 
 
 def _age(policy: policies.Policy, *, new: bool) -> tuple[str, str]:
-    """Precedence as the model ranks it (creationTimestamp, then name); a policy being created has no
-    timestamp yet, so it is as young as now."""
+    """Precedence as the model ranks it (creationTimestamp, then name); a new policy without a timestamp
+    (the API server sets it before admission, other callers may not) is as young as now."""
     created = policy.metadata.creation_timestamp or (_now() if new else "")
     return created, policy.metadata.name
 
 
-def conflicts(policy: policies.Policy, existing: Iterable[policies.Policy]) -> list[str]:
-    """Why ``policy`` loses a frontend to an older existing policy of its kind (empty: it loses none)."""
+def conflicts(
+    policy: policies.Policy, existing: Iterable[policies.Policy], *, creating: bool = False
+) -> list[str]:
+    """Why ``policy`` loses a frontend to an older existing policy of its kind (empty: it loses none).
+
+    ``creating``: ``policy`` does not exist yet, so every existing policy is older, whatever the timestamps
+    say. The API server stamps creationTimestamp in whole seconds before admission, so a policy created in
+    the same second as an existing one would otherwise win by name and take that one's frontend."""
     claims = frontend_claims(policy)
     if not claims:
         return []
-    age = _age(policy, new=True)
+    age = ("", "") if creating else _age(policy, new=True)
     found: list[str] = []
     for other in sorted(existing, key=lambda p: _age(p, new=False)):
         if other.kind != policy.kind or other.metadata.name == policy.metadata.name:
             continue
         other_age = _age(other, new=False)
-        if other_age >= age:
+        if not creating and other_age >= age:
             continue  # newer: this policy wins there, the other one is told so in its status
         for claim in _overlap(claims, frontend_claims(other)):
             created = other_age[0] or "no creationTimestamp"
@@ -154,7 +160,7 @@ def validate(request: dict[str, Any], existing: Existing) -> tuple[bool, str]:
     policy, problems = parse_policy(doc)
     if policy is None:
         return False, message(problems)
-    found = conflicts(policy, existing())
+    found = conflicts(policy, existing(), creating=operation == "CREATE")
     if found:
         return False, message(found)
     return True, ""
@@ -233,7 +239,10 @@ def admission_response(
     """An AdmissionReview v1 answering ``request``."""
     response: dict[str, Any] = {"uid": request.get("uid", ""), "allowed": allowed}
     if not allowed:
-        response["status"] = {"code": 403, "reason": "Invalid", "message": message}
+        # Forbidden, as the API server words a webhook's refusal itself: kubectl then prints the message
+        # ("Error from server (Forbidden): admission webhook ... denied the request: ..."), where a reason
+        # Invalid without field causes would print only "The request is invalid"
+        response["status"] = {"code": 403, "reason": "Forbidden", "message": message}
     if patch:
         response["patchType"] = "JSONPatch"
         response["patch"] = base64.b64encode(json.dumps(patch).encode()).decode()

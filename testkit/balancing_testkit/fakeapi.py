@@ -197,7 +197,8 @@ class FakeApi:
         if content_type == APPLY and not manager:
             return 400, _status(400, "BadRequest", "fieldManager is required for apply patch")
         if content_type != APPLY and "force" in params:
-            return 400, _status(400, "BadRequest", "force may only be specified with apply patch")
+            # as the real API server answers (tests/cluster/test_apiserver_policy_status.py saw it)
+            return 422, _status(422, "Invalid", "force: Forbidden: may not be specified for non-apply patch")
         obj = self.objects.get(path, {}).get(("", name))
         if obj is None or url_path in self.missing:
             return 404, _status(404, "NotFound", f"{name} not found")

@@ -91,8 +91,11 @@ def status_path(kind: str, name: str) -> str:
 
 
 def apply_body(kind: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
-    """The apply configuration: only identity and the fields this manager owns."""
-    return {"apiVersion": POLICY_API_VERSION, "kind": kind, "metadata": {"name": name}, "status": status}
+    """The apply configuration: only identity and the fields this manager owns. An empty ``status`` is
+    left out: the manager owns nothing any more, and the API server then drops its ``managedFields``
+    record too (an empty ``status: {}`` would leave a record owning ``f:status`` for ever)."""
+    body = {"apiVersion": POLICY_API_VERSION, "kind": kind, "metadata": {"name": name}}
+    return {**body, "status": status} if status else body
 
 
 def field_manager(prefix: str, suffix: str = "") -> str:

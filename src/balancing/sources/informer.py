@@ -145,7 +145,8 @@ class Informer:
             except (httpx.HTTPError, ValueError) as exc:
                 await self._backoff(f"listing {self.resource.path} failed: {_describe(exc)}")
                 continue
-            self._failures = 0
+            if not self.missing:  # a 404 keeps backing off: no CRDs must not mean two lists a second
+                self._failures = 0
             return update
 
     async def relist(self) -> SourceUpdate:

@@ -37,6 +37,8 @@ $(BUILD)/bpf/balancing-%.o: bpf/balancing.c bpf/balancing.h
 # a Go test fixture only. Go's module and build caches (GOMODCACHE, GOCACHE) make a rebuild after a source
 # change incremental; make's timestamps skip the go command entirely when nothing changed.
 CLUSTER_BIN := $(BUILD)/cluster/cluster
+# The machine kind's Go (scripts/setup.sh checks it); /usr/local/go/bin when a shell's PATH lacks it.
+GO ?= $(shell command -v go 2>/dev/null || echo /usr/local/go/bin/go)
 # The release of k8s.io/kubernetes in tests/cluster/go.mod, stamped as the server's version (kubectl version).
 KUBE_VERSION := $(shell sed -n 's/^\tk8s.io\/kubernetes v//p' tests/cluster/go.mod)
 KUBE_LDFLAGS := $(foreach p,k8s.io/component-base/version k8s.io/client-go/pkg/version,\
@@ -46,7 +48,7 @@ cluster: $(CLUSTER_BIN)
 
 $(CLUSTER_BIN): $(wildcard tests/cluster/*.go) tests/cluster/go.mod tests/cluster/go.sum
 	@mkdir -p $(dir $@)
-	cd tests/cluster && go build -buildvcs=false -ldflags '$(KUBE_LDFLAGS)' -o $(abspath $@) .
+	cd tests/cluster && $(GO) build -buildvcs=false -ldflags '$(KUBE_LDFLAGS)' -o $(abspath $@) .
 
 # The sdist and the wheel built from it, in build/dist: the wheel carries the BPF objects as package data
 # (balancing/bpf/*.o), compiled by hatch_build.py through the `bpf` target above into a temporary BUILD.

@@ -32,6 +32,15 @@ if [ $((${#need_pkgs[@]} + ${#lean_pkgs[@]})) -gt 0 ]; then
   [ ${#lean_pkgs[@]} = 0 ] || apt-get install -y -qq --no-install-recommends "${lean_pkgs[@]}" >/dev/null
 fi
 
+# Go builds the cluster tests' control plane (tests/cluster, `make cluster`); the machine kind ships it (the
+# Debian package is too old for k8s.io/kubernetes, which needs the go line of tests/cluster/go.mod).
+go_bin=$(command -v go || echo /usr/local/go/bin/go)
+go_need=$(sed -n 's/^go //p' tests/cluster/go.mod)
+if ! "$go_bin" version >/dev/null 2>&1; then
+  echo "setup: Go $go_need or newer is needed for tests/cluster and is not installed (expected on PATH or in /usr/local/go)" >&2
+  exit 1
+fi
+
 if ! command -v uv >/dev/null; then
   echo "setup: installing uv"
   python3 -m pip install -q --root-user-action=ignore uv

@@ -34,7 +34,10 @@ def kube() -> Iterator[ControlPlane]:
 
 @pytest.fixture
 def namespace(kube: ControlPlane) -> Iterator[str]:
-    """A fresh namespace for one test, deleted afterwards (without waiting for the namespace controller)."""
+    """A fresh namespace for one test, deleted afterwards (without waiting for the namespace controller).
+    Its pods are force-deleted first: with no kubelet to confirm a graceful deletion they would stay, and
+    the namespace controller would retry the namespace for ever."""
     name = kube.create_namespace()
     yield name
+    kube.kubectl("delete", "pods", "--all", "-n", name, "--force", "--grace-period=0", check=False)
     kube.kubectl("delete", "namespace", name, "--wait=false", check=False)

@@ -4,7 +4,7 @@
 this directory) once per session and stops them at the end; the tests share it and keep out of each other's
 way with their own namespaces (``namespace``) and uniquely named cluster-scoped objects. Tests that also load
 the datapath are marked ``kernel`` and use the kernel tests' plugin (``helpers.kernel_fixtures``: skip logic,
-leftover sweep, ``topology``).
+leftover sweep, ``topology``); ``kube_nodes``/``kn`` are the two agents of ``helpers.kubenodes``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import pytest
 
 from helpers import kernel_fixtures
 from helpers.controlplane import ControlPlane, running
+from helpers.kubenodes import KubeCluster, KubeNodes, for_test
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -41,3 +42,22 @@ def namespace(kube: ControlPlane) -> Iterator[str]:
     yield name
     kube.kubectl("delete", "pods", "--all", "-n", name, "--force", "--grace-period=0", check=False)
     kube.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="module")
+def kube_nodes(
+    kube: ControlPlane, harness_sweep: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[KubeCluster]:
+    """Two nodes with an agent each in Kubernetes mode (``helpers.kubenodes``), built once per module."""
+    cluster = KubeCluster(kube, tmp_path_factory.mktemp("kube-nodes"))
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture
+def kn(kube_nodes: KubeCluster, namespace: str, request: pytest.FixtureRequest) -> Iterator[KubeNodes]:
+    """``kube_nodes`` bound to this test's namespace; what the test made there is removed afterwards."""
+    with for_test(kube_nodes, namespace, request) as nodes:
+        yield nodes

@@ -10,31 +10,11 @@ with IPv6 traffic.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
-from helpers.controlplane import ControlPlane
-from helpers.kubenodes import KubeCluster, KubeNodes, for_test, key
+from helpers.kubenodes import KubeNodes, key
 
 pytestmark = pytest.mark.kernel
-
-
-@pytest.fixture(scope="module")
-def _kube_cluster(
-    kube: ControlPlane, harness_sweep: None, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[KubeCluster]:
-    cluster = KubeCluster(kube, tmp_path_factory.mktemp("kube-nodes"))
-    try:
-        yield cluster
-    finally:
-        cluster.close()
-
-
-@pytest.fixture
-def kn(_kube_cluster: KubeCluster, namespace: str, request: pytest.FixtureRequest) -> Iterator[KubeNodes]:
-    with for_test(_kube_cluster, namespace, request) as nodes:
-        yield nodes
 
 
 def _backends(result: dict[str, object]) -> set[str]:

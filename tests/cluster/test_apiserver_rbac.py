@@ -40,7 +40,7 @@ from balancing.sources.selected_pods import PodQuery
 from balancing_testkit.topology import Topology
 from helpers import chart
 from helpers.controlplane import ControlPlane
-from helpers.support import AgentProcess, balancing_policy, local_redirect_policy, node
+from helpers.support import AgentProcess, node
 
 Rules = dict[tuple[str, str], set[str]]  # (apiGroup, resource) -> verbs
 
@@ -303,16 +303,7 @@ def test_agent_does_everything_it_needs(rbac: Rbac, topology: Topology, tmp_path
 
 
 def _policy(rbac: Rbac, kind: str) -> dict[str, Any]:
-    name = f"rbac-{kind.lower()[:3]}-{uuid.uuid4().hex[:6]}"
-    service = f"{rbac.release.namespace}/svc-{name}"
-    if kind == "LocalRedirectPolicy":
-        doc = local_redirect_policy(
-            name, service=service, selector={"app": "dns"}, back_ports=[("", 53, "UDP")]
-        )
-    else:
-        doc = balancing_policy(name, service=service, selector={"app": "web"}, back_ports=[("", 8080, "TCP")])
-    doc["metadata"] = {"name": name, "labels": {"test-release": rbac.release.name}}
-    return doc
+    return chart.policy(rbac.release, kind, prefix="rbac")
 
 
 def _ready(kube: ControlPlane, doc: dict[str, Any]) -> dict[str, Any] | None:

@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import re
 import subprocess
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import httpx2 as httpx
@@ -37,28 +37,11 @@ from balancing.sources import informer
 from balancing.sources.kube import KubeConnection
 from balancing.sources.update import SourceUpdate
 from helpers.controlplane import ControlPlane
-from helpers.kubenodes import KubeCluster, KubeNodes, for_test, key
+from helpers.kubenodes import KubeNodes, key
 
 LISTS = "balancing_kube_lists_total"
 SERVICE_CHANGES = "balancing_sync_proxy_rules_service_changes_total"
 UNCHANGED = 10
-
-
-@pytest.fixture(scope="module")
-def _kube_cluster(
-    kube: ControlPlane, harness_sweep: None, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[KubeCluster]:
-    cluster = KubeCluster(kube, tmp_path_factory.mktemp("kube-watches"))
-    try:
-        yield cluster
-    finally:
-        cluster.close()
-
-
-@pytest.fixture
-def kn(_kube_cluster: KubeCluster, namespace: str, request: pytest.FixtureRequest) -> Iterator[KubeNodes]:
-    with for_test(_kube_cluster, namespace, request) as nodes:
-        yield nodes
 
 
 def _loops(kn: KubeNodes, ip: str, port: int) -> list[subprocess.Popen[bytes]]:

@@ -47,7 +47,6 @@ from balancing.controller import admission
 from balancing.model import objects, policies
 from helpers import chart
 from helpers.controlplane import ControlPlane
-from helpers.support import balancing_policy, local_redirect_policy
 
 KINDS = ("LocalRedirectPolicy", "BalancingPolicy")
 PLURALS = {"LocalRedirectPolicy": "localredirectpolicies", "BalancingPolicy": "balancingpolicies"}
@@ -87,18 +86,8 @@ def webhooks(kube: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> It
 
 
 def policy(webhooks: Webhooks, kind: str, name: str = "") -> dict[str, Any]:
-    """A valid policy of ``kind`` (by default with a unique name), its frontend a Service of the release's
-    namespace (no other test's policy claims it), without any field the defaults fill."""
-    name = name or f"wh-{kind.lower()[:3]}-{uuid.uuid4().hex[:6]}"
-    service = f"{webhooks.release.namespace}/svc-{name}"
-    if kind == "LocalRedirectPolicy":
-        doc = local_redirect_policy(
-            name, service=service, selector={"app": "dns"}, back_ports=[("", 53, "UDP")]
-        )
-    else:
-        doc = balancing_policy(name, service=service, selector={"app": "web"}, back_ports=[("", 8080, "TCP")])
-    doc["metadata"] = {"name": name, "labels": {"test-release": webhooks.release.name}}
-    return doc
+    """``chart.policy`` for this module's release."""
+    return chart.policy(webhooks.release, kind, name, prefix="wh")
 
 
 def create(kube: ControlPlane, doc: dict[str, Any], check: bool = True) -> tuple[int, str]:

@@ -47,6 +47,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import k8stools
 from helpers.controlplane import ControlPlane
+from helpers.support import balancing_policy, local_redirect_policy
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy/helm/balancing"
@@ -313,3 +314,19 @@ class ControllerProcess:
         if self._out is not None:
             self._out.close()
             self._out = None
+
+
+def policy(release: Release, kind: str, name: str = "", prefix: str = "pol") -> dict[str, Any]:
+    """A valid policy of ``kind`` (by default named ``<prefix>-<kind>-<random>``), its frontend a Service of
+    ``release``'s namespace (no other test's policy claims it), labelled with the release, and without any
+    field the defaults fill."""
+    name = name or f"{prefix}-{kind.lower()[:3]}-{uuid.uuid4().hex[:6]}"
+    service = f"{release.namespace}/svc-{name}"
+    if kind == "LocalRedirectPolicy":
+        doc = local_redirect_policy(
+            name, service=service, selector={"app": "dns"}, back_ports=[("", 53, "UDP")]
+        )
+    else:
+        doc = balancing_policy(name, service=service, selector={"app": "web"}, back_ports=[("", 8080, "TCP")])
+    doc["metadata"] = {"name": name, "labels": {"test-release": release.name}}
+    return doc

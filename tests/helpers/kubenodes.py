@@ -221,19 +221,11 @@ class KubeNodes(TwoNodes):
 
     # -- agents ---------------------------------------------------------------------------------------
 
-    def restart_agents(self, *, kill: bool = False) -> None:
-        """Stop both agents (SIGTERM, or SIGKILL with ``kill``) and start new ones with the same options."""
-        for node in self.nodes:
-            old = node.agent
-            if kill:
-                old.kill()
-            else:
-                old.stop()
-            node.agent = AgentProcess(self.topo, self.manifests, node.name, extra=old.extra)
-        for node in self.nodes:
-            node.agent.start(wait=False, manifests_flag=False)
-        for node in self.nodes:
-            node.agent.wait_ready(timeout=60)
+    agent_ready_timeout = 60.0  # the first lists of every collection come first
+
+    def _start_agent(self, agent: AgentProcess) -> None:
+        """Start ``agent`` (not waiting) in Kubernetes mode: its ``--kubeconfig`` is among its options."""
+        agent.start(wait=False, manifests_flag=False)
 
     @contextlib.contextmanager
     def agents_frozen(self) -> Iterator[None]:

@@ -317,9 +317,15 @@ class TwoNodes:
                 old.stop()
             node.agent = AgentProcess(self.topo, self.manifests, node.name, extra=old.extra)
         for node in self.nodes:
-            node.agent.start(wait=False)
+            self._start_agent(node.agent)
         for node in self.nodes:
-            node.agent.wait_ready()
+            node.agent.wait_ready(timeout=self.agent_ready_timeout)
+
+    agent_ready_timeout = 20.0
+
+    def _start_agent(self, agent: AgentProcess) -> None:
+        """Start ``agent`` (not waiting): in manifest mode, on the shared directory."""
+        agent.start(wait=False)
 
     # -- traffic ---------------------------------------------------------------------------------------
 

@@ -239,9 +239,8 @@ def admission_response(
     """An AdmissionReview v1 answering ``request``."""
     response: dict[str, Any] = {"uid": request.get("uid", ""), "allowed": allowed}
     if not allowed:
-        # Forbidden, as the API server words a webhook's refusal itself: kubectl then prints the message
-        # ("Error from server (Forbidden): admission webhook ... denied the request: ..."), where a reason
-        # Invalid without field causes would print only "The request is invalid"
+        # Forbidden, as the API server words a webhook's refusal itself (a reason Invalid without field
+        # causes made clients classify a refused policy as a malformed request)
         response["status"] = {"code": 403, "reason": "Forbidden", "message": message}
     if patch:
         response["patchType"] = "JSONPatch"

@@ -8,7 +8,7 @@ BPF_CFLAGS := -O2 -g -Wall -Werror -target bpf -D__TARGET_ARCH_$(ARCH) -I/usr/in
 BPF_OBJ := $(BUILD)/bpf/balancing.o
 SOCKTERM_OBJ := $(BUILD)/bpf/sockterm.o
 
-.PHONY: all setup bpf cluster wheel lint test test-unit test-kernel demo bench bench-hooks bench-memory clean
+.PHONY: all setup bpf cluster wheel lint test test-unit test-kernel demo bench bench-hooks bench-memory bench-changes clean
 
 all: bpf
 
@@ -83,6 +83,11 @@ bench: setup bpf
 # ARGS="--services 1,10000,100000 --rounds 5".
 bench-hooks: setup bpf
 	$(PY) bench/hooks.py $(ARGS)
+
+# One endpoint change after a full sync of 100k Services, the long-lived heap frozen (gc.freeze, as the agent
+# does after its first full sync) or not, side by side: a forced full collection's pause and the change latency.
+bench-changes: setup bpf
+	$(PY) bench/changes.py $(ARGS)
 
 # Memory over a long Kubernetes-mode run under churn (no kernel, no root); e.g. ARGS="--duration 120 -o json".
 bench-memory: setup

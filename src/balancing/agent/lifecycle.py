@@ -38,7 +38,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from functools import partial
 from importlib import metadata
 
-from balancing import errors, metrics
+from balancing import errors, gcpause, metrics
 from balancing.agent import events, health, ingest, policy_status, programming, state, supervise
 from balancing.agent.config import AgentConfig
 from balancing.agent.udp_termination import Terminations
@@ -237,6 +237,7 @@ class Agent:
             self._synced.set()  # the store holds the whole state: a full sync from now on flushes nothing
             self.health.task_up("source")
             await self.programming.full_sync()  # a failure is retried by the resync loop
+            gcpause.freeze_long_lived()  # the synced state is long-lived: no collection walks it again
             await self.follow_changes(stream)
 
     async def follow_changes(self, stream: AsyncGenerator[SourceUpdate, None]) -> None:

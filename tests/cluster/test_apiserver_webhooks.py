@@ -24,7 +24,8 @@ What the real server shows (the fake API server has no admission at all):
   messages reach a user only for what the CRD cannot check, the older-wins conflict; those denials carry
   the model's message as ``admission.validate`` makes it;
 - a CREATE reaches the validating webhook with the server's ``creationTimestamp`` (whole seconds) already
-  set, so two conflicting policies created within one second are ranked by name, as the agents rank them;
+  set: ranked by (timestamp, name), a newcomer created in an existing policy's second could win by name, so
+  the webhook takes a CREATE as younger than every existing policy (the conflict case names it so);
 - the CRDs' structural defaults are applied when the request is decoded, before mutating admission: the
   mutating webhook receives policies that already carry every default it would add, and the stored object
   has the same defaults with the controller stopped;

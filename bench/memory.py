@@ -45,7 +45,7 @@ from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any
 
-from balancing import agent
+from balancing import agent, gcpause
 from balancing.agent.programming import VERIFY_EVERY
 from balancing.datapath import loader, maps, writer
 from balancing.model.config import ModelConfig
@@ -499,10 +499,24 @@ class Feed:
         self.updates = 0
         self.last = time.monotonic()
         self.counters = counters
+        self.gate = asyncio.Event()  # cleared while a sample is taken: the next update is held back
+        self.gate.set()
+        self.parked = asyncio.Event()  # set while the agent holds no update (the last one is written)
+        self.parked.set()
+
+    async def hold(self) -> None:
+        """Until the agent has written the update it took and will get no other (``release`` ends it)."""
+        self.gate.clear()
+        await self.parked.wait()
+
+    def release(self) -> None:
+        self.gate.set()
 
     async def follow(self, source: kube.KubeSource) -> AsyncGenerator[SourceUpdate, None]:
         async with contextlib.aclosing(source.updates()) as updates:
             async for update in updates:
+                await self.gate.wait()
+                self.parked.clear()
                 self.updates += 1
                 self.changes += len(update.upserts) + len(update.deletes)
                 self.last = time.monotonic()
@@ -510,6 +524,7 @@ class Feed:
                 if versions and max(versions) > self.counters[SEEN_RV]:
                     self.counters[SEEN_RV] = max(versions)
                 yield update
+                self.parked.set()  # the agent asks for the next update once it has written this one
 
 
 def container_sizes(prefix: str, obj: object) -> dict[str, int]:
@@ -629,6 +644,7 @@ async def measure(run: Run) -> None:
     feed.changes = 0
     a.take(first, whole=True)  # as Agent.follow_source: the initial state, one full sync, then follow
     await a.programming.full_sync()
+    gcpause.freeze_long_lived()  # as Agent.follow_source
     del first
     lock = asyncio.Lock()  # held by the periodic full sync and by sampling
     tasks = [asyncio.create_task(a.follow_changes(updates)), asyncio.create_task(resync_loop(a, lock))]
@@ -643,9 +659,11 @@ async def measure(run: Run) -> None:
                 run.paused.set()
                 try:
                     await quiesce(feed, a, tasks)
+                    await feed.hold()  # a straggling update must not be written while the sample reads
                     await loop.run_in_executor(a.programming.io, lambda: None)  # the writer thread is idle
                     take_sample(run, a, io, feed, time.monotonic() - started)
                 finally:
+                    feed.release()
                     run.paused.clear()
             if time.monotonic() >= end:
                 break

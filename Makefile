@@ -40,7 +40,7 @@ CLUSTER_BIN := $(BUILD)/cluster/cluster
 # The machine kind's Go (scripts/setup.sh checks it); /usr/local/go/bin when a shell's PATH lacks it.
 GO ?= $(shell command -v go 2>/dev/null || echo /usr/local/go/bin/go)
 # The release of k8s.io/kubernetes in tests/cluster/go.mod, stamped as the server's version (kubectl version).
-KUBE_VERSION := $(shell sed -n 's/^\tk8s.io\/kubernetes v//p' tests/cluster/go.mod)
+KUBE_VERSION := $(shell sed -n 's/^\tk8s.io\/kubernetes v//p' tests/cluster/go.mod 2>/dev/null)
 KUBE_LDFLAGS := $(foreach p,k8s.io/component-base/version k8s.io/client-go/pkg/version,\
   -X $(p).gitVersion=v$(KUBE_VERSION) -X $(p).gitMajor=$(word 1,$(subst ., ,$(KUBE_VERSION))) \
   -X $(p).gitMinor=$(word 2,$(subst ., ,$(KUBE_VERSION))) -X $(p).gitTreeState=clean)
@@ -79,8 +79,9 @@ demo: setup bpf
 bench: setup bpf
 	$(PY) bench/run.py
 
-# Per-hook BPF cost (ns/run under bpf_stats), HEAD's object vs the working tree's, side by side; e.g.
-# ARGS="--services 1,10000,100000 --rounds 5".
+# Per-hook BPF cost (ns/run under bpf_stats) for TCP connects and UDP datagrams, and the whole client's time
+# vs a hook-free cgroup, HEAD's object vs the working tree's, side by side; e.g.
+# ARGS="--services 1,10000,100000 --rounds 5" (-o json: one JSON document).
 bench-hooks: setup bpf
 	$(PY) bench/hooks.py $(ARGS)
 

@@ -1,17 +1,32 @@
-"""Per-hook cost of the socket hooks (in-kernel ns per run): the datapath at HEAD vs the working tree.
+"""What the socket hooks cost, the datapath at HEAD vs the working tree, side by side in one run.
 
 Two copies of the datapath run in one topology: the object built from ``git show <rev>:bpf/balancing.c``
 (``--base``, default HEAD; built into a temporary directory) in one node cgroup and its own bpffs directory,
-the working tree's ``build/bpf/balancing.o`` in a sibling cgroup and directory. Both are programmed with the
-same Services (1, then 10,000, ...: ``--services``), counters on and events off (the agent's defaults). With
-``kernel.bpf_stats_enabled=1`` (restored on exit), a client in one cgroup at a time makes ``--connects``
-sequential TCP connect+close rounds (bench/tcp_connect.c) either to the backend pod directly (pass-through:
-not a frontend) or to a VIP, and the run_time_ns/run_cnt delta of every attached program is read with bpftool.
-Rounds are interleaved (base/new, pass-through/VIP, alternating order) ``--rounds`` times; the table gives the
-median ns/run per hook and its spread (min..max) over the rounds.
+the working tree's ``build/bpf/balancing.o`` in a sibling cgroup and directory; a third sibling cgroup has no
+hook at all. Both datapaths are programmed with the same Services (1, then 10,000, ...: ``--services``),
+counters on and events off (the agent's defaults); Service 0 (10.96.0.1:80/TCP) and one UDP Service
+(``UDP_VIP``:53) lead to the one backend pod, the others to fake endpoints. At each size:
 
-Run as root: ``.venv/bin/python bench/hooks.py [--services 1,10000] [--rounds 5] [--connects 20000]``.
-Removes every namespace, cgroup and pin it made.
+1. Per hook, in the kernel (``kernel.bpf_stats_enabled=1``, restored on exit): a client in one cgroup at a
+   time either makes ``--connects`` sequential TCP connect+close rounds (bench/tcp_connect.c) or sends
+   ``--datagrams`` datagrams from one unconnected UDP socket, ``--window`` at a time, and reads their echoes
+   back (bench/udp_echo.c: every datagram runs sendmsg4 on the way out and recvmsg4 on the client's
+   recvfrom; the echo is what makes recvmsg4 run and its reverse translation checked), either to the pod
+   directly (pass-through: not a frontend) or to the VIP. The run_time_ns/run_cnt delta of every attached
+   program gives ns per run of each hook that ran at least once per two connects/datagrams, and "bpf" the
+   hooks' whole time per connect/datagram.
+2. Whole process, with bpf_stats off (it adds two clock reads to every run): the same client binaries in the
+   hook-free cgroup to the pod (a), in a hooked cgroup to the pod (b), through the VIP (c); the wall time
+   and the client's own CPU time per connect/datagram (which leaves out waiting for the server; the hooks
+   run in the client's system calls), and b/a, c/a of each per round. On a shared machine both ratios
+   spread by several percent; compare them between the sides only beyond that spread.
+
+Rounds are interleaved (alternating order) ``--rounds`` times; every figure is the median over the rounds
+and its spread (min..max; ratios [min-max]). ``-o json`` prints the summary and the raw samples as one JSON
+document instead of the table (``--json PATH`` also writes it to a file).
+
+Run as root: ``.venv/bin/python bench/hooks.py [--services 1,10000] [--rounds 5] [-o table|json]`` (about
+3 minutes at the defaults). Removes every namespace, cgroup and pin it made.
 """
 
 from __future__ import annotations
@@ -22,10 +37,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
-import run  # bench/run.py (beside this script): the probe, the Service objects, hook_stats
+import run  # bench/run.py (beside this script): the probes, the Service objects, hook_stats
 from balancing.datapath import loader, maps, writer
 from balancing.gcpause import paused as gc_paused
 from balancing.model import store
@@ -33,6 +49,14 @@ from balancing_testkit.topology import Topology
 
 ROOT = run.ROOT
 STATS_SYSCTL = run.STATS_SYSCTL
+SIDES = ("before", "after")
+TARGETS = ("pass-through", "vip")
+PROTOS = ("tcp", "udp")
+UNIT = {"tcp": "connect", "udp": "datagram"}
+UDP_INDEX = 200_000  # the UDP Service's index: VIP 10.99.13.65, above any --services count
+UDP_VIP = "10.99.13.65"
+UDP_PORT, UDP_TARGET = 53, 5353
+NO_HOOK = "no-hook"
 
 
 def build_base(rev: str, workdir: Path) -> Path:
@@ -42,7 +66,15 @@ def build_base(rev: str, workdir: Path) -> Path:
         ["git", "-C", str(ROOT), "archive", rev, "bpf", "Makefile"], check=True, capture_output=True
     ).stdout
     subprocess.run(["tar", "-x", "-C", str(workdir)], input=archive, check=True)
-    subprocess.run(["make", "-s", "-C", str(workdir), "build/bpf/balancing.o"], check=True)
+    # output kept unless it fails: parsing the Makefile reads files left out here (tests/cluster/go.mod)
+    done = subprocess.run(
+        ["make", "-s", "-C", str(workdir), "build/bpf/balancing.o"],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode:
+        raise RuntimeError(f"building {rev}'s datapath failed:\n{done.stdout}{done.stderr}")
     return workdir / "build" / "bpf" / "balancing.o"
 
 
@@ -62,27 +94,62 @@ def xlated_insns(link_dir: Path) -> dict[str, int]:
     }
 
 
-def one_round(
-    topo: Topology, client: Any, side: dict[str, Any], ip: str, port: int, n: int
+def client_round(
+    topo: Topology, client: Any, cgroup: Path, proto: str, target: tuple[str, int], args: argparse.Namespace
 ) -> dict[str, float]:
+    """One client run: {"wall", "cpu"} ns per connect or datagram, as the client measured them (cpu: its own
+    CPU time, whatever else runs). Every connect must succeed, every echo come back from the target."""
+    ip, port = target
+    if proto == "tcp":
+        argv = [str(run.PROBE), "client", ip, str(port), str(args.connects)]
+    else:
+        argv = [str(run.UDP_PROBE), "client", ip, str(port), str(args.datagrams), str(args.window)]
+    out = topo.run(argv, netns=client, cgroup=cgroup, timeout=300).stdout.split()
+    if proto == "tcp":
+        rate, _p50, _p99, errors, cpu = out
+        if int(errors):
+            raise RuntimeError(f"{errors} connects to {ip}:{port} failed")
+        return {"wall": 1e9 / float(rate), "cpu": float(cpu)}
+    wall, cpu, lost, wrong = out
+    if int(lost) or int(wrong):
+        raise RuntimeError(f"{ip}:{port}: {lost} datagrams lost, {wrong} echoes from another source")
+    return {"wall": float(wall), "cpu": float(cpu)}
+
+
+def hook_round(
+    topo: Topology,
+    client: Any,
+    side: dict[str, Any],
+    proto: str,
+    target: tuple[str, int],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """One client run in a hooked cgroup with bpf_stats on: ns/run per hook, bpf ns and client ns per op."""
+    ops = args.connects if proto == "tcp" else args.datagrams
     before = prog_stats(side["links"])
-    run.connect_round(topo, client, side["cgroup"], ip, port, n)
+    client_ns = client_round(topo, client, side["cgroup"], proto, target, args)["wall"]
     after = prog_stats(side["links"])
-    res = {}
+    hooks, total = {}, 0
     for name, (t1, c1) in after.items():
         t0, c0 = before[name]
-        if c1 > c0:
-            res[name] = (t1 - t0) / (c1 - c0)
-    return res
+        total += t1 - t0
+        if 2 * (c1 - c0) >= ops:
+            hooks[name] = (t1 - t0) / (c1 - c0)
+    return {"hooks": hooks, "bpf_ns": total / ops, "client_ns": client_ns}
 
 
 def program_services(
     sides: list[dict[str, Any]], st: store.ClusterStore, first: int, last: int, pod_ip: str, endpoints: int
 ) -> None:
-    """Services ``first..last-1`` (0 is the VIP 10.96.0.1 -> the real pod; the others fake endpoints)."""
+    """Services ``first..last-1`` (0 is the VIP 10.96.0.1 -> the real pod; the others fake endpoints), and
+    with the first batch the UDP Service ``UDP_VIP``:53 -> the pod's port 5353."""
+    objs = []
+    if first == 0:
+        objs += run.service_objects(UDP_INDEX, [pod_ip], UDP_PORT, UDP_TARGET, protocol="UDP")
     for i in range(first, last):
-        for obj in run.service_objects(i, [pod_ip] if i == 0 else run.fake_endpoints(i, endpoints)):
-            st.upsert(obj)
+        objs += run.service_objects(i, [pod_ip] if i == 0 else run.fake_endpoints(i, endpoints))
+    for obj in objs:
+        st.upsert(obj)
     with gc_paused():
         desired = st.desired()
         for side in sides:
@@ -90,10 +157,20 @@ def program_services(
     st.take_changes()
 
 
-def fmt(samples: list[float]) -> str:
-    if not samples:
+def stat(samples: list[float]) -> dict[str, Any]:
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "n": len(samples)}
+
+
+def fmt(s: dict[str, Any] | None) -> str:
+    if not s:
         return "-"
-    return f"{statistics.median(samples):7.0f} ({min(samples):.0f}..{max(samples):.0f})"
+    return f"{s['median']:.0f} ({s['min']:.0f}..{s['max']:.0f})"
+
+
+def fmt_ratio(s: dict[str, Any] | None) -> str:
+    if not s:
+        return "-"
+    return f"{s['median']:.3f}x [{s['min']:.3f}-{s['max']:.3f}]"
 
 
 def main() -> None:
@@ -101,98 +178,187 @@ def main() -> None:
     ap.add_argument("--services", default="1,10000", help="comma-separated Service counts, increasing")
     ap.add_argument("--endpoints", type=int, default=10, help="per Service (100k Services: 2 fit the maps)")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--connects", type=int, default=20_000)
+    ap.add_argument("--connects", type=int, default=20_000, help="TCP connect+close per client run")
+    ap.add_argument("--datagrams", type=int, default=100_000, help="UDP datagrams per client run")
+    ap.add_argument("--window", type=int, default=1, help="UDP datagrams in flight (1: one echo at a time)")
     ap.add_argument("--base", default="HEAD", help="git revision of the 'before' datapath")
     ap.add_argument("--base-object", type=Path, help="a built 'before' object instead of --base")
     ap.add_argument("--after-first", action="store_true", help="set the 'after' side up first (bias check)")
-    ap.add_argument("--json", type=Path, help="also write the raw samples here")
+    ap.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    ap.add_argument("--json", type=Path, help="also write the JSON document (summary and raw samples) here")
     args = ap.parse_args()
     run.build_probe()
+    run.build_probe(run.UDP_PROBE_SRC, run.UDP_PROBE)
     stats_before = STATS_SYSCTL.read_text()
-    STATS_SYSCTL.write_text("1")
     try:
         with tempfile.TemporaryDirectory(prefix="bl-bench-base-") as tmp:
             base_obj = args.base_object or build_base(args.base, Path(tmp))
-            results = run_all(args, base_obj)
+            doc = run_all(args, base_obj)
     finally:
         STATS_SYSCTL.write_text(stats_before)
+    text = json.dumps(doc, indent=2)
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        args.json.write_text(text)
+    if args.output == "json":
+        print(text)
+    else:
+        print_table(doc)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 def run_all(args: argparse.Namespace, base_obj: Path) -> dict[str, Any]:
     counts = [int(c) for c in args.services.split(",")]
-    results: dict[str, Any] = {}
+    doc: dict[str, Any] = {
+        "config": {k: v for k, v in vars(args).items() if k not in ("json", "base_object", "output")},
+        "insns": {},
+        "sizes": {},
+    }
     with Topology() as topo:
         pod = topo.add_pod("backend")
         client = topo.add_client("client")
         topo.spawn([str(run.PROBE), "server", "8080"], netns=pod, ready="READY")
+        topo.spawn([str(run.UDP_PROBE), "server", str(UDP_TARGET)], netns=pod, ready="READY")
         sides: list[dict[str, Any]] = []
         try:
-            objects = [("before", base_obj), ("after", run.OBJECT)]
-            for name, obj in reversed(objects) if args.after_first else objects:
+            for name in reversed(SIDES) if args.after_first else SIDES:
                 cg = topo.node_cgroup(f"node-{name}")
-                cfg = loader.DatapathConfig(obj, topo.bpffs / f"node-{name}", cg)
+                cfg = loader.DatapathConfig(
+                    base_obj if name == "before" else run.OBJECT, topo.bpffs / f"node-{name}", cg
+                )
                 loader.load(cfg)
                 io = maps.KernelMaps(cfg.map_dir)
-                sides.append(
-                    {
-                        "name": name,
-                        "cgroup": cg,
-                        "cfg": cfg,
-                        "io": io,
-                        "writer": writer.MapWriter(io),
-                        "links": cfg.bpffs / "links",
-                    }
-                )
-            for side in sides:
-                print(f"{side['name']}: verified insns {xlated_insns(side['links'])}")
+                side: dict[str, Any] = {
+                    "name": name,
+                    "cgroup": cg,
+                    "cfg": cfg,
+                    "io": io,
+                    "links": cfg.bpffs / "links",
+                    "writer": writer.MapWriter(io),
+                }
+                sides.append(side)
+                doc["insns"][name] = xlated_insns(side["links"])
+            sides.sort(key=lambda s: SIDES.index(s["name"]))
+            plain = topo.node_cgroup(NO_HOOK)
             st = store.ClusterStore("node-a")
+            targets = {
+                "tcp": {"pass-through": (pod.ip4, 8080), "vip": ("10.96.0.1", 80)},
+                "udp": {"pass-through": (pod.ip4, UDP_TARGET), "vip": (UDP_VIP, UDP_PORT)},
+            }
             programmed = 0
-            targets = {"pass-through": (pod.ip4, 8080), "vip": ("10.96.0.1", 80)}
             for count in counts:
+                t0 = time.monotonic()
                 program_services(sides, st, programmed, count, pod.ip4, args.endpoints)
                 programmed = count
-                for side in sides:  # warm-up
-                    for ip, port in targets.values():
-                        run.connect_round(topo, client, side["cgroup"], ip, port, args.connects // 10)
-                samples: dict[tuple[str, str], list[dict[str, float]]] = {}
-                for r in range(args.rounds):
-                    order = [(s, t) for s in sides for t in targets]
-                    for side, target in order if r % 2 == 0 else reversed(order):
-                        res = one_round(topo, client, side, *targets[target], args.connects)
-                        samples.setdefault((target, side["name"]), []).append(res)
-                print_table(count, args, samples)
-                results[str(count)] = {f"{t}/{s}": v for (t, s), v in samples.items()}
+                doc["sizes"][str(count)] = one_size(topo, client, sides, plain, targets, args)
+                log(f"{count} Services: measured in {time.monotonic() - t0:.0f} s")
         finally:
             for side in sides:
                 side["io"].close()
                 loader.cleanup(side["cfg"].bpffs)
-    return results
+    return doc
 
 
-def print_table(
-    count: int, args: argparse.Namespace, samples: dict[tuple[str, str], list[dict[str, float]]]
-) -> None:
-    hooks = sorted({h for runs in samples.values() for res in runs for h in res})
-    print(
-        f"\n{count} Services, {args.connects} sequential TCP connect+close per round, {args.rounds} rounds: "
-        "ns per run, median (min..max)"
+def one_size(
+    topo: Topology,
+    client: Any,
+    sides: list[dict[str, Any]],
+    plain: Path,
+    targets: dict[str, dict[str, tuple[str, int]]],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """Both phases at the programmed size: {"raw": ..., "summary": ...}."""
+    warm = argparse.Namespace(
+        **{**vars(args), "connects": args.connects // 10, "datagrams": args.datagrams // 10}
     )
-    print(f"{'target':14s} {'hook':18s} {'before':>22s} {'after':>22s}")
-    for target in ("pass-through", "vip"):
-        for hook in [*hooks, "total"]:
-            row = []
-            for side in ("before", "after"):
-                runs = samples.get((target, side), [])
-                if hook == "total":
-                    vals = [sum(res.values()) for res in runs]
-                else:
-                    vals = [res[hook] for res in runs if hook in res]
-                row.append(fmt(vals))
-            if row != ["-", "-"]:
-                print(f"{target:14s} {hook:18s} {row[0]:>22s} {row[1]:>22s}")
+    for proto in PROTOS:
+        client_round(topo, client, plain, proto, targets[proto]["pass-through"], warm)
+        for side in sides:
+            for target in TARGETS:
+                client_round(topo, client, side["cgroup"], proto, targets[proto][target], warm)
+    hooked: dict[str, list[dict[str, Any]]] = {}
+    STATS_SYSCTL.write_text("1")
+    for r in range(args.rounds):
+        order = [(p, s, t) for p in PROTOS for s in sides for t in TARGETS]
+        for proto, side, target in order if r % 2 == 0 else reversed(order):
+            res = hook_round(topo, client, side, proto, targets[proto][target], args)
+            hooked.setdefault(f"{proto}/{target}/{side['name']}", []).append(res)
+    STATS_SYSCTL.write_text("0")
+    whole: dict[str, list[dict[str, float]]] = {}
+    for r in range(args.rounds):
+        for proto in PROTOS:
+            runs: list[tuple[Path, str, str]] = [(plain, NO_HOOK, "pass-through")]
+            runs += [(s["cgroup"], s["name"], t) for s in sides for t in TARGETS]
+            for cgroup, name, target in runs if r % 2 == 0 else reversed(runs):
+                res = client_round(topo, client, cgroup, proto, targets[proto][target], args)
+                whole.setdefault(f"{proto}/{target}/{name}", []).append(res)
+    return {"raw": {"hooks": hooked, "whole": whole}, "summary": summarize(hooked, whole)}
+
+
+def summarize(
+    hooked: dict[str, list[dict[str, Any]]], whole: dict[str, list[dict[str, float]]]
+) -> dict[str, Any]:
+    """{proto: {NO_HOOK: {ns, cpu_ns}, target: {side: {hooks, bpf_ns, ns, ratio, cpu_ns, cpu_ratio}}}}, each
+    a stat over the rounds (the ratios are taken per round: paired)."""
+    out: dict[str, Any] = {}
+    for proto in PROTOS:
+        base = whole[f"{proto}/pass-through/{NO_HOOK}"]
+        out[proto] = {
+            NO_HOOK: {"ns": stat([b["wall"] for b in base]), "cpu_ns": stat([b["cpu"] for b in base])}
+        }
+        for target in TARGETS:
+            for side in SIDES:
+                runs = hooked[f"{proto}/{target}/{side}"]
+                times = whole[f"{proto}/{target}/{side}"]
+                names = sorted({h for res in runs for h in res["hooks"]})
+                out[proto].setdefault(target, {})[side] = {
+                    "hooks": {h: stat([res["hooks"][h] for res in runs if h in res["hooks"]]) for h in names},
+                    "bpf_ns": stat([res["bpf_ns"] for res in runs]),
+                    "ns": stat([t["wall"] for t in times]),
+                    "ratio": stat([t["wall"] / b["wall"] for t, b in zip(times, base, strict=True)]),
+                    "cpu_ns": stat([t["cpu"] for t in times]),
+                    "cpu_ratio": stat([t["cpu"] / b["cpu"] for t, b in zip(times, base, strict=True)]),
+                }
+    return out
+
+
+def print_table(doc: dict[str, Any]) -> None:
+    cfg = doc["config"]
+    sizes = list(doc["sizes"])
+    print(f"verified insns: {json.dumps(doc['insns'])}")
+    print(
+        f"Per round: {cfg['connects']} sequential TCP connect+close; {cfg['datagrams']} UDP datagrams from "
+        f"one unconnected socket, echoed, window {cfg['window']}; {cfg['rounds']} rounds, median (min..max)\n"
+        "hook rows: in-kernel ns per run (bpf_stats on); bpf: all hooks' ns per connect/datagram; ns/op: the "
+        "client's wall time per connect/datagram, cpu ns/op its CPU time (bpf_stats off); xno-hook: the "
+        "ratio to the same client's figure in a cgroup without hooks, per round."
+    )
+    head = f"{'':4s} {'target':13s} {'row':22s}" + "".join(
+        f" {f'{n} {s}':>24s}" for n in sizes for s in SIDES
+    )
+    print(head)
+    print("-" * len(head))
+    for proto in PROTOS:
+        sums = [doc["sizes"][n]["summary"][proto] for n in sizes]
+        row(proto, NO_HOOK, f"ns/{UNIT[proto]}", [fmt(s[NO_HOOK]["ns"]) for s in sums for _ in SIDES])
+        row(proto, NO_HOOK, f"cpu ns/{UNIT[proto]}", [fmt(s[NO_HOOK]["cpu_ns"]) for s in sums for _ in SIDES])
+        for target in TARGETS:
+            cells = [[s[target][side] for side in SIDES] for s in sums]
+            hooks = sorted({h for c in cells for d in c for h in d["hooks"]})
+            for h in hooks:
+                row(proto, target, f"{h} ns/run", [fmt(d["hooks"].get(h)) for c in cells for d in c])
+            row(proto, target, f"bpf ns/{UNIT[proto]}", [fmt(d["bpf_ns"]) for c in cells for d in c])
+            row(proto, target, f"ns/{UNIT[proto]}", [fmt(d["ns"]) for c in cells for d in c])
+            row(proto, target, "xno-hook", [fmt_ratio(d["ratio"]) for c in cells for d in c])
+            row(proto, target, f"cpu ns/{UNIT[proto]}", [fmt(d["cpu_ns"]) for c in cells for d in c])
+            row(proto, target, "cpu xno-hook", [fmt_ratio(d["cpu_ratio"]) for c in cells for d in c])
     sys.stdout.flush()
+
+
+def row(proto: str, target: str, label: str, cells: list[str]) -> None:
+    print(f"{proto:4s} {target:13s} {label:22s}" + "".join(f" {c:>24s}" for c in cells))
 
 
 if __name__ == "__main__":

@@ -29,15 +29,19 @@ ROOT = Path(__file__).resolve().parents[1]
 OBJECT = ROOT / "build/bpf/balancing.o"
 PROBE_SRC = ROOT / "bench/tcp_connect.c"
 PROBE = ROOT / "build/bench/tcp_connect"
+UDP_PROBE_SRC = ROOT / "bench/udp_echo.c"  # the datagram echo probe of bench/hooks.py
+UDP_PROBE = ROOT / "build/bench/udp_echo"
 
 
-def build_probe() -> Path:
-    PROBE.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["gcc", "-O2", "-Wall", "-o", str(PROBE), str(PROBE_SRC)], check=True)
-    return PROBE
+def build_probe(src: Path = PROBE_SRC, out: Path = PROBE) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["gcc", "-O2", "-Wall", "-o", str(out), str(src)], check=True)
+    return out
 
 
-def service_objects(index: int, endpoints: list[str], port: int = 80, target: int = 8080) -> list[Any]:
+def service_objects(
+    index: int, endpoints: list[str], port: int = 80, target: int = 8080, protocol: str = "TCP"
+) -> list[Any]:
     vip = ipaddress.IPv4Address("10.96.0.0") + 1 + index
     name = f"svc-{index}"
     svc = objects.Service.model_validate(
@@ -45,7 +49,7 @@ def service_objects(index: int, endpoints: list[str], port: int = 80, target: in
             "metadata": {"name": name, "namespace": "bench", "creationTimestamp": "2026-01-01T00:00:00Z"},
             "spec": {
                 "clusterIPs": [str(vip)],
-                "ports": [{"name": "http", "port": port, "targetPort": target}],
+                "ports": [{"name": "http", "port": port, "targetPort": target, "protocol": protocol}],
             },
         }
     )
@@ -57,7 +61,7 @@ def service_objects(index: int, endpoints: list[str], port: int = 80, target: in
                 "labels": {"kubernetes.io/service-name": name},
             },
             "addressType": "IPv4",
-            "ports": [{"name": "http", "port": target}],
+            "ports": [{"name": "http", "port": target, "protocol": protocol}],
             "endpoints": [{"addresses": [ip]} for ip in endpoints],
         }
     )
@@ -71,7 +75,7 @@ def fake_endpoints(index: int, count: int) -> list[str]:
 
 def connect_round(topo: Topology, client: Any, node: Path, ip: str, port: int, n: int) -> tuple[float, ...]:
     res = topo.run(["sh", "-c", f"{PROBE} client {ip} {port} {n}"], netns=client, cgroup=node, timeout=120)
-    rate, p50, p99, errs = res.stdout.split()
+    rate, p50, p99, errs = res.stdout.split()[:4]  # then the CPU time per connect (bench/hooks.py)
     if int(errs):
         raise RuntimeError(f"{errs} connects to {ip}:{port} failed")
     return float(rate), float(p50), float(p99)

@@ -1,5 +1,6 @@
-/* Connect-rate probe for bench/run.py: `server PORT` accepts and closes forever; `client IP PORT N`
- * makes N sequential connect+close rounds and prints "rate_per_s p50_us p99_us errors". */
+/* Connect-rate probe for bench/run.py and bench/hooks.py: `server PORT` accepts and closes forever;
+ * `client IP PORT N` makes N sequential connect+close rounds and prints "rate_per_s p50_us p99_us errors
+ * cpu_ns_per_connect" (the last: this process's CPU time over the rounds, whoever else runs). */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -16,6 +17,14 @@ static double now_us(void)
 
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return ts.tv_sec * 1e6 + ts.tv_nsec / 1e3;
+}
+
+static double cpu_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+	return ts.tv_sec * 1e9 + ts.tv_nsec;
 }
 
 static int cmp(const void *a, const void *b)
@@ -49,7 +58,7 @@ static int client(const char *ip, int port, int n)
 {
 	struct sockaddr_storage ss = { 0 };
 	socklen_t len;
-	double *lat = calloc(n, sizeof(double)), start;
+	double *lat = calloc(n, sizeof(double)), start, cpu_start;
 	int errors = 0, ok = 0, family;
 	struct linger lg = { .l_onoff = 1, .l_linger = 0 }; /* RST on close: no TIME_WAIT pile-up */
 
@@ -69,6 +78,7 @@ static int client(const char *ip, int port, int n)
 		len = sizeof(*s4);
 	}
 	start = now_us();
+	cpu_start = cpu_ns();
 	for (int i = 0; i < n; i++) {
 		int fd = socket(family, SOCK_STREAM, 0);
 		double t0 = now_us();
@@ -80,11 +90,11 @@ static int client(const char *ip, int port, int n)
 		setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
 		close(fd);
 	}
-	double total = now_us() - start;
+	double total = now_us() - start, cpu = cpu_ns() - cpu_start;
 
 	qsort(lat, ok, sizeof(double), cmp);
-	printf("%.1f %.2f %.2f %d\n", n / (total / 1e6), ok ? lat[ok / 2] : 0.0, ok ? lat[ok * 99 / 100] : 0.0,
-	       errors);
+	printf("%.1f %.2f %.2f %d %.1f\n", n / (total / 1e6), ok ? lat[ok / 2] : 0.0,
+	       ok ? lat[ok * 99 / 100] : 0.0, errors, cpu / n);
 	return 0;
 }
 

@@ -184,8 +184,21 @@ static __always_inline __u32 pick_backend(struct bpf_sock_addr *ctx, struct bl_s
 		pick = bpf_get_prandom_u32();
 	key->slot = (__u16)(pick % count) + 1;
 	slot = bpf_map_lookup_elem(&bl_svc_v1, key);
-	if (!slot)
-		return 0;
+	if (!slot) {
+		/*
+		 * The writer shrank this tier after ``master`` was read: its new master is in place and the slots
+		 * beyond it are going (make-before-break deletes them last). Pick again from the master as it is now.
+		 */
+		key->slot = BL_MASTER_SLOT;
+		master = bpf_map_lookup_elem(&bl_svc_v1, key);
+		if (!master || !master->count)
+			return 0;
+		count = master->count;
+		key->slot = (__u16)(pick % count) + 1;
+		slot = bpf_map_lookup_elem(&bl_svc_v1, key);
+		if (!slot)
+			return 0;
+	}
 	backend_id = slot->backend_id;
 	if (own && backend_id == own) {
 		if (count == 1)
@@ -302,8 +315,20 @@ static __always_inline int translate(struct bpf_sock_addr *ctx, struct bl_sockad
 		out->result = why;
 	}
 	be = bpf_map_lookup_elem(&bl_be_v1, &backend_id);
-	if (!be)
-		goto refuse;
+	if (!be) {
+		/* the backend went after its slot was read (the writer deletes it last): once more, as it is now */
+		key.slot = BL_MASTER_SLOT;
+		master = bpf_map_lookup_elem(&bl_svc_v1, &key);
+		if (!master)
+			goto refuse;
+		backend_id = pick_backend(ctx, &key, master, key.scope == BL_SCOPE_FALLBACK ? 0 : own, now,
+					  &out->result);
+		if (why)
+			out->result = why;
+		be = backend_id ? bpf_map_lookup_elem(&bl_be_v1, &backend_id) : NULL;
+		if (!be)
+			goto refuse;
+	}
 
 	remember_frontend(ctx, sa, be, out->svc_id, connected);
 	copy_addr(sa->addr, be->addr);

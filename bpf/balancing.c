@@ -391,13 +391,77 @@ static __always_inline void account(struct bpf_sock_addr *ctx, __u8 hook, const 
 				       BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
 }
 
+/*
+ * Kernel types, only the member read here: libbpf relocates the access against the kernel's BTF. A socket's
+ * cookie is 0 until something asks for it; connect4/6 ask before they store reverse state keyed by it.
+ */
+typedef struct {
+	__s64 counter;
+} atomic64_t;
+
+struct sock_common {
+	atomic64_t skc_cookie;
+} __attribute__((preserve_access_index));
+
+struct sock {
+	struct sock_common __sk_common;
+} __attribute__((preserve_access_index));
+
+/* what a sock_addr program's context really points to */
+struct bpf_sock_addr_kern {
+	struct sock *sk;
+} __attribute__((preserve_access_index));
+
+/*
+ * Whether this socket may have reverse state: only a socket whose cookie was generated can. The cookie is
+ * read without generating it (bpf_get_socket_cookie() would allocate one for every socket that never had
+ * one); a failed read answers "maybe".
+ */
+static __always_inline int sock_may_have_state(const void *sk)
+{
+	struct sock *s = 0;
+	/* the offset is relocated by libbpf against the kernel's BTF */
+	__u64 off = __builtin_preserve_field_info(s->__sk_common.skc_cookie.counter, BPF_FIELD_BYTE_OFFSET);
+	__u64 cookie;
+
+	if (bpf_probe_read_kernel(&cookie, sizeof(cookie), (const char *)sk + off))
+		return 1; /* the read failed (and zeroed cookie): maybe */
+	return cookie != 0;
+}
+
+/* A sock program's context (sock_release) is the kernel's struct sock itself. */
+static __always_inline int may_have_state(struct bpf_sock *ctx)
+{
+	return sock_may_have_state(ctx);
+}
+
+/*
+ * The same for a sock_addr program (recvmsg, getpeername): its context is a struct bpf_sock_addr_kern whose
+ * member sk is read as a number (ctx->sk as the program sees it is a checked pointer: no arithmetic on it).
+ */
+static __always_inline int addr_may_have_state(struct bpf_sock_addr *ctx)
+{
+	struct bpf_sock_addr_kern *k = 0;
+	__u64 off = __builtin_preserve_field_info(k->sk, BPF_FIELD_BYTE_OFFSET);
+	__u64 sk;
+
+	if (bpf_probe_read_kernel(&sk, sizeof(sk), (const char *)ctx + off) || !sk)
+		return 1;
+	return sock_may_have_state((const void *)sk);
+}
+
+
 /* The reverse worker: if the peer is a backend this socket was sent to, show the frontend. */
 static __always_inline int reverse(struct bpf_sock_addr *ctx, struct bl_sockaddr *sa, int lookup_udp,
 				   struct bl_outcome *out)
 {
 	struct bl_sock_rev *st;
-	__u64 cookie = bpf_get_socket_cookie(ctx);
+	__u64 cookie;
 
+	/* a socket never translated has no cookie: nothing to look up, and none generated for it */
+	if (!addr_may_have_state(ctx))
+		return BL_PASS;
+	cookie = bpf_get_socket_cookie(ctx);
 	if (lookup_udp) {
 		struct bl_rev_key key = { .cookie = cookie, .port = sa->port };
 		struct bl_rev_val *rev;
@@ -550,39 +614,6 @@ SEC("cgroup/getpeername6")
 int bl_getpeername6(struct bpf_sock_addr *ctx)
 {
 	return backward6(ctx, 0, BL_HOOK_GETPEERNAME6);
-}
-
-/*
- * Kernel types, only the member read here: libbpf relocates the access against the kernel's BTF. A socket's
- * cookie is 0 until something asks for it; connect4/6 ask before they store reverse state keyed by it.
- */
-typedef struct {
-	__s64 counter;
-} atomic64_t;
-
-struct sock_common {
-	atomic64_t skc_cookie;
-} __attribute__((preserve_access_index));
-
-struct sock {
-	struct sock_common __sk_common;
-} __attribute__((preserve_access_index));
-
-/*
- * Whether this socket may have reverse state: only a socket whose cookie was generated can. The cookie is
- * read without generating it (bpf_get_socket_cookie() would allocate one for every socket that never had
- * one); a failed read answers "maybe".
- */
-static __always_inline int may_have_state(struct bpf_sock *ctx)
-{
-	struct sock *sk = 0;
-	/* a sock program's context is the kernel's struct sock; the offset is relocated by libbpf */
-	__u64 off = __builtin_preserve_field_info(sk->__sk_common.skc_cookie.counter, BPF_FIELD_BYTE_OFFSET);
-	__u64 cookie;
-
-	if (bpf_probe_read_kernel(&cookie, sizeof(cookie), (const char *)ctx + off))
-		return 1; /* the read failed (and zeroed cookie): maybe */
-	return cookie != 0;
 }
 
 /*

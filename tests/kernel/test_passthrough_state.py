@@ -3,11 +3,13 @@
 With a frontend programmed, clients in the node cgroup talk straight to the pods (TCP over IPv4 and IPv6,
 connected and unconnected UDP, getpeername): the hooks run for every one of those sockets, and afterwards the
 per-socket maps (connected-socket reverse state, unconnected-UDP reverse map) and the resolution counters hold
-nothing for them. Translated sockets, interleaved with them, still get their state and lose it on close.
+nothing for them, and not even a socket cookie was generated for them. Translated sockets, interleaved with
+them, still get their state and lose it on close.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import textwrap
 from typing import Any
@@ -74,3 +76,40 @@ def test_translated_and_pass_through_sockets_interleaved(cluster: Cluster, dp: D
     left = entries(dp)
     assert left["bl_sock_v2"] == 0  # every translated connected socket's entry was deleted on release
     assert left["bl_stats_v1"] > 0  # the translations were counted (the pass-through ones were not)
+
+
+def test_receiving_on_a_pass_through_socket_generates_no_cookie(cluster: Cluster, dp: Datapath) -> None:
+    """recvmsg4/getpeername4 of a socket that was never translated read its cookie without generating one:
+    cookies are handed out in increasing order on a CPU, so a socket whose cookie is first asked for after
+    another's has the larger one. Pinned to one CPU, a pass-through UDP socket that sent, received and asked
+    its peer's name still gets its cookie only when the test asks (after a fresh socket's); a socket sent
+    through the VIP (translated: its cookie made at sendmsg) has the smaller one."""
+    pod = cluster.pods[0]
+    dp.program({f"{VIP4}:53/UDP": [f"{pod.ip4}:8080"]})
+    script = textwrap.dedent(
+        f"""
+        import json, os, socket
+        os.sched_setaffinity(0, {{min(os.sched_getaffinity(0))}})
+
+        def cookie(s):
+            return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, 57, 8), "little")  # SO_COOKIE
+
+        def exchanged(dest):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.settimeout(2)
+            s.sendto(b"x", dest)
+            s.recvfrom(2048)
+            s.connect(dest)
+            s.getpeername()
+            return s
+
+        passed = exchanged(({pod.ip4!r}, 8080))
+        translated = exchanged(({VIP4!r}, 53))
+        fresh = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        later = cookie(fresh)
+        print(json.dumps({{"passed": cookie(passed), "translated": cookie(translated), "fresh": later}}))
+        """
+    )
+    out = cluster.topo.run([sys.executable, "-c", script], netns=cluster.client, cgroup=cluster.cgroup)
+    cookies = json.loads(out.stdout)
+    assert cookies["translated"] < cookies["fresh"] < cookies["passed"], cookies

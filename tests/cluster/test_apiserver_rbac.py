@@ -233,15 +233,7 @@ def test_controller_does_everything_it_needs(rbac: Rbac) -> None:
         "lastUpdateTime": "2026-01-01T00:00:00Z",
     }
     name = bp["metadata"]["name"]
-    kube.kubectl(
-        "patch",
-        "balancingpolicies",
-        name,
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        json.dumps({"status": {"nodes": [gone]}}),
-    )
+    kube.patch_status("balancingpolicies", name, {"nodes": [gone]})
 
     def pruned() -> bool:
         nodes = (kube.get("balancingpolicies", name).get("status") or {}).get("nodes") or []

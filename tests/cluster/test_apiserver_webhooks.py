@@ -255,15 +255,7 @@ def test_status_subresource_is_never_sent_to_the_webhooks(webhooks: Webhooks) ->
     before = controller.decisions()
     entry = {"nodeName": "node-x", "backends": 0, "ready": False, "reason": "NoBackends"}
     status = {"nodes": [{**entry, "lastUpdateTime": "2026-01-01T00:00:00Z"}]}
-    kube.kubectl(
-        "patch",
-        "balancingpolicies",
-        name,
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        json.dumps({"status": status}),
-    )
+    kube.patch_status("balancingpolicies", name, status)
     kube.request(
         "PATCH",
         f"/apis/balancing.elf.io/v1beta1/balancingpolicies/{name}/status?fieldManager=test&force=true",

@@ -232,6 +232,15 @@ class ControlPlane:
         text = docs if isinstance(docs, str) else "\n---\n".join(json.dumps(d) for d in docs)
         self.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", *args, input=text)
 
+    def patch_status(
+        self, kind: str, name: str, status: dict[str, Any], namespace: str | None = None
+    ) -> None:
+        """A merge patch of ``status`` on the status subresource, as the admin (a kubelet's pod status, a
+        departed agent's entry)."""
+        ns = ["-n", namespace] if namespace else []
+        patch = json.dumps({"status": status})
+        self.kubectl("patch", kind, name, *ns, "--subresource=status", "--type=merge", "-p", patch)
+
     def exists(self, kind: str, name: str, namespace: str | None = None) -> bool:
         ns = ["-n", namespace] if namespace else []
         return self.kubectl("get", kind, name, *ns, "-o", "name", check=False).returncode == 0

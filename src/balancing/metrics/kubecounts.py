@@ -4,8 +4,8 @@
 handed over by the agent as plain mappings so that metrics never imports the sources) into
 ``balancing_kube_watch_events_total{resource,type}`` (ADDED, MODIFIED, DELETED, BOOKMARK, ERROR) and
 ``balancing_kube_lists_total{resource,reason}`` (initial, resync, gone after a 410, retry, unserved). A
-growing ``reason="gone"`` shows watches falling behind the API server's compaction; BOOKMARK events show
-the API server keeping idle watches' resourceVersions fresh.
+``reason="gone"`` list follows a watch the API server could no longer resume (after its restart, or a watch
+fallen behind its watch cache); BOOKMARK events show it keeping idle watches' resourceVersions fresh.
 
 Neighbours: ``control.Metrics.watch_kube`` registers it.
 """

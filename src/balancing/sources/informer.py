@@ -13,7 +13,7 @@
   (``resourceVersionMatch=NotOlderThan``), and only after a 410 is the list a quorum read;
 - failures retry with exponential backoff and jitter (capped);
 - every watch event received is counted by type, and every list by why it ran (``Counts``: initial, resync,
-  gone, error, unserved), for the agent's metrics: a 410 or a bookmark is visible, not only logged;
+  gone, retry, unserved), for the agent's metrics: a 410 or a bookmark is visible, not only logged;
 - a collection not served (404, e.g. policy CRDs not installed) counts as empty and is relisted after a
   backoff until it appears;
 - responses are read within ``Bounds``: a list body of at most ``list_bytes``, a watch event line of at most

@@ -54,15 +54,15 @@ def _finish(kn: KubeNodes, loops: list[subprocess.Popen[bytes]]) -> list[dict[st
     return [kn.topo.finish_client(p) for p in loops]
 
 
-def _serve(kn: KubeNodes, name: str, pods: int = 2) -> str:
-    """Service ``name`` with pod-a1 and pod-b1 (or only pod-a1) behind it, programmed on both nodes; its
-    ClusterIP."""
+def _serve(kn: KubeNodes, name: str, pods: int = 2, timeout: float = 20) -> str:
+    """Service ``name`` with pod-a1 and pod-b1 (or only pod-a1) behind it, programmed on both nodes within
+    ``timeout`` seconds; its ClusterIP."""
     kn.create(kn.service(name))
     chosen = [kn.a.pods[0], kn.b.pods[0]][:pods]
     for pod in chosen:
         kn.run_pod(pod, {"app": name}, name=f"{name}-{pod.name}")
     ip = kn.cluster_ips(name)[0]
-    kn.wait_frontends(key(ip, 80), backends=len(chosen), timeout=20)
+    kn.wait_frontends(key(ip, 80), backends=len(chosen), timeout=timeout)
     return ip
 
 
@@ -75,7 +75,9 @@ def test_agents_resume_after_an_api_server_restart_and_never_stop_translating(kn
     gone = kn.metric(LISTS, resource="Service", reason="gone")
     loops = _loops(kn, ip, 80)
     kn.api.restart_apiserver(down=1.0)
-    _serve(kn, "after", pods=1)  # a change made after the restart is programmed on both nodes
+    # a change made after the restart is programmed on both nodes: within the informers' backoff cap (30 s),
+    # which the failed requests while the API server was down may have reached
+    _serve(kn, "after", pods=1, timeout=30 + 20)
     for res in _finish(kn, loops):
         assert res["failed"] == 0 and res["ok"] > 50 and set(res["backends"]) == {"pod-a1", "pod-b1"}, res
     # The restarted API server's watch cache starts at etcd's current revision: a watch resuming from an

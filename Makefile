@@ -7,15 +7,16 @@ MULTIARCH := $(shell gcc -print-multiarch 2>/dev/null || echo $(shell uname -m)-
 BPF_CFLAGS := -O2 -g -Wall -Werror -target bpf -D__TARGET_ARCH_$(ARCH) -I/usr/include/$(MULTIARCH)
 BPF_OBJ := $(BUILD)/bpf/balancing.o
 SOCKTERM_OBJ := $(BUILD)/bpf/sockterm.o
+NODEPORT_OBJ := $(BUILD)/bpf/nodeport.o
 
-.PHONY: all setup bpf cluster wheel lint test test-unit test-kernel demo bench bench-hooks bench-memory bench-changes clean
+.PHONY: all setup bpf cluster wheel lint test test-unit test-kernel demo bench bench-hooks bench-memory bench-changes bench-nodeport bench-maglev clean
 
 all: bpf
 
 setup:
 	@bash scripts/setup.sh
 
-bpf: $(BPF_OBJ) $(SOCKTERM_OBJ)
+bpf: $(BPF_OBJ) $(SOCKTERM_OBJ) $(NODEPORT_OBJ)
 
 $(BPF_OBJ): bpf/balancing.c bpf/balancing.h
 	@mkdir -p $(dir $@)
@@ -24,6 +25,12 @@ $(BPF_OBJ): bpf/balancing.c bpf/balancing.h
 # Socket termination (iter/udp + bpf_sock_destroy, kernel >= 6.5): a separate object, so that the datapath
 # still loads where the kfunc is missing. Kernel types come from CO-RE declarations in the source, not vmlinux.h.
 $(SOCKTERM_OBJ): bpf/sockterm.c bpf/balancing.h
+	@mkdir -p $(dir $@)
+	clang $(BPF_CFLAGS) -c $< -o $@
+
+# North-south (TC on the node's devices): a separate object sharing the datapath's pinned maps, loaded only
+# where the agent is given devices (--nodeport-devices).
+$(NODEPORT_OBJ): bpf/nodeport.c bpf/balancing.h
 	@mkdir -p $(dir $@)
 	clang $(BPF_CFLAGS) -c $< -o $@
 
@@ -89,6 +96,15 @@ bench-hooks: setup bpf
 # does after its first full sync) or not, side by side: a forced full collection's pause and the change latency.
 bench-changes: setup bpf
 	$(PY) bench/changes.py $(ARGS)
+
+# North-south NodePort: new-connection rate and connect latency through the TC path vs a kube-proxy-shaped
+# iptables NodePort vs routing straight to the pod, with 1 and 10,000 Services (root; several minutes).
+bench-nodeport: setup bpf
+	$(PY) bench/nodeport.py $(ARGS)
+
+# Maglev table build time per table size and backend count (pure Python, the agent's cost per frontend).
+bench-maglev: setup
+	$(PY) bench/maglev.py $(ARGS)
 
 # Memory over a long Kubernetes-mode run under churn (no kernel, no root); e.g. ARGS="--duration 120 -o json".
 bench-memory: setup

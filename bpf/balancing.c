@@ -74,6 +74,14 @@ static __always_inline void copy_addr(__u32 *dst, const __u32 *src)
 	dst[3] = src[3];
 }
 
+static __always_inline void clear_addr_words(__u32 *addr)
+{
+	addr[0] = 0;
+	addr[1] = 0;
+	addr[2] = 0;
+	addr[3] = 0;
+}
+
 static __always_inline void clear_addr(struct bl_sockaddr *sa)
 {
 	sa->addr[0] = 0;
@@ -364,7 +372,7 @@ static __always_inline void account(struct bpf_sock_addr *ctx, __u8 hook, const 
 		return;
 	if (cfg->events == BL_EVENTS_SAMPLED && cfg->sample_every > 1 && bpf_get_prandom_u32() % cfg->sample_every)
 		return;
-	ev = bpf_ringbuf_reserve(&bl_events_v1, sizeof(*ev), 0);
+	ev = bpf_ringbuf_reserve(&bl_events_v2, sizeof(*ev), 0);
 	if (!ev) {
 		__u64 *lost = bpf_map_lookup_elem(&bl_evstat_v1, &zero);
 
@@ -387,7 +395,11 @@ static __always_inline void account(struct bpf_sock_addr *ctx, __u8 hook, const 
 	ev->result = out->result;
 	ev->pad = 0;
 	bpf_get_current_comm(ev->comm, sizeof(ev->comm));
-	bpf_ringbuf_submit(ev, bpf_ringbuf_query(&bl_events_v1, BPF_RB_AVAIL_DATA) >= cfg->wakeup_bytes ?
+	clear_addr_words(ev->client_addr);
+	ev->client_port = 0;
+	ev->pad2 = 0;
+	ev->ifindex = 0;
+	bpf_ringbuf_submit(ev, bpf_ringbuf_query(&bl_events_v2, BPF_RB_AVAIL_DATA) >= cfg->wakeup_bytes ?
 				       BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
 }
 

@@ -14,7 +14,8 @@
  * old pin whose entries it would misread.
  *
  * Each map is declared once, below. An object says which maps it carries by defining one of these before it
- * includes this header: BL_OBJ_DATAPATH (balancing.c) or BL_OBJ_SOCKTERM (sockterm.c).
+ * includes this header: BL_OBJ_DATAPATH (balancing.c), BL_OBJ_NODEPORT (nodeport.c, the north-south TC
+ * programs) or BL_OBJ_SOCKTERM (sockterm.c).
  */
 #ifndef BALANCING_H
 #define BALANCING_H
@@ -23,8 +24,11 @@
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 
-#if defined(BL_OBJ_DATAPATH) == defined(BL_OBJ_SOCKTERM)
-#error "define exactly one of BL_OBJ_DATAPATH and BL_OBJ_SOCKTERM before including balancing.h"
+#if defined(BL_OBJ_DATAPATH) + defined(BL_OBJ_NODEPORT) + defined(BL_OBJ_SOCKTERM) != 1
+#error "define exactly one of BL_OBJ_DATAPATH, BL_OBJ_NODEPORT and BL_OBJ_SOCKTERM before including balancing.h"
+#endif
+#if defined(BL_OBJ_DATAPATH) || defined(BL_OBJ_NODEPORT)
+#define BL_SHARED_MAPS /* the maps the socket hooks and the north-south programs share */
 #endif
 
 #define BL_ABI_VERSION 1
@@ -32,10 +36,17 @@
 /* Slot 0 of a frontend is its master entry; backend slots are 1..count. */
 #define BL_MASTER_SLOT 0
 
-/* struct bl_svc_key.scope: the primary tier, and the fallback tier policies fall through to. */
+/*
+ * struct bl_svc_key.scope: the primary tier, the fallback tier policies fall through to, and the external
+ * tier: the backends clients outside the cluster get through this node when they differ from the primary
+ * tier's (externalTrafficPolicy Local: this node's endpoints). The north-south programs never read the
+ * external tier's slots, they pick from the frontend's Maglev table (bl_mglv_v1), built from those backends;
+ * the slots are the writer's record of them.
+ */
 enum bl_scope {
 	BL_SCOPE_PRIMARY  = 0,
 	BL_SCOPE_FALLBACK = 1,
+	BL_SCOPE_EXTERNAL = 2,
 };
 
 /* struct bl_svc_val.flags (master entry) */
@@ -46,6 +57,9 @@ enum bl_svc_flags {
 	BL_SVC_F_CLIENTS   = 1 << 2, /* look the client's cgroup up in the client map (policy backends) */
 	BL_SVC_F_QOS       = 1 << 3, /* primary redirections are rate limited (QoS map) */
 	BL_SVC_F_HOST_ONLY = 1 << 4, /* only for clients in the host network namespace (loopback NodePorts) */
+	BL_SVC_F_EXTERNAL  = 1 << 5, /* served north-south: packets from outside to this node get a backend */
+	BL_SVC_F_ETP_LOCAL = 1 << 6, /* externalTrafficPolicy Local: external clients only get this node's pods */
+	BL_SVC_F_SRC_RANGES = 1 << 7, /* loadBalancerSourceRanges: external clients must be in bl_srcr_v1 */
 };
 
 /* Service map: (frontend, slot) -> master entry or backend slot. */
@@ -66,12 +80,17 @@ struct bl_svc_val {
 	__u32 affinity_timeout; /* master with BL_SVC_F_AFFINITY: idle seconds before a client may move */
 };
 
+/* struct bl_backend.flags */
+enum bl_backend_flags {
+	BL_BE_F_LOCAL = 1 << 0, /* a pod on this node: north-south keeps the client's address (no SNAT) */
+};
+
 /* Backend map: backend id -> address. */
 struct bl_backend {
 	__u32 addr[4];   /* backend address (IPv6 or v4-mapped IPv4), network order */
 	__u16 port;      /* backend port, network order */
 	__u8  proto;     /* protocol, as in the frontend */
-	__u8  flags;     /* reserved; 0 */
+	__u8  flags;     /* enum bl_backend_flags */
 	__u32 pad;       /* 0 */
 };
 
@@ -157,6 +176,14 @@ enum bl_result {
 	BL_RES_FALLBACK_EMPTY  = 7, /* fallback tier: the primary tier has no backend */
 	BL_RES_REFUSED         = 8, /* no usable backend: ECONNREFUSED */
 	BL_RES_REVERSED        = 9, /* recvmsg/getpeername showed the frontend instead of the backend */
+	/* north-south (TC), counted once per new flow */
+	BL_RES_NS_LOCAL        = 10, /* to a pod on this node, the client's address kept */
+	BL_RES_NS_SNAT         = 11, /* to a backend elsewhere, the source translated to this node's address */
+	BL_RES_DROP_NO_LOCAL   = 12, /* externalTrafficPolicy Local and no endpoint on this node */
+	BL_RES_DROP_SOURCE     = 13, /* the client is outside the frontend's loadBalancerSourceRanges */
+	BL_RES_DROP_NO_BACKEND = 14, /* no usable backend */
+	BL_RES_DROP_SNAT_PORTS = 15, /* no free SNAT port towards that backend */
+	BL_RES_DROP_CT_FULL    = 16, /* the connection-tracking map refused the flow */
 };
 
 /* Which hook resolved: counters and events carry one of these. */
@@ -169,6 +196,8 @@ enum bl_hook {
 	BL_HOOK_RECVMSG6     = 6,
 	BL_HOOK_GETPEERNAME4 = 7,
 	BL_HOOK_GETPEERNAME6 = 8,
+	BL_HOOK_TC_INGRESS   = 9,  /* north-south: a packet arriving on a node device */
+	BL_HOOK_TC_EGRESS    = 10, /* north-south: a packet leaving a node device */
 };
 
 /* Resolution counters (per CPU, summed at scrape time). */
@@ -224,7 +253,11 @@ struct bl_event {
 	__u8  proto;          /* IPPROTO_* */
 	__u8  result;         /* enum bl_result */
 	__u8  pad;
-	char  comm[16];       /* the client's command */
+	char  comm[16];       /* the client's command (north-south: empty) */
+	__u32 client_addr[4]; /* north-south: the external client's address (socket hooks: zero) */
+	__u16 client_port;    /* network order */
+	__u16 pad2;
+	__u32 ifindex;        /* north-south: the device the packet arrived on */
 };
 
 /*
@@ -258,6 +291,82 @@ enum bl_evstat {
 	BL_EVSTAT_MAX  = 1, /* the number of counters */
 };
 
+/*
+ * North-south (bpf/nodeport.c, TC on the node's devices). A flow from an external client to a frontend gets
+ * two connection-tracking entries, each keyed by a packet as it appears on the wire and saying what to
+ * rewrite it to: the client's direction (client -> frontend becomes [node ->] backend) and the reply's
+ * (backend -> client or node becomes frontend -> client). Replies of a backend on this node leave through a
+ * device (egress); replies to a source-NATed flow come back to the node (ingress).
+ */
+enum bl_ct_flags {
+	BL_CT_F_REPLY = 1 << 0, /* the reply direction's entry */
+	BL_CT_F_SNAT  = 1 << 1, /* the source is translated to the node (remote backend) */
+	BL_CT_F_LOCAL = 1 << 2, /* the backend is a pod on this node */
+};
+
+/* struct bl_ct_val.state: TCP progress as the programs saw it (UDP: NEW until a reply, then ESTABLISHED). */
+enum bl_ct_state {
+	BL_CT_NEW         = 0, /* only the client has sent */
+	BL_CT_ESTABLISHED = 1, /* the backend has answered */
+	BL_CT_CLOSING     = 2, /* a FIN or RST was seen */
+};
+
+struct bl_ct_key {
+	__u32 src[4];    /* v4-mapped for IPv4 */
+	__u32 dst[4];
+	__u16 sport;     /* network order */
+	__u16 dport;     /* network order */
+	__u8  proto;
+	__u8  pad;
+	__u16 pad2;
+};
+
+struct bl_ct_val {
+	__u32 src[4];       /* the packet's source becomes this */
+	__u32 dst[4];       /* its destination becomes this */
+	__u16 sport;        /* network order */
+	__u16 dport;        /* network order */
+	__u32 svc_id;       /* frontend identity */
+	__u32 backend_id;   /* the flow keeps this backend while it exists */
+	__u8  flags;        /* enum bl_ct_flags */
+	__u8  state;        /* enum bl_ct_state (the client direction's entry is the one updated) */
+	__u16 pad;
+	__u64 created_ns;   /* bpf_ktime_get_ns() at the first packet */
+	__u64 seen_ns;      /* bpf_ktime_get_ns() at the last packet (written at most once a second) */
+};
+
+/* One node device north-south runs on: the addresses remote backends see as the source (ifindex key). */
+struct bl_nsdev {
+	__u32 addr4[4];  /* v4-mapped; zero: IPv4 flows through this device are not source-NATed (dropped) */
+	__u32 addr6[4];  /* zero: likewise for IPv6 */
+};
+
+/* North-south settings (array of one), written by the agent. */
+struct bl_ns_config {
+	__u32 maglev_size; /* entries of every Maglev table (a prime); 0: north-south translates nothing */
+	__u16 snat_min;    /* SNAT source ports, host order, inclusive */
+	__u16 snat_max;
+	__u32 flags;       /* reserved; 0 */
+	__u32 pad;
+};
+
+/* loadBalancerSourceRanges: (frontend, client prefix). prefixlen counts svc_id's 32 bits, then the address's
+ * 128 (IPv4 prefixes as v4-mapped: 96 + length). */
+struct bl_srcr_key {
+	__u32 prefixlen;
+	__u32 svc_id;
+	__u32 addr[4];
+};
+
+/* Indexes in the per-CPU north-south fill counters (bl_nsstat_v1). */
+enum bl_nsstat {
+	BL_NSSTAT_SNAT_ALLOCATED = 0, /* SNAT ports taken (flows started) */
+	BL_NSSTAT_SNAT_RETRIES   = 1, /* SNAT candidates found taken */
+	BL_NSSTAT_CT_CREATED     = 2, /* flows tracked */
+	BL_NSSTAT_BACKEND_GONE   = 3, /* tracked flows whose backend was gone (picked again) */
+	BL_NSSTAT_MAX            = 4,
+};
+
 _Static_assert(sizeof(struct bl_svc_key) == 24, "bl_svc_key layout");
 _Static_assert(sizeof(struct bl_svc_val) == 16, "bl_svc_val layout");
 _Static_assert(sizeof(struct bl_backend) == 24, "bl_backend layout");
@@ -272,7 +381,12 @@ _Static_assert(sizeof(struct bl_client_val) == 8, "bl_client_val layout");
 _Static_assert(sizeof(struct bl_qos_val) == 16, "bl_qos_val layout");
 _Static_assert(sizeof(struct bl_stat_key) == 8, "bl_stat_key layout");
 _Static_assert(sizeof(struct bl_config) == 32, "bl_config layout");
-_Static_assert(sizeof(struct bl_event) == 96, "bl_event layout");
+_Static_assert(sizeof(struct bl_event) == 120, "bl_event layout");
+_Static_assert(sizeof(struct bl_ct_key) == 40, "bl_ct_key layout");
+_Static_assert(sizeof(struct bl_ct_val) == 64, "bl_ct_val layout");
+_Static_assert(sizeof(struct bl_nsdev) == 32, "bl_nsdev layout");
+_Static_assert(sizeof(struct bl_ns_config) == 16, "bl_ns_config layout");
+_Static_assert(sizeof(struct bl_srcr_key) == 24, "bl_srcr_key layout");
 _Static_assert(sizeof(struct bl_doom_key) == 40, "bl_doom_key layout");
 _Static_assert(sizeof(struct bl_term_rec) == 16, "bl_term_rec layout");
 
@@ -288,13 +402,21 @@ _Static_assert(sizeof(struct bl_term_rec) == 16, "bl_term_rec layout");
 #define BL_DEFAULT_EVENT_BYTES   (4 << 20)          /* ring buffer */
 #define BL_DEFAULT_DOOM_ENTRIES  65536              /* doomed (frontend, backend) pairs per iterator run */
 #define BL_DEFAULT_SKIP_ENTRIES  16384              /* cgroups of this node's pods excluded from socket LB */
+#define BL_DEFAULT_MAGLEV_ENTRIES 65536             /* frontends served north-south (one table each) */
+#define BL_DEFAULT_MAGLEV_SIZE   16381              /* entries of one Maglev table: a prime >= 100 x backends */
+#define BL_DEFAULT_SRCR_ENTRIES  16384              /* (frontend, source range) pairs */
+#define BL_DEFAULT_CT_ENTRIES    262144             /* north-south flows x 2 directions */
+#define BL_DEFAULT_NSDEV_ENTRIES 64                 /* node devices north-south runs on */
 
 /*
- * The maps. The datapath object (BL_OBJ_DATAPATH) carries all of them but bl_doom_v1 and pins each under
- * <bpffs>/maps/<name>; the socket-termination object (BL_OBJ_SOCKTERM) carries bl_sock_v2, which its
- * loader points at the datapath's pin, and bl_doom_v1, its own and never pinned.
+ * The maps, pinned under <bpffs>/maps/<name>. The datapath object (BL_OBJ_DATAPATH) carries the socket
+ * hooks' maps and the shared ones; the north-south object (BL_OBJ_NODEPORT) the shared ones, which its loader
+ * points at the datapath's pins, and its own (connection tracking, devices, settings); the
+ * socket-termination object (BL_OBJ_SOCKTERM) carries bl_sock_v2, pointed at the datapath's pin, and
+ * bl_doom_v1, its own and never pinned.
  */
 
+#if defined(BL_OBJ_DATAPATH) || defined(BL_OBJ_SOCKTERM)
 /* Connected sockets: socket cookie -> what the app connected to and where it really goes. Written by
  * connect4/6, read by recvmsg/getpeername and the termination iterator, deleted by sock_release.
  * Preallocated: no allocation on the connect path. */
@@ -304,8 +426,9 @@ struct {
 	__type(key, __u64);
 	__type(value, struct bl_sock_rev);
 } bl_sock_v2 SEC(".maps");
+#endif
 
-#ifdef BL_OBJ_DATAPATH
+#ifdef BL_SHARED_MAPS
 /* Frontends: (frontend, scope, slot) -> a tier's master entry (slot 0) or one of its backend slots. Written
  * by the agent. */
 struct {
@@ -325,6 +448,69 @@ struct {
 	__type(value, struct bl_backend);
 } bl_be_v1 SEC(".maps");
 
+/* Resolution counters: (frontend, result, protocol, hook) -> count, per CPU. Read by the agent's metrics. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, BL_DEFAULT_STAT_ENTRIES);
+	__type(key, struct bl_stat_key);
+	__type(value, __u64);
+} bl_stats_v1 SEC(".maps");
+
+/* Run-time settings (index 0): events, sampling, wakeup threshold, the host's netns, which clients are left
+ * alone. Written by the agent. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct bl_config);
+} bl_cfg_v3 SEC(".maps");
+
+/* Resolution events (struct bl_event), read by the agent's event pipeline. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, BL_DEFAULT_EVENT_BYTES);
+} bl_events_v2 SEC(".maps");
+
+/* Event counters (enum bl_evstat) -> count, per CPU. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, BL_EVSTAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} bl_evstat_v1 SEC(".maps");
+
+/* Maglev tables of the frontends served north-south: svc_id -> an array of maglev_size backend ids (struct
+ * bl_ns_config), built by the agent from the external backends and swapped whole (a new inner map, then one
+ * update of this entry), so a packet never sees a half-written table. Written by the agent. */
+struct bl_maglev_table {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_INNER_MAP); /* tables of any size may be inserted */
+	__uint(max_entries, BL_DEFAULT_MAGLEV_SIZE);
+	__type(key, __u32);
+	__type(value, __u32);
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH_OF_MAPS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, BL_DEFAULT_MAGLEV_ENTRIES);
+	__type(key, __u32);
+	__array(values, struct bl_maglev_table);
+} bl_mglv_v1 SEC(".maps");
+
+/* loadBalancerSourceRanges of the frontends with BL_SVC_F_SRC_RANGES: (svc_id, client prefix) -> 1
+ * (unused). Written by the agent. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, BL_DEFAULT_SRCR_ENTRIES);
+	__type(key, struct bl_srcr_key);
+	__type(value, __u32);
+} bl_srcr_v1 SEC(".maps");
+#endif /* BL_SHARED_MAPS */
+
+#ifdef BL_OBJ_DATAPATH
 /* Unconnected UDP: (socket, backend) -> the frontend a datagram was sent to, for recvmsg. Written by
  * sendmsg4/6 (only when it changes); never deleted: an LRU, the least recently used make room. */
 struct {
@@ -369,24 +555,6 @@ struct {
 	__type(value, struct bl_qos_val);
 } bl_qos_v1 SEC(".maps");
 
-/* Resolution counters: (frontend, result, protocol, hook) -> count, per CPU. Read by the agent's metrics. */
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(max_entries, BL_DEFAULT_STAT_ENTRIES);
-	__type(key, struct bl_stat_key);
-	__type(value, __u64);
-} bl_stats_v1 SEC(".maps");
-
-/* Run-time settings (index 0): events, sampling, wakeup threshold, the host's netns, which clients are left
- * alone. Written by the agent. */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct bl_config);
-} bl_cfg_v3 SEC(".maps");
-
 /* Clients excluded from socket LB (pods annotated, or in a namespace labelled, balancing.elf.io/socket-lb:
  * disabled): cgroup v2 id of one of the pod's cgroups -> 1 (unused). Looked up only while BL_CFG_F_SKIP is
  * set. Written by the agent. */
@@ -397,21 +565,42 @@ struct {
 	__type(key, __u64);
 	__type(value, __u32);
 } bl_skip_v1 SEC(".maps");
+#endif /* BL_OBJ_DATAPATH */
 
-/* Resolution events (struct bl_event), read by the agent's event pipeline. */
+#ifdef BL_OBJ_NODEPORT
+/* North-south connection tracking: a packet as it appears (struct bl_ct_key) -> what to rewrite it to. Both
+ * directions of a flow; the least recently used make room. Written by the TC programs. */
 struct {
-	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, BL_DEFAULT_EVENT_BYTES);
-} bl_events_v1 SEC(".maps");
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, BL_DEFAULT_CT_ENTRIES);
+	__type(key, struct bl_ct_key);
+	__type(value, struct bl_ct_val);
+} bl_ct_v1 SEC(".maps");
 
-/* Event counters (enum bl_evstat) -> count, per CPU. */
+/* The node devices north-south runs on: ifindex -> their SNAT addresses. Written by the agent. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, BL_DEFAULT_NSDEV_ENTRIES);
+	__type(key, __u32);
+	__type(value, struct bl_nsdev);
+} bl_nsdev_v1 SEC(".maps");
+
+/* North-south settings (index 0). Written by the agent. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct bl_ns_config);
+} bl_nscfg_v1 SEC(".maps");
+
+/* North-south counters (enum bl_nsstat) -> count, per CPU. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, BL_EVSTAT_MAX);
+	__uint(max_entries, BL_NSSTAT_MAX);
 	__type(key, __u32);
 	__type(value, __u64);
-} bl_evstat_v1 SEC(".maps");
-#endif /* BL_OBJ_DATAPATH */
+} bl_nsstat_v1 SEC(".maps");
+#endif /* BL_OBJ_NODEPORT */
 
 #ifdef BL_OBJ_SOCKTERM
 /* (frontend, backend) pairs whose connected UDP sockets are to be destroyed (value unused). Filled by the
@@ -440,8 +629,14 @@ struct bl_btf_anchor {
 	enum bl_events_mode events;
 	enum bl_cfg_flags cfg_flags;
 	enum bl_evstat evstat;
+	enum bl_backend_flags backend_flags;
+	enum bl_ct_flags ct_flags;
+	enum bl_ct_state ct_state;
+	enum bl_nsstat nsstat;
 	struct bl_event event;        /* by value: behind a pointer BTF would only forward-declare it */
 	struct bl_term_rec term_rec;
+	struct bl_ns_config ns_config;
+	struct bl_nsdev nsdev;
 };
 
 __attribute__((used)) static __noinline int bl_btf_anchor(const struct bl_btf_anchor *types)

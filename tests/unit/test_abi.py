@@ -1,9 +1,10 @@
 """The Python mirror (datapath/abi.py) against the BTF of the compiled objects.
 
-``balancing.o`` (the datapath) and ``sockterm.o`` (socket termination, which reuses the datapath's reverse
-map and carries its own doomed map): struct sizes and offsets, the C enums' values against abi's constants,
-which maps each object carries and the capacity each is declared with. Reads BTF with ``bpftool btf dump
--j``; needs only the built objects (``make bpf``), not the kernel.
+``balancing.o`` (the datapath), ``nodeport.o`` (north-south, which shares the datapath's frontend, backend,
+counter, event, Maglev and source-range maps and carries its own) and ``sockterm.o`` (socket termination,
+which reuses the datapath's reverse map and carries its own doomed map): struct sizes and offsets, the C
+enums' values against abi's constants, which maps each object carries and the capacity each is declared
+with. Reads BTF with ``bpftool btf dump -j``; needs only the built objects (``make bpf``), not the kernel.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from balancing.datapath import abi
 from balancing.model.desired import Protocol
 
 BUILD = Path(__file__).resolve().parents[2] / "build/bpf"
-DATAPATH, SOCKTERM = BUILD / "balancing.o", BUILD / "sockterm.o"
+DATAPATH, SOCKTERM, NODEPORT = BUILD / "balancing.o", BUILD / "sockterm.o", BUILD / "nodeport.o"
 
 pytestmark = pytest.mark.skipif(
-    not DATAPATH.is_file() or not SOCKTERM.is_file() or shutil.which("bpftool") is None,
+    not all(o.is_file() for o in (DATAPATH, SOCKTERM, NODEPORT)) or shutil.which("bpftool") is None,
     reason="needs `make bpf` and bpftool",
 )
 Btf = list[dict[str, Any]]
@@ -46,6 +47,11 @@ def btf() -> Btf:
 @pytest.fixture(scope="module")
 def sockterm_btf() -> Btf:
     return _dump(SOCKTERM)
+
+
+@pytest.fixture(scope="module")
+def nodeport_btf() -> Btf:
+    return _dump(NODEPORT)
 
 
 def _check_layout(btf: Btf, layout: abi.Layout) -> None:
@@ -101,8 +107,21 @@ def test_sockterm_struct_layout_matches_btf(sockterm_btf: Btf, layout: abi.Layou
     _check_layout(sockterm_btf, layout)
 
 
+@pytest.mark.parametrize(
+    "layout", (*abi.NODEPORT_LAYOUTS, abi.EVENT, abi.SRCR_KEY), ids=lambda lay: lay.c_name
+)
+def test_nodeport_struct_layout_matches_btf(nodeport_btf: Btf, layout: abi.Layout) -> None:
+    _check_layout(nodeport_btf, layout)
+
+
 def test_every_map_the_object_defines_is_mirrored(btf: Btf) -> None:
     assert _declared_maps(btf) == set(abi.ALL_MAPS)
+
+
+def test_nodeport_declares_the_shared_maps_and_its_own(nodeport_btf: Btf) -> None:
+    assert _declared_maps(nodeport_btf) == {*abi.SHARED_MAPS, *abi.NODEPORT_MAPS}
+    assert set(abi.SHARED_MAPS) <= set(abi.ALL_MAPS)
+    assert not set(abi.NODEPORT_MAPS) & set(abi.ALL_MAPS)  # pinned by the north-south loader only
 
 
 def test_sockterm_declares_exactly_its_mirrored_maps(sockterm_btf: Btf) -> None:
@@ -122,29 +141,35 @@ def test_doom_key_packing() -> None:
     assert key[offsets["proto"]] == 17
 
 
-@pytest.mark.parametrize("obj", ["datapath", "sockterm"])
-def test_maps_are_declared_with_the_mirrored_capacities(btf: Btf, sockterm_btf: Btf, obj: str) -> None:
-    types = btf if obj == "datapath" else sockterm_btf
+@pytest.mark.parametrize("obj", ["datapath", "sockterm", "nodeport"])
+def test_maps_are_declared_with_the_mirrored_capacities(
+    btf: Btf, sockterm_btf: Btf, nodeport_btf: Btf, obj: str
+) -> None:
+    types = {"datapath": btf, "sockterm": sockterm_btf, "nodeport": nodeport_btf}[obj]
     declared = {name: _max_entries(types, d) for name, d in _map_vars(types).items()}
     assert declared == {name: abi.DEFAULT_ENTRIES[name] for name in declared}
 
 
 def test_every_map_has_a_default_capacity() -> None:
-    assert set(abi.DEFAULT_ENTRIES) == {*abi.ALL_MAPS, *abi.SOCKTERM_MAPS}
+    assert set(abi.DEFAULT_ENTRIES) == {*abi.ALL_MAPS, *abi.SOCKTERM_MAPS, *abi.NODEPORT_MAPS}
 
 
 @pytest.mark.parametrize(("c_name", "prefix"), abi.ENUMS.items(), ids=list(abi.ENUMS))
-def test_enum_matches_btf(btf: Btf, sockterm_btf: Btf, c_name: str, prefix: str) -> None:
+def test_enum_matches_btf(btf: Btf, sockterm_btf: Btf, nodeport_btf: Btf, c_name: str, prefix: str) -> None:
     """Each C enum's enumerators are abi's constants of its prefix, by name and value (BL_RES_X is RES_X),
-    the same in both objects (both include the one header)."""
+    the same in every object (all include the one header)."""
     in_c = _enum(btf, c_name)
     assert all(n.startswith("BL_" + prefix) for n in in_c), f"enum {c_name}: an enumerator without {prefix}"
-    assert {n.removeprefix("BL_"): v for n, v in in_c.items()} == _mirrored(prefix)
+    mirrored = _mirrored(prefix)
+    if prefix == "CT_":  # CT_F_* (enum bl_ct_flags) share the prefix of CT_* (enum bl_ct_state)
+        mirrored = {n: v for n, v in mirrored.items() if not n.startswith("CT_F_")}
+    assert {n.removeprefix("BL_"): v for n, v in in_c.items()} == mirrored
     assert _enum(sockterm_btf, c_name) == in_c
+    assert _enum(nodeport_btf, c_name) == in_c
 
 
-def test_every_c_enum_is_mirrored(btf: Btf, sockterm_btf: Btf) -> None:
-    for types in (btf, sockterm_btf):
+def test_every_c_enum_is_mirrored(btf: Btf, sockterm_btf: Btf, nodeport_btf: Btf) -> None:
+    for types in (btf, sockterm_btf, nodeport_btf):
         assert {t["name"] for t in types if t.get("kind") == "ENUM" and t["name"].startswith("bl_")} == set(
             abi.ENUMS
         )
@@ -171,3 +196,13 @@ def test_config_flags_change_alone() -> None:
 def test_skip_key_is_a_cgroup_id() -> None:
     key = abi.pack_skip_key(2**40 + 5)
     assert len(key) == 8 and abi.unpack_skip_key(key) == 2**40 + 5
+
+
+def test_source_range_keys() -> None:
+    """An LPM key's prefix length counts the frontend's 32 bits, then the address's (IPv4 as v4-mapped)."""
+    v4 = abi.pack_source_range(7, ipaddress.ip_network("203.0.113.0/24"))
+    assert abi.SRCR_KEY.packer.unpack(v4)[:2] == (32 + 96 + 24, 7)
+    assert abi.unpack_source_range(v4) == (7, ipaddress.ip_network("203.0.113.0/24"))
+    v6 = abi.pack_source_range(9, ipaddress.ip_network("2001:db8::/32"))
+    assert abi.unpack_source_range(v6) == (9, ipaddress.ip_network("2001:db8::/32"))
+    assert abi.source_range_svc_id(v6) == 9

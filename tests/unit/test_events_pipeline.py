@@ -34,6 +34,10 @@ def raw_event(svc_id: int = 17, cgroup_id: int = 1) -> bytes:
         1,
         0,
         b"curl".ljust(16, b"\0"),
+        bytes(16),  # client_addr (north-south only)
+        abi.pack_port(0),
+        0,
+        0,
     )
 
 
@@ -120,7 +124,7 @@ def test_drain_processes_everything_in_batches(tmp_path: Path) -> None:
 
 def test_run_without_the_pinned_ring_fails_clearly(tmp_path: Path) -> None:
     pipeline, _ = make(tmp_path)
-    with pytest.raises(OSError, match="bl_events_v1"):
+    with pytest.raises(OSError, match="bl_events_v2"):
         asyncio.run(pipeline.run(asyncio.Event()))
 
 

@@ -41,6 +41,10 @@ def raw_event(
         result,
         0,
         b"curl".ljust(16, b"\0"),
+        bytes(16),  # client_addr (north-south only)
+        abi.pack_port(0),
+        0,
+        0,
     )
 
 

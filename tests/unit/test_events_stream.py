@@ -52,6 +52,10 @@ def raw_event(svc_id: int, cgroup_id: int, result: int = 1) -> bytes:
         result,
         0,
         b"curl".ljust(16, b"\0"),
+        bytes(16),  # client_addr (north-south only)
+        abi.pack_port(0),
+        0,
+        0,
     )
 
 

@@ -30,10 +30,18 @@ MAP_QOS = "bl_qos_v1"
 MAP_STATS = "bl_stats_v1"
 MAP_CONFIG = "bl_cfg_v3"
 MAP_SKIP = "bl_skip_v1"
-MAP_EVENTS = "bl_events_v1"
+MAP_EVENTS = "bl_events_v2"
 MAP_EVENT_STATS = "bl_evstat_v1"
 MAP_DOOMED = "bl_doom_v1"  # carried by sockterm.o only (socket termination), never pinned: not in ALL_MAPS
 SOCKTERM_MAPS = (MAP_SOCK_REVERSE, MAP_DOOMED)  # the maps sockterm.o carries: reused, resp. its own
+MAP_MAGLEV = "bl_mglv_v1"  # north-south Maglev tables (hash of maps), written by the writer
+MAP_SOURCE_RANGES = "bl_srcr_v1"  # loadBalancerSourceRanges (LPM trie), written by the writer
+MAP_CONNTRACK = "bl_ct_v1"  # carried by nodeport.o: north-south connection tracking
+MAP_NS_DEVICES = "bl_nsdev_v1"  # nodeport.o: the devices north-south runs on
+MAP_NS_CONFIG = "bl_nscfg_v1"  # nodeport.o: north-south settings
+MAP_NS_STATS = "bl_nsstat_v1"  # nodeport.o: north-south fill counters
+# The maps only nodeport.o carries (pinned by the north-south loader; the rest of its maps are shared).
+NODEPORT_MAPS = (MAP_CONNTRACK, MAP_NS_DEVICES, MAP_NS_CONFIG, MAP_NS_STATS)
 ALL_MAPS = (
     MAP_SERVICES,
     MAP_BACKENDS,
@@ -48,6 +56,19 @@ ALL_MAPS = (
     MAP_SKIP,
     MAP_EVENTS,
     MAP_EVENT_STATS,
+    MAP_MAGLEV,
+    MAP_SOURCE_RANGES,
+)
+# The maps both balancing.o and nodeport.o carry (nodeport.o reuses balancing.o's pins).
+SHARED_MAPS = (
+    MAP_SERVICES,
+    MAP_BACKENDS,
+    MAP_STATS,
+    MAP_CONFIG,
+    MAP_EVENTS,
+    MAP_EVENT_STATS,
+    MAP_MAGLEV,
+    MAP_SOURCE_RANGES,
 )
 
 # The C enums of bpf/balancing.h, each as the prefix its enumerators share here (BL_ dropped there).
@@ -60,16 +81,25 @@ ENUMS = {
     "bl_events_mode": "EVENTS_",
     "bl_cfg_flags": "CFG_F_",
     "bl_evstat": "EVSTAT_",
+    "bl_backend_flags": "BE_F_",
+    "bl_ct_flags": "CT_F_",
+    "bl_ct_state": "CT_",
+    "bl_nsstat": "NSSTAT_",
 }
 SCOPE_PRIMARY = 0
 SCOPE_FALLBACK = 1
+SCOPE_EXTERNAL = 2
 SVC_F_NONE = 0
 SVC_F_AFFINITY = 1 << 0
 SVC_F_FALLBACK = 1 << 1
 SVC_F_CLIENTS = 1 << 2
 SVC_F_QOS = 1 << 3
 SVC_F_HOST_ONLY = 1 << 4
+SVC_F_EXTERNAL = 1 << 5
+SVC_F_ETP_LOCAL = 1 << 6
+SVC_F_SRC_RANGES = 1 << 7
 CLIENT_F_SKIP = 1 << 0
+BE_F_LOCAL = 1 << 0  # struct bl_backend.flags: a pod on this node
 
 # Resolution results (struct bl_stat_key.result, struct bl_event.result).
 RES_TRANSLATED = 1
@@ -81,6 +111,13 @@ RES_FALLBACK_QOS = 6
 RES_FALLBACK_EMPTY = 7
 RES_REFUSED = 8
 RES_REVERSED = 9
+RES_NS_LOCAL = 10
+RES_NS_SNAT = 11
+RES_DROP_NO_LOCAL = 12
+RES_DROP_SOURCE = 13
+RES_DROP_NO_BACKEND = 14
+RES_DROP_SNAT_PORTS = 15
+RES_DROP_CT_FULL = 16
 # ... and their names in metrics, events and traces.
 RESULTS = {
     RES_TRANSLATED: "translated",
@@ -92,7 +129,16 @@ RESULTS = {
     RES_FALLBACK_EMPTY: "fallback_no_primary_backend",
     RES_REFUSED: "refused",
     RES_REVERSED: "reversed",
+    RES_NS_LOCAL: "translated_local",
+    RES_NS_SNAT: "translated_snat",
+    RES_DROP_NO_LOCAL: "dropped_no_local_endpoint",
+    RES_DROP_SOURCE: "dropped_source_range",
+    RES_DROP_NO_BACKEND: "dropped_no_backend",
+    RES_DROP_SNAT_PORTS: "dropped_snat_ports",
+    RES_DROP_CT_FULL: "dropped_conntrack_full",
 }
+# The north-south drops, for the metrics of drops by reason.
+NS_DROPS = (RES_DROP_NO_LOCAL, RES_DROP_SOURCE, RES_DROP_NO_BACKEND, RES_DROP_SNAT_PORTS, RES_DROP_CT_FULL)
 # The hook that resolved (struct bl_stat_key.hook, struct bl_event.hook), and its name.
 HOOK_CONNECT4 = 1
 HOOK_CONNECT6 = 2
@@ -102,6 +148,8 @@ HOOK_RECVMSG4 = 5
 HOOK_RECVMSG6 = 6
 HOOK_GETPEERNAME4 = 7
 HOOK_GETPEERNAME6 = 8
+HOOK_TC_INGRESS = 9
+HOOK_TC_EGRESS = 10
 HOOKS = {
     HOOK_CONNECT4: "connect4",
     HOOK_CONNECT6: "connect6",
@@ -111,6 +159,8 @@ HOOKS = {
     HOOK_RECVMSG6: "recvmsg6",
     HOOK_GETPEERNAME4: "getpeername4",
     HOOK_GETPEERNAME6: "getpeername6",
+    HOOK_TC_INGRESS: "tc_ingress",
+    HOOK_TC_EGRESS: "tc_egress",
 }
 EVENTS_OFF, EVENTS_SAMPLED, EVENTS_ALL = 0, 1, 2  # struct bl_config.events
 # struct bl_config.flags: which clients the socket hooks leave alone.
@@ -118,6 +168,16 @@ CFG_F_HOST_NS_ONLY = 1 << 0  # socketLB.hostNamespaceOnly (the agent's configura
 CFG_F_SKIP = 1 << 1  # bl_skip_v1 has entries (the writer's)
 EVSTAT_LOST = 0  # index in bl_evstat_v1: events dropped, the ring buffer was full
 EVSTAT_MAX = 1  # the number of event counters
+CT_F_REPLY = 1 << 0  # struct bl_ct_val.flags: the reply direction's entry
+CT_F_SNAT = 1 << 1  # the source is translated to the node (remote backend)
+CT_F_LOCAL = 1 << 2  # the backend is a pod on this node
+CT_NEW, CT_ESTABLISHED, CT_CLOSING = 0, 1, 2  # struct bl_ct_val.state
+CT_STATES = {CT_NEW: "new", CT_ESTABLISHED: "established", CT_CLOSING: "closing"}
+NSSTAT_SNAT_ALLOCATED = 0  # indexes in bl_nsstat_v1
+NSSTAT_SNAT_RETRIES = 1
+NSSTAT_CT_CREATED = 2
+NSSTAT_BACKEND_GONE = 3
+NSSTAT_MAX = 4
 
 MASTER_SLOT = 0
 DEFAULT_SVC_ENTRIES = 65536 + 1048576
@@ -131,6 +191,11 @@ DEFAULT_STAT_ENTRIES = 262144
 DEFAULT_EVENT_BYTES = 4 << 20
 DEFAULT_DOOM_ENTRIES = 65536
 DEFAULT_SKIP_ENTRIES = 16384
+DEFAULT_MAGLEV_ENTRIES = 65536
+DEFAULT_MAGLEV_SIZE = 16381
+DEFAULT_SRCR_ENTRIES = 16384
+DEFAULT_CT_ENTRIES = 262144
+DEFAULT_NSDEV_ENTRIES = 64
 # The capacity each map is declared with (the loaders override most from flags before load).
 DEFAULT_ENTRIES = {
     MAP_SERVICES: DEFAULT_SVC_ENTRIES,
@@ -147,6 +212,12 @@ DEFAULT_ENTRIES = {
     MAP_EVENTS: DEFAULT_EVENT_BYTES,
     MAP_EVENT_STATS: EVSTAT_MAX,
     MAP_DOOMED: DEFAULT_DOOM_ENTRIES,
+    MAP_MAGLEV: DEFAULT_MAGLEV_ENTRIES,
+    MAP_SOURCE_RANGES: DEFAULT_SRCR_ENTRIES,
+    MAP_CONNTRACK: DEFAULT_CT_ENTRIES,
+    MAP_NS_DEVICES: DEFAULT_NSDEV_ENTRIES,
+    MAP_NS_CONFIG: 1,
+    MAP_NS_STATS: NSSTAT_MAX,
 }
 
 
@@ -233,8 +304,45 @@ EVENT = Layout(
         ("result", "B"),
         ("pad", "B"),
         ("comm", "16s"),
+        ("client_addr", "16s"),
+        ("client_port", "2s"),
+        ("pad2", "H"),
+        ("ifindex", "I"),
     ),
 )
+CT_KEY = Layout(
+    "bl_ct_key",
+    (
+        ("src", "16s"),
+        ("dst", "16s"),
+        ("sport", "2s"),
+        ("dport", "2s"),
+        ("proto", "B"),
+        ("pad", "B"),
+        ("pad2", "H"),
+    ),
+)
+CT_VAL = Layout(
+    "bl_ct_val",
+    (
+        ("src", "16s"),
+        ("dst", "16s"),
+        ("sport", "2s"),
+        ("dport", "2s"),
+        ("svc_id", "I"),
+        ("backend_id", "I"),
+        ("flags", "B"),
+        ("state", "B"),
+        ("pad", "H"),
+        ("created_ns", "Q"),
+        ("seen_ns", "Q"),
+    ),
+)
+NSDEV = Layout("bl_nsdev", (("addr4", "16s"), ("addr6", "16s")))
+NS_CONFIG = Layout(
+    "bl_ns_config", (("maglev_size", "I"), ("snat_min", "H"), ("snat_max", "H"), ("flags", "I"), ("pad", "I"))
+)
+SRCR_KEY = Layout("bl_srcr_key", (("prefixlen", "I"), ("svc_id", "I"), ("addr", "16s")))
 LAYOUTS = (
     SVC_KEY,
     SVC_VAL,
@@ -251,7 +359,10 @@ LAYOUTS = (
     STAT_KEY,
     CONFIG,
     EVENT,
+    SRCR_KEY,
 )
+# North-south (bpf/nodeport.c): checked against nodeport.o's BTF by tests/unit/test_abi.py.
+NODEPORT_LAYOUTS = (CT_KEY, CT_VAL, NSDEV, NS_CONFIG)
 # Socket termination (bpf/sockterm.c): checked against sockterm.o's BTF by tests/unit/test_abi.py.
 DOOM_KEY = Layout(
     "bl_doom_key",
@@ -381,19 +492,22 @@ class BackendVal:
     addr: bytes
     port: int
     proto: int
+    flags: int = 0
 
     def pack(self) -> bytes:
-        return _BACKEND.pack(self.addr, pack_port(self.port), self.proto, 0, 0)
+        return _BACKEND.pack(self.addr, pack_port(self.port), self.proto, self.flags, 0)
 
     @classmethod
     def unpack(cls, raw: bytes) -> BackendVal:
-        addr, port, proto, _flags, _pad = _BACKEND.unpack(raw)
-        return cls(addr, unpack_port(port), proto)
+        addr, port, proto, flags, _pad = _BACKEND.unpack(raw)
+        return cls(addr, unpack_port(port), proto, flags)
 
 
-def pack_backend(ip: IPAddress, port: int, protocol: Protocol | int) -> bytes:
-    """A backend map value; also the writer's identity of a backend (bytes hash fast and compare exactly)."""
-    return _BACKEND.pack(pack_addr(ip), pack_port(port), int(protocol), 0, 0)
+def pack_backend(ip: IPAddress, port: int, protocol: Protocol | int, flags: int = 0) -> bytes:
+    """A backend map value; also the writer's identity of a backend (bytes hash fast and compare exactly).
+    ``flags``: ``BE_F_LOCAL`` for a pod on this node that north-south reaches without SNAT (the same address
+    is another backend entry without it, for frontends that do not care)."""
+    return _BACKEND.pack(pack_addr(ip), pack_port(port), int(protocol), flags, 0)
 
 
 def pack_slot(backend_id: int) -> bytes:
@@ -459,6 +573,11 @@ MAP_LAYOUTS: dict[str, tuple[Layout, Layout]] = {
     MAP_CONFIG: (Layout("__u32", (("index", "I"),)), CONFIG),
     MAP_SKIP: (Layout("__u64", (("cgroup_id", "Q"),)), Layout("__u32", (("value", "I"),))),
     MAP_DOOMED: (DOOM_KEY, Layout("__u32", (("value", "I"),))),
+    MAP_MAGLEV: (Layout("__u32", (("svc_id", "I"),)), Layout("__u32", (("map_id", "I"),))),
+    MAP_SOURCE_RANGES: (SRCR_KEY, Layout("__u32", (("value", "I"),))),
+    MAP_CONNTRACK: (CT_KEY, CT_VAL),
+    MAP_NS_DEVICES: (Layout("__u32", (("ifindex", "I"),)), NSDEV),
+    MAP_NS_CONFIG: (Layout("__u32", (("index", "I"),)), NS_CONFIG),
 }
 
 
@@ -478,13 +597,17 @@ class Event:
     proto: int
     result: str
     comm: str
+    client: tuple[IPAddress, int] | None = None  # north-south: the external client
+    ifindex: int = 0  # north-south: the device the packet arrived on
 
     @classmethod
     def unpack(cls, raw: bytes) -> Event:
-        (ts, cg, netns, sock, pid, svc_id, orig, be, oport, bport, hook, proto, result, _pad, comm) = (
+        (ts, cg, netns, sock, pid, svc_id, orig, be, oport, bport, hook, proto, result, _pad, comm, *rest) = (
             _EVENT.unpack_from(raw)
         )
+        client_addr, client_port, _pad2, ifindex = rest
         backend = None if be == bytes(16) else (unpack_addr(be), unpack_port(bport))
+        client = None if client_addr == bytes(16) else (unpack_addr(client_addr), unpack_port(client_port))
         return cls(
             ts,
             cg,
@@ -498,6 +621,8 @@ class Event:
             proto,
             RESULTS.get(result, str(result)),
             comm.split(b"\0", 1)[0].decode(errors="replace"),
+            client,
+            ifindex,
         )
 
 
@@ -581,3 +706,105 @@ def unpack_term_recs(raw: bytes) -> list[tuple[int, int, int]]:
         (int(c), int(s), int(e))
         for c, s, e in _TERM_REC.iter_unpack(raw[: len(raw) - len(raw) % _TERM_REC.size])
     ]
+
+
+# --- north-south (bpf/nodeport.c) ------------------------------------------------------------------------
+
+_SRCR_KEY = SRCR_KEY.packer
+_CT_KEY = CT_KEY.packer
+_CT_VAL = CT_VAL.packer
+_NSDEV = NSDEV.packer
+_NS_CONFIG = NS_CONFIG.packer
+SRCR_VALUE = b"\x01\x00\x00\x00"
+
+
+def pack_source_range(svc_id: int, network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bytes:
+    """A loadBalancerSourceRanges entry's key: the frontend, then the prefix (IPv4 as v4-mapped)."""
+    length = network.prefixlen + (96 if network.version == 4 else 0)
+    return _SRCR_KEY.pack(32 + length, svc_id, pack_addr(network.network_address))
+
+
+def unpack_source_range(raw: bytes) -> tuple[int, ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    prefixlen, svc_id, addr = _SRCR_KEY.unpack(raw)
+    ip = unpack_addr(addr)
+    length = prefixlen - 32 - (96 if ip.version == 4 else 0)
+    return int(svc_id), ipaddress.ip_network(f"{ip}/{length}")
+
+
+def source_range_svc_id(raw: bytes) -> int:
+    """The frontend of a source-range key (whatever its prefix)."""
+    return int(_U32.unpack_from(raw, 4)[0])
+
+
+def maglev_identity(ref: bytes) -> bytes:
+    """What Maglev hashes of a backend (a packed backend value): its address and port, the same on every node
+    (backend ids and flags are this node's)."""
+    return ref[:18]
+
+
+def pack_maglev_key(svc_id: int) -> bytes:
+    return _U32_KEY.pack(svc_id)
+
+
+def unpack_u32(raw: bytes) -> int:
+    return int(_U32.unpack_from(raw, 0)[0])
+
+
+def pack_u32(value: int) -> bytes:
+    return _U32.pack(value)
+
+
+def pack_ns_config(maglev_size: int, snat_min: int, snat_max: int) -> bytes:
+    return _NS_CONFIG.pack(maglev_size, snat_min, snat_max, 0, 0)
+
+
+def unpack_ns_config(raw: bytes) -> tuple[int, int, int]:
+    """(maglev_size, snat_min, snat_max)."""
+    size, low, high, _flags, _pad = _NS_CONFIG.unpack(raw)
+    return int(size), int(low), int(high)
+
+
+def pack_nsdev(addr4: IPAddress | None, addr6: IPAddress | None) -> bytes:
+    """A north-south device's SNAT addresses (None: that family is not source-NATed through it)."""
+    return _NSDEV.pack(pack_addr(addr4) if addr4 else bytes(16), pack_addr(addr6) if addr6 else bytes(16))
+
+
+@dataclass(frozen=True, slots=True)
+class ConntrackEntry:
+    """One decoded north-south connection-tracking entry: the packet it matches and what it becomes."""
+
+    src: tuple[IPAddress, int]
+    dst: tuple[IPAddress, int]
+    proto: int
+    new_src: tuple[IPAddress, int]
+    new_dst: tuple[IPAddress, int]
+    svc_id: int
+    backend_id: int
+    flags: int
+    state: str
+    created_ns: int
+    seen_ns: int
+
+    @property
+    def reply(self) -> bool:
+        return bool(self.flags & CT_F_REPLY)
+
+    @classmethod
+    def unpack(cls, raw_key: bytes, raw_val: bytes) -> ConntrackEntry:
+        src, dst, sport, dport, proto, _p, _p2 = _CT_KEY.unpack(raw_key)
+        nsrc, ndst, nsport, ndport, svc_id, backend_id, flags, state, _pad, created, seen = _CT_VAL.unpack(
+            raw_val
+        )
+        return cls(
+            (unpack_addr(src), unpack_port(sport)),
+            (unpack_addr(dst), unpack_port(dport)),
+            int(proto),
+            (unpack_addr(nsrc), unpack_port(nsport)),
+            (unpack_addr(ndst), unpack_port(ndport)),
+            int(svc_id),
+            int(backend_id),
+            int(flags),
+            CT_STATES.get(state, str(state)),
+            int(created),
+            int(seen),
+        )

@@ -37,12 +37,17 @@ class ModelConfig:
     translates is a genuinely external one. ``externalTrafficPolicy: Local`` then restricts NodePort,
     load-balancer and externalIP frontends (see ``endpoints.select_endpoints``), no loopback NodePort
     frontend exists, and no health check node port is served.
+
+    ``north_south``: the agent also translates packets from outside the cluster on this node's devices (TC):
+    frontends external clients reach through this node are marked ``external`` (see ``desired.Frontend``).
+    Never with ``external_client``.
     """
 
     node_name: str
     nodeport_cidrs: tuple[IPNetwork, ...] = ()
     external_ips_local_only: bool = False
     external_client: bool = False
+    north_south: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.node_name, str):

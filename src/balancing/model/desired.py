@@ -3,7 +3,9 @@
 A ``DesiredState`` maps each ``FrontendKey`` (address, port, protocol) to a ``Frontend``: who owns it and the
 ordered backends new connections may use. An empty backend tuple is meaningful: the frontend is known but
 has no usable endpoint, so the datapath refuses connections (ECONNREFUSED) instead of letting them through.
-Beside the frontends, ``excluded_pods``: this node's pods whose processes socket LB leaves alone (their
+A frontend marked ``external`` is also served north-south: packets from outside the cluster arriving at this
+node's devices get one of ``north_south_backends`` (the TC programs, beside the socket hooks). Beside the
+frontends, ``excluded_pods``: this node's pods whose processes socket LB leaves alone (their
 connections are neither translated nor counted). The datapath reads these types and nothing else from the
 model.
 """
@@ -17,6 +19,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def parse_ip(text: str) -> IPAddress:
@@ -142,6 +145,21 @@ class Frontend:
     skip_redirect_from_backends: bool = False
     qos_limit: int = 0  # primary redirections per second on this node; beyond, the fallback; 0 = none
     host_only: bool = False  # only clients in the host network namespace (loopback NodePorts)
+    # North-south (ModelConfig.north_south): packets from outside the cluster arriving at this node for this
+    # frontend (this node's NodePort addresses, load-balancer IPs, externalIPs) are translated on its devices.
+    external: bool = False
+    # What those external clients get, when it differs from ``backends`` (externalTrafficPolicy Local: this
+    # node's endpoints only); None: ``backends``. Empty: dropped (no local endpoint).
+    external_backends: tuple[Backend, ...] | None = None
+    external_local: bool = False  # externalTrafficPolicy Local (names the drop when there is no backend)
+    local_backends: frozenset[Backend] = frozenset()  # the backends that are pods on this node (no SNAT)
+    source_ranges: tuple[IPNetwork, ...] = ()  # loadBalancerSourceRanges (LoadBalancer IPs only); () = any
+    external_reason: str = ""  # why ``external_backends`` is what it is, for tools
+
+    @property
+    def north_south_backends(self) -> tuple[Backend, ...]:
+        """The backends external clients reach (Maglev picks among them)."""
+        return self.backends if self.external_backends is None else self.external_backends
 
     def programmed_as(self) -> tuple[object, ...]:
         """What the datapath programs of this frontend (a change in anything else needs no map write)."""
@@ -153,6 +171,11 @@ class Frontend:
             self.skip_redirect_from_backends,
             self.qos_limit,
             self.host_only,
+            self.external,
+            self.external_backends,
+            self.external_local,
+            self.local_backends,
+            self.source_ranges,
         )
 
 

@@ -3,9 +3,20 @@
 ``compute_service`` turns a Service, its EndpointSlices (or, for a selector Service with no slice at all,
 the Pods of its namespace) and this node's context into candidates per service port and IP family, asks
 ``endpoints.select_endpoints`` which to use, and builds one ``desired.Frontend`` per address;
-``_frontend_addresses`` is the one place the addresses of each ``FrontendKind`` are decided. It also counts
-the Service's ready local endpoints when it wants a health check node port. ``store`` calls it for each
-service a change touches, with a ``NodeContext`` it keeps up to date from Node objects and ``ModelConfig``.
+``_frontend_addresses`` is the one place the addresses of each ``FrontendKind`` are decided, and which of
+them are external. It also counts the Service's ready local endpoints when it wants a health check node
+port. ``store`` calls it for each service a change touches, with a ``NodeContext`` it keeps up to date from
+Node objects and ``ModelConfig``.
+
+North-south (``ModelConfig.north_south``, never with ``external_client``): a frontend that clients outside
+the cluster reach through this node is marked ``external``: every load-balancer IP (not ``ipMode: Proxy``)
+and programmed externalIP, and the NodePorts on this node's own addresses (not loopback, not other nodes').
+Its ``external_backends`` are what such packets get: ``None`` (the same as ``backends``) with
+externalTrafficPolicy Cluster; with Local, this node's endpoints only (ready, else serving-terminating;
+possibly none: dropped, as kube-proxy), ``external_local`` set and ``external_reason`` saying why.
+``local_backends`` are the backends of either set on this node; ``source_ranges`` (a load-balancer IP only)
+are ``spec.loadBalancerSourceRanges`` of its family, as kube-proxy reads them: the field only (not the cloud
+providers' annotation), none when one is a /0. With north-south off every frontend is as before.
 
 One module on purpose (over 400 lines): every kind of frontend address and the endpoint candidates of one
 Service are decided here together, so a new frontend kind is added in one place.
@@ -14,10 +25,10 @@ Service are decided here together, so a new frontend kind is added in one place.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from balancing.model import desired, endpoints, healthcheck, objects
-from balancing.model.config import ModelConfig
+from balancing.model.config import IPNetwork, ModelConfig
 
 __all__ = [
     "NodeContext",
@@ -50,6 +61,10 @@ _FAMILY_VERSIONS = {"IPv4": 4, "IPv6": 6}
 _NO_NAMES: frozenset[str] = frozenset()
 _ServicePort = objects.ServicePort
 _Kind = desired.FrontendKind
+# One address of a service port (a plain tuple: made for every address of every recomputed Service): what a
+# client connects to, its kind, the Node a NodePort address belongs to ("" for loopback and the other kinds),
+# and whether it is external (north-south: clients outside the cluster reach it through this node).
+_Address = tuple[desired.FrontendKey, _Kind, str, bool]
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +88,9 @@ class NodeContext:
     own_addresses: frozenset[desired.IPAddress] = frozenset()  # this node's InternalIP/ExternalIP
     external_ips_local_only: bool = False
     external_client: bool = False
+    north_south: bool = (
+        False  # mark the frontends external clients reach through this node (never external_client)
+    )
 
 
 def node_addresses(node: objects.Node) -> tuple[desired.IPAddress, ...]:
@@ -126,6 +144,7 @@ def node_context(config: ModelConfig, nodes: Iterable[objects.Node]) -> NodeCont
         own_addresses=frozenset(addresses.get(config.node_name, ())),
         external_ips_local_only=config.external_ips_local_only,
         external_client=config.external_client,
+        north_south=config.north_south and not config.external_client,
     )
 
 
@@ -252,24 +271,93 @@ def compute_service(
             selection = endpoints.select_endpoints(found, ctx)
             no_local |= _no_local(ctx, selection)
             per_node = selection.arriving is not None  # else every node's NodePort shares one Frontend
-            made: dict[tuple[_Kind, str, bool], desired.Frontend] = {}
-            for key, kind, via in addresses:
+            ranges = _ranges(service, version) if node.north_south else ()
+            common = _Common(owner, timeout, from_pods, node.name, ctx.external_local, ranges)
+            made: dict[tuple[_Kind, str, bool, bool], desired.Frontend] = {}
+            for address in addresses:
+                key, kind, via, external = address
                 # a loopback NodePort is the host's own: a pod's 127.0.0.1 is the pod's, never translated
                 host_only = kind is _Kind.NODE_PORT and key.ip.is_loopback
-                shared = (kind, via if per_node else "", host_only)
+                shared = (kind, via if per_node else "", host_only, external)
                 frontend = made.get(shared)
                 if frontend is None:
-                    chosen = selection.for_frontend(kind, via)
-                    reason = f"from pods (no EndpointSlice): {chosen.reason}" if from_pods else chosen.reason
-                    frontend = made[shared] = desired.Frontend(
-                        owner, chosen.backends, reason, kind, timeout, host_only=host_only
-                    )
+                    frontend = made[shared] = _frontend(common, address, selection, host_only)
                 result.setdefault(key, frontend)
     health = None
     if hc_port is not None and result:
         local = healthcheck.count_local_ready(counted, node.name)
         health = (hc_port, healthcheck.HealthCheck(service.metadata.namespace, service.metadata.name, local))
     return ServiceResult(result, health, frozenset(no_local) if result else frozenset())
+
+
+@dataclass(frozen=True, slots=True)
+class _Common:
+    """What every frontend of one service port and family shares."""
+
+    owner: desired.Owner
+    timeout: int  # affinity
+    from_pods: bool  # endpoints come from Pods (no EndpointSlice): reasons say so
+    node_name: str
+    external_local: bool  # externalTrafficPolicy Local
+    source_ranges: tuple[IPNetwork, ...]  # loadBalancerSourceRanges of this family; () when unrestricted
+
+    def explain(self, reason: str) -> str:
+        return f"from pods (no EndpointSlice): {reason}" if self.from_pods else reason
+
+
+def _frontend(
+    common: _Common, address: _Address, selection: endpoints.Selection, host_only: bool
+) -> desired.Frontend:
+    """The Frontend of one address; an external one also says what north-south traffic gets."""
+    _, kind, via, external = address
+    chosen = selection.for_frontend(kind, via)
+    reason = common.explain(chosen.reason)
+    frontend = desired.Frontend(
+        common.owner, chosen.backends, reason, kind, common.timeout, host_only=host_only
+    )
+    if not external:
+        return frontend
+    return _north_south(frontend, common, chosen, selection)
+
+
+def _north_south(
+    frontend: desired.Frontend, common: _Common, chosen: endpoints.EndpointSet, selection: endpoints.Selection
+) -> desired.Frontend:
+    """``frontend`` marked external: clients outside the cluster reach it through this node.
+
+    externalTrafficPolicy Cluster: they get ``backends``, as in-cluster clients (``external_backends`` None).
+    Local: this node's endpoints (``selection.local``: ready ones, else serving-terminating ones), possibly
+    none: then the datapath drops, as kube-proxy does (and the health check node port answers 503).
+    ``local_backends``: which of either set are on this node; ``source_ranges`` only restrict a
+    load-balancer IP (as kube-proxy: a NodePort or an externalIP is never filtered by them).
+    """
+    outside: endpoints.EndpointSet | None = None
+    reason = ""
+    if common.external_local:
+        outside = selection.local
+        assert outside is not None  # eTP Local and externally accessible: the local set is computed
+        reason = common.explain(f"externalTrafficPolicy Local: {outside.reason}")
+    candidates = (*chosen.endpoints, *(outside.endpoints if outside is not None else ()))
+    return replace(
+        frontend,
+        external=True,
+        external_backends=outside.backends if outside is not None else None,
+        external_local=common.external_local,
+        local_backends=frozenset(
+            c.backend for c in candidates if c.node_name and c.node_name == common.node_name
+        ),
+        source_ranges=common.source_ranges if frontend.kind is _Kind.LOAD_BALANCER else (),
+        external_reason=reason,
+    )
+
+
+def _ranges(service: objects.Service, version: int) -> tuple[IPNetwork, ...]:
+    """``spec.loadBalancerSourceRanges`` of one family, sorted and deduplicated; none (no restriction) when
+    one is a /0, as kube-proxy (``0.0.0.0/0`` allows everything, whatever else is listed)."""
+    mine = {net for net in service.spec.load_balancer_source_ranges if net.version == version}
+    if any(net.prefixlen == 0 for net in mine):
+        return ()
+    return tuple(sorted(mine, key=lambda net: (int(net.network_address), net.prefixlen)))
 
 
 def _no_local(ctx: endpoints.SelectionContext, selection: endpoints.Selection) -> set[str]:
@@ -290,8 +378,9 @@ def _frontend_addresses(
     port: _ServicePort,
     version: int,
     node: NodeContext,
-) -> Iterator[tuple[desired.FrontendKey, _Kind, str]]:
-    """Each address a client may use for this port and family: its key, kind and (NodePort) Node.
+) -> Iterator[_Address]:
+    """Each address a client may use for this port and family: its key, kind, (NodePort) Node, and whether
+    it is external (``node.north_south``: packets from outside the cluster arriving at this node use it).
 
     The one place frontend kinds live:
     - ClusterIP: every cluster IP, any type.
@@ -302,23 +391,28 @@ def _frontend_addresses(
     - NodePort: ``node.node_ports`` (see ``node_port_addresses``) on the port's nodePort, for types NodePort
       and LoadBalancer.
     Addresses of another family than ``version`` are skipped (the caller loops over the Service's families).
+    External (north-south): every externalIP and load-balancer IP here; a NodePort only on this node's own
+    addresses (never loopback, never another node's: packets for those do not arrive here); a ClusterIP never.
     """
     spec = service.spec
     number, protocol = port.port, port.protocol
+    outside = node.north_south and not node.external_client
     for ip in cluster_ips:
         if ip.version == version:
-            yield desired.FrontendKey(ip, number, protocol), _Kind.CLUSTER_IP, ""
+            yield desired.FrontendKey(ip, number, protocol), _Kind.CLUSTER_IP, "", False
     for ip in spec.external_ips:
         if ip.version == version and (not node.external_ips_local_only or ip in node.own_addresses):
-            yield desired.FrontendKey(ip, number, protocol), _Kind.EXTERNAL_IP, ""
+            yield desired.FrontendKey(ip, number, protocol), _Kind.EXTERNAL_IP, "", outside
     if spec.type == "LoadBalancer":
         for ingress in service.status.load_balancer.ingress:
             if ingress.ip is not None and ingress.ip.version == version and ingress.ip_mode != "Proxy":
-                yield desired.FrontendKey(ingress.ip, number, protocol), _Kind.LOAD_BALANCER, ""
+                yield desired.FrontendKey(ingress.ip, number, protocol), _Kind.LOAD_BALANCER, "", outside
     if port.node_port and spec.type in ("NodePort", "LoadBalancer"):
         for address in node.node_ports:
             if address.ip.version == version:
-                yield desired.FrontendKey(address.ip, port.node_port, protocol), _Kind.NODE_PORT, address.node
+                mine = outside and address.node == node.name and not address.ip.is_loopback
+                key = desired.FrontendKey(address.ip, port.node_port, protocol)
+                yield key, _Kind.NODE_PORT, address.node, mine
 
 
 def _context(service: objects.Service, node: NodeContext) -> endpoints.SelectionContext:

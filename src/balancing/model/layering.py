@@ -12,6 +12,8 @@ and decides:
 - otherwise the Service's own frontend, unchanged but for a reason naming the policies that had nothing;
 - a policy frontend with nothing usable anywhere and no Service: empty backends (refuse), owned by the
   highest-precedence policy.
+Policies are east-west: a policy frontend keeps the Service's north-south part (``_north_south``), so
+clients outside the cluster still reach the Service's backends through the node's devices.
 Pure data in, data out; no Kubernetes objects here (``policy_frontends`` builds the ``Layer``s).
 """
 
@@ -46,6 +48,27 @@ def combine(lrp: Layer | None, bp: Layer | None, service: desired.Frontend | Non
     """The frontend the datapath programs for one key (see the module docstring); ``None``: no layer."""
     if lrp is None and bp is None:
         return service
+    combined = _combine(lrp, bp, service)
+    return _north_south(combined, service)
+
+
+def _north_south(combined: desired.Frontend, service: desired.Frontend | None) -> desired.Frontend:
+    """``combined`` with the Service's north-south part, if the Service's frontend is served north-south."""
+    if service is None or not service.external or combined is service:
+        return combined
+    outside = service.north_south_backends
+    return replace(
+        combined,
+        external=True,
+        external_backends=None if outside == combined.backends else outside,
+        external_local=service.external_local,
+        local_backends=service.local_backends,
+        source_ranges=service.source_ranges,
+        external_reason=service.external_reason or service.reason,
+    )
+
+
+def _combine(lrp: Layer | None, bp: Layer | None, service: desired.Frontend | None) -> desired.Frontend:
     kind = service.kind if service is not None else desired.FrontendKind.CLUSTER_IP
     skipped: list[Layer] = []
     if lrp is not None:

@@ -12,7 +12,8 @@ the sources turn them into errors naming the file or object. Nothing here does I
 Deliberately not checked, as the model reads them leniently: endpoint and Node addresses (an unparseable one
 is skipped when computing), Pod phases and conditions, and the API server's rules between fields that change
 nothing the model does (``sessionAffinityConfig`` with ``sessionAffinity: None``, a nodePort on a ClusterIP
-Service, a headless NodePort Service: each ignored or skipped).
+Service, a headless NodePort Service, ``loadBalancerSourceRanges`` on a Service that is no LoadBalancer: each
+ignored or skipped).
 
 Socket-LB exclusion (``socket_lb_disabled``): the Pod annotation or Namespace label
 ``balancing.elf.io/socket-lb: disabled`` leaves a pod's processes to the network (service meshes, KubeVirt).
@@ -38,7 +39,7 @@ from pydantic import (
     model_validator,
 )
 
-from balancing.model.desired import IPAddress, Protocol, parse_ip
+from balancing.model.desired import IPAddress, IPNetwork, Protocol, parse_ip
 from balancing.model.meta import (
     FieldErrors,
     KubeModel,
@@ -138,7 +139,30 @@ def _non_special(ip: IPAddress) -> IPAddress:
     return ip
 
 
+def _cidr_text(value: Any) -> IPNetwork:
+    """A ``loadBalancerSourceRanges`` entry as kube-proxy reads one: ``address/bits`` after trimming
+    surrounding spaces (the API server lets them through), host bits allowed (``10.0.0.1/8`` is
+    ``10.0.0.0/8``). The address is read as ``_ip_text`` reads one (no zone, no leading zeros); the bits are
+    decimal digits."""
+    if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
+        return value
+    problem = f"{value!r} is not a CIDR (expected e.g. 10.0.0.0/8 or fd00::/64)"
+    if not isinstance(value, str):
+        raise ValueError(problem)
+    address, slash, bits = value.strip().partition("/")
+    if not slash or not (bits.isascii() and bits.isdigit()) or len(bits) > 3:
+        raise ValueError(problem)
+    try:
+        ip = parse_ip(address)
+    except ValueError:
+        raise ValueError(problem) from None
+    if int(bits) > ip.max_prefixlen:
+        raise ValueError(problem)
+    return ipaddress.ip_network((ip, int(bits)), strict=False)
+
+
 IPField = Annotated[IPAddress, BeforeValidator(_ip_text)]
+SourceRange = Annotated[IPNetwork, BeforeValidator(_cidr_text)]
 ExternalIP = Annotated[IPAddress, BeforeValidator(_ip_text), AfterValidator(_non_special)]
 Name = Annotated[str, AfterValidator(check_dns1123_subdomain)]  # names of Nodes (nodeName fields)
 Label = Annotated[str, AfterValidator(check_dns1123_label)]
@@ -214,6 +238,10 @@ class ServiceSpec(KubeModel):
     cluster_ips: list[str] = Field(default_factory=list, alias="clusterIPs")
     ports: list[ServicePort] = Field(default_factory=list)
     external_ips: list[ExternalIP] = Field(default_factory=list, alias="externalIPs")
+    # Parsed; frontends applies them to load-balancer IPs (their family's; none when one is a /0). The
+    # annotation service.beta.kubernetes.io/load-balancer-source-ranges is for cloud load balancers:
+    # kube-proxy never reads it, and neither does the model.
+    load_balancer_source_ranges: list[SourceRange] = Field(default_factory=list)
     session_affinity: Literal["None", "ClientIP"] = "None"
     session_affinity_config: SessionAffinityConfig | None = None
     external_traffic_policy: Literal["Cluster", "Local"] = "Cluster"

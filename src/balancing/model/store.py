@@ -122,6 +122,10 @@ class ClusterStore:
     def config(self) -> ModelConfig:
         return self._config
 
+    def node(self) -> frontends.NodeContext:
+        """This node as the model sees it now (its addresses come from its Node object)."""
+        return self._node
+
     @property
     def recomputed(self) -> int:
         """How many service recomputations ran since creation (for tests and metrics)."""

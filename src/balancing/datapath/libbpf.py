@@ -471,3 +471,201 @@ def map_dump(fd: int, key_size: int, value_size: int) -> list[tuple[bytes, bytes
             for i in range(n)
         )
     return out
+
+
+# --- maps made outside an object (the Maglev tables north-south swaps into bl_mglv_v1) --------------------
+
+BPF_MAP_TYPE_ARRAY = 2
+BPF_F_INNER_MAP = 1 << 12  # an inner map whose size may differ from the outer map's template
+
+
+class _MapCreateOpts(ctypes.Structure):
+    """``struct bpf_map_create_opts`` (libbpf 1.1): the fields up to map_ifindex."""
+
+    _fields_ = [
+        ("sz", c_size_t),
+        ("btf_fd", ctypes.c_uint32),
+        ("btf_key_type_id", ctypes.c_uint32),
+        ("btf_value_type_id", ctypes.c_uint32),
+        ("btf_vmlinux_value_type_id", ctypes.c_uint32),
+        ("inner_map_fd", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("map_extra", ctypes.c_uint64),
+        ("numa_node", ctypes.c_uint32),
+        ("map_ifindex", ctypes.c_uint32),
+    ]
+
+
+_map_create = _Fn(
+    "bpf_map_create",
+    c_int,
+    c_int,
+    c_char_p,
+    ctypes.c_uint32,
+    ctypes.c_uint32,
+    ctypes.c_uint32,
+    ctypes.POINTER(_MapCreateOpts),
+)
+_map_get_fd_by_id = _Fn("bpf_map_get_fd_by_id", c_int, ctypes.c_uint32)
+
+
+def map_create(
+    map_type: int, name: str, key_size: int, value_size: int, max_entries: int, flags: int = 0
+) -> int:
+    """A new map's fd (the caller closes it; the map lives while an fd, a pin or an outer map holds it)."""
+    opts = _MapCreateOpts(sz=ctypes.sizeof(_MapCreateOpts), map_flags=flags)
+    ctypes.set_errno(0)
+    return _check(
+        "bpf_map_create",
+        int(_map_create(map_type, name.encode(), key_size, value_size, max_entries, ctypes.byref(opts))),
+    )
+
+
+def map_get_fd_by_id(map_id: int) -> int:
+    ctypes.set_errno(0)
+    return _check("bpf_map_get_fd_by_id", int(_map_get_fd_by_id(map_id)))
+
+
+# --- TC: tcx links and clsact filters (the north-south programs on the node's devices) --------------------
+# libbpf 1.1 predates tcx (Linux 6.6): its bpf_link_create passes the attach types it does not know
+# (BPF_TCX_*) through to the kernel unchanged, and bpf_link_update works on any link. The clsact calls
+# (bpf_tc_*) speak rtnetlink in the calling thread's network namespace. (tcattach adds the clsact qdisc
+# itself: bpf_tc_hook_create prints the kernel's complaint to stderr when the qdisc is there already.)
+
+BPF_PROG_TYPE_SCHED_CLS = 3
+BPF_TCX_INGRESS = 46  # enum bpf_attach_type (Linux >= 6.6)
+BPF_TCX_EGRESS = 47
+BPF_LINK_TYPE_TCX = 11  # enum bpf_link_type
+BPF_TC_INGRESS = 1 << 0  # enum bpf_tc_attach_point
+BPF_TC_EGRESS = 1 << 1
+BPF_TC_F_REPLACE = 1 << 0  # enum bpf_tc_flags
+
+
+class TcHook(ctypes.Structure):
+    """``struct bpf_tc_hook``: a device's clsact hook (``size_t :0`` pads it to 24 bytes, as ctypes does)."""
+
+    _fields_ = [
+        ("sz", c_size_t),
+        ("ifindex", c_int),
+        ("attach_point", c_uint),
+        ("parent", ctypes.c_uint32),
+    ]
+
+
+class TcOpts(ctypes.Structure):
+    """``struct bpf_tc_opts``: one cls_bpf filter (32 bytes)."""
+
+    _fields_ = [
+        ("sz", c_size_t),
+        ("prog_fd", c_int),
+        ("flags", ctypes.c_uint32),
+        ("prog_id", ctypes.c_uint32),
+        ("handle", ctypes.c_uint32),
+        ("priority", ctypes.c_uint32),
+    ]
+
+
+class TcxLinkInfo(ctypes.Structure):
+    """``struct bpf_link_info`` up to its union's ``tcx`` member (the union starts at offset 16)."""
+
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("prog_id", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("ifindex", ctypes.c_uint32),
+        ("attach_type", ctypes.c_uint32),
+    ]
+
+
+class ProgInfoWithName(ctypes.Structure):
+    """``struct bpf_prog_info`` up to ``name`` (``ProgInfo`` stops at the tag)."""
+
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("tag", ctypes.c_uint8 * 8),
+        ("jited_prog_len", ctypes.c_uint32),
+        ("xlated_prog_len", ctypes.c_uint32),
+        ("jited_prog_insns", ctypes.c_uint64),
+        ("xlated_prog_insns", ctypes.c_uint64),
+        ("load_time", ctypes.c_uint64),
+        ("created_by_uid", ctypes.c_uint32),
+        ("nr_map_ids", ctypes.c_uint32),
+        ("map_ids", ctypes.c_uint64),
+        ("name", ctypes.c_char * 16),
+    ]
+
+
+_prog_load = _Fn("bpf_prog_load", c_int, c_int, c_char_p, c_char_p, c_void_p, c_size_t, c_void_p)
+_link_create = _Fn("bpf_link_create", c_int, c_int, c_int, c_int, c_void_p)
+_link_update = _Fn("bpf_link_update", c_int, c_int, c_int, c_void_p)
+_tc_hook_destroy = _Fn("bpf_tc_hook_destroy", c_int, ctypes.POINTER(TcHook))
+_tc_attach = _Fn("bpf_tc_attach", c_int, ctypes.POINTER(TcHook), ctypes.POINTER(TcOpts))
+_tc_detach = _Fn("bpf_tc_detach", c_int, ctypes.POINTER(TcHook), ctypes.POINTER(TcOpts))
+_tc_query = _Fn("bpf_tc_query", c_int, ctypes.POINTER(TcHook), ctypes.POINTER(TcOpts))
+
+
+def prog_load(prog_type: int, name: str, insns: bytes) -> int:
+    """Load raw instructions (8 bytes each, GPL) as a program; its fd (the caller closes it). For probes."""
+    buf = ctypes.create_string_buffer(insns, len(insns))
+    ctypes.set_errno(0)
+    return _check(
+        f"bpf_prog_load({name})",
+        int(_prog_load(prog_type, name.encode(), b"GPL", buf, len(insns) // 8, None)),
+    )
+
+
+def link_create(prog_fd: int, target: int, attach_type: int) -> int:
+    """``BPF_LINK_CREATE`` without options (tcx: ``target`` is the ifindex, appended last); the link's fd."""
+    ctypes.set_errno(0)
+    return _check("bpf_link_create", int(_link_create(prog_fd, target, attach_type, None)))
+
+
+def link_update(link_fd: int, prog_fd: int) -> None:
+    """Swap the program a link runs, atomically."""
+    ctypes.set_errno(0)
+    _check("bpf_link_update", int(_link_update(link_fd, prog_fd, None)))
+
+
+def _tc_hook(ifindex: int, attach_point: int) -> TcHook:
+    return TcHook(sz=ctypes.sizeof(TcHook), ifindex=ifindex, attach_point=attach_point)
+
+
+def _tc_opts(handle: int, priority: int, prog_fd: int = 0, flags: int = 0) -> TcOpts:
+    return TcOpts(sz=ctypes.sizeof(TcOpts), prog_fd=prog_fd, flags=flags, handle=handle, priority=priority)
+
+
+def tc_hook_destroy(ifindex: int) -> None:
+    """Delete the device's clsact qdisc, and with it every filter on both its hooks."""
+    hook = _tc_hook(ifindex, BPF_TC_INGRESS | BPF_TC_EGRESS)
+    ctypes.set_errno(0)
+    _check(f"bpf_tc_hook_destroy(ifindex {ifindex})", int(_tc_hook_destroy(ctypes.byref(hook))))
+
+
+def tc_attach(ifindex: int, attach_point: int, prog_fd: int, handle: int, priority: int) -> int:
+    """Add or atomically replace the direct-action cls_bpf filter at ``handle``/``priority``: its prog id."""
+    hook = _tc_hook(ifindex, attach_point)
+    opts = _tc_opts(handle, priority, prog_fd, BPF_TC_F_REPLACE)
+    ctypes.set_errno(0)
+    _check(f"bpf_tc_attach(ifindex {ifindex})", int(_tc_attach(ctypes.byref(hook), ctypes.byref(opts))))
+    return int(opts.prog_id)
+
+
+def tc_detach(ifindex: int, attach_point: int, handle: int, priority: int) -> None:
+    hook = _tc_hook(ifindex, attach_point)
+    opts = _tc_opts(handle, priority)
+    ctypes.set_errno(0)
+    _check(f"bpf_tc_detach(ifindex {ifindex})", int(_tc_detach(ctypes.byref(hook), ctypes.byref(opts))))
+
+
+def tc_query(ifindex: int, attach_point: int, handle: int, priority: int) -> int | None:
+    """The prog id of the cls_bpf filter at ``handle``/``priority``; None when there is none."""
+    hook = _tc_hook(ifindex, attach_point)
+    opts = _tc_opts(handle, priority)
+    ctypes.set_errno(0)
+    ret = int(_tc_query(ctypes.byref(hook), ctypes.byref(opts)))
+    if ret == -errno.ENOENT:
+        return None
+    _check(f"bpf_tc_query(ifindex {ifindex})", ret)
+    return int(opts.prog_id)

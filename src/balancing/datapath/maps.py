@@ -5,10 +5,16 @@ for small changes); ``FakeMaps`` is an in-memory stand-in for writer unit tests 
 operation, can call an observer between any two of them (the make-before-break tests) and can fail chosen
 operations (the failure tests). Kernel errors are translated here into ``MapFull`` / ``MapError`` naming the
 map.
+
+The Maglev tables of north-south (``abi.MAP_MAGLEV``, a hash of maps) are maps themselves: ``create_table``
+makes and fills one and returns the outer map's value naming it (its map id, as the kernel shows an outer
+map's values), ``update`` of the outer map turns such ids into the fds the kernel wants, ``read_table`` reads
+one back, and ``release_tables`` lets go of the tables a write made (those inserted live on in the outer map).
 """
 
 from __future__ import annotations
 
+import array
 import errno
 import os
 from collections.abc import Callable, Sequence
@@ -27,6 +33,9 @@ class MapIO(Protocol):
     def update(self, map_name: str, items: Items) -> None: ...
     def delete(self, map_name: str, keys: Sequence[bytes]) -> None: ...
     def items(self, map_name: str) -> list[tuple[bytes, bytes]]: ...
+    def create_table(self, values: array.array[int]) -> bytes: ...
+    def read_table(self, value: bytes) -> array.array[int]: ...
+    def release_tables(self) -> None: ...
 
 
 class KernelMaps:
@@ -43,12 +52,15 @@ class KernelMaps:
         abi.MAP_QOS,
         abi.MAP_SKIP,
         abi.MAP_CONFIG,  # its skip flag only (datapath.settings writes the rest)
+        abi.MAP_MAGLEV,
+        abi.MAP_SOURCE_RANGES,
     )
 
     def __init__(self, map_dir: Path, names: Sequence[str] = WRITER_MAPS) -> None:
         self.fds: dict[str, int] = {}
         self.capacity: dict[str, int] = {}
         self.sizes: dict[str, tuple[int, int]] = {}
+        self._tables: dict[int, int] = {}  # Maglev tables made by this write: map id → fd
         try:
             for name in names:
                 fd = libbpf.obj_get(str(map_dir / name))
@@ -62,6 +74,7 @@ class KernelMaps:
             raise
 
     def close(self) -> None:
+        self.release_tables()
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
@@ -74,6 +87,10 @@ class KernelMaps:
     def update(self, map_name: str, items: Items) -> None:
         fd = self.fds[map_name]
         try:
+            if map_name == abi.MAP_MAGLEV:
+                for key, value in items:
+                    self._insert_table(fd, key, abi.unpack_u32(value))
+                return
             if len(items) < self.BATCH_MIN:
                 for key, value in items:
                     libbpf.map_update(fd, key, value)
@@ -101,6 +118,55 @@ class KernelMaps:
         except OSError as exc:
             raise self._fail(map_name, "dump", exc) from exc
 
+    def _insert_table(self, outer_fd: int, key: bytes, map_id: int) -> None:
+        fd = self._tables.get(map_id)
+        own = fd is None
+        if fd is None:
+            fd = libbpf.map_get_fd_by_id(map_id)  # a table an earlier write inserted (writing it back)
+        try:
+            libbpf.map_update(outer_fd, key, abi.pack_u32(fd))
+        finally:
+            if own:
+                os.close(fd)
+
+    def create_table(self, values: array.array[int]) -> bytes:
+        size = len(values)
+        try:
+            fd = libbpf.map_create(
+                libbpf.BPF_MAP_TYPE_ARRAY, "bl_mglv_table", 4, 4, size, libbpf.BPF_F_INNER_MAP
+            )
+        except OSError as exc:
+            raise self._fail(abi.MAP_MAGLEV, "create a table for", exc) from exc
+        try:
+            libbpf.map_update_batch(fd, array.array("I", range(size)).tobytes(), values.tobytes(), size)
+            info = libbpf.MapInfo()
+            libbpf.obj_get_info(fd, info)
+        except OSError as exc:
+            os.close(fd)
+            raise self._fail(abi.MAP_MAGLEV, "fill a table for", exc) from exc
+        self._tables[info.id] = fd
+        return abi.pack_u32(info.id)
+
+    def read_table(self, value: bytes) -> array.array[int]:
+        try:
+            fd = libbpf.map_get_fd_by_id(abi.unpack_u32(value))
+        except OSError as exc:
+            raise self._fail(abi.MAP_MAGLEV, "open a table of", exc) from exc
+        try:
+            out = array.array("I")
+            for _, values, _n in libbpf.map_batches(fd, 4, 4):
+                out.frombytes(bytes(values))
+            return out
+        except OSError as exc:
+            raise self._fail(abi.MAP_MAGLEV, "read a table of", exc) from exc
+        finally:
+            os.close(fd)
+
+    def release_tables(self) -> None:
+        for fd in self._tables.values():
+            os.close(fd)
+        self._tables.clear()
+
 
 class FakeMaps:
     """In-memory maps with the same interface; ``observer`` runs after every element operation, ``fault``
@@ -112,6 +178,8 @@ class FakeMaps:
         self.ops: list[tuple[str, str, bytes]] = []
         self.observer: Callable[[], None] | None = None
         self.fault: Fault | None = None
+        self.tables: dict[int, array.array[int]] = {}  # Maglev tables by map id
+        self._next_table = 1
 
     def _map(self, name: str) -> dict[bytes, bytes]:
         return self.data.setdefault(name, {})
@@ -145,3 +213,17 @@ class FakeMaps:
 
     def items(self, map_name: str) -> list[tuple[bytes, bytes]]:
         return list(self._map(map_name).items())
+
+    def create_table(self, values: array.array[int]) -> bytes:
+        self._check("create", abi.MAP_MAGLEV, b"", True)
+        map_id, self._next_table = self._next_table, self._next_table + 1
+        self.tables[map_id] = array.array("I", values)
+        return abi.pack_u32(map_id)
+
+    def read_table(self, value: bytes) -> array.array[int]:
+        return self.tables[abi.unpack_u32(value)]
+
+    def release_tables(self) -> None:
+        """Forget the tables no outer entry names (the kernel frees them when their last fd closes)."""
+        named = {abi.unpack_u32(v) for v in self._map(abi.MAP_MAGLEV).values()}
+        self.tables = {i: t for i, t in self.tables.items() if i in named}

@@ -1,13 +1,15 @@
 """Read what the datapath maps hold, decoded into model terms.
 
 Used by the writer to recover its state on start (nothing is flushed: it converges from what is there) and by
-``balancing inspect`` to show the maps as they are. Inconsistencies a crash could leave (slots past the
-count, slots or fallback tiers without a master, backends no slot uses, client/QoS/affinity entries of
-unknown frontends, affinity matches of a backend the primary slots no longer name) are reported as garbage
-keys or ``None`` slots rather than hidden. ``entries`` goes the other way: the map entries a programmed
-frontend stands for, which the writer writes back when a change of that frontend fails half-way. Beside the
-frontends: the cgroup ids of the skip map (clients socket LB leaves alone) and whether the config's skip flag
-is set; an id whose cgroup is gone is not garbage, the writer's next diff removes it.
+``balancing inspect`` to show the maps as they are. Inconsistencies a crash could leave (slots past the count,
+slots or fallback tiers without a master, backends no slot uses, client/QoS/affinity entries of unknown
+frontends, affinity matches of a backend the primary slots no longer name) are reported as garbage keys or
+``None`` slots rather than hidden. North-south parts of a frontend: its external tier (scope
+``SCOPE_EXTERNAL``), its Maglev table (read back to know which backends it names) and its source ranges.
+``entries`` goes the other way: the map entries a programmed frontend stands for, which the writer writes back
+when a change of that frontend fails half-way. Beside the frontends: the cgroup ids of the skip map (clients
+socket LB leaves alone) and whether the config's skip flag is set; an id whose cgroup is gone is not garbage,
+the writer's next diff removes it.
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ class ProgrammedFrontend:
     affinity_matches: set[int] = field(default_factory=set)  # backend ids in the affinity match map
     clients: dict[int, bytes] = field(default_factory=dict)  # cgroup id → packed client rule
     qos: bytes | None = None  # the packed QoS entry
+    external: Tier | None = None  # north-south backends when they differ from the primary tier's
+    maglev: bytes | None = None  # the Maglev table's entry in the outer map (its map id), north-south only
+    maglev_ids: frozenset[int] = frozenset()  # the backend ids that table names
+    maglev_size: int = 0  # its entries
+    source_ranges: set[bytes] = field(default_factory=set)  # packed loadBalancerSourceRanges keys
 
     @property
     def slots(self) -> list[BackendRef | None]:
@@ -50,7 +57,7 @@ class ProgrammedFrontend:
 
     def copy(self) -> ProgrammedFrontend:
         """A copy the writer can change without touching this one."""
-        fallback = self.fallback
+        fallback, external = self.fallback, self.external
         return ProgrammedFrontend(
             self.svc_id,
             Tier(self.primary.master, list(self.primary.slots)),
@@ -58,6 +65,11 @@ class ProgrammedFrontend:
             set(self.affinity_matches),
             dict(self.clients),
             self.qos,
+            None if external is None else Tier(external.master, list(external.slots)),
+            self.maglev,
+            self.maglev_ids,
+            self.maglev_size,
+            set(self.source_ranges),
         )
 
     @property
@@ -120,7 +132,7 @@ def read_state(io: MapIO) -> ProgrammedState:
             refs.append(ref)
         return Tier(raw_val, refs)
 
-    fallbacks = {}
+    other_tiers = []
     for prefix, (raw_key, raw_val) in masters.items():
         key = abi.SvcKey.unpack(raw_key)
         if key.scope == abi.SCOPE_PRIMARY:
@@ -129,13 +141,15 @@ def read_state(io: MapIO) -> ProgrammedState:
                 svc_id, tier(prefix, raw_val, primary_ids.setdefault(svc_id, set()))
             )
         else:
-            fallbacks[frontend_key(key)] = (prefix, raw_key, raw_val)
-    for fkey, (prefix, raw_key, raw_val) in fallbacks.items():
+            other_tiers.append((key.scope, frontend_key(key), prefix, raw_key, raw_val))
+    for scope, fkey, prefix, raw_key, raw_val in other_tiers:
         frontend = state.frontends.get(fkey)
-        if frontend is None:
-            state.junk(abi.MAP_SERVICES, raw_key)  # a fallback tier without its frontend: slots go too
-        else:
+        if frontend is None or scope not in (abi.SCOPE_FALLBACK, abi.SCOPE_EXTERNAL):
+            state.junk(abi.MAP_SERVICES, raw_key)  # a tier without its frontend: slots go too
+        elif scope == abi.SCOPE_FALLBACK:
             frontend.fallback = tier(prefix, raw_val, set())
+        else:
+            frontend.external = tier(prefix, raw_val, set())
     for raw_key, _ in slots.values():
         state.junk(abi.MAP_SERVICES, raw_key)
     _read_extras(io, state, primary_ids)
@@ -158,6 +172,8 @@ def entries(
     tiers = [(abi.SCOPE_PRIMARY, frontend.primary)]
     if frontend.fallback is not None:
         tiers.append((abi.SCOPE_FALLBACK, frontend.fallback))
+    if frontend.external is not None:
+        tiers.append((abi.SCOPE_EXTERNAL, frontend.external))
     for scope, tier in tiers:
         if not tier.master:
             continue
@@ -175,13 +191,28 @@ def entries(
         },
         abi.MAP_CLIENTS: {abi.pack_client_key(svc_id, cg): rule for cg, rule in frontend.clients.items()},
         abi.MAP_QOS: {} if frontend.qos is None else {abi.pack_qos_key(svc_id): frontend.qos},
+        abi.MAP_MAGLEV: {} if frontend.maglev is None else {abi.pack_maglev_key(svc_id): frontend.maglev},
+        abi.MAP_SOURCE_RANGES: {k: abi.SRCR_VALUE for k in frontend.source_ranges},
     }
 
 
 def _read_extras(io: MapIO, state: ProgrammedState, primary_ids: dict[int, set[int]]) -> None:
-    """Attach affinity matches (of a backend in the primary slots), client rules and QoS entries to their
-    frontends; the rest is garbage."""
+    """Attach affinity matches (of a backend in the primary slots), client rules, QoS entries, Maglev tables
+    and source ranges to their frontends; the rest is garbage."""
     by_id = {f.svc_id: f for f in state.frontends.values()}
+    for raw_key, raw_val in io.items(abi.MAP_MAGLEV):
+        frontend = by_id.get(abi.unpack_u32(raw_key))
+        if frontend is None:
+            state.junk(abi.MAP_MAGLEV, raw_key)
+        else:
+            table = io.read_table(raw_val)
+            frontend.maglev, frontend.maglev_ids, frontend.maglev_size = raw_val, frozenset(table), len(table)
+    for raw_key, _ in io.items(abi.MAP_SOURCE_RANGES):
+        frontend = by_id.get(abi.source_range_svc_id(raw_key))
+        if frontend is None:
+            state.junk(abi.MAP_SOURCE_RANGES, raw_key)
+        else:
+            frontend.source_ranges.add(raw_key)
     for raw_key, _ in io.items(abi.MAP_AFFINITY_MATCH):
         svc_id, backend_id = abi.unpack_affinity_match(raw_key)
         frontend = by_id.get(svc_id)

@@ -28,6 +28,7 @@ set belongs to no frontend: a failure re-reads the maps and raises, before any f
 
 from __future__ import annotations
 
+import array
 import errno
 import functools
 import itertools
@@ -38,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from balancing import errors
-from balancing.datapath import abi, programmed
+from balancing.datapath import abi, maglev, programmed
 from balancing.datapath.maps import MapIO
 from balancing.datapath.programmed import (
     BackendRef,
@@ -71,13 +72,19 @@ _PHASES = (
     ("matches", "update", abi.MAP_AFFINITY_MATCH),
     ("clients", "update", abi.MAP_CLIENTS),
     ("qos", "update", abi.MAP_QOS),
+    ("ranges", "update", abi.MAP_SOURCE_RANGES),
     ("slots", "update", abi.MAP_SERVICES),
     ("fallback_masters", "update", abi.MAP_SERVICES),
+    ("external_masters", "update", abi.MAP_SERVICES),
+    ("maglev", "update", abi.MAP_MAGLEV),
     ("masters", "update", abi.MAP_SERVICES),
     ("stale_masters", "delete", abi.MAP_SERVICES),
     ("stale_fallback_masters", "delete", abi.MAP_SERVICES),
+    ("stale_external_masters", "delete", abi.MAP_SERVICES),
+    ("stale_maglev", "delete", abi.MAP_MAGLEV),
     ("stale_slots", "delete", abi.MAP_SERVICES),
     ("stale_clients", "delete", abi.MAP_CLIENTS),
+    ("stale_ranges", "delete", abi.MAP_SOURCE_RANGES),
     ("stale_qos", "delete", abi.MAP_QOS),
     ("stale_matches", "delete", abi.MAP_AFFINITY_MATCH),
     ("stale_backends", "delete", abi.MAP_BACKENDS),
@@ -89,8 +96,11 @@ _KINDS = (
     ("matches", "stale_matches"),
     ("clients", "stale_clients"),
     ("qos", "stale_qos"),
+    ("ranges", "stale_ranges"),
     ("slots", "stale_slots"),
     ("fallback_masters", "stale_fallback_masters"),
+    ("external_masters", "stale_external_masters"),
+    ("maglev", "stale_maglev"),
     ("masters", "stale_masters"),
 )
 _GARBAGE_PHASE = {
@@ -99,6 +109,8 @@ _GARBAGE_PHASE = {
     abi.MAP_AFFINITY_MATCH: "stale_matches",
     abi.MAP_CLIENTS: "stale_clients",
     abi.MAP_QOS: "stale_qos",
+    abi.MAP_MAGLEV: "stale_maglev",
+    abi.MAP_SOURCE_RANGES: "stale_ranges",
 }
 
 
@@ -144,13 +156,19 @@ class _Plan:
         self.matches: list[tuple[bytes, bytes]] = []
         self.clients: list[tuple[bytes, bytes]] = []
         self.qos: list[tuple[bytes, bytes]] = []
+        self.ranges: list[tuple[bytes, bytes]] = []
         self.slots: list[tuple[bytes, bytes]] = []
         self.fallback_masters: list[tuple[bytes, bytes]] = []
+        self.external_masters: list[tuple[bytes, bytes]] = []
+        self.maglev: list[tuple[bytes, bytes]] = []
         self.masters: list[tuple[bytes, bytes]] = []
         self.stale_masters: list[bytes] = []
         self.stale_fallback_masters: list[bytes] = []
+        self.stale_external_masters: list[bytes] = []
+        self.stale_maglev: list[bytes] = []
         self.stale_slots: list[bytes] = []
         self.stale_clients: list[bytes] = []
+        self.stale_ranges: list[bytes] = []
         self.stale_qos: list[bytes] = []
         self.stale_matches: list[bytes] = []
         self.stale_backends: list[bytes] = []
@@ -227,11 +245,16 @@ def _no_cgroups(_pod: PodRef) -> Sequence[int]:
 
 
 class MapWriter:
-    """Owns the programmed maps of one agent (service, backend, affinity-match, client and QoS maps)."""
+    """Owns the programmed maps of one agent (service, backend, affinity-match, client and QoS maps; and for
+    north-south the Maglev tables and source ranges). ``maglev_size``: the entries of every Maglev table."""
 
-    def __init__(self, io: MapIO, pod_cgroups: PodCgroups = _no_cgroups) -> None:
+    def __init__(
+        self, io: MapIO, pod_cgroups: PodCgroups = _no_cgroups, maglev_size: int = abi.DEFAULT_MAGLEV_SIZE
+    ) -> None:
         self.io = io
         self.pod_cgroups = pod_cgroups
+        self.maglev_size = maglev_size
+        self._tables = maglev.TableCache()
         self._next_svc_id = self._next_backend_id = 1
         self._excluded: frozenset[PodRef] = frozenset()  # the pods socket LB leaves alone, as last asked
         self.recover()
@@ -371,13 +394,16 @@ class MapWriter:
         else:
             new = before.copy()
         proto = key.protocol
-        primary = [abi.pack_backend(b.ip, b.port, proto) for b in frontend.backends]
+        primary = [_ref(b, proto, frontend) for b in frontend.backends]
         self._plan_tier(plan, abi.SvcKeyPacker(key.ip, key.port, proto), new.primary, primary)
         self._plan_fallback(plan, key, new, frontend)
+        self._plan_external(plan, key, new, frontend)
         ids = [self._backend_ids[r] for r in new.primary.slots if r is not None]
         self._plan_matches(plan, new, ids if frontend.affinity_timeout else [])
         self._plan_clients(plan, key, new, frontend)
         self._plan_qos(plan, new, frontend.qos_limit)
+        self._plan_ranges(plan, new, frontend)
+        self._plan_maglev(plan, new, frontend)
         self._plan_master(plan, key, new, frontend)
         return _Change(key, before, new, frontend)
 
@@ -419,6 +445,64 @@ class MapWriter:
             plan.fallback_masters.append((pack_key(abi.MASTER_SLOT), master))
             old.fallback.master = master
 
+    def _plan_external(
+        self, plan: _Plan, key: FrontendKey, old: ProgrammedFrontend, frontend: Frontend
+    ) -> None:
+        """The external tier: the backends north-south picks from when they differ from the primary tier's
+        (the writer's record of them, and what keeps their backend entries; the programs read the Maglev
+        table)."""
+        pack_key = abi.SvcKeyPacker(key.ip, key.port, key.protocol, abi.SCOPE_EXTERNAL)
+        if not frontend.external or frontend.external_backends is None:
+            if old.external is not None:
+                plan.stale_external_masters.append(pack_key(abi.MASTER_SLOT))
+                plan.stale_slots.extend(pack_key(s) for s in range(1, len(old.external.slots) + 1))
+                self._retarget(plan, old.external, [])
+                old.external = None
+            return
+        if old.external is None:
+            old.external = Tier(b"", [])
+        refs = [_ref(b, key.protocol, frontend) for b in frontend.external_backends]
+        self._plan_tier(plan, pack_key, old.external, refs)
+        master = abi.master_val(old.svc_id, len(old.external.slots), 0, 0)
+        if master != old.external.master:
+            plan.external_masters.append((pack_key(abi.MASTER_SLOT), master))
+            old.external.master = master
+
+    def _plan_maglev(self, plan: _Plan, old: ProgrammedFrontend, frontend: Frontend) -> None:
+        """A new Maglev table when the north-south backends (or the table size) changed: made and filled now,
+        swapped in by one update of the outer map before the master; none without backends (dropped)."""
+        tier = old.external if old.external is not None else old.primary
+        refs = [r for r in tier.slots if r is not None] if frontend.external else []
+        ids = frozenset(self._backend_ids[r] for r in refs)
+        key = abi.pack_maglev_key(old.svc_id)
+        if not refs:
+            if old.maglev is not None:
+                plan.stale_maglev.append(key)
+                old.maglev, old.maglev_ids, old.maglev_size = None, frozenset(), 0
+            return
+        if old.maglev is not None and old.maglev_ids == ids and old.maglev_size == self.maglev_size:
+            return
+        warning = maglev.check_size(self.maglev_size, len(refs))
+        if warning and (old.maglev_size, len(old.maglev_ids)) != (self.maglev_size, len(ids)):
+            log.warning("frontend %d: %s", old.svc_id, warning)
+        ordered = sorted(refs, key=abi.maglev_identity)  # the same order, and table, on every node
+        indexes = self._tables.table([abi.maglev_identity(r) for r in ordered], self.maglev_size)
+        backend_ids = [self._backend_ids[r] for r in ordered]
+        value = self.io.create_table(array.array("I", map(backend_ids.__getitem__, indexes)))
+        plan.maglev.append((key, value))
+        old.maglev, old.maglev_ids, old.maglev_size = value, ids, self.maglev_size
+
+    def _plan_ranges(self, plan: _Plan, old: ProgrammedFrontend, frontend: Frontend) -> None:
+        """loadBalancerSourceRanges: new entries before the master, stale ones after it."""
+        wanted = (
+            {abi.pack_source_range(old.svc_id, n) for n in frontend.source_ranges}
+            if frontend.external
+            else set()
+        )
+        plan.ranges.extend((k, abi.SRCR_VALUE) for k in sorted(wanted - old.source_ranges))
+        plan.stale_ranges.extend(sorted(old.source_ranges - wanted))
+        old.source_ranges = wanted
+
     def _plan_master(
         self, plan: _Plan, key: FrontendKey, old: ProgrammedFrontend, frontend: Frontend
     ) -> None:
@@ -429,6 +513,9 @@ class MapWriter:
             | (abi.SVC_F_CLIENTS if old.clients else 0)
             | (abi.SVC_F_QOS if old.qos is not None else 0)
             | (abi.SVC_F_HOST_ONLY if frontend.host_only else 0)
+            | (abi.SVC_F_EXTERNAL if frontend.external else 0)
+            | (abi.SVC_F_ETP_LOCAL if frontend.external and frontend.external_local else 0)
+            | (abi.SVC_F_SRC_RANGES if old.source_ranges else 0)
         )
         master = abi.master_val(old.svc_id, len(old.primary.slots), flags, timeout)
         if master != old.primary.master:
@@ -451,7 +538,7 @@ class MapWriter:
         skip = frontend.skip_redirect_from_backends
         wanted: dict[int, bytes] = {}
         for bp in frontend.backend_pods:
-            backend_id = self._backend_ids.get(abi.pack_backend(bp.backend.ip, bp.backend.port, key.protocol))
+            backend_id = self._backend_ids.get(_ref(bp.backend, key.protocol, frontend))
             if backend_id is None:
                 continue  # not (or no longer) a primary backend
             rule = abi.pack_client_val(0 if skip else backend_id, abi.CLIENT_F_SKIP if skip else 0)
@@ -517,6 +604,14 @@ class MapWriter:
             plan.stale_fallback_masters.append(pack_fb(abi.MASTER_SLOT))
             plan.stale_slots.extend(pack_fb(s) for s in range(1, len(old.fallback.slots) + 1))
             self._retarget(plan, old.fallback, [])
+        if old.external is not None:
+            pack_ext = abi.SvcKeyPacker(key.ip, key.port, key.protocol, abi.SCOPE_EXTERNAL)
+            plan.stale_external_masters.append(pack_ext(abi.MASTER_SLOT))
+            plan.stale_slots.extend(pack_ext(s) for s in range(1, len(old.external.slots) + 1))
+            self._retarget(plan, old.external, [])
+        if old.maglev is not None:
+            plan.stale_maglev.append(abi.pack_maglev_key(old.svc_id))
+        plan.stale_ranges.extend(old.source_ranges)
         self._plan_matches(plan, old, [])
         plan.stale_clients.extend(abi.pack_client_key(old.svc_id, cg) for cg in old.clients)
         if old.qos is not None:
@@ -544,6 +639,12 @@ class MapWriter:
     def _write(self, plan: _Plan, planned: list[_Change], stats: WriteStats) -> None:
         """Run the plan of all frontends; after a failure, each frontend's part alone (see the module
         docstring). Then delete what no frontend names any more."""
+        try:
+            self._write_plan(plan, planned, stats)
+        finally:
+            self.io.release_tables()  # the Maglev tables made for this write: inserted ones live on
+
+    def _write_plan(self, plan: _Plan, planned: list[_Change], stats: WriteStats) -> None:
         try:
             self._run(plan, stats)
         except _Failed as failed:
@@ -718,9 +819,16 @@ def _deletes(map_name: str, items: Iterable[tuple[bytes, bytes]]) -> _Plan:
 
 
 def _slot_refs(frontend: ProgrammedFrontend) -> Iterable[BackendRef]:
-    """Every backend the frontend's slots name, once per slot (both tiers)."""
-    tiers = (frontend.primary, frontend.fallback) if frontend.fallback is not None else (frontend.primary,)
+    """Every backend the frontend's slots name, once per slot (every tier)."""
+    tiers = [t for t in (frontend.primary, frontend.fallback, frontend.external) if t is not None]
     return [r for t in tiers for r in t.slots if r is not None]
+
+
+def _ref(backend: Backend, protocol: Protocol, frontend: Frontend) -> BackendRef:
+    """A backend's entry (and identity) for this frontend: a pod on this node is flagged local (north-south
+    reaches it without SNAT)."""
+    local = abi.BE_F_LOCAL if backend in frontend.local_backends else 0
+    return abi.pack_backend(backend.ip, backend.port, protocol, local)
 
 
 def _tier_refs(frontend: ProgrammedFrontend) -> set[BackendRef]:

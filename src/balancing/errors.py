@@ -17,7 +17,8 @@
     │   ├── MapError                  a map operation failed (map, op, errno)
     │   ├── MapFull                   a map has no room left (map, capacity)
     │   ├── FrontendWriteError        one frontend could not be programmed (frontend, map, reason)
-    │   └── IncompatiblePin           a pinned object cannot be reused (path, reason)
+    │   ├── IncompatiblePin           a pinned object cannot be reused (path, reason)
+    │   └── DeviceError               a network device cannot be used (device, reason)
     └── ConfigError                   a command-line flag or setting is wrong (flag)
 
 Every error carries the object, field, map or flag it concerns as attributes, and ``str()`` gives one line a
@@ -235,3 +236,19 @@ class ConfigError(BalancingError):
 
     def __str__(self) -> str:
         return f"{self.flag}: {self.message}"
+
+
+# --- devices (appended after the sections above: the north-south programs attach to network devices) ------
+
+
+class DeviceError(DatapathError):
+    """A network device cannot be used: ``device`` names it (``"eth0"``, or ``"eth0 (ifindex 3)"``, or
+    ``"ifindex 3"`` when it has no name any more) and ``reason`` says what failed."""
+
+    def __init__(self, device: str, reason: str) -> None:
+        super().__init__(device, reason)
+        self.device = device
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return printable(f"network device {self.device}: {self.reason}")

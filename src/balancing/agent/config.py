@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from balancing.agent.events import EventsConfig
-from balancing.datapath import loader, sockterm
+from balancing.datapath import loader, northsouth, sockterm
 from balancing.model import config
 from balancing.sources import kubestatus
 
@@ -51,3 +51,4 @@ class AgentConfig:
     status_timing: kubestatus.WriterTiming = field(default_factory=kubestatus.WriterTiming)
     restart_backoff: tuple[float, float] = (0.5, 30.0)  # a failed task's first and longest restart delay
     socket_lb_host_namespace_only: bool = False  # translate only the host network namespace's sockets
+    north_south: northsouth.NorthSouthConfig | None = None  # TC on the node's devices; None: off

@@ -1,8 +1,10 @@
 """The node agent's lifecycle: start the datapath and the servers, run the supervised tasks, stop.
 
-One asyncio program. Start: load and attach the datapath (reusing pins), read the maps back, open the
-health, ``/state`` and metrics servers. Then the supervised tasks (``agent.supervise``: logged, counted,
-restarted with backoff, ``/healthz`` 503 while down):
+One asyncio program. Start: load and attach the datapath (reusing pins), with north-south the TC programs on
+the node's devices (``datapath.northsouth``; without ``--nodeport-devices`` after the first sync, on the
+devices holding this Node's addresses), read the maps back, open the health, ``/state`` and metrics servers.
+Then the supervised tasks (``agent.supervise``: logged, counted, restarted with backoff, ``/healthz`` 503
+while down):
 
 - ``source``: the source's whole state into the store (``agent.ingest``), one reconciling full sync
   (``agent.programming``; never flush-and-refill), then each change applied as it comes. A restarted source
@@ -35,6 +37,7 @@ import logging
 import signal
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import replace
 from functools import partial
 from importlib import metadata
 
@@ -42,7 +45,7 @@ from balancing import errors, gcpause, metrics
 from balancing.agent import events, health, ingest, policy_status, programming, state, supervise
 from balancing.agent.config import AgentConfig
 from balancing.agent.udp_termination import Terminations
-from balancing.datapath import abi, loader, maps, netns, owners
+from balancing.datapath import abi, loader, maps, netns, northsouth, owners
 from balancing.datapath.programmed import ProgrammedState
 from balancing.model import store
 from balancing.sources import kube, kubestatus, manifests
@@ -120,6 +123,7 @@ class Agent:
         self.load_report: loader.LoadReport | None = None  # what the start attached (for /statusz)
         self._capacity: dict[str, int] = {}  # map name → max entries, as the kernel has them
         self._fill: tuple[int, dict[str, object]] | None = None  # (write generation, /statusz's maps)
+        self._north_south_devices: tuple[str, ...] = ()  # found from the Node's addresses (no devices given)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Start, run until ``stop`` is set, stop (the datapath stays attached); errors logged meanwhile
@@ -138,9 +142,13 @@ class Agent:
         report = await loop.run_in_executor(io, loader.load, dp)
         log.info("datapath on %s, pins in %s: %s", dp.cgroup, dp.bpffs, report.summary())
         self.load_report = report
+        ns = self.cfg.north_south
+        if ns is not None and ns.devices:  # else once the Node's addresses are known (first sync)
+            await loop.run_in_executor(io, self._load_north_south, ns)
         kernel_maps = await loop.run_in_executor(io, maps.KernelMaps, dp.map_dir)
         self._capacity = dict(getattr(kernel_maps, "capacity", {}))
-        await self.programming.open(kernel_maps, dp.cgroup)
+        maglev_size = ns.maglev_size if ns is not None else abi.DEFAULT_MAGLEV_SIZE
+        await self.programming.open(kernel_maps, dp.cgroup, maglev_size)
         if self.cfg.terminate_udp:  # after loader.load: it would retire the terminator's own pin
             await self.terminations.open(dp, self.cfg.netns_dirs)
         servers = await self._serve()
@@ -237,8 +245,32 @@ class Agent:
             self._synced.set()  # the store holds the whole state: a full sync from now on flushes nothing
             self.health.task_up("source")
             await self.programming.full_sync()  # a failure is retried by the resync loop
+            await self._north_south_on_node_devices()
             gcpause.freeze_long_lived()  # the synced state is long-lived: no collection walks it again
             await self.follow_changes(stream)
+
+    def _load_north_south(self, ns: northsouth.NorthSouthConfig) -> None:
+        report = northsouth.load(ns, self.load_report)
+        log.info("north-south on %s: %s", ", ".join(ns.devices), report.summary())
+
+    async def _north_south_on_node_devices(self) -> None:
+        """North-south without --nodeport-devices: on the devices holding this Node's addresses, once the
+        first sync knows them (an agent restart finds them again). None found is an error on /healthz's
+        terms, not a crash: the socket hooks keep serving."""
+        ns = self.cfg.north_south
+        if ns is None or ns.devices or self._north_south_devices:
+            return
+        loop = asyncio.get_running_loop()
+        own = self.store.node().own_addresses
+        devices = await loop.run_in_executor(self.programming.io, northsouth.devices_with, own)
+        if not devices:
+            shown = ", ".join(sorted(map(str, own))) or "none known"
+            log.error(
+                "north-south: no device holds this Node's addresses (%s): give --nodeport-devices", shown
+            )
+            return
+        await loop.run_in_executor(self.programming.io, self._load_north_south, replace(ns, devices=devices))
+        self._north_south_devices = devices
 
     async def follow_changes(self, stream: AsyncGenerator[SourceUpdate, None]) -> None:
         """Every change of the source into the maps, as it comes."""

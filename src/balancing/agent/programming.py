@@ -23,7 +23,7 @@ from pathlib import Path
 from balancing import errors, gcpause
 from balancing.agent import health, healthcheck_ports
 from balancing.agent.udp_termination import Terminations
-from balancing.datapath import maps, podcgroups, writer
+from balancing.datapath import abi, maps, podcgroups, writer
 from balancing.datapath.owners import OwnerIndex
 from balancing.metrics import Metrics
 from balancing.model import desired, store
@@ -59,11 +59,15 @@ class Programming:
         self._failing: dict[desired.FrontendKey, str] = {}  # frontends the last write could not program
         self.generation = 0  # bumped by every successful write: what the tools' view is keyed on
 
-    async def open(self, kernel_maps: maps.MapIO, cgroup: Path) -> None:
+    async def open(
+        self, kernel_maps: maps.MapIO, cgroup: Path, maglev_size: int = abi.DEFAULT_MAGLEV_SIZE
+    ) -> None:
         """Read back what the maps hold (the writer's ids survive restarts) and the pods' cgroups."""
         loop = asyncio.get_running_loop()
         self.pods = await loop.run_in_executor(self.io, podcgroups.scan, cgroup)
-        self.writer = await loop.run_in_executor(self.io, writer.MapWriter, kernel_maps, self.pod_cgroups)
+        self.writer = await loop.run_in_executor(
+            self.io, writer.MapWriter, kernel_maps, self.pod_cgroups, maglev_size
+        )
 
     def pod_cgroups(self, pod: desired.PodRef) -> tuple[int, ...]:
         return self.pods.cgroups_of(pod.uid)

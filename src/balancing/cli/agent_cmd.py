@@ -18,7 +18,7 @@ from balancing import errors
 from balancing.agent import events as agent_events
 from balancing.cli import configfile, flags, logs
 from balancing.cli.configfile import DEFAULTS
-from balancing.datapath import bpfobjects, loader, mounts
+from balancing.datapath import bpfobjects, loader, mounts, northsouth
 from balancing.model import config
 
 log = logging.getLogger("balancing.agent")
@@ -49,6 +49,8 @@ def given_flags(ctx: typer.Context) -> dict[str, Any]:
             value = [c.strip() for c in value.split(",") if c.strip()]
         elif flag == "--netns-dir":
             value = _netns_dirs(value or [])
+        elif flag == "--nodeport-devices":
+            value = [d.strip() for d in value.split(",") if d.strip()]
         given[flag] = value
     return given
 
@@ -89,6 +91,7 @@ def build(loaded: configfile.Loaded) -> Any:
         raise errors.ConfigError(where("host_netns"), f"{c.host_netns} does not exist")
     health_host, health_port = flags.host_port(where("health_addr"), c.health_addr)
     ev, maps, kube = c.events, c.maps, c.source.kubernetes
+    north_south = _north_south(loaded, obj)
     return agent_mod.AgentConfig(
         c.source.manifests,
         config.ModelConfig(
@@ -96,6 +99,7 @@ def build(loaded: configfile.Loaded) -> Any:
             config.parse_cidrs(c.nodeport_addresses),
             c.external_ips_local_only,
             c.out_of_cluster,
+            north_south is not None,
         ),
         loader.DatapathConfig(
             obj,
@@ -132,6 +136,31 @@ def build(loaded: configfile.Loaded) -> Any:
         terminate_udp=c.terminate_udp_sockets,
         netns_dirs=tuple(c.netns_dirs),
         socket_lb_host_namespace_only=c.socket_lb.host_namespace_only,
+        north_south=north_south,
+    )
+
+
+def _north_south(loaded: configfile.Loaded, obj: Path) -> northsouth.NorthSouthConfig | None:
+    """North-south's configuration when it is on (``enabled`` or devices given), checked; else None."""
+    c, where = loaded.config, loaded.where
+    ns = c.north_south
+    if not ns.enabled and not ns.devices:
+        return None
+    if c.out_of_cluster:
+        raise errors.ConfigError(
+            where("north_south", "enabled"), "north-south translates for a Node: not with --out-of-cluster"
+        )
+    nodeport = bpfobjects.nodeport_object(obj)
+    if not nodeport.is_file():
+        raise errors.ConfigError(where("bpf_object"), f"{nodeport} does not exist beside it (run `make bpf`)")
+    return northsouth.NorthSouthConfig(
+        nodeport,
+        c.bpffs,
+        tuple(ns.devices),
+        ns.maglev_table_size,
+        northsouth.parse_snat_ports(ns.snat_ports),
+        ns.conntrack_entries,
+        ns.attach_mode,
     )
 
 
@@ -254,6 +283,38 @@ def agent(
     socket_lb_host_namespace_only: Annotated[
         bool, typer.Option(help="Translate only the sockets of the host's network namespace.")
     ] = DEFAULTS.socket_lb.host_namespace_only,
+    north_south: Annotated[
+        bool,
+        typer.Option(
+            help="Translate NodePort, load-balancer and externalIP traffic arriving from outside the cluster "
+            "(TC on --nodeport-devices; implied by that flag)."
+        ),
+    ] = DEFAULTS.north_south.enabled,
+    nodeport_devices: Annotated[
+        str,
+        typer.Option(
+            metavar="DEV[,DEV]",
+            help="Devices north-south runs on [the devices holding this Node's InternalIP/ExternalIP].",
+        ),
+    ] = "",
+    maglev_table_size: Annotated[
+        int,
+        typer.Option(help="Entries of each north-south Maglev table: a prime, at least 100 x backends."),
+    ] = DEFAULTS.north_south.maglev_table_size,
+    snat_ports: Annotated[
+        str,
+        typer.Option(
+            metavar="LOW-HIGH",
+            help="Source ports north-south translates to towards remote backends (keep them out of the "
+            "node's ephemeral range and the NodePort range).",
+        ),
+    ] = DEFAULTS.north_south.snat_ports,
+    max_conntrack: Annotated[
+        int, typer.Option(help="North-south connection-tracking entries (two per flow), LRU.")
+    ] = DEFAULTS.north_south.conntrack_entries,
+    tc_attach_mode: Annotated[
+        str, typer.Option(help="auto (tcx where the kernel has it, else clsact), tcx or clsact.")
+    ] = DEFAULTS.north_south.attach_mode,
     events: Annotated[str, typer.Option(help="Resolution events: off, sampled or all.")] = _EV.mode,
     event_sample_every: Annotated[
         int, typer.Option(help="With --events sampled: one in N resolutions.")

@@ -31,7 +31,7 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDic
 
 from balancing import errors
 from balancing.cli import flags, logs
-from balancing.datapath import abi, sockterm
+from balancing.datapath import abi, maglev, northsouth, sockterm
 from balancing.events import stream
 from balancing.model import config as model_config
 
@@ -146,6 +146,28 @@ class SocketLB(Section):
     host_namespace_only: bool = False
 
 
+def _snat_ports(value: str) -> str:
+    northsouth.parse_snat_ports(value)  # ValueError says what is wrong
+    return value
+
+
+def _maglev_size(value: int) -> int:
+    maglev.valid_size(value)  # ValueError: not a prime, and the next one
+    return value
+
+
+class NorthSouth(Section):
+    """North-south: NodePort, load-balancer and externalIP traffic from outside, translated in TC on the
+    node's devices (off unless ``enabled`` or ``devices`` is given)."""
+
+    enabled: bool = False
+    devices: list[str] = Field(default_factory=list)  # empty: the devices holding this Node's addresses
+    maglev_table_size: Annotated[int, AfterValidator(_maglev_size)] = abi.DEFAULT_MAGLEV_SIZE
+    snat_ports: Annotated[str, AfterValidator(_snat_ports)] = "{}-{}".format(*northsouth.DEFAULT_SNAT_PORTS)
+    conntrack_entries: int = Field(abi.DEFAULT_CT_ENTRIES, ge=2)
+    attach_mode: Literal["auto", "tcx", "clsact"] = "auto"
+
+
 class Logging(Section):
     level: Level = "info"
     format: Format = "text"
@@ -176,6 +198,7 @@ class BalancingConfiguration(Section):
     maps: Maps = Field(default_factory=Maps)
     events: Events = Field(default_factory=Events)
     socket_lb: SocketLB = Field(default_factory=SocketLB, alias="socketLB")
+    north_south: NorthSouth = Field(default_factory=NorthSouth)
     logging: Logging = Field(default_factory=Logging)
 
 
@@ -225,6 +248,12 @@ FLAGS: dict[str, FieldPath] = {
     "--event-log-backups": ("events", "log_backups"),
     "--events-socket": ("events", "socket"),
     "--socket-lb-host-namespace-only": ("socket_lb", "host_namespace_only"),
+    "--north-south": ("north_south", "enabled"),
+    "--nodeport-devices": ("north_south", "devices"),
+    "--maglev-table-size": ("north_south", "maglev_table_size"),
+    "--snat-ports": ("north_south", "snat_ports"),
+    "--max-conntrack": ("north_south", "conntrack_entries"),
+    "--tc-attach-mode": ("north_south", "attach_mode"),
     "--log-level": ("logging", "level"),
     "--log-format": ("logging", "format"),
 }

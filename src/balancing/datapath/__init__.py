@@ -10,7 +10,10 @@ read-only; ``settings`` writes the run-time settings map (event mode, wakeup thr
 ``ringbuf`` reads the events ring buffer and its lost counter; ``percpu`` sums per-CPU counters and counts
 map entries in bulk; ``netns`` enters network namespaces and reads their cookies; ``podcgroups`` finds the
 cgroups of this node's pods; ``sockterm`` destroys connected UDP sockets whose backend left; ``bpfobjects``
-finds the compiled BPF objects (the installed package's, else a checkout's build/bpf).
+finds the compiled BPF objects (the installed package's, else a checkout's build/bpf). North-south (TC on the
+node's devices): ``northsouth`` loads ``nodeport.o`` against the datapath's pins, writes its settings and
+devices and attaches it through ``tcattach`` (tcx links, else clsact filters); ``maglev`` builds the Maglev
+tables of the frontends it serves (the same on every node), which the writer swaps in.
 May import ``balancing.model.desired`` (the DesiredState contract) and ``balancing.errors``; never YAML or
 Kubernetes.
 """

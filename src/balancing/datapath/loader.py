@@ -4,7 +4,8 @@ Pins live under ``<bpffs>/maps/<map>`` and ``<bpffs>/links/<program>``. On start
 pinned map (so programmed state survives restarts), loads the new programs against them, and for each
 program either updates its pinned link in place (an atomic swap; skipped when the program's tag is
 unchanged) or attaches and pins a new link. Links found on another cgroup are moved make-before-break.
-``cleanup`` is the only thing that detaches. Neighbours: ``libbpf`` (calls), ``mounts`` (bpffs, cgroup2),
+``cleanup`` is the only thing that detaches (the north-south TC links and clsact filters pinned beside them
+too: run it in the agent's network namespace). Neighbours: ``libbpf`` (calls), ``mounts`` (bpffs, cgroup2),
 ``maps`` (opens the pinned maps for the writer).
 """
 
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from balancing import errors
-from balancing.datapath import abi, libbpf, mounts
+from balancing.datapath import abi, libbpf, mounts, tcattach
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class LoadReport:
     programs_swapped: list[str] = field(default_factory=list)
     programs_unchanged: list[str] = field(default_factory=list)
     programs_moved: list[str] = field(default_factory=list)
+    programs_detached: list[str] = field(default_factory=list)  # north-south devices no longer configured
     warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
@@ -114,7 +116,7 @@ def _reuse_pinned_map(m: int, pin: Path, cfg: DatapathConfig, report: LoadReport
     return fd
 
 
-def _load_object(obj: int, log_bufs: dict[str, ctypes.Array[ctypes.c_char]]) -> None:
+def load_object(obj: int, log_bufs: dict[str, ctypes.Array[ctypes.c_char]]) -> None:
     try:
         libbpf.object_load(obj)
     except OSError as exc:
@@ -148,7 +150,7 @@ def load(cfg: DatapathConfig) -> LoadReport:
             buf = ctypes.create_string_buffer(LOG_BUF_SIZE)
             libbpf.program_set_log_buf(prog, buf)
             log_bufs[libbpf.program_name(prog)] = buf
-        _load_object(obj, log_bufs)
+        load_object(obj, log_bufs)
         for m in libbpf.maps(obj):
             name = libbpf.map_name(m)
             if name not in report.maps_reused:
@@ -168,8 +170,9 @@ def load(cfg: DatapathConfig) -> LoadReport:
 def _retire_unused_pins(obj: int, cfg: DatapathConfig, report: LoadReport) -> None:
     """Unpin maps the loaded object no longer defines (an older layout version): once every link runs the
     new programs nothing uses them, and they would otherwise linger until ``cleanup``. (``sockterm.o``
-    pins nothing of its own: its doomed map is private to each terminator.)"""
-    current = {libbpf.map_name(m) for m in libbpf.maps(obj)}
+    pins nothing of its own: its doomed map is private to each terminator; ``nodeport.o``'s own maps are
+    kept: ``northsouth.load`` runs after this one.)"""
+    current = {libbpf.map_name(m) for m in libbpf.maps(obj)} | set(abi.NODEPORT_MAPS)
     for pin in sorted(cfg.map_dir.iterdir()):
         if pin.name not in current and pin.name.startswith("bl_"):
             pin.unlink()
@@ -224,7 +227,7 @@ def _move_link(prog: int, pin: Path, cg_fd: int, old_link: int) -> None:
     """Attach on the new cgroup first, then replace the pin and detach the old link."""
     new_link = libbpf.program_attach_cgroup(prog, cg_fd)
     try:
-        tmp = pin.with_name(pin.name + ".new")
+        tmp = pin.with_name(f"new:{pin.name}")  # bpffs refuses names with a dot
         libbpf.link_pin(new_link, str(tmp))
         os.replace(tmp, pin)
         libbpf.link_detach(libbpf.link_fd(old_link))
@@ -238,12 +241,15 @@ def cleanup(bpffs: Path) -> list[str]:
     link_dir, map_dir = bpffs / "links", bpffs / "maps"
     for pin in sorted(link_dir.iterdir()) if link_dir.is_dir() else []:
         try:
-            fd = libbpf.obj_get(str(pin))
-            try:
-                libbpf.link_detach(fd)
-            finally:
-                os.close(fd)
-        except OSError as exc:
+            if tcattach.is_record(pin):  # a clsact filter: deleted, its qdisc too if ours and empty
+                tcattach.detach(pin)
+            else:
+                fd = libbpf.obj_get(str(pin))
+                try:
+                    libbpf.link_detach(fd)
+                finally:
+                    os.close(fd)
+        except (OSError, errors.DatapathError) as exc:
             log.warning("detaching %s: %s", pin, exc)
         pin.unlink(missing_ok=True)
         done.append(f"detached {pin.name}")

@@ -31,17 +31,29 @@ added). Every document also has ``"agent": {"url": str | null, "available": bool
     nodes:     {"nodes": [{"address", "node": str | null, "local": bool | null,
                  "frontends": [{"frontend", "port", "protocol", "serviceId" | null, "owner", "reason",
                    "backends": [...], "programmed": bool}]}]}
+    conntrack: {"conntrack": [{"client": "ip:port", "frontend": "ip:port/PROTO", "protocol",
+                 "backend": "ip:port", "snat": "ip:port" | null, "local": bool, "serviceId", "backendId",
+                 "owner": {...} | null, "state": "new" | "established" | "closing",
+                 "ageSeconds", "idleSeconds", "note": str | null,
+                 "entries": [{"direction": "client" | "reply", "src", "dst", "protocol", "newSrc", "newDst",
+                   "serviceId", "backendId", "flags": ["reply" | "snat" | "local"], "state",
+                   "createdNs", "seenNs"}]}],
+                "usage": {"entries": int, "capacity": int | null, "flows": int}}
 
 ``policies`` lists frontends owned by a LocalRedirectPolicy or BalancingPolicy, and (names or not) every
 frontend with a fallback tier, client rules or a QoS limit. ``nodes`` needs the agent (frontend kinds are
-the model's); ``local`` says whether the address is one of this host's.
+the model's); ``local`` says whether the address is one of this host's. ``conntrack`` reads north-south's
+connection tracking (``bl_ct_v1``, pinned only where north-south runs): one row per flow, its client-direction
+entry paired with the reply entry that entry's rewrite implies; a flow with only one of the two (the LRU
+evicts them independently) is shown with a ``note``, read from the entry that is left.
 """
 
 from __future__ import annotations
 
 import errno
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import typer
@@ -50,7 +62,16 @@ from rich.table import Table
 from balancing.cli import agentclient, inspect_data, inspect_render
 from balancing.cli import output as cli_output
 from balancing.cli.agentclient import AgentView, Json
-from balancing.cli.inspect_common import DEFAULT_BPFFS, AgentOpt, BpffsOpt, OutputOpt, check_output, open_maps
+from balancing.cli.inspect_common import (
+    CONNTRACK_MAPS,
+    DEFAULT_BPFFS,
+    AgentOpt,
+    BpffsOpt,
+    OutputOpt,
+    check_output,
+    open_maps,
+)
+from balancing.datapath import abi
 from balancing.datapath.maps import MapIO
 from balancing.model.desired import parse_ip
 
@@ -62,6 +83,7 @@ app = typer.Typer(
 
 Builder = Callable[[MapIO, AgentView], Json]
 Renderer = Callable[[Json, AgentView, bool], Iterable[Table | str]]
+Opener = Callable[[Path], AbstractContextManager[MapIO]]
 
 
 def services_json(io: MapIO, view: AgentView | None = None) -> list[Json]:
@@ -84,10 +106,17 @@ def is_local_address(address: str) -> bool:
     return True
 
 
-def _run(bpffs: Path, agent: str | None, output: str, build: Builder, render: Renderer) -> None:
+def _run(
+    bpffs: Path,
+    agent: str | None,
+    output: str,
+    build: Builder,
+    render: Renderer,
+    opener: Opener | None = None,
+) -> None:
     output = check_output(output)
     view = agentclient.fetch(agent)
-    with open_maps(bpffs) as io:
+    with (opener or open_maps)(bpffs) as io:
         doc = build(io, view)
     if output in cli_output.DOCUMENT_FORMATS:
         typer.echo(cli_output.dumps({**doc, "agent": view.describe()}, output))
@@ -95,7 +124,10 @@ def _run(bpffs: Path, agent: str | None, output: str, build: Builder, render: Re
     out = inspect_render.console(output == "wide")
     inspect_render.print_note(out, view)
     for item in render(doc, view, output == "wide"):
-        if item != "":
+        if isinstance(item, str):  # markup lines, styled already: no highlighter, no re-wrapping (fast)
+            if item:
+                out.print(item, highlight=False, soft_wrap=True)
+        else:
             out.print(item)
 
 
@@ -131,3 +163,37 @@ def nodes(bpffs: BpffsOpt = DEFAULT_BPFFS, agent: AgentOpt = None, output: Outpu
         return inspect_data.nodes_doc(io, view, is_local_address)
 
     _run(bpffs, agent, output, build, inspect_render.nodes)
+
+
+@contextmanager
+def open_conntrack(bpffs: Path) -> Iterator[MapIO]:
+    """The maps ``inspect conntrack`` reads; without north-south's pin, a clear error and exit status 2."""
+    pin = bpffs / "maps" / abi.MAP_CONNTRACK
+    if not pin.exists():
+        typer.secho(f"error: north-south is not running on this node (no {pin})", fg="red", err=True)
+        raise typer.Exit(2)
+    with open_maps(bpffs, CONNTRACK_MAPS) as io:
+        yield io
+
+
+@app.command()
+def conntrack(bpffs: BpffsOpt = DEFAULT_BPFFS, agent: AgentOpt = None, output: OutputOpt = "table") -> None:
+    """North-south flows (one row per flow): client, frontend, backend, SNAT address, age, idle, state, owner.
+
+    \b
+    Reads <bpffs>/maps/bl_ct_v1. Ages are since the flow's first packet, idle times since its last one. A flow
+    whose reply or client entry was evicted is still shown, with a note. Sorted by frontend, then client.
+    -o json (stable, keys are only ever added; -o yaml is the same document):
+      {"conntrack": [{"client": "ip:port", "frontend": "ip:port/PROTO", "protocol": "TCP|UDP|SCTP",
+                      "backend": "ip:port", "snat": "ip:port" | null, "local": bool,
+                      "serviceId": int, "backendId": int, "owner": {"kind", "namespace", "name",
+                      "portName"} | null, "state": "new|established|closing",
+                      "ageSeconds": float, "idleSeconds": float, "note": str | null,
+                      "entries": [{"direction": "client|reply", "src", "dst", "protocol",
+                                   "newSrc", "newDst", "serviceId", "backendId",
+                                   "flags": ["reply", "snat", "local"], "state",
+                                   "createdNs": int, "seenNs": int}]}],
+       "usage": {"entries": int, "capacity": int | null, "flows": int},
+       "agent": {"url", "available", "error"}}
+    """
+    _run(bpffs, agent, output, inspect_data.conntrack_doc, inspect_render.conntrack, open_conntrack)

@@ -6,7 +6,7 @@ The tools open the pinned maps read-only in spirit (they never write) and close 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,8 +18,9 @@ from balancing.datapath import abi, maps
 from balancing.model.desired import FrontendKey, Protocol, parse_ip
 
 DEFAULT_BPFFS = Path("/sys/fs/bpf/balancing")
-# What the tools read: the writer's maps and the affinity LRU.
+# What the tools read: the writer's maps and the affinity LRU (``inspect conntrack`` adds north-south's).
 READ_MAPS = (*maps.KernelMaps.WRITER_MAPS, abi.MAP_AFFINITY)
+CONNTRACK_MAPS = (*READ_MAPS, abi.MAP_CONNTRACK)
 FLAG_NAMES = {
     abi.SVC_F_AFFINITY: "affinity",
     abi.SVC_F_FALLBACK: "fallback",
@@ -42,10 +43,10 @@ def check_output(output: str, allowed: tuple[str, ...] = ("table", "wide", "json
 
 
 @contextmanager
-def open_maps(bpffs: Path) -> Iterator[maps.KernelMaps]:
-    """The pinned maps under ``bpffs``; a clear error and exit status 2 when they cannot be opened."""
+def open_maps(bpffs: Path, names: Sequence[str] = READ_MAPS) -> Iterator[maps.KernelMaps]:
+    """The pins ``names`` under ``bpffs``; a clear error and exit status 2 when one cannot be opened."""
     try:
-        io = maps.KernelMaps(bpffs / "maps", READ_MAPS)
+        io = maps.KernelMaps(bpffs / "maps", names)
     except OSError as exc:
         typer.secho(f"error: cannot open the maps under {bpffs}/maps: {exc}", fg="red", err=True)
         raise typer.Exit(2) from exc

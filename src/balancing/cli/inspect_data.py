@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from balancing.cli import inspect_common as common
 from balancing.cli.agentclient import POLICY_KINDS, AgentView, Json
@@ -231,3 +231,143 @@ def nodes_doc(io: MapIO, view: AgentView, is_local: Callable[[str], bool] | None
             }
         )
     return {"nodes": rows}
+
+
+# --- north-south connection tracking ---------------------------------------------------------------------
+
+_CT_KEY = abi.CT_KEY.packer
+_CT_VAL = abi.CT_VAL.packer
+CT_FLAG_NAMES = {abi.CT_F_REPLY: "reply", abi.CT_F_SNAT: "snat", abi.CT_F_LOCAL: "local"}
+NO_REPLY_ENTRY = "no reply entry (evicted?)"
+NO_CLIENT_ENTRY = "no client entry (evicted?): read from the reply entry"
+Flow = tuple[abi.ConntrackEntry | None, abi.ConntrackEntry | None]  # (client direction, reply); one is set
+Endpoint = tuple[IPAddress, int]
+
+
+def ct_reply_key(raw_key: bytes, raw_val: bytes) -> bytes:
+    """The key of the reply entry a client-direction entry implies: the packet it is rewritten to, reversed
+    (from the backend's address and port to the rewritten source: the node's SNAT address or the client)."""
+    proto = _CT_KEY.unpack(raw_key)[4]
+    new_src, new_dst, new_sport, new_dport = _CT_VAL.unpack(raw_val)[:4]
+    return _CT_KEY.pack(new_dst, new_src, new_dport, new_sport, proto, 0, 0)
+
+
+def pair_flows(items: list[tuple[bytes, bytes]]) -> list[Flow]:
+    """The conntrack map's entries as flows: each client-direction entry with the reply entry its value
+    implies, then every reply entry no client entry claimed (the LRU evicts the two independently)."""
+    entries = {raw_key: abi.ConntrackEntry.unpack(raw_key, raw_val) for raw_key, raw_val in items}
+    flows: list[Flow] = []
+    claimed: set[bytes] = set()
+    for raw_key, raw_val in items:
+        entry = entries[raw_key]
+        if entry.reply:
+            continue
+        reply_key = ct_reply_key(raw_key, raw_val)
+        reply = entries.get(reply_key)
+        if reply is not None and reply.reply:
+            claimed.add(reply_key)
+            flows.append((entry, reply))
+        else:
+            flows.append((entry, None))
+    flows += [(None, e) for k, e in entries.items() if e.reply and k not in claimed]
+    return flows
+
+
+def _endpoint(addr_port: Endpoint) -> str:
+    ip, port = addr_port
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+
+def _ct_entry_json(e: abi.ConntrackEntry) -> Json:
+    return {
+        "direction": "reply" if e.reply else "client",
+        "src": _endpoint(e.src),
+        "dst": _endpoint(e.dst),
+        "protocol": _proto_name(e.proto),
+        "newSrc": _endpoint(e.new_src),
+        "newDst": _endpoint(e.new_dst),
+        "serviceId": e.svc_id,
+        "backendId": e.backend_id,
+        "flags": [name for bit, name in CT_FLAG_NAMES.items() if e.flags & bit],
+        "state": e.state,
+        "createdNs": e.created_ns,
+        "seenNs": e.seen_ns,
+    }
+
+
+class FlowEnds(NamedTuple):
+    """Who a flow connects, whichever of its entries it is read from."""
+
+    main: abi.ConntrackEntry  # the client direction's entry, else the reply's
+    client: Endpoint
+    frontend: Endpoint
+    backend: Endpoint
+    snat: Endpoint | None  # the node's address and port the backend sees, for a source-NATed flow
+
+
+def flow_ends(flow: Flow) -> FlowEnds:
+    client, reply = flow
+    if client is not None:
+        snat = client.new_src if client.flags & abi.CT_F_SNAT else None
+        return FlowEnds(client, client.src, client.dst, client.new_dst, snat)
+    assert reply is not None
+    snat = reply.dst if reply.flags & abi.CT_F_SNAT else None
+    return FlowEnds(reply, reply.new_dst, reply.new_src, reply.src, snat)
+
+
+def _flow_order(ends: FlowEnds) -> tuple[int, ...]:
+    """By frontend (address, port, protocol), then client (address, port)."""
+    (f_ip, f_port), (c_ip, c_port) = ends.frontend, ends.client
+    return (f_ip.version, int(f_ip), f_port, ends.main.proto, c_ip.version, int(c_ip), c_port)
+
+
+def flow_json(flow: Flow, now_ns: int) -> Json:
+    """One row of ``inspect conntrack`` (the schema is in ``balancing.cli.inspect``) but its owner."""
+    ends = flow_ends(flow)
+    main = ends.main
+    present = [e for e in flow if e is not None]
+    protocol = _proto_name(main.proto)
+    return {
+        "client": _endpoint(ends.client),
+        "frontend": f"{_endpoint(ends.frontend)}/{protocol}",
+        "protocol": protocol,
+        "backend": _endpoint(ends.backend),
+        "snat": _endpoint(ends.snat) if ends.snat else None,
+        "local": bool(main.flags & abi.CT_F_LOCAL),
+        "serviceId": main.svc_id,
+        "backendId": main.backend_id,
+        "owner": None,  # the agent's name for serviceId (conntrack_doc)
+        "state": main.state,
+        "ageSeconds": common.seconds(max(0, now_ns - main.created_ns)),
+        "idleSeconds": common.seconds(max(0, now_ns - max(e.seen_ns for e in present))),
+        "note": NO_REPLY_ENTRY if flow[1] is None else NO_CLIENT_ENTRY if flow[0] is None else None,
+        "entries": [_ct_entry_json(e) for e in present],
+    }
+
+
+def _owners_by_id(io: MapIO, view: AgentView) -> dict[int, Json]:
+    """Frontend id → the agent's owner object, through the service map's ids (empty without the agent)."""
+    if not view.available:
+        return {}
+    out: dict[int, Json] = {}
+    for key, f in programmed.read_state(io).frontends.items():
+        owner = _names(view, str(key))["owner"]
+        if owner is not None:
+            out[f.svc_id] = owner
+    return out
+
+
+def conntrack_doc(io: MapIO, view: AgentView, now_ns: int | None = None) -> Json:
+    """``{"conntrack": [...], "usage": {...}}``: the north-south flows, one row per flow."""
+    now = time.monotonic_ns() if now_ns is None else now_ns  # bpf_ktime_get_ns() is CLOCK_MONOTONIC
+    items = io.items(abi.MAP_CONNTRACK)
+    owners = _owners_by_id(io, view)
+    flows = sorted(pair_flows(items), key=lambda flow: _flow_order(flow_ends(flow)))
+    rows = []
+    for flow in flows:
+        row = flow_json(flow, now)
+        row["owner"] = owners.get(row["serviceId"]) or _names(view, row["frontend"])["owner"]
+        rows.append(row)
+    capacity: dict[str, int] = getattr(io, "capacity", {})
+    usage = {"entries": len(items), "capacity": capacity.get(abi.MAP_CONNTRACK), "flows": len(rows)}
+    return {"conntrack": rows, "usage": usage}

@@ -57,6 +57,8 @@ def matches(
 
 
 def _client_text(client: dict[str, Any]) -> str:
+    if "deviceIfindex" in client:  # north-south: an external client, no process
+        return f"client {client.get('address') or '?'} via ifindex {client['deviceIfindex']}"
     proc = f"{client.get('command', '')}({client.get('pid', '?')})"
     pod = client.get("pod")
     if not isinstance(pod, dict):
@@ -74,7 +76,8 @@ def format_text(rec: dict[str, Any]) -> str:
     """One event as one line of rich markup."""
     when = str(rec.get("time", ""))[11:26]
     result = str(rec.get("result", ""))
-    color = "red" if result == "refused" else "yellow" if result.startswith("fallback") else "green"
+    bad = result == "refused" or result.startswith("dropped")
+    color = "red" if bad else "yellow" if result.startswith("fallback") else "green"
     client = rec.get("client")
     who = _client_text(client if isinstance(client, dict) else {})
     owner = inspect_common.owner_text(rec.get("owner")) or "-"

@@ -118,7 +118,7 @@ class EventPipeline:
             return
         try:
             event = abi.Event.unpack(raw)
-            pod = self.attributor.attribute(event.cgroup_id)
+            pod = None if record.is_north_south(event) else self.attributor.attribute(event.cgroup_id)
             rec = record.encode(record.build(event, pod, self.owner_of(event.svc_id), self._wall_offset))
             for sink in self.sinks:
                 sink.write(rec)

@@ -7,11 +7,14 @@ Schema (keys always present, in this order; ``null`` where noted)::
       "time":     "2026-01-02T03:04:05.123456789Z",  RFC 3339, UTC, nanoseconds (kernel monotonic clock
                                                      moved to wall-clock time by the reader)
       "hook":     "connect4",          connect4|connect6|sendmsg4|sendmsg6|recvmsg4|recvmsg6|
-                                       getpeername4|getpeername6
+                                       getpeername4|getpeername6; north-south: tc_ingress|tc_egress
       "protocol": "TCP",               TCP|UDP|SCTP (else the IP protocol number as text)
       "result":   "translated",        translated|affinity|loop_guard_next|
                                        fallback_skip_redirect_from_backend|fallback_loop_guard|
-                                       fallback_qos|fallback_no_primary_backend|refused|reversed
+                                       fallback_qos|fallback_no_primary_backend|refused|reversed;
+                                       north-south: translated_local|translated_snat|
+                                       dropped_no_local_endpoint|dropped_source_range|dropped_no_backend|
+                                       dropped_snat_ports|dropped_conntrack_full
       "reason":   "a backend slot of the primary tier",  human-readable text for the result
       "client": {
         "pid": 1234, "command": "curl",                  the process (tgid) and its comm
@@ -20,6 +23,9 @@ Schema (keys always present, in this order; ``null`` where noted)::
             or "host": true                              exactly one of the two keys
       },                                                 pod namespace/name null: no Pod object has the
                                                          UID; container null: the pod's own cgroup
+        or, for north-south events (no process, no pod: a packet from outside the node):
+      "client": {"address": "203.0.113.7:40000",         the external client (null if the datapath sent none)
+                 "deviceIfindex": 3},                    the node device the packet arrived on
       "frontend": "10.96.0.10:80",     what the application asked for ("[v6]:port" for IPv6)
       "backend":  "10.244.1.5:8080",   where it goes; null when refused
       "owner": {"kind": "Service", "namespace": "default", "name": "web", "portName": "http"}
@@ -55,7 +61,15 @@ REASONS = {
     "fallback_no_primary_backend": "fallback tier: the primary tier has no backend",
     "refused": "no usable backend: connection refused",
     "reversed": "reverse translation: the backend shown as the frontend",
+    "translated_local": "north-south: a pod on this node, the client's address kept",
+    "translated_snat": "north-south: a backend elsewhere, the source translated to this node",
+    "dropped_no_local_endpoint": "north-south: externalTrafficPolicy Local and no endpoint on this node",
+    "dropped_source_range": "north-south: the client is outside loadBalancerSourceRanges",
+    "dropped_no_backend": "north-south: no usable backend",
+    "dropped_snat_ports": "north-south: no free SNAT port towards the backend",
+    "dropped_conntrack_full": "north-south: the connection-tracking map refused the flow",
 }
+NORTH_SOUTH_HOOKS = frozenset({abi.HOOKS[abi.HOOK_TC_INGRESS], abi.HOOKS[abi.HOOK_TC_EGRESS]})
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +106,17 @@ def protocol_name(number: int) -> str:
     return _PROTOCOLS.get(number) or str(number)
 
 
+def is_north_south(event: abi.Event) -> bool:
+    """Whether the event is a packet from outside the node (TC hooks): no process, no pod to attribute."""
+    return event.hook in NORTH_SOUTH_HOOKS
+
+
 def client_json(event: abi.Event, pod: ClientPod | None) -> dict[str, Any]:
+    if is_north_south(event):
+        return {
+            "address": endpoint(*event.client) if event.client else None,
+            "deviceIfindex": event.ifindex,
+        }
     out: dict[str, Any] = {
         "pid": event.pid,
         "command": event.comm,

@@ -15,6 +15,11 @@ seconds more (a scrape racing a write); after that it is counted under ``service
 and its keys are deleted from the kernel map (``Reader.forget``): new frontends get new ids, so without this
 the counters of Services long gone would fill the map. A series whose owner no longer owns any counted
 frontend is dropped after ``retention`` seconds, so deleted Services do not accumulate.
+
+North-south flows are counted in the same resolution counters (hooks ``tc_ingress``/``tc_egress``, results
+``translated_local``, ``translated_snat`` and ``dropped_*``: a drop by reason is a ``balancing_resolutions``
+series). Where north-south runs, its connection-tracking and SNAT fill and its own counters are exported
+too (``northsouth_families``); a node without it exports none of them.
 """
 
 from __future__ import annotations
@@ -38,6 +43,32 @@ log = logging.getLogger(__name__)
 
 RESOLUTION_LABELS = ("kind", "namespace", "name", "port", "protocol", "result", "hook", "service_id")
 Labels = tuple[str, str, str, str, str, str, str, str]
+# kernel.NorthSouth attribute → (gauge, help)
+NORTHSOUTH_GAUGES = {
+    "conntrack_entries": (
+        "balancing_conntrack_entries",
+        "North-south connection-tracking entries (2 per flow).",
+    ),
+    "conntrack_capacity": (
+        "balancing_conntrack_capacity",
+        "Maximum north-south connection-tracking entries.",
+    ),
+    "snat_ports_in_use": (
+        "balancing_snat_ports_in_use",
+        "SNAT source ports held by tracked north-south flows, all backends together.",
+    ),
+    "snat_port_range": (
+        "balancing_snat_port_range_size",
+        "SNAT source ports north-south may use towards each backend (a port is unique per backend).",
+    ),
+}
+# kernel.NSSTAT_NAMES → the help of balancing_northsouth_<name>_total
+NORTHSOUTH_COUNTERS = {
+    "snat_allocations": "SNAT source ports taken for north-south flows to backends on other nodes.",
+    "snat_retries": "SNAT port candidates found taken while allocating one (many: the range is filling).",
+    "flows": "North-south flows tracked (connection-tracking entry pairs created).",
+    "backend_gone": "Tracked north-south flows whose backend had left, sent to a newly picked backend.",
+}
 
 
 class Reader(Protocol):
@@ -51,6 +82,23 @@ def _protocol(number: int) -> str:
         return IPProtocol(number).name
     except ValueError:
         return str(number)
+
+
+def northsouth_families(ns: kernel.NorthSouth | None) -> list[Metric]:
+    """North-south's fill gauges and counters (none where it does not run; a part not read is left out)."""
+    if ns is None:
+        return []
+    families: list[Metric] = []
+    for attr, (name, text) in NORTHSOUTH_GAUGES.items():
+        value = getattr(ns, attr)
+        if value is not None:
+            families.append(GaugeMetricFamily(name, text, value=value))
+    for counter, text in NORTHSOUTH_COUNTERS.items():
+        if counter in ns.counters:
+            families.append(
+                CounterMetricFamily(f"balancing_northsouth_{counter}", text, value=ns.counters[counter])
+            )
+    return families
 
 
 class DatapathCollector(Collector):
@@ -165,7 +213,8 @@ class DatapathCollector(Collector):
     ) -> list[Metric]:
         resolutions = CounterMetricFamily(
             "balancing_resolutions",
-            "Connects and datagrams the datapath resolved, by frontend owner, protocol, result and hook.",
+            "Connects, datagrams and north-south flows the datapath resolved, by frontend owner, protocol, "
+            "result and hook.",
             labels=RESOLUTION_LABELS,
         )
         for labels, value in sorted(totals.items()):
@@ -213,4 +262,4 @@ class DatapathCollector(Collector):
                 value=took,
             )
         )
-        return families
+        return families + northsouth_families(snap.northsouth)

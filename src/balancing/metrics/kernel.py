@@ -8,6 +8,13 @@ Cost per scrape: the resolution counters are dumped in batches (their key count 
 entries of the other hash maps are counted at most once per ``entries_every`` seconds and cached per map id,
 since counting walks the whole map (a few hundred batched syscalls for a million entries). Arrays and the
 ring buffer report no usage: an array is always "full" and a ring buffer's capacity is bytes.
+
+North-south (``nodeport.o``'s pins, ``abi.NODEPORT_MAPS``) is read only where its connection-tracking map is
+pinned; a node without it reports none of it (``Snapshot.northsouth`` is None) and no error. Its conntrack
+map is walked once per ``entries_every`` like the other hash maps, counting the entries and, from each
+value's flags byte picked out of the batch buffer, the client-direction entries holding a SNAT port
+(measured on a 2-vCPU VM: 20-55 ms for 100k entries, ~100 ms for 262,144, the default capacity); its
+per-CPU counters are summed at every scrape.
 """
 
 from __future__ import annotations
@@ -29,6 +36,16 @@ HASH_TYPES = {1: "hash", 5: "percpu_hash", 9: "lru_hash", 10: "lru_percpu_hash"}
 _U32 = struct.Struct("=I")
 
 StatKey = tuple[int, str, int, str]  # abi.unpack_stat_key: (svc_id, result, protocol number, hook)
+# bl_nsstat_v1 index → the counter's name in ``NorthSouth.counters`` (and in its metric's name).
+NSSTAT_NAMES = {
+    abi.NSSTAT_SNAT_ALLOCATED: "snat_allocations",
+    abi.NSSTAT_SNAT_RETRIES: "snat_retries",
+    abi.NSSTAT_CT_CREATED: "flows",
+    abi.NSSTAT_BACKEND_GONE: "backend_gone",
+}
+_CT_FLAGS = abi.CT_VAL.offsets()["flags"]
+# flags byte → 1 for a client-direction entry that holds a SNAT port, else 0 (for bytes.translate)
+_SNAT_CLIENT = bytes(int(f & (abi.CT_F_SNAT | abi.CT_F_REPLY) == abi.CT_F_SNAT) for f in range(256))
 
 
 @dataclass(frozen=True)
@@ -36,6 +53,17 @@ class MapUsage:
     type: str  # HASH_TYPES name; "lru_*" maps evict instead of failing when full
     entries: int
     capacity: int
+
+
+@dataclass
+class NorthSouth:
+    """North-south's pins at one scrape; a part that could not be read is None (and named in the errors)."""
+
+    conntrack_entries: int | None = None  # both directions of every flow
+    conntrack_capacity: int | None = None
+    snat_ports_in_use: int | None = None  # client-direction entries with CT_F_SNAT: one port each
+    snat_port_range: int | None = None  # bl_nscfg_v1's snat_min..snat_max, inclusive, per backend (0: none)
+    counters: dict[str, int] = field(default_factory=dict)  # NSSTAT_NAMES → summed over CPUs
 
 
 @dataclass
@@ -47,7 +75,25 @@ class Snapshot:
     maps: dict[str, MapUsage] = field(default_factory=dict)
     programs_loaded: int = 0  # link pins whose program is loaded
     programs_attached: int = 0  # ... and still attached to a live cgroup
+    northsouth: NorthSouth | None = None  # None: north-south does not run here
     errors: list[str] = field(default_factory=list)
+
+
+def conntrack_fill(fd: int, key_size: int, value_size: int) -> tuple[int, int]:
+    """(entries, client-direction entries holding a SNAT port) of a conntrack map, in one batched walk."""
+    entries = snat = 0
+    for _keys, values, n in percpu.batches(fd, key_size, value_size):
+        entries += n
+        snat += bytes(values[_CT_FLAGS::value_size]).translate(_SNAT_CLIENT).count(1)
+    return entries, snat
+
+
+def snat_port_range(raw_config: bytes | None) -> int:
+    """How many SNAT source ports bl_nscfg_v1 allows towards each backend (0: none, as nodeport.c sees it)."""
+    if raw_config is None:
+        return 0
+    _size, low, high = abi.unpack_ns_config(raw_config)
+    return high - low + 1 if low and high >= low else 0
 
 
 class KernelReader:
@@ -60,23 +106,32 @@ class KernelReader:
         self.entries_every = entries_every
         self._clock = clock
         self._counted: dict[str, tuple[int, float, int]] = {}  # map → (map id, when, entries)
+        self._ct_counted: tuple[int, float, tuple[int, int]] | None = None  # (map id, when, conntrack_fill)
 
     def read(self) -> Snapshot:
         snap = Snapshot()
         for name in abi.ALL_MAPS:
-            try:
-                fd = libbpf.obj_get(str(self.bpffs / "maps" / name))
-            except OSError as exc:
-                snap.errors.append(f"{name}: {exc}")
-                continue
-            try:
-                self._read_map(name, fd, snap)
-            except OSError as exc:
-                snap.errors.append(f"{name}: {exc}")
-            finally:
-                os.close(fd)
+            self._with_map(name, snap, self._read_map)
         self._read_links(snap)
+        if (self.bpffs / "maps" / abi.MAP_CONNTRACK).exists():
+            snap.northsouth = NorthSouth()
+            for name in abi.NODEPORT_MAPS:
+                self._with_map(name, snap, self._read_northsouth_map)
         return snap
+
+    def _with_map(self, name: str, snap: Snapshot, read: Callable[[str, int, Snapshot], None]) -> None:
+        """``read`` the pin ``name`` (opened for this call only); a failure goes to ``snap.errors``."""
+        try:
+            fd = libbpf.obj_get(str(self.bpffs / "maps" / name))
+        except OSError as exc:
+            snap.errors.append(f"{name}: {exc}")
+            return
+        try:
+            read(name, fd, snap)
+        except OSError as exc:
+            snap.errors.append(f"{name}: {exc}")
+        finally:
+            os.close(fd)
 
     def forget(self, svc_ids: set[int]) -> int:
         """Delete the counters of these frontend ids (no longer programmed, already attributed); how many
@@ -108,6 +163,33 @@ class KernelReader:
         if entries is None:
             entries = self._entries(name, fd, info)
         snap.maps[name] = MapUsage(kind, entries, info.max_entries)
+
+    def _read_northsouth_map(self, name: str, fd: int, snap: Snapshot) -> None:
+        ns = snap.northsouth
+        assert ns is not None
+        if name == abi.MAP_NS_STATS:
+            for index, counter in NSSTAT_NAMES.items():
+                ns.counters[counter] = percpu.sum_u64(fd, _U32.pack(index)) or 0
+            return
+        info = libbpf.MapInfo()
+        libbpf.obj_get_info(fd, info)
+        if name == abi.MAP_NS_CONFIG:
+            ns.snat_port_range = snat_port_range(libbpf.map_lookup(fd, abi.CONFIG_KEY, info.value_size))
+        elif name == abi.MAP_CONNTRACK:
+            entries, ns.snat_ports_in_use = self._conntrack_fill(fd, info)
+            ns.conntrack_entries, ns.conntrack_capacity = entries, info.max_entries
+            snap.maps[name] = MapUsage(HASH_TYPES.get(info.type, str(info.type)), entries, info.max_entries)
+        else:
+            self._read_map(name, fd, snap)
+
+    def _conntrack_fill(self, fd: int, info: libbpf.MapInfo) -> tuple[int, int]:
+        now = self._clock()
+        cached = self._ct_counted
+        if cached and cached[0] == info.id and now - cached[1] < self.entries_every:
+            return cached[2]
+        fill = conntrack_fill(fd, info.key_size, info.value_size)
+        self._ct_counted = (info.id, now, fill)
+        return fill
 
     def _entries(self, name: str, fd: int, info: libbpf.MapInfo) -> int:
         now = self._clock()

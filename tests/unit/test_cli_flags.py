@@ -59,6 +59,13 @@ def test_positive_seconds_rejects(value: float) -> None:
         (["--event-sample-every", "0"], "--event-sample-every"),
         (["--event-log-backups", "-1"], "--event-log-backups"),
         (["--events", "most"], "--events"),
+        (["--nodeport-devices", "nosuchdev0"], "--nodeport-devices"),
+        (["--north-south", "--maglev-table-size", "16380"], "--maglev-table-size"),
+        (["--north-south", "--snat-ports", "61000"], "--snat-ports"),
+        (["--north-south", "--snat-ports", "70000-70001"], "--snat-ports"),
+        (["--north-south", "--tc-attach-mode", "xdp"], "--tc-attach-mode"),
+        (["--north-south", "--max-conntrack", "1"], "--max-conntrack"),
+        (["--north-south", "--out-of-cluster"], "--north-south"),
         ([], "BPF object"),  # an empty file: not a BPF object (a datapath error, still one line)
     ],
 )
@@ -122,3 +129,31 @@ def test_new_agent_flags_reach_the_agent_config(tmp_path: Path, monkeypatch: pyt
     assert cfg.kube == agent_mod.KubeSourceConfig(kubeconfig, None, "prod", in_cluster=False)
     assert cfg.socket_lb_host_namespace_only and cfg.netns_dirs == (Path("/a"), Path("/b"))
     assert len(cfg.model.nodeport_cidrs) == 2 and cfg.state_addr is None
+
+
+def test_north_south_flags_reach_the_agent_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--nodeport-devices turns north-south on (the model marks external frontends); its settings arrive."""
+    from balancing import agent as agent_mod
+
+    seen: list[agent_mod.AgentConfig] = []
+    monkeypatch.setattr(agent_mod, "run", seen.append)
+    monkeypatch.setattr(logs, "setup", lambda *_args: None)
+    obj = tmp_path / "balancing.o"
+    obj.write_bytes(b"")
+    (tmp_path / "nodeport.o").write_bytes(b"")
+    base = ["agent", "--node-name", "n1", "--manifests", str(tmp_path), "--bpf-object", str(obj),
+            "--cgroup", str(mounts.cgroup2_root())]  # fmt: skip
+    result = CliRunner().invoke(app, [*base, "--nodeport-devices", "lo", "--maglev-table-size", "251",
+                                      "--snat-ports", "50000-50099", "--tc-attach-mode", "clsact"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    ns = seen[-1].north_south
+    assert ns is not None and seen[-1].model.north_south
+    assert (ns.devices, ns.maglev_size, ns.snat_ports, ns.attach_mode) == (
+        ("lo",),
+        251,
+        (50000, 50099),
+        "clsact",
+    )
+    assert ns.object_path == tmp_path / "nodeport.o"
+    result = CliRunner().invoke(app, base)
+    assert result.exit_code == 0 and seen[-1].north_south is None and not seen[-1].model.north_south

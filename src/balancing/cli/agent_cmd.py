@@ -18,7 +18,7 @@ from balancing import errors
 from balancing.agent import events as agent_events
 from balancing.cli import configfile, flags, logs
 from balancing.cli.configfile import DEFAULTS
-from balancing.datapath import bpfobjects, loader, mounts, northsouth
+from balancing.datapath import bpfobjects, loader, mounts, northsouth, tcattach
 from balancing.model import config
 
 log = logging.getLogger("balancing.agent")
@@ -150,6 +150,11 @@ def _north_south(loaded: configfile.Loaded, obj: Path) -> northsouth.NorthSouthC
         raise errors.ConfigError(
             where("north_south", "enabled"), "north-south translates for a Node: not with --out-of-cluster"
         )
+    for device in ns.devices:
+        try:
+            tcattach.ifindex_of(device)
+        except errors.DeviceError as exc:
+            raise errors.ConfigError(where("north_south", "devices"), str(exc)) from exc
     nodeport = bpfobjects.nodeport_object(obj)
     if not nodeport.is_file():
         raise errors.ConfigError(where("bpf_object"), f"{nodeport} does not exist beside it (run `make bpf`)")

@@ -143,8 +143,9 @@ def test_north_south_flags_reach_the_agent_config(tmp_path: Path, monkeypatch: p
     (tmp_path / "nodeport.o").write_bytes(b"")
     base = ["agent", "--node-name", "n1", "--manifests", str(tmp_path), "--bpf-object", str(obj),
             "--cgroup", str(mounts.cgroup2_root())]  # fmt: skip
-    result = CliRunner().invoke(app, [*base, "--nodeport-devices", "lo", "--maglev-table-size", "251",
-                                      "--snat-ports", "50000-50099", "--tc-attach-mode", "clsact"])  # fmt: skip
+    north_south = ["--nodeport-devices", "lo", "--maglev-table-size", "251", "--snat-ports", "50000-50099",
+                   "--tc-attach-mode", "clsact"]  # fmt: skip
+    result = CliRunner().invoke(app, [*base, *north_south])
     assert result.exit_code == 0, result.output
     ns = seen[-1].north_south
     assert ns is not None and seen[-1].model.north_south

@@ -20,6 +20,13 @@ One module over 400 lines on purpose: planning, the failure path and the record 
 invariant. Neighbours: ``maps`` (I/O), ``programmed`` (reading state), ``abi`` (encoding). Pod cgroup ids for
 policy client rules come from a resolver the agent passes in.
 
+North-south (frontends marked ``external``): the master's flags say so; the backends external clients get
+are the primary tier's, or an external tier's (scope ``SCOPE_EXTERNAL``) when they differ; a Maglev table of
+them (``maglev``: the same on every node) is made and filled while planning and swapped in by one update of
+the outer map before the master, so a packet never sees a half-written table; tables are never changed
+once made, so frontends with the same backends share one. Source ranges are added before the master and
+removed after it, like client rules. Backends that are pods on this node carry ``BE_F_LOCAL``.
+
 Socket-LB exclusions (``DesiredState.excluded_pods``) are written before any frontend of a write: the cgroup
 ids of the excluded pods (the same resolver) in the skip map, new ones before the config's skip flag is set,
 and the flag cleared before the map empties, so the hooks look the map up only while it has entries. The
@@ -274,6 +281,13 @@ class MapWriter:
         # programmed_as() is skipped without re-encoding anything.
         self._applied: dict[FrontendKey, Frontend] = {}
         self._skip, self._skip_flag = set(state.skip), state.skip_flag
+        # Maglev tables are never changed once made, so frontends with the same backends (a Service's
+        # NodePort, load-balancer and externalIP frontends) share one: (size, backend ids) -> (the outer map's
+        # value naming it, how many frontends of the record name it); and the tables this write made.
+        self._shared: dict[tuple[int, frozenset[int]], tuple[bytes, int]] = {}
+        for f in state.frontends.values():
+            self._share(f, 1)
+        self._made: dict[tuple[int, frozenset[int]], bytes] = {}
 
     # --- reading -----------------------------------------------------------------------------------------
 
@@ -485,12 +499,28 @@ class MapWriter:
         warning = maglev.check_size(self.maglev_size, len(refs))
         if warning and (old.maglev_size, len(old.maglev_ids)) != (self.maglev_size, len(ids)):
             log.warning("frontend %d: %s", old.svc_id, warning)
-        ordered = sorted(refs, key=abi.maglev_identity)  # the same order, and table, on every node
-        indexes = self._tables.table([abi.maglev_identity(r) for r in ordered], self.maglev_size)
-        backend_ids = [self._backend_ids[r] for r in ordered]
-        value = self.io.create_table(array.array("I", map(backend_ids.__getitem__, indexes)))
+        shared = (self.maglev_size, ids)
+        value = self._made.get(shared) or self._shared.get(shared, (None, 0))[0]
+        if value is None:
+            ordered = sorted(refs, key=abi.maglev_identity)  # the same order, and table, on every node
+            indexes = self._tables.table([abi.maglev_identity(r) for r in ordered], self.maglev_size)
+            backend_ids = [self._backend_ids[r] for r in ordered]
+            value = self._made[shared] = self.io.create_table(
+                array.array("I", map(backend_ids.__getitem__, indexes))
+            )
         plan.maglev.append((key, value))
         old.maglev, old.maglev_ids, old.maglev_size = value, ids, self.maglev_size
+
+    def _share(self, frontend: ProgrammedFrontend | None, by: int) -> None:
+        """Count ``frontend``'s Maglev table in (``by`` 1) or out (-1) of the shared tables."""
+        if frontend is None or frontend.maglev is None:
+            return
+        shared = (frontend.maglev_size, frontend.maglev_ids)
+        value, count = self._shared.get(shared, (frontend.maglev, 0))
+        if count + by > 0:
+            self._shared[shared] = (value, count + by)
+        else:
+            self._shared.pop(shared, None)
 
     def _plan_ranges(self, plan: _Plan, old: ProgrammedFrontend, frontend: Frontend) -> None:
         """loadBalancerSourceRanges: new entries before the master, stale ones after it."""
@@ -642,6 +672,7 @@ class MapWriter:
         try:
             self._write_plan(plan, planned, stats)
         finally:
+            self._made.clear()
             self.io.release_tables()  # the Maglev tables made for this write: inserted ones live on
 
     def _write_plan(self, plan: _Plan, planned: list[_Change], stats: WriteStats) -> None:
@@ -718,6 +749,8 @@ class MapWriter:
 
     def _commit(self, change: _Change, stats: WriteStats) -> None:
         """The change is in the maps: make it the record."""
+        self._share(change.before, -1)
+        self._share(change.after, 1)
         if change.after is None:
             del self._frontends[change.key]
             self._applied.pop(change.key, None)

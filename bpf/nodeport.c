@@ -342,8 +342,6 @@ static __always_inline __u8 next_state(__u8 state, const struct pkt *p, int repl
 		return BL_CT_CLOSING;
 	if (reply && state == BL_CT_NEW)
 		return BL_CT_ESTABLISHED;
-	if (!reply && state == BL_CT_CLOSING && p->key.proto == IPPROTO_TCP && (p->tcp_flags & 0x02))
-		return BL_CT_NEW; /* a new SYN on a reused tuple */
 	return state;
 }
 
@@ -382,16 +380,26 @@ static __always_inline void touch(struct bl_ct_val *ct, const struct pkt *p, int
 		orig->state = state;
 }
 
-/* A tracked packet: its entry, or NULL. A client-direction entry whose backend is gone is deleted (with its
- * reply entry): the flow picks a backend again. */
-static __always_inline struct bl_ct_val *tracked(const struct pkt *p)
+/* A TCP SYN (without ACK) arriving on a flow that was closed: a new connection on a reused tuple (a client
+ * behind a NAT), which picks its backend again, as netfilter's conntrack does; the old one may have left the
+ * Service since. */
+static __always_inline int reopened(const struct bl_ct_val *ct, const struct pkt *p)
+{
+	return p->key.proto == IPPROTO_TCP && ct->state == BL_CT_CLOSING && (p->tcp_flags & (0x02 | 0x10)) == 0x02;
+}
+
+/* A tracked packet: its entry, or NULL. A client-direction entry whose backend is gone, or which a new
+ * connection reuses (``ingress``), is deleted (with its reply entry): the flow picks a backend again. */
+static __always_inline struct bl_ct_val *tracked(const struct pkt *p, int ingress)
 {
 	struct bl_ct_val *ct = bpf_map_lookup_elem(&bl_ct_v1, &p->key);
 	struct bl_ct_key rk;
+	int again;
 
 	if (!ct || (ct->flags & BL_CT_F_REPLY))
 		return ct;
-	if (bpf_map_lookup_elem(&bl_be_v1, &ct->backend_id))
+	again = ingress && reopened(ct, p);
+	if (!again && bpf_map_lookup_elem(&bl_be_v1, &ct->backend_id))
 		return ct;
 	__builtin_memset(&rk, 0, sizeof(rk));
 	copy_addr(rk.src, ct->dst);
@@ -401,7 +409,8 @@ static __always_inline struct bl_ct_val *tracked(const struct pkt *p)
 	rk.proto = p->key.proto;
 	bpf_map_delete_elem(&bl_ct_v1, &rk);
 	bpf_map_delete_elem(&bl_ct_v1, &p->key);
-	nsstat(BL_NSSTAT_BACKEND_GONE);
+	if (!again)
+		nsstat(BL_NSSTAT_BACKEND_GONE);
 	return NULL;
 }
 
@@ -694,7 +703,7 @@ static __always_inline int handle(struct __sk_buff *skb, int ingress)
 		return icmp_error(skb, &p, icmp);
 	if (kind < 0)
 		return TC_ACT_OK;
-	ct = tracked(&p);
+	ct = tracked(&p, ingress);
 	if (ct) {
 		if (!ingress && !(ct->flags & BL_CT_F_REPLY))
 			return TC_ACT_OK; /* a client's packet leaving again (hairpin): already translated */

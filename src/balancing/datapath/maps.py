@@ -89,6 +89,7 @@ class KernelMaps:
         try:
             if map_name == abi.MAP_MAGLEV:
                 for key, value in items:
+                    self._hold_replaced(fd, key)
                     self._insert_table(fd, key, abi.unpack_u32(value))
                 return
             if len(items) < self.BATCH_MIN:
@@ -117,6 +118,13 @@ class KernelMaps:
             return libbpf.map_dump(self.fds[map_name], key_size, value_size)
         except OSError as exc:
             raise self._fail(map_name, "dump", exc) from exc
+
+    def _hold_replaced(self, outer_fd: int, key: bytes) -> None:
+        """Keep the table ``key`` names now open until ``release_tables``: writing a frontend back re-inserts
+        it, and the kernel frees a table (and its id) as soon as nothing holds it."""
+        old = libbpf.map_lookup(outer_fd, key, 4)
+        if old is not None and abi.unpack_u32(old) not in self._tables:
+            self._tables[abi.unpack_u32(old)] = libbpf.map_get_fd_by_id(abi.unpack_u32(old))
 
     def _insert_table(self, outer_fd: int, key: bytes, map_id: int) -> None:
         fd = self._tables.get(map_id)

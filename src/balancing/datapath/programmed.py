@@ -200,37 +200,43 @@ def _read_extras(io: MapIO, state: ProgrammedState, primary_ids: dict[int, set[i
     """Attach affinity matches (of a backend in the primary slots), client rules, QoS entries, Maglev tables
     and source ranges to their frontends; the rest is garbage."""
     by_id = {f.svc_id: f for f in state.frontends.values()}
+
+    def orphan(map_name: str, raw_key: bytes, svc_id: int) -> None:
+        """Garbage; its svc_id is not handed out again while a reader may still find the entry."""
+        state.junk(map_name, raw_key)
+        state.max_svc_id = max(state.max_svc_id, svc_id)
+
     for raw_key, raw_val in io.items(abi.MAP_MAGLEV):
         frontend = by_id.get(abi.unpack_u32(raw_key))
         if frontend is None:
-            state.junk(abi.MAP_MAGLEV, raw_key)
+            orphan(abi.MAP_MAGLEV, raw_key, abi.unpack_u32(raw_key))
         else:
             table = io.read_table(raw_val)
             frontend.maglev, frontend.maglev_ids, frontend.maglev_size = raw_val, frozenset(table), len(table)
     for raw_key, _ in io.items(abi.MAP_SOURCE_RANGES):
         frontend = by_id.get(abi.source_range_svc_id(raw_key))
         if frontend is None:
-            state.junk(abi.MAP_SOURCE_RANGES, raw_key)
+            orphan(abi.MAP_SOURCE_RANGES, raw_key, abi.source_range_svc_id(raw_key))
         else:
             frontend.source_ranges.add(raw_key)
     for raw_key, _ in io.items(abi.MAP_AFFINITY_MATCH):
         svc_id, backend_id = abi.unpack_affinity_match(raw_key)
         frontend = by_id.get(svc_id)
         if frontend is None or not frontend.affinity_timeout or backend_id not in primary_ids[svc_id]:
-            state.junk(abi.MAP_AFFINITY_MATCH, raw_key)
+            orphan(abi.MAP_AFFINITY_MATCH, raw_key, svc_id)
         else:
             frontend.affinity_matches.add(backend_id)
     for raw_key, raw_val in io.items(abi.MAP_CLIENTS):
         svc_id, cgroup_id = abi.unpack_client_key(raw_key)
         frontend = by_id.get(svc_id)
         if frontend is None:
-            state.junk(abi.MAP_CLIENTS, raw_key)
+            orphan(abi.MAP_CLIENTS, raw_key, svc_id)
         else:
             frontend.clients[cgroup_id] = raw_val
     for raw_key, raw_val in io.items(abi.MAP_QOS):
         svc_id, _limit = abi.unpack_qos(raw_key, raw_val)
         frontend = by_id.get(svc_id)
         if frontend is None:
-            state.junk(abi.MAP_QOS, raw_key)
+            orphan(abi.MAP_QOS, raw_key, svc_id)
         else:
             frontend.qos = abi.pack_qos_val(_limit)

@@ -488,6 +488,9 @@ class MapWriter:
         tier = old.external if old.external is not None else old.primary
         refs = [r for r in tier.slots if r is not None] if frontend.external else []
         ids = frozenset(self._backend_ids[r] for r in refs)
+        if len(refs) > self.maglev_size:  # the table names only the first in identity order (as read back)
+            first = sorted(refs, key=abi.maglev_identity)[: self.maglev_size]
+            ids = frozenset(self._backend_ids[r] for r in first)
         key = abi.pack_maglev_key(old.svc_id)
         if not refs:
             if old.maglev is not None:
@@ -697,6 +700,7 @@ class MapWriter:
         then re-read at the end, for what its failed deletions left). Returns the parts written, and whether
         to re-read."""
         written, reread = [], False
+        acquired = Counter(plan.acquired)  # the batch may have written entries naming these, of any frontend
         for change in planned:
             part = plan.cut(change.start, change.end)
             # a backend new in this write is written with each frontend that uses it, whichever others fail
@@ -711,7 +715,7 @@ class MapWriter:
                 stats.failed[change.key] = _located(change.key, failed.map_name, failed.exc)
                 self._applied.pop(change.key, None)  # not as asked: the next write plans it again
                 if failed.index <= _SWITCH:
-                    self._write_back(change, part, stats)
+                    self._write_back(change, part, stats, acquired)
                     continue
                 # Switched: its backends stay until the re-read finds them unused, after what still names
                 # them (an affinity match left behind would send a client to a deleted backend).
@@ -722,11 +726,16 @@ class MapWriter:
             written.append(part)
         return written, reread
 
-    def _write_back(self, change: _Change, part: _Plan, stats: WriteStats) -> None:
+    def _write_back(
+        self, change: _Change, part: _Plan, stats: WriteStats, acquired: Counter[BackendRef]
+    ) -> None:
         """Return a frontend whose change failed before its master switched to the entries it had, in
         make-before-break order: what the old master names, then the masters, then what it does not name."""
         old = programmed.entries(change.key, change.before, self._backend_ids) if change.before else {}
-        undo = _deletes(abi.MAP_BACKENDS, (e for e in part.backends if self._refs[e[1]] <= 0))  # make room
+        mine = Counter(part.acquired)
+        # make room: the new backends no other frontend of this write names (the batch may have written those)
+        room = (e for e in part.backends if self._refs[e[1]] <= 0 and acquired[e[1]] <= mine[e[1]])
+        undo = _deletes(abi.MAP_BACKENDS, room)
         for write, delete in _KINDS:
             map_name = _MAP[write]
             touched = dict.fromkeys(
@@ -835,9 +844,10 @@ class MapWriter:
         removed: dict[FrontendKey, frozenset[Backend]] = {}
         for key, refs in before.items():
             now = self._frontends.get(key)
-            gone = refs - _tier_refs(now) if now is not None else refs
+            kept = {backend_of(r) for r in _tier_refs(now)} if now is not None else set()
+            gone = {backend_of(r) for r in refs} - kept  # by address: one flagged local anew is kept
             if gone:
-                removed[key] = frozenset(backend_of(r) for r in gone)
+                removed[key] = frozenset(gone)
         return removed
 
 

@@ -13,10 +13,10 @@ a restarted writer (also with another table size), garbage of unknown frontends,
 update, a master or a table creation that fails stays with its frontend, which is left whole; random faults
 keep the record true and retries converge). The checks run between operations collect their violations
 (``watched``): raised inside a map operation, the writer would take one for a failed operation.
-Some cases pin writer bugs these tests found (a frontend written back deleting a backend another master
-names, ids of half-removed frontends handed out again, a table smaller than its backends, a backend turned
-local reported removed). One file over 400 lines: the cases share the builders of desired states and the readers of the maps (``view``,
-``check_make_before_break``).
+Some cases pin writer bugs these tests found (a frontend written back deleting a backend another master names,
+ids of half-removed frontends handed out again, a table smaller than its backends, a backend turned local
+reported removed). One file over 400 lines: the cases share the builders of desired states and the readers of
+the maps (``view``, ``check_make_before_break``).
 
 Neighbours: tests/unit/test_writer.py covers the writer's socket-LB part (slots, fallback, affinity,
 clients, QoS) with the same fakes, tests/unit/test_maglev.py the table algorithm. These tests claim what

@@ -4,8 +4,10 @@ The loader creates the maps (with a deliberately small backend map) in a test-ow
 programs are attached to a test-owned, empty cgroup, so nothing runs them: these tests are about the maps.
 A frontend that needs more room than the backend map has fails alone (``MapFull``, in the batch and again on
 its own), the others in the same write are written, a fresh read of the maps agrees with the writer, and a
-later write converges once there is room. The unit tests in tests/unit/test_writer.py cover the same writer
-on in-memory maps with injected faults.
+later write converges once there is room. A frontend whose master fails after its Maglev table was swapped
+gets its old table back (the kernel frees a table nothing holds at once: the in-memory maps cannot show
+it). The unit tests in tests/unit/test_writer.py cover the same writer on in-memory maps with injected
+faults.
 """
 
 from __future__ import annotations
@@ -137,3 +139,43 @@ def test_a_frontend_whose_values_do_not_fit_the_maps_fails_alone(kernel_maps: ma
     assert stats.failed[key(3)].map == abi.MAP_SERVICES
     assert resolved(kernel_maps) == {key(1): set(backends(0, 3)), key(2): set(backends(0, 1))}
     assert_record_true(w, kernel_maps)
+
+
+class _FailingMasters(maps.KernelMaps):
+    """Kernel maps whose next ``fail`` updates naming ``master`` (a master key) fail with EIO."""
+
+    master = b""
+    fail = 0
+
+    def update(self, map_name: str, items: maps.Items) -> None:
+        if map_name == abi.MAP_SERVICES and self.fail and any(k == self.master for k, _ in items):
+            self.fail -= 1
+            raise errors.MapError(map=map_name, op="update", errno=5)
+        super().update(map_name, items)
+
+
+def test_a_frontend_whose_master_fails_after_its_maglev_swap_gets_its_old_table_back(
+    kernel_maps: maps.KernelMaps, bpffs_dir: Path
+) -> None:
+    """The kernel frees a table as soon as nothing holds it: the writer holds the one it swaps out until the
+    write ends, so a frontend whose master then fails is written back to its old table, not left on the new
+    one under its old master."""
+    front = FrontendKey(ipaddress.ip_address("192.0.2.10"), 30080, Protocol.TCP)
+    io = _FailingMasters(bpffs_dir / "maps")
+    try:
+        io.master = abi.svc_key(front.ip, front.port, front.protocol, abi.MASTER_SLOT).pack()
+        w = writer.MapWriter(io, maglev_size=13)
+        w.sync(DesiredState({front: Frontend(OWNER, backends(0, 3), external=True)}))
+        before = dict(io.items(abi.MAP_MAGLEV))
+        io.fail = 2  # the batch, then the frontend alone
+        stats = w.sync(DesiredState({front: Frontend(OWNER, backends(2, 4), external=True)}))
+        assert set(stats.failed) == {front}
+        assert dict(io.items(abi.MAP_MAGLEV)) == before
+        assert_record_true(w, io)
+        assert not w.sync(DesiredState({front: Frontend(OWNER, backends(2, 4), external=True)})).failed
+        table = io.read_table(next(iter(dict(io.items(abi.MAP_MAGLEV)).values())))
+        record = w.record()
+        assert len(table) == 13
+        assert set(table) == {record.backend_ids[r] for r in record.frontends[front].slots if r is not None}
+    finally:
+        io.close()

@@ -10,7 +10,8 @@ Schema (stable; new keys may be added)::
     {"node": str, "frontends": [{"frontend": "ip:port/PROTO", "serviceId": int | null, "kind": str,
       "owner": {"kind", "namespace", "name", "portName"}, "reason": str, "backends": ["ip:port"],
       "fallback": ["ip:port"] | null, "fallbackOwner": {...} | null, "affinityTimeoutSeconds": int,
-      "qosLimit": int, "skipRedirectFromBackends": bool,
+      "qosLimit": int, "skipRedirectFromBackends": bool, "external": bool (served north-south here),
+      "externalReason": str | null (why outside clients get the backends they get),
       "backendPods": [{"namespace", "name", "uid", "backend"}]}],
      "pods": {"ip": {"namespace", "name", "node"}}, "conflicts": [str]}
 """
@@ -43,6 +44,8 @@ def frontend_json(key: desired.FrontendKey, f: desired.Frontend, svc_id: int | N
         "affinityTimeoutSeconds": f.affinity_timeout,
         "qosLimit": f.qos_limit,
         "skipRedirectFromBackends": f.skip_redirect_from_backends,
+        "external": f.external,
+        "externalReason": f.external_reason or None,
         "backendPods": [
             {
                 "namespace": bp.pod.namespace,

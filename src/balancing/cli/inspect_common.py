@@ -26,6 +26,10 @@ FLAG_NAMES = {
     abi.SVC_F_FALLBACK: "fallback",
     abi.SVC_F_CLIENTS: "clients",
     abi.SVC_F_QOS: "qos",
+    abi.SVC_F_HOST_ONLY: "host-only",
+    abi.SVC_F_EXTERNAL: "external",
+    abi.SVC_F_ETP_LOCAL: "etp-local",
+    abi.SVC_F_SRC_RANGES: "source-ranges",
 }
 
 BpffsOpt = Annotated[Path, typer.Option("--bpffs", help="Directory on bpffs holding the agent's pins.")]

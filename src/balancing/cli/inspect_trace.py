@@ -1,6 +1,8 @@
 """Human output of ``balancing trace``: the steps of the datapath's lookup, the tiers, the verdict.
 
-Renders the JSON document ``trace.trace_json`` builds (so text and JSON never disagree).
+Renders the JSON document ``trace.trace_json`` builds (so text and JSON never disagree); with
+``--from-address``, ``render_north_south`` renders its ``northSouth`` object instead (the TC programs' steps:
+conntrack, the external flag, source ranges, the Maglev entry, DNAT or SNAT).
 """
 
 from __future__ import annotations
@@ -127,3 +129,97 @@ def _render_verdict(v: Json, out: Console) -> None:
             )
             t.add_row(*(escape(str(x)) for x in row))
         out.print(t)
+
+
+# --- north-south (--from-address) --------------------------------------------------------------------------
+
+_NS_ACTIONS = {
+    "translate": "[green]TRANSLATE[/green]",
+    "drop": "[red]DROP[/red]",
+    "pass": "[yellow]PASS (untouched)[/yellow]",
+}
+_NAT = {
+    "dnat": "DNAT, the client's address kept (a pod on this node)",
+    "snat": "SNAT to the arriving device's address (a backend elsewhere)",
+    "hairpin": "SNAT to the frontend address (hairpin: a pod on this node, the client routed elsewhere)",
+}
+
+
+def render_north_south(doc: Json, view: AgentView, out: Console) -> None:
+    ns, f = doc["northSouth"], doc["frontend"]
+    inspect_render.print_note(out, view)
+    out.print(
+        f"[bold]trace[/bold] {escape(doc['target'])}  from external client {escape(ns['client'])} "
+        "(north-south: a packet arriving on the node's devices)"
+    )
+    if f is not None:
+        parts = [f"id {f['serviceId']}", owner_text(f["owner"]), f["kind"] or ""]
+        parts += [f"north-south {','.join(ns['flags'])}"] if ns["flags"] else ["not external"]
+        _line(out, "frontend", escape(" · ".join(p for p in parts if p)))
+    if ns["reason"]:
+        _line(out, "model", escape(ns["reason"]))
+    if ns["loaded"]:
+        _render_ns_settings(ns, out)
+    _render_ns_steps(ns, out)
+    _render_ns_verdict(ns["verdict"], out)
+    for note in ns["notes"]:
+        out.print(f"  [dim]· {escape(note)}[/dim]")
+
+
+def _render_ns_settings(ns: Json, out: Console) -> None:
+    ports = ns["snatPorts"]
+    if ns["maglevSize"] is not None:
+        snat = f" · SNAT ports {ports['min']}-{ports['max']}" if ports else ""
+        _line(out, "settings", f"Maglev tables of {ns['maglevSize']} entries{snat}")
+    devices = [
+        f"{d['name'] or '?'} (ifindex {d['ifindex']}): "
+        + (f"SNAT {d['snatAddress']}" if d["snatAddress"] else "[red]no address of this family[/red]")
+        + (" · local backends hairpinned" if d["hairpin"] else "")
+        for d in ns["devices"]
+    ]
+    _line(out, "devices", "; ".join(devices) if devices else "[yellow]none[/yellow]")
+    routes = ns["routes"]
+    if routes is not None:
+        via = routes["clientDevice"]
+        where = f"via {via['name'] or via['ifindex']}" if via else "[yellow]no route[/yellow]"
+        own = "a node address" if routes["frontendLocal"] else "not a node address"
+        _line(out, "routes", f"client {where} · frontend {own}")
+
+
+def _render_ns_steps(ns: Json, out: Console) -> None:
+    ct = ns["conntrack"]
+    if ct is not None:
+        state = "decides" if ct["decides"] else "[yellow]its backend is gone: picked again[/yellow]"
+        to = f"→ {escape(str(ct['backend'] or ct['newDst']))}{_pod(ct['pod'])}"
+        _line(out, "conntrack", f"{to} ({ct['state']}, idle {ct['idleSeconds']} s): {state}")
+    elif ns["clientPort"] is not None and ns["loaded"]:
+        _line(
+            out, "conntrack", f"no entry for this flow ({ns['trackedFlows']} other flow(s) from this client)"
+        )
+    ranges = ns["sourceRanges"]
+    if ranges is not None:
+        verdict = (
+            f"allowed by {escape(ranges['matched'])}"
+            if ranges["allowed"]
+            else "[red]outside all: dropped[/red]"
+        )
+        _line(out, "sources", f"loadBalancerSourceRanges {escape(', '.join(ranges['ranges']))}: {verdict}")
+    if ns["index"] is not None:
+        _line(out, "maglev", f"flow hash {ns['flowHash']:#010x} → entry {ns['index']} of {ns['maglevSize']}")
+
+
+def _render_ns_verdict(v: Json, out: Console) -> None:
+    head = _NS_ACTIONS.get(v["action"], f"[yellow]{v['action'].upper()}[/yellow]")
+    if v["deterministic"] and v["backend"]:
+        head += f" → [bold]{escape(v['backend'])}[/bold]{_pod(v['pod'])}"
+    nat = f" · {_NAT['hairpin' if v['hairpin'] else v['nat']]}" if v["nat"] else ""
+    result = f" · counted as {v['result']}" if v["result"] else ""
+    _line(out, "verdict", f"{head}{nat} · decided by {v['decidedBy']}{result}")
+    if v["deterministic"]:
+        return
+    t = inspect_render.table(None, ["p", "action", "backend", "pod", "nat", "result"])
+    for o in v["outcomes"]:
+        nat = "hairpin" if o["hairpin"] else o["nat"] or ""
+        row = (f"{o['probability']:.1%}", o["action"], o["backend"] or "", pod_text(o["pod"]), nat)
+        t.add_row(*(escape(str(x)) for x in (*row, o["result"])))
+    out.print(t)

@@ -8,6 +8,15 @@ Nothing is written to the maps. With ``--agent URL`` the agent's ``/state`` adds
 reason for the backend set (ready / terminating fallback / topology / traffic policy / policy layering) and
 the pods behind backend addresses.
 
+``--from-address IP[:PORT]`` traces a client outside the cluster instead: a packet from it arriving on this
+node's north-south devices (``balancing.datapath.replay_ns``, the TC programs' decision: its conntrack entry,
+the frontend's external flag, loadBalancerSourceRanges, the Maglev table entry its flow hashes to, DNAT to a
+pod on this node or SNAT to a device's address for a backend elsewhere). Without the port, each backend's
+share of the Maglev table. The document then also has ``northSouth`` (the text output shows only it); the
+devices are named as this network namespace knows their ifindexes (run it in the agent's).
+
+Over 400 lines on purpose: the JSON schema of both traces is documented here, beside the code that builds it.
+
 JSON output (``-o json``, the same as YAML with ``-o yaml``; stable, keys are only ever added; owner/pod
 objects as in ``balancing inspect``)::
 
@@ -32,7 +41,45 @@ objects as in ``balancing inspect``)::
                  "result": str | null,                          # the counter/event result, if one
                  "outcomes": [{"action", "result", "tier", "slot", "backendId", "backend", "pod",
                                "probability"}]},
-     "notes": [str], "agent": {"url", "available", "error"}}
+     "notes": [str], "agent": {"url", "available", "error"},
+     "northSouth": {                                            # only with --from-address
+        "client": str, "clientAddress": str, "clientPort": int | null,
+        "loaded": bool,                                         # north-south's maps are pinned here
+        "served": bool,                                         # the master entry is flagged external
+        "serviceId": int | null, "flags": ["external" | "etpLocal" | "sourceRanges"],
+        "reason": str | null,                                   # the agent's externalReason, if it says
+        "maglevSize": int | null, "snatPorts": {"min", "max"} | null,
+        "sourceRanges": null | {"ranges": [cidr], "matched": cidr | null, "allowed": bool},
+        "tableEntries": int | null,                             # null: the frontend has no Maglev table
+        "flowHash": int | null, "index": int | null,            # with the client's port
+        "conntrack": null | {"direction": "client" | "reply", "backendId", "backend", "pod",
+                             "backendPresent": bool, "decides": bool, "newSrc", "newDst", "flags": [str],
+                             "state", "ageSeconds", "idleSeconds"},   # this exact flow's entry
+        "trackedFlows": int,                                    # from the client's address to the frontend
+        "devices": [{"ifindex", "name": str | null, "snatAddress": str | null,
+                     "hairpin": bool | null}],                  # a local backend's flow arriving here
+        "routes": null | {"clientDevice": {"ifindex", "name"} | null, "frontendLocal": bool},
+        "verdict": {"action": "pass" | "translate" | "drop" | "depends",
+                    "decidedBy": "not-loaded" | "not-tcp-udp" | "conntrack" | "not-served" | "disabled"
+                                 | "source-range" | "no-table" | "maglev",
+                    "deterministic": bool, "backend": "ip:port" | null, "pod": {...} | null,
+                    "backendId": int | null, "nat": "dnat" | "snat" | null, "hairpin": bool | null,
+                    "result": str | null,
+                    "outcomes": [{"action", "result", "backendId", "backend", "pod", "local", "nat",
+                                  "hairpin", "probability", "tableEntries",
+                                  "snatPortsInUse": {"address": int}}]},
+        "notes": [str]}}
+
+``nat``: ``dnat`` for a pod on this node (only the destination is translated, the pod sees the client's
+address), ``snat`` for a backend elsewhere (the source becomes the arriving device's ``snatAddress`` and a
+port of ``snatPorts``; ``snatPortsInUse`` counts the ports taken towards that backend per address) or for a
+``hairpin``: a pod on this node reached by a client this node routes through no north-south device (a pod
+of its own whose packets came back through the router), the source translated to the frontend address.
+``routes`` is this network namespace's routing as ``ip route get`` shows it (null: not available); the
+packet is assumed to arrive on ``clientDevice``, where the node routes the client.
+North-south ``result`` names: ``translated_local``, ``translated_snat``, ``dropped_no_local_endpoint``,
+``dropped_source_range``, ``dropped_no_backend``, ``dropped_snat_ports`` (null: a packet of a tracked flow,
+counted only when its flow began).
 
 ``result`` names are the datapath's (``translated``, ``affinity``, ``loop_guard_next``,
 ``fallback_skip_redirect_from_backend``, ``fallback_loop_guard``, ``fallback_qos``,
@@ -41,8 +88,11 @@ objects as in ``balancing inspect``)::
 
 from __future__ import annotations
 
+import json
+import shutil
 import socket
 import struct
+import subprocess
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -54,6 +104,7 @@ from balancing.cli import output as cli_output
 from balancing.cli.agentclient import AgentView, Json
 from balancing.cli.inspect_common import (
     DEFAULT_BPFFS,
+    READ_MAPS,
     AgentOpt,
     BpffsOpt,
     check_output,
@@ -62,11 +113,19 @@ from balancing.cli.inspect_common import (
     parse_frontend,
     seconds,
 )
-from balancing.datapath import mounts, replay
+from balancing.datapath import abi, mounts, replay, replay_ns
 from balancing.datapath.replay import Outcome, TierView, Trace
-from balancing.model.desired import FrontendKey
+from balancing.model.desired import FrontendKey, IPAddress, parse_ip
 
 SO_NETNS_COOKIE = 71
+# What --from-address reads beyond READ_MAPS: north-south's own pins, those that exist.
+NORTH_SOUTH_MAPS = (abi.MAP_NS_CONFIG, abi.MAP_NS_DEVICES, abi.MAP_CONNTRACK)
+NS_FLAG_NAMES = {
+    abi.SVC_F_EXTERNAL: "external",
+    abi.SVC_F_ETP_LOCAL: "etpLocal",
+    abi.SVC_F_SRC_RANGES: "sourceRanges",
+}
+CT_FLAG_NAMES = {abi.CT_F_REPLY: "reply", abi.CT_F_SNAT: "snat", abi.CT_F_LOCAL: "local"}
 
 
 def current_netns_cookie() -> int | None:
@@ -97,6 +156,32 @@ def parse_target(text: str) -> tuple[FrontendKey, bool]:
     if mapped is not None:
         return FrontendKey(mapped, key.port, key.protocol), False
     return key, key.ip.version == 4
+
+
+def parse_client(text: str) -> tuple[IPAddress, int | None]:
+    """``--from-address``: ``IP``, ``IP:PORT``, ``[IPv6]`` or ``[IPv6]:PORT`` (a v4-mapped address is the
+    IPv4 client it stands for); ValueError saying what is wrong."""
+    host, port = _split_host_port(text.strip())
+    try:
+        ip = parse_ip(host)
+    except ValueError:
+        raise ValueError(f"{text!r}: {host!r} is not an IP address") from None
+    if port is not None and not (port.isdigit() and 0 < int(port) <= 65535):
+        raise ValueError(f"{text!r}: the port must be 1..65535")
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return mapped or ip, None if port is None else int(port)
+
+
+def _split_host_port(text: str) -> tuple[str, str | None]:
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"{text!r} is not IP[:PORT] (IPv6 as [addr]:port)")
+        return host, rest[1:] if rest else None
+    if text.count(":") == 1:
+        host, _, port = text.partition(":")
+        return host, port
+    return text, None
 
 
 def _backend(view: AgentView, backend: Any) -> Json:
@@ -206,6 +291,180 @@ def trace_json(t: Trace, view: AgentView, cgroup: Path | None = None) -> Json:
     }
 
 
+def _device_name(ifindex: int) -> str | None:
+    try:
+        return socket.if_indextoname(ifindex)
+    except OSError:
+        return None
+
+
+def _ns_conntrack(t: replay_ns.NsTrace, view: AgentView) -> Json | None:
+    if t.tracked is None:
+        return None
+    e, now = t.tracked.entry, t.client.now_ns
+    backend = None if e.reply else t.tracked.backend
+    return {
+        "direction": "reply" if e.reply else "client",
+        "backendId": e.backend_id,
+        **_backend(view, backend),
+        "backendPresent": t.tracked.backend is not None,
+        "decides": t.tracked.decides,
+        "newSrc": _address(*e.new_src),
+        "newDst": _address(*e.new_dst),
+        "flags": [name for bit, name in CT_FLAG_NAMES.items() if e.flags & bit],
+        "state": e.state,
+        "ageSeconds": seconds(max(0, now - e.created_ns)),
+        "idleSeconds": seconds(max(0, now - e.seen_ns)),
+    }
+
+
+def _address(ip: IPAddress, port: int) -> str:
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+
+def _nat(o: replay_ns.NsOutcome) -> str | None:
+    if o.action != "translate" or o.backend is None:
+        return None
+    return "dnat" if o.local and not o.hairpin else "snat"
+
+
+def _ns_outcome(o: replay_ns.NsOutcome, view: AgentView) -> Json:
+    return {
+        "action": o.action,
+        "result": o.result,
+        "backendId": o.backend_id,
+        **_backend(view, o.backend),
+        "local": o.local,
+        "nat": _nat(o),
+        "hairpin": o.hairpin,
+        "probability": round(o.probability, 4),
+        "tableEntries": o.entries,
+        "snatPortsInUse": o.snat_ports_in_use,
+    }
+
+
+def _ns_verdict(t: replay_ns.NsTrace, view: AgentView) -> Json:
+    outcomes = [_ns_outcome(o, view) for o in t.outcomes]
+    one = t.outcomes[0] if t.deterministic and t.outcomes else None
+    results = {o.result for o in t.outcomes}
+    return {
+        "action": t.action,
+        "decidedBy": t.decided_by,
+        "deterministic": t.deterministic,
+        **(_backend(view, one.backend) if one else {"backend": None, "pod": None}),
+        "backendId": one.backend_id if one else None,
+        "nat": _nat(one) if one else None,
+        "hairpin": one.hairpin if one else None,
+        "result": results.pop() if len(results) == 1 else None,
+        "outcomes": outcomes,
+    }
+
+
+def north_south_json(t: replay_ns.NsTrace, view: AgentView) -> Json:
+    """The ``northSouth`` object of a trace with --from-address (schema in the module docstring)."""
+    client = t.client
+    model = view.frontend(str(t.target)) or {}
+    ranges = t.source_ranges
+    return {
+        "client": str(client.address) if client.port is None else _address(client.address, client.port),
+        "clientAddress": str(client.address),
+        "clientPort": client.port,
+        "loaded": t.loaded,
+        "served": t.served,
+        "serviceId": t.svc_id,
+        "flags": [name for bit, name in NS_FLAG_NAMES.items() if t.flags & bit],
+        "reason": model.get("externalReason"),
+        "maglevSize": t.maglev_size,
+        "snatPorts": None if t.snat_ports is None else dict(zip(("min", "max"), t.snat_ports, strict=True)),
+        "sourceRanges": None
+        if ranges is None
+        else {"ranges": list(ranges.ranges), "matched": ranges.matched, "allowed": ranges.allowed},
+        "tableEntries": t.table_entries,
+        "flowHash": t.flow_hash,
+        "index": t.index,
+        "conntrack": _ns_conntrack(t, view),
+        "trackedFlows": t.tracked_flows,
+        "devices": [
+            {
+                "ifindex": d.ifindex,
+                "name": _device_name(d.ifindex),
+                "snatAddress": None if d.snat is None else str(d.snat),
+                "hairpin": d.hairpin,
+            }
+            for d in t.devices
+        ],
+        "routes": None
+        if t.frontend_local is None
+        else {
+            "clientDevice": None
+            if t.client_device is None
+            else {"ifindex": t.client_device, "name": _device_name(t.client_device)},
+            "frontendLocal": t.frontend_local,
+        },
+        "verdict": _ns_verdict(t, view),
+        "notes": t.notes,
+    }
+
+
+class IpRoutes:
+    """This network namespace's routing, as ``ip -j route get`` shows it (``replay_ns.Routes``)."""
+
+    def __init__(self, ip: str) -> None:
+        self.ip = ip  # the ip(8) program
+
+    def _get(self, address: IPAddress) -> dict[str, Any]:
+        try:
+            argv = [self.ip, "-j", "route", "get", str(address)]
+            res = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=5)
+            routes = json.loads(res.stdout) if res.returncode == 0 else []
+        except (OSError, subprocess.SubprocessError, ValueError):
+            return {}
+        return routes[0] if isinstance(routes, list) and routes and isinstance(routes[0], dict) else {}
+
+    def device_to(self, address: IPAddress) -> int | None:
+        dev = self._get(address).get("dev")
+        try:
+            return socket.if_nametoindex(dev) if isinstance(dev, str) else None
+        except OSError:
+            return None
+
+    def is_local(self, address: IPAddress) -> bool:
+        return self._get(address).get("type") == "local"
+
+
+def _trace_external(
+    bpffs: Path,
+    key: FrontendKey,
+    client: replay_ns.Client,
+    caller: replay.Caller,
+    view: AgentView,
+    cgroup: Path | None,
+) -> Json:
+    """Both replays (the socket hooks' for the document's other keys) from the pins there are."""
+    pinned = [name for name in NORTH_SOUTH_MAPS if (bpffs / "maps" / name).exists()]
+    ip = shutil.which("ip")
+    routes = IpRoutes(ip) if ip else None  # without ip(8): the hairpin test is left out, and said so
+    with open_maps(bpffs, (*READ_MAPS, *pinned)) as io:
+        hooks = replay.replay(io, key, caller)
+        external = replay_ns.replay(io, key, client, routes)
+    doc = trace_json(hooks, view, cgroup)
+    doc["northSouth"] = north_south_json(external, view)
+    return doc
+
+
+def _client(text: str, key: FrontendKey) -> replay_ns.Client:
+    try:
+        address, port = parse_client(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--from-address") from exc
+    if address.version != key.ip.version:
+        raise typer.BadParameter(
+            f"{address} is IPv{address.version}, the frontend IPv{key.ip.version}: a packet has one family",
+            param_hint="--from-address",
+        )
+    return replay_ns.Client(address, port)
+
+
 def trace(
     target: Annotated[
         str, typer.Argument(help="VIP:PORT/PROTO, e.g. 10.96.0.10:53/UDP or [fd00::a]:80/TCP.")
@@ -223,6 +482,15 @@ def trace(
     socket_cookie: Annotated[
         int | None, typer.Option("--socket-cookie", help="UDP: the socket's cookie, which decides its slot.")
     ] = None,
+    from_address: Annotated[
+        str | None,
+        typer.Option(
+            "--from-address",
+            metavar="IP[:PORT]",
+            help="North-south: a packet from this client outside the cluster arriving on the node's devices "
+            "(without PORT: each backend's share of the Maglev table).",
+        ),
+    ] = None,
 ) -> None:
     """Replay the datapath's decision for a connect to VIP:PORT/PROTO: frontend, candidates, rule, backend."""
     output = check_output(output, ("text", *cli_output.DOCUMENT_FORMATS))
@@ -230,6 +498,7 @@ def trace(
         key, ipv4_socket = parse_target(target)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="TARGET") from exc
+    client = _client(from_address, key) if from_address is not None else None
     cgroup = from_cgroup or current_cgroup()
     try:
         cgroup_id = mounts.cgroup_id(cgroup) if cgroup else None
@@ -238,10 +507,16 @@ def trace(
     cookie = netns_cookie if netns_cookie is not None else current_netns_cookie()
     caller = replay.Caller(cgroup_id, cookie, socket_cookie, ipv4_socket)
     view = agentclient.fetch(agent)
-    with open_maps(bpffs) as io:
-        result = replay.replay(io, key, caller)
-    doc = trace_json(result, view, cgroup)
+    if client is not None:
+        doc = _trace_external(bpffs, key, client, caller, view, cgroup)
+    else:
+        with open_maps(bpffs) as io:
+            result = replay.replay(io, key, caller)
+        doc = trace_json(result, view, cgroup)
     if output in cli_output.DOCUMENT_FORMATS:
         typer.echo(cli_output.dumps(doc, output))
+        return
+    if client is not None:
+        inspect_trace.render_north_south(doc, view, Console())
         return
     inspect_trace.render(doc, view, Console())

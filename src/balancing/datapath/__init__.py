@@ -14,7 +14,7 @@ finds the compiled BPF objects (the installed package's, else a checkout's build
 node's devices): ``northsouth`` loads ``nodeport.o`` against the datapath's pins, writes its settings and
 devices and attaches it through ``tcattach`` (tcx links, else clsact filters); ``maglev`` builds the Maglev
 tables of the frontends it serves (the same on every node), which the writer swaps in; ``conntrack`` expires
-its connection tracking.
+its connection tracking; ``replay_ns`` replays its decision for one packet from an outside client, read-only.
 May import ``balancing.model.desired`` (the DesiredState contract) and ``balancing.errors``; never YAML or
 Kubernetes.
 """

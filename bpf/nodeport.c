@@ -646,7 +646,7 @@ static __always_inline int icmp_is_error(__u8 type, int v6)
  * addresses, which leaves the ICMP checksum unchanged by them (a header with its checksum sums to the same
  * value); ports change the ICMP checksum; ICMPv6 also sums the quote's addresses and the outer ones.
  */
-static __always_inline int icmp_error(struct __sk_buff *skb, const struct pkt *outer, __u32 icmp)
+static __always_inline int icmp_error(struct __sk_buff *skb, const struct pkt *outer, __u32 icmp, int ingress)
 {
 	__u16 eth_proto = outer->v6 ? bpf_htons(ETH_P_IPV6) : bpf_htons(ETH_P_IP);
 	__u32 icmp_csum = icmp + 2, scratch = 0;
@@ -684,6 +684,10 @@ static __always_inline int icmp_error(struct __sk_buff *skb, const struct pkt *o
 	if (addr_eq(outer->key.src, in.key.dst) &&
 	    write_addr(skb, outer->l3, outer->v6, 0, outer->key.src, ct->src, outer->v6 ? icmp_csum : 0, 1, 0) < 0)
 		return TC_ACT_SHOT;
+	/* about a source-NATed flow, arriving: it now comes from this node's address, which the stack would drop
+	 * as a martian on input; sent on past it, as the flow's own replies are */
+	if (ingress && (ct->flags & BL_CT_F_SNAT))
+		return forward(skb, outer, ct);
 	return TC_ACT_OK;
 }
 
@@ -700,7 +704,7 @@ static __always_inline int handle(struct __sk_buff *skb, int ingress)
 		return TC_ACT_OK;
 	kind = parse_ip(skb, ETH_HLEN, skb->protocol, &p, &icmp, 0);
 	if (kind == 1)
-		return icmp_error(skb, &p, icmp);
+		return icmp_error(skb, &p, icmp, ingress);
 	if (kind < 0)
 		return TC_ACT_OK;
 	ct = tracked(&p, ingress);

@@ -153,6 +153,8 @@ def _north_south(loaded: configfile.Loaded, obj: Path) -> northsouth.NorthSouthC
     for device in ns.devices:
         try:
             tcattach.ifindex_of(device)
+            if northsouth.device_addresses(device) == (None, None):
+                raise errors.DeviceError(device, "has no IPv4 or global IPv6 address to translate sources to")
         except errors.DeviceError as exc:
             raise errors.ConfigError(where("north_south", "devices"), str(exc)) from exc
     nodeport = bpfobjects.nodeport_object(obj)

@@ -18,8 +18,13 @@ closes). The cases:
   LAST one in both KUBE-SERVICES and KUBE-NODEPORTS (NodePort ``NODE_PORT``), so the chain walk shows; the
   N-1 others are decoys with one endpoint each, the first 2,767 with NodePorts of their own (the rest of
   the default range). The client connects to node-a's address, port ``NODE_PORT``;
-- ``tc`` with N Services: Balancing's TC programs on node-a's uplink, set up by :func:`setup_balancing`
-  (THE HOOK TO FILL IN; skipped with a message while it raises NotImplementedError).
+- ``tc`` with N Services: Balancing's TC programs on node-a's uplink (:func:`setup_balancing`): ``balancing
+  agent`` in node-a's namespace (``--nodeport-devices uplink0``, socket hooks on node-a's cgroup, map sizes
+  the defaults, ``--snat-ports`` passed on) on a manifest directory holding the two Nodes and the same N
+  Services as the iptables case (``service_specs``: the measured one last, the decoys' endpoints and
+  NodePorts alike), each with its EndpointSlice. The case starts once the agent is ready and every
+  frontend it wants is programmed; its start-up time, RSS, Maglev tables and maps' kernel memory are
+  reported. The pods of node-a see the client's address (only what leaves the node again is SNATed).
 
 A measurement is client threads (the C probe, in the client namespace) each making, for a fixed time, one
 connection after another: connect, send a small request, read the one-line answer, close with a RST
@@ -32,41 +37,55 @@ each seeing the address it should: the client's own directly, node-a's through t
 and warmed up; then ``--rounds`` rounds run every case once, in alternating order. Figures are medians
 over the rounds with their spread (min..max); ratios (iptables/direct, tc/direct, tc/iptables: conn/s,
 connect p50, exchange p50) are taken per round (paired) and summarised the same way. ``-o json`` prints
-the summary and the raw samples as one JSON document (``--json PATH`` also writes it).
+the summary and the raw samples as one JSON document (``--json PATH`` also writes it). The issue's targets
+(tc at least iptables' conn/s at 1 Service and 4x at 10,000; within 1.2x of direct) are judged on those
+ratios. After the rounds each tc case gets one more loaded run with BPF run-time statistics on (only for
+that run; they cost two clock reads per program run): ns per run and runs per connection of
+``bl_ns_ingress``/``bl_ns_egress``; then the programs' counters (new flows by result, SNAT ports taken and
+found taken). ``--startup-nodeports N`` finally times an agent's start on N NodePort Services alone.
 
 Run as root: ``.venv/bin/python bench/nodeport.py [--services 1,10000] [--rounds 5] [--iptables nft,legacy]
-[--family 4|6] [-o table|json]`` (about 80 s at the defaults, 2 minutes with both backends). The
+[--family 4|6] [--snat-ports LOW-HIGH] [--startup-nodeports N] [-o table|json]`` (about 3 minutes at the
+defaults, most of it the agent programming 10,000 Services; ``--startup-nodeports 10000`` adds 2.5). The
 topologies (namespaces with their rules, processes, cgroups) are removed at the end, also on errors and
 SIGTERM. Needs gcc, iproute2 and iptables (both backends: the ``iptables`` Debian package).
 
 Neighbours: bench/run.py and bench/hooks.py (the socket hooks' costs, same conventions), the topology in
-testkit/balancing_testkit/nstopology.py, the TC datapath (bpf/nodeport.c) for the hook. About 300 of its lines
-are the C probe, kept here as a string (compiled into build/bench at start) so the benchmark is one file; it
-could move to bench/nodeport_probe.c beside the other probes.
+testkit/balancing_testkit/nstopology.py, the TC datapath (bpf/nodeport.c) and the agent
+(``balancing agent``). About 300 of its lines are the C probe, kept here as a string (compiled into
+build/bench at start), and 300 drive Balancing's agent, so the benchmark is one file; both could move to
+modules beside it (bench/nodeport_probe.c, bench/nodeport_agent.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from balancing_testkit.nstopology import CLUSTER_CIDRS, NsTopology
-from balancing_testkit.topology import exit_on_signals
+from balancing.datapath import abi
+from balancing_testkit.nstopology import CLUSTER_CIDRS, NsNode, NsTopology
+from balancing_testkit.topology import Pod, exit_on_signals, in_netns
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = ROOT / "build/bench/nodeport_probe"
 BENCH_PORT = 9000  # the pods' probe servers
 NODE_PORT = 32767  # the measured Service's NodePort on node-a (the last of the default range)
 NODE_PORT_RANGE = range(30000, 32767)  # the decoys' NodePorts
+DECOY_NODE = "node-b"  # where the decoys' endpoints are said to run (no packet goes to them)
 MASQ_BIT = "0x4000"
 MASQ_MARK = f"{MASQ_BIT}/{MASQ_BIT}"
 RESTORE = {
@@ -75,22 +94,6 @@ RESTORE = {
     ("legacy", 4): "iptables-legacy-restore",
     ("legacy", 6): "ip6tables-legacy-restore",
 }
-
-
-# --- THE HOOK: Balancing's TC path --------------------------------------------------------------------------
-
-
-def setup_balancing(ns: NsTopology, services: int) -> contextlib.AbstractContextManager[None]:
-    """HOOK (to be filled in by the TC datapath's author): make node-a's NodePort ``NODE_PORT``/TCP, on
-    ``ns.a.ip4`` and ``ns.a.ip6``, balance new connections over every pod's ``BENCH_PORT``
-    (``ns.backends``; externalTrafficPolicy Cluster: node-b's pod too, the client SNATed to node-a), with
-    ``services - 1`` other Services programmed beside it, through Balancing's TC programs on node-a's uplink
-    (``ns.a.uplink``, ifindex ``ns.a.uplink_ifindex`` inside ``ns.a.netns``). An agent for node-a runs with
-    ``ns.nsenter(ns.a, argv)`` (or ``ns.spawn(ns.a, argv)``), ``--cgroup ns.a.cgroup``, ``--bpffs
-    ns.a.bpffs``, ``--nodeport-devices ns.a.uplink``. Entering returns once the path is programmed; leaving
-    undoes it (the namespaces, and what is attached in them, go when the topology closes anyway).
-    Until then: NotImplementedError, and the benchmark skips the ``tc`` cases."""
-    raise NotImplementedError("Balancing's TC NodePort path is not wired into bench/nodeport.py yet")
 
 
 # --- the probe (C: a Python client would measure itself) ----------------------------------------------------
@@ -396,7 +399,30 @@ def build_probe() -> Path:
     return PROBE
 
 
-# --- kube-proxy's iptables rules ----------------------------------------------------------------------------
+# --- the Services (the same for iptables and Balancing) -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """Service ``bench/svc-<index>``: port 80/TCP to ``BENCH_PORT`` of its endpoints, a cluster IP, maybe a
+    NodePort."""
+
+    index: int
+    endpoints: list[tuple[str, str]]  # (address, node name)
+    node_port: int | None
+
+
+def service_specs(
+    services: int, backends: Sequence[Pod], family: int, node_ports: int = len(NODE_PORT_RANGE)
+) -> Iterator[ServiceSpec]:
+    """The measured Service last (NodePort ``NODE_PORT`` to ``backends``); before it ``services - 1`` decoys
+    with one endpoint each (on ``DECOY_NODE``), the first ``node_ports`` of them with NodePorts of their own
+    from 30000 up (``NODE_PORT`` skipped)."""
+    decoy_ports = (p for p in range(NODE_PORT_RANGE.start, 65536) if p != NODE_PORT)
+    for index in range(1, services):
+        port = next(decoy_ports) if index <= node_ports else None
+        yield ServiceSpec(index, [(decoy_endpoint(index, family), DECOY_NODE)], port)
+    yield ServiceSpec(services, [(pod.ip(family), pod.node or "") for pod in backends], NODE_PORT)
 
 
 def cluster_ip(index: int, family: int) -> str:
@@ -415,6 +441,9 @@ def decoy_endpoint(index: int, family: int) -> str:
         if family == 4
         else f"fd00:128::{index:x}"
     )
+
+
+# --- kube-proxy's iptables rules ----------------------------------------------------------------------------
 
 
 def host_port(ip: str, port: int) -> str:
@@ -465,16 +494,12 @@ def service_rules(
     return chains, services, nodeports, own
 
 
-def kube_proxy_rules(services: int, backends: list[str], family: int) -> str:
-    """The iptables-restore input for ``services`` Services, the measured one (NodePort ``NODE_PORT`` to
-    ``backends``) last."""
+def kube_proxy_rules(services: int, backends: Sequence[Pod], family: int) -> str:
+    """The iptables-restore input for ``services`` Services (``service_specs``: the measured one, NodePort
+    ``NODE_PORT`` to ``backends``, last)."""
     chains, services_chain, nodeports, own = [], [], [], []
-    decoy_ports = iter(NODE_PORT_RANGE)
-    for index in range(1, services + 1):
-        measured = index == services
-        endpoints = backends if measured else [decoy_endpoint(index, family)]
-        node_port = NODE_PORT if measured else next(decoy_ports, None)
-        c, s, n, o = service_rules(index, endpoints, node_port, family)
+    for spec in service_specs(services, backends, family):
+        c, s, n, o = service_rules(spec.index, [ip for ip, _ in spec.endpoints], spec.node_port, family)
         chains += c
         services_chain += s
         nodeports += n
@@ -534,6 +559,238 @@ FILTER_RULES = [
 ]
 
 
+# --- Balancing's TC path ------------------------------------------------------------------------------------
+
+AGENT_OBJECT = ROOT / "build/bpf/balancing.o"  # nodeport.o sits beside it (the agent looks there)
+AGENT_HEALTH = "127.0.0.1:10256"  # on node-a's own loopback: each agent has a namespace of its own
+AGENT_STATE = "127.0.0.1:10264"
+AGENT_TIMEOUT = 900.0  # seconds for an agent to program every frontend
+SERVICES_PER_FILE = 2000  # Services (and their EndpointSlices) per manifest file, a List each
+MAGLEV_MAP = "bl_mglv_v1"
+TC_PROGRAMS = ("bl_ns_ingress", "bl_ns_egress")
+BPF_STATS_RUN_TIME = 0  # enum bpf_stats_type
+Doc = dict[str, Any]
+
+
+@dataclass
+class AgentReport:
+    """What one agent took to program a case, and holds once it has: times from its start, counts, memory."""
+
+    services: int
+    ready_seconds: float = 0.0  # until /readyz said 200 (its first full sync is in the maps)
+    programmed_seconds: float = 0.0  # until every frontend it wants is programmed
+    frontends: int = 0
+    maglev_tables: int = 0
+    rss_mib: float = 0.0
+    peak_rss_mib: float = 0.0
+    map_mib: float = 0.0  # the kernel memory of its maps (bpftool's bytes_memlock), Maglev tables included
+    maglev_mib: float = 0.0  # of which the Maglev tables
+    full_sync: str = ""  # the agent's own log line about its first full sync
+    links: dict[str, str] = field(default_factory=dict)  # TC program: its pinned link
+    pid: int = 0
+    rounds_cpu_seconds: float = 0.0  # its CPU time during the rounds (conntrack sweeps, ...)
+
+
+def node_doc(node: NsNode) -> Doc:
+    addresses = [{"type": "InternalIP", "address": ip} for ip in (node.ip4, node.ip6)]
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": node.name, "labels": {"kubernetes.io/hostname": node.name}},
+        "status": {"addresses": [*addresses, {"type": "Hostname", "address": node.name}]},
+    }
+
+
+def service_doc(spec: ServiceSpec, family: int) -> Doc:
+    """The Service ``spec`` as the API server would hold it (single-stack in ``family``, eTP Cluster)."""
+    port: Doc = {"name": "http", "port": 80, "protocol": "TCP", "targetPort": BENCH_PORT}
+    doc: Doc = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": f"svc-{spec.index}", "namespace": "bench"},
+        "spec": {
+            "type": "ClusterIP",
+            "clusterIP": cluster_ip(spec.index, family),
+            "clusterIPs": [cluster_ip(spec.index, family)],
+            "ipFamilies": [f"IPv{family}"],
+            "ipFamilyPolicy": "SingleStack",
+            "ports": [port],
+        },
+    }
+    if spec.node_port is not None:
+        port["nodePort"] = spec.node_port
+        doc["spec"].update(type="NodePort", externalTrafficPolicy="Cluster")
+    return doc
+
+
+def slice_doc(spec: ServiceSpec, family: int) -> Doc:
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": f"svc-{spec.index}-ipv{family}",
+            "namespace": "bench",
+            "labels": {"kubernetes.io/service-name": f"svc-{spec.index}"},
+        },
+        "addressType": f"IPv{family}",
+        "ports": [{"name": "http", "port": BENCH_PORT, "protocol": "TCP"}],
+        "endpoints": [
+            {"addresses": [ip], "conditions": {"ready": True}, "nodeName": node}
+            for ip, node in spec.endpoints
+        ],
+    }
+
+
+def write_manifests(directory: Path, ns: NsTopology, specs: Iterable[ServiceSpec], family: int) -> None:
+    """The Nodes and every Service with its EndpointSlice, as ``List`` files of ``SERVICES_PER_FILE``."""
+    write_list(directory / "nodes.json", [node_doc(n) for n in ns.nodes])
+    batch: list[Doc] = []
+    for n, spec in enumerate(specs, start=1):
+        batch += [service_doc(spec, family), slice_doc(spec, family)]
+        if n % SERVICES_PER_FILE == 0:
+            write_list(directory / f"services-{n // SERVICES_PER_FILE:03d}.json", batch)
+            batch = []
+    if batch:
+        write_list(directory / "services-last.json", batch)
+
+
+def write_list(path: Path, items: list[Doc]) -> None:
+    path.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+
+
+def agent_argv(ns: NsTopology, manifests: Path, extra: Sequence[str] = ()) -> list[str]:
+    """node-a's agent: socket hooks on node-a's cgroup, north-south on its uplink, map sizes the defaults.
+    The periodic full resync is pushed out of the measurement (a 10,000-Service resync is a second of CPU on
+    this 2-CPU machine, and would land in whichever case is being measured)."""
+    return [
+        sys.executable,
+        "-m",
+        "balancing",
+        "agent",
+        "--manifests",
+        str(manifests),
+        "--node-name",
+        ns.a.name,
+        "--cgroup",
+        str(ns.a.cgroup),
+        "--bpffs",
+        str(ns.a.bpffs),
+        "--bpf-object",
+        str(AGENT_OBJECT),
+        "--health-addr",
+        AGENT_HEALTH,
+        "--state-addr",
+        AGENT_STATE,
+        "--metrics-addr",
+        "",
+        "--nodeport-devices",
+        ns.a.uplink,
+        "--no-terminate-udp-sockets",
+        "--resync-interval",
+        "3600",
+        *extra,
+    ]
+
+
+@contextlib.contextmanager
+def setup_balancing(
+    ns: NsTopology,
+    services: int,
+    family: int,
+    node_ports: int = len(NODE_PORT_RANGE),
+    agent_extra: Sequence[str] = (),
+) -> Iterator[AgentReport]:
+    """Make node-a's NodePort ``NODE_PORT``/TCP balance new connections over every pod's ``BENCH_PORT``
+    (eTP Cluster: node-b's pod too, the client SNATed to node-a) through Balancing's TC programs on node-a's
+    uplink, with the decoys of ``service_specs`` programmed beside it (``node_ports`` of them NodePorts):
+    ``balancing agent`` in node-a's namespace on a manifest directory (``agent_extra``: more flags for it).
+    Entering returns once every frontend is programmed, with the agent's report; leaving stops the agent
+    (what it attached goes with the namespaces and the bpffs directory when the topology closes)."""
+    with tempfile.TemporaryDirectory(prefix="bl-bench-nodeport-manifests-") as tmp:
+        write_manifests(Path(tmp), ns, service_specs(services, ns.backends, family, node_ports), family)
+        t0 = time.monotonic()
+        proc = ns.spawn(ns.a, agent_argv(ns, Path(tmp), agent_extra), label="agent-node-a")
+        try:
+            report = AgentReport(services)
+            wait_programmed(ns, proc, t0, report)
+            describe_agent(ns, proc, report)
+            yield report
+        finally:
+            ns.topo.stop(proc, timeout=10)
+
+
+def agent_get(ns: NsTopology, path: str) -> tuple[int, Doc]:
+    """GET ``path`` from node-a's agent (health port), from a thread switched into node-a's namespace."""
+    with in_netns(ns.a.netns):
+        try:
+            with urllib.request.urlopen(f"http://{AGENT_HEALTH}{path}", timeout=5) as r:
+                return r.status, json.load(r)
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.load(exc)
+        except OSError:
+            return 0, {}
+
+
+def wait_programmed(ns: NsTopology, proc: subprocess.Popen[bytes], t0: float, report: AgentReport) -> None:
+    """Until the agent is ready (/readyz) and has programmed every frontend it wants (/statusz's programmed
+    count equals /readyz's desired one, at least one per Service)."""
+    deadline = t0 + AGENT_TIMEOUT
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the agent exited with {proc.returncode}:\n{ns.topo.logs(proc)[1][-4000:]}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the agent did not program {report.services} Services in {AGENT_TIMEOUT} s")
+        code, ready = agent_get(ns, "/readyz")
+        if code == 200 and not report.ready_seconds:
+            report.ready_seconds = time.monotonic() - t0
+        if code == 200:
+            wanted = int(ready.get("frontends", 0))
+            programmed = int(agent_get(ns, "/statusz")[1].get("frontends", -1))
+            if programmed == wanted >= report.services:
+                report.programmed_seconds = time.monotonic() - t0
+                report.frontends = programmed
+                return
+        time.sleep(0.05)
+
+
+def describe_agent(ns: NsTopology, proc: subprocess.Popen[bytes], report: AgentReport) -> None:
+    """The agent's memory (RSS), its maps' kernel memory, its Maglev tables, its log line, its TC links."""
+    status = Path(f"/proc/{proc.pid}/status").read_text()
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    kib = {k: int(fields[k].split()[0]) for k in ("VmRSS", "VmHWM")}
+    report.rss_mib, report.peak_rss_mib = kib["VmRSS"] / 1024, kib["VmHWM"] / 1024
+    report.pid = proc.pid
+    maps = ns.a.bpffs / "maps"
+    memlock = {int(m["id"]): m for m in bpftool_json("-f", "map", "show")}
+    pinned = [m for m in memlock.values() if any(p.startswith(f"{maps}/") for p in m.get("pinned", []))]
+    inner = [map_id(e["value"]) for e in bpftool_json("map", "dump", "pinned", str(maps / MAGLEV_MAP))]
+    report.maglev_tables = len(inner)
+    maglev = sum(int(memlock[i].get("bytes_memlock", 0)) for i in inner if i in memlock)
+    report.maglev_mib = maglev / 2**20
+    report.map_mib = (sum(int(m.get("bytes_memlock", 0)) for m in pinned) + maglev) / 2**20
+    report.full_sync = next((ln for ln in ns.topo.logs(proc)[1].splitlines() if "full sync:" in ln), "")
+    links = ns.a.bpffs / "links"
+    report.links = {p: str(links / f"{p}@{ns.a.uplink}") for p in TC_PROGRAMS}
+
+
+def map_id(value: int | list[str]) -> int:
+    """An inner map's id from bpftool's dump of a map of maps (a number, or the value's bytes in hex)."""
+    if isinstance(value, int):
+        return value
+    return int.from_bytes(bytes(int(b, 16) for b in value), sys.byteorder)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads (/proc/PID/stat fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bpftool_json(*args: str) -> Any:
+    done = subprocess.run(["bpftool", "-j", *args], check=True, capture_output=True, text=True, timeout=120)
+    return json.loads(done.stdout)
+
+
 # --- the cases ----------------------------------------------------------------------------------------------
 
 
@@ -546,6 +803,7 @@ class Case:
     ns: NsTopology
     targets: list[tuple[str, int]] = field(default_factory=list)
     setup_seconds: float = 0.0
+    agent: AgentReport | None = None  # tc: what its agent took and holds
 
     @property
     def name(self) -> str:
@@ -566,17 +824,17 @@ def start_servers(ns: NsTopology, threads: int) -> None:
         ns.topo.wait_ready(proc)
 
 
-def set_up(case: Case, family: int, stack: contextlib.ExitStack) -> None:
-    """Program the case's path on node-a; its targets."""
+def set_up(case: Case, family: int, stack: contextlib.ExitStack, agent_extra: Sequence[str] = ()) -> None:
+    """Program the case's path on node-a; its targets (``agent_extra``: more flags for a tc case's agent)."""
     ns, t0 = case.ns, time.monotonic()
     if case.mode == "direct":
         case.targets = [(pod.ip(family), BENCH_PORT) for pod in ns.backends]
     elif case.mode.startswith("iptables-"):
-        rules = kube_proxy_rules(case.services, [pod.ip(family) for pod in ns.backends], family)
+        rules = kube_proxy_rules(case.services, ns.backends, family)
         ns.run(ns.a, [RESTORE[case.mode.removeprefix("iptables-"), family]], input=rules, timeout=300)
         case.targets = [(ns.a.ip(family), NODE_PORT)]
     else:
-        stack.enter_context(setup_balancing(ns, case.services))
+        case.agent = stack.enter_context(setup_balancing(ns, case.services, family, agent_extra=agent_extra))
         case.targets = [(ns.a.ip(family), NODE_PORT)]
     case.setup_seconds = time.monotonic() - t0
 
@@ -593,8 +851,10 @@ def measure(case: Case, seconds: float, workers: int) -> dict[str, Any]:
 
 
 def check(case: Case, family: int, workers: int) -> dict[str, int]:
-    """A short run: no errors, every pod answers, each seeing the address it should (the client's for direct,
-    node-a's for the eTP Cluster NodePort: its pod gateway for local pods, its uplink for node-b's)."""
+    """A short run: no errors, every pod answers, each seeing the address it should: the client's directly;
+    through the eTP Cluster NodePort node-a's uplink address for node-b's pod, and for node-a's own pods
+    kube-proxy's masquerade (node-a's pod gateway) or, on the TC path, the client's (it SNATs only what
+    leaves the node again, as Cilium does)."""
     res = measure(case, 0.5, workers)
     ns = case.ns
     if res["errors"] or not res["ok"]:
@@ -604,11 +864,92 @@ def check(case: Case, family: int, workers: int) -> dict[str, int]:
     if case.mode == "direct":
         want = {f"{pod.name} {ns.client.ip(family)}" for pod in ns.backends}
     else:
-        gateway = ns.a.gateway4 if family == 4 else ns.a.gateway6
-        want = {f"{p.name} {gateway if p.node == ns.a.name else ns.a.ip(family)}" for p in ns.backends}
+        local = ns.client.ip(family) if case.mode == "tc" else ns.a.gateway4 if family == 4 else ns.a.gateway6
+        want = {f"{p.name} {local if p.node == ns.a.name else ns.a.ip(family)}" for p in ns.backends}
     if set(res["answers"]) != want:
         raise RuntimeError(f"{case.name}: answers {res['answers']}, expected each of {sorted(want)}")
     return dict(res["answers"])
+
+
+# --- where the TC path's time goes --------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def bpf_stats() -> Iterator[None]:
+    """Run-time statistics of every BPF program on, while inside (BPF_ENABLE_STATS: the kernel turns them off
+    again when the descriptor closes, so a crash leaves nothing on; they add two clock reads to every run)."""
+    lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
+    fd = lib.bpf_enable_stats(ctypes.c_int(BPF_STATS_RUN_TIME))
+    if fd < 0:
+        raise OSError(-fd, f"bpf_enable_stats: {os.strerror(-fd)}")
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def program_runs(link: str) -> tuple[int, int]:
+    """(run_time_ns, run_cnt) of the program behind a pinned link."""
+    prog = bpftool_json("prog", "show", "id", str(bpftool_json("link", "show", "pinned", link)["prog_id"]))
+    return int(prog.get("run_time_ns", 0)), int(prog.get("run_cnt", 0))
+
+
+def profile_tc(case: Case, args: argparse.Namespace) -> dict[str, Any]:
+    """One more loaded run of a tc case with bpf_stats on: per program, ns per run and runs per connection;
+    all programs' ns per connection; the run's conn/s (with the stats' own cost in it)."""
+    assert case.agent is not None
+    links = case.agent.links
+    with bpf_stats():
+        before = {p: program_runs(link) for p, link in links.items()}
+        res = measure(case, args.duration, args.workers)
+        after = {p: program_runs(link) for p, link in links.items()}
+    ok = max(res["ok"], 1)
+    out: dict[str, Any] = {"rate": res["rate"], "errors": res["errors"], "programs": {}}
+    total = 0
+    for p in links:
+        ns_spent, runs = after[p][0] - before[p][0], after[p][1] - before[p][1]
+        total += ns_spent
+        out["programs"][p] = {"ns_per_run": ns_spent / max(runs, 1), "runs_per_conn": runs / ok}
+    out["ns_per_conn"] = total / ok
+    return out
+
+
+NSSTATS = {
+    abi.NSSTAT_SNAT_ALLOCATED: "snat_ports_taken",
+    abi.NSSTAT_SNAT_RETRIES: "snat_ports_found_taken",
+    abi.NSSTAT_CT_CREATED: "flows_tracked",
+}
+
+
+def tc_counters(bpffs: Path) -> dict[str, int]:
+    """The TC programs' counters since the agent started (bpftool's dump of the pinned per-CPU maps): new
+    flows by result (``translated_local``, ``dropped_snat_ports``, ...) and the SNAT port allocator's."""
+    out: dict[str, int] = {}
+    for entry in bpftool_json("map", "dump", "pinned", str(bpffs / "maps" / abi.MAP_STATS)):
+        key = entry["formatted"]["key"]
+        if key["hook"] in (abi.HOOK_TC_INGRESS, abi.HOOK_TC_EGRESS):
+            name = abi.RESULTS.get(key["result"], str(key["result"]))
+            out[name] = out.get(name, 0) + per_cpu_sum(entry)
+    for entry in bpftool_json("map", "dump", "pinned", str(bpffs / "maps" / abi.MAP_NS_STATS)):
+        if entry["formatted"]["key"] in NSSTATS:
+            out[NSSTATS[entry["formatted"]["key"]]] = per_cpu_sum(entry)
+    return out
+
+
+def per_cpu_sum(entry: dict[str, Any]) -> int:
+    return sum(int(v["value"]) for v in entry["formatted"]["values"])
+
+
+def startup_only(args: argparse.Namespace) -> AgentReport:
+    """An agent started on ``--startup-nodeports`` Services, every one a NodePort (the decoys' beyond the
+    default range), in a topology of its own after the others closed: its start-up time and memory."""
+    count = args.startup_nodeports
+    log(f"start-up only: {count} NodePort Services")
+    with (
+        NsTopology(servers=False) as ns,
+        setup_balancing(ns, count, args.family, node_ports=count, agent_extra=agent_flags(args)) as agent,
+    ):
+        return agent
 
 
 # --- the run ------------------------------------------------------------------------------------------------
@@ -624,25 +965,22 @@ def plan(args: argparse.Namespace) -> list[tuple[str, int]]:
     return [("direct", 0)] + [(m, n) for m in modes for n in counts]
 
 
-def open_cases(args: argparse.Namespace, stack: contextlib.ExitStack) -> tuple[list[Case], list[str]]:
-    """Each planned case in its own topology, servers started, path programmed and checked; and the names
-    of the cases skipped (a hook not filled in yet)."""
+def agent_flags(args: argparse.Namespace) -> list[str]:
+    return ["--snat-ports", args.snat_ports] if args.snat_ports else []
+
+
+def open_cases(args: argparse.Namespace, stack: contextlib.ExitStack) -> list[Case]:
+    """Each planned case in its own topology, servers started, path programmed and checked."""
     cases: list[Case] = []
-    skipped: list[str] = []
     for mode, services in plan(args):
         ns = stack.enter_context(NsTopology(servers=False))
         start_servers(ns, args.server_threads)
         case = Case(mode, services, ns)
-        try:
-            set_up(case, args.family, stack)
-        except NotImplementedError as exc:
-            log(f"skipping {case.name}: {exc}")
-            skipped.append(case.name)
-            continue
+        set_up(case, args.family, stack, agent_flags(args))
         answers = check(case, args.family, args.workers)
         log(f"{case.name}: set up in {case.setup_seconds:.2f} s; answers {answers}")
         cases.append(case)
-    return cases, skipped
+    return cases
 
 
 Runs = dict[str, list[dict[str, Any]]]  # {case: [{"load": probe result, "sequential": probe result}]}
@@ -693,8 +1031,8 @@ def figure(runs: dict[str, Any], name: str) -> float:
 
 
 def summarize(cases: list[Case], raw: Runs) -> dict[str, Any]:
-    """{"cases": {name: {figure: stat, "errors": n}}, "ratios": {"a / b": {figure: stat}}}: stats over the
-    rounds; ratios taken per round (paired)."""
+    """{"cases": {name: {figure: stat, "errors": n}}, "ratios": {"a / b": {figure: stat}}, "targets": [...]}:
+    stats over the rounds; ratios taken per round (paired); the issue's targets judged on those ratios."""
     out: dict[str, Any] = {"cases": {}, "ratios": {}}
     for name, rounds in raw.items():
         out["cases"][name] = {f: stat([figure(r, f) for r in rounds]) for f in FIGURES}
@@ -704,7 +1042,36 @@ def summarize(cases: list[Case], raw: Runs) -> dict[str, Any]:
         out["ratios"][f"{a.name} / {b.name}"] = {
             f: stat([figure(x, f) / figure(y, f) for x, y in pairs]) for f in RATIOS
         }
+    out["targets"] = targets(out["ratios"])
     return out
+
+
+RATE_TARGETS = {1: 1.0, 10000: 4.0}  # the issue's: tc / iptables conn/s at least this, by Service count
+DIRECT_TARGET = 1.2  # the issue's: tc within this factor of routing straight to the pods
+
+
+def targets(ratios: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets on the per-round ratios: tc / iptables conn/s (``RATE_TARGETS``); tc / direct
+    within ``DIRECT_TARGET`` (conn/s, connect p50, exchange p50). "met": by the median; "every_round": by
+    the worst round too."""
+    out = []
+    for name, r in ratios.items():
+        tc, other = name.split(" / ")
+        if not tc.startswith("tc "):
+            continue
+        if other == "direct":
+            out.append(goal(name, "rate", r["rate"], 1 / DIRECT_TARGET, higher=True))
+            out += [goal(name, f, r[f], DIRECT_TARGET, higher=False) for f in ("connect_p50", "exchange_p50")]
+        elif int(tc.split()[1]) in RATE_TARGETS:
+            out.append(goal(name, "rate", r["rate"], RATE_TARGETS[int(tc.split()[1])], higher=True))
+    return out
+
+
+def goal(ratio: str, name: str, s: dict[str, float], bound: float, *, higher: bool) -> dict[str, Any]:
+    met = s["median"] >= bound if higher else s["median"] <= bound
+    every = s["min"] >= bound if higher else s["max"] <= bound
+    wanted = f"{'>=' if higher else '<='} {bound:.3f}x"
+    return {"ratio": ratio, "figure": name, "goal": wanted, **s, "met": met, "every_round": every}
 
 
 def ratio_pairs(cases: list[Case]) -> list[tuple[Case, Case]]:
@@ -742,9 +1109,52 @@ def print_table(doc: dict[str, Any]) -> None:
         print(f"\n{'ratio (per round)':36s}" + "".join(f" {columns[f]:>24s}" for f in RATIOS))
         for name, r in summary["ratios"].items():
             print(f"{name:36s}" + "".join(f" {fmt_ratio(r[f]):>24s}" for f in RATIOS))
-    for name in doc["skipped"]:
-        print(f"skipped: {name}")
+    if summary["targets"]:
+        print(f"\n{'the issue targets':36s} {'figure':>14s} {'goal':>10s} {'median [min-max]':>26s}  met")
+        for t in summary["targets"]:
+            met = ("yes" if t["every_round"] else "by the median") if t["met"] else "NO"
+            print(f"{t['ratio']:36s} {t['figure']:>14s} {t['goal']:>10s} {fmt_ratio(t):>26s}  {met}")
+    print_agents(doc["agents"], "Balancing's agent on node-a, per tc case")
+    print_profile(doc["tc_profile"])
+    for name, counts in doc["tc_counters"].items():
+        print(f"{name} datapath counters, the whole run: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        if counts.get("dropped_snat_ports"):
+            print(f"  {name}: new flows to node-b's pod dropped for want of a free SNAT port (each costs")
+            print(
+                "  its client a SYN retransmission, 1 s): the --snat-ports range is too small for this rate"
+            )
+    if doc["startup"]:
+        print_agents(doc["startup"], "start-up only (no traffic): every Service a NodePort")
     sys.stdout.flush()
+
+
+def print_agents(agents: dict[str, dict[str, Any]], title: str) -> None:
+    if not agents:
+        return
+    print(f"\n{title}: seconds from its start; RSS now (peak); its maps' kernel memory (of which Maglev)")
+    print(f"{'case':22s} {'ready s':>8s} {'programmed s':>13s} {'frontends':>10s} {'Maglev tables':>14s} "
+          f"{'RSS MiB':>16s} {'maps MiB':>18s}")  # fmt: skip
+    for name, a in agents.items():
+        rss = f"{a['rss_mib']:.0f} ({a['peak_rss_mib']:.0f})"
+        maps = f"{a['map_mib']:.0f} ({a['maglev_mib']:.0f})"
+        print(f"{name:22s} {a['ready_seconds']:8.1f} {a['programmed_seconds']:13.1f} {a['frontends']:10d} "
+              f"{a['maglev_tables']:14d} {rss:>16s} {maps:>18s}")  # fmt: skip
+        print(f"{'':22s} agent log: {a['full_sync'].partition('full sync:')[2].strip()}")
+        if a["rounds_cpu_seconds"]:
+            print(f"{'':22s} its CPU time during the rounds: {a['rounds_cpu_seconds']:.1f} s")
+
+
+def print_profile(profile: dict[str, dict[str, Any]]) -> None:
+    if not profile:
+        return
+    print("\nthe TC programs: one more loaded run per tc case, bpf_stats on (its conn/s pays for them)")
+    print(f"{'case':22s} " + " ".join(f"{p + ' ns/run (runs/conn)':>32s}" for p in TC_PROGRAMS)
+          + f" {'bpf ns/conn':>12s} {'conn/s':>8s}")  # fmt: skip
+    for name, prof in profile.items():
+        cells = [prof["programs"][p] for p in TC_PROGRAMS]
+        text = [f"{c['ns_per_run']:.0f} ({c['runs_per_conn']:.2f})" for c in cells]
+        print(f"{name:22s} " + " ".join(f"{t:>32s}" for t in text)
+              + f" {prof['ns_per_conn']:12.0f} {prof['rate']:8.0f}")  # fmt: skip
 
 
 def fmt(s: dict[str, float]) -> str:
@@ -764,6 +1174,19 @@ def parse_args() -> argparse.Namespace:
         "--iptables", default="nft", help="iptables backends, comma-separated: nft, legacy ('' none)"
     )
     ap.add_argument("--no-tc", action="store_true", help="leave the tc cases out")
+    ap.add_argument(
+        "--snat-ports",
+        help="the tc agents' --snat-ports LOW-HIGH (default: the agent's own, 61000-65535)",
+    )
+    ap.add_argument(
+        "--no-bpf-profile", action="store_true", help="no bpf_stats run of the tc cases after the rounds"
+    )
+    ap.add_argument(
+        "--startup-nodeports",
+        type=int,
+        default=0,
+        help="at the end, also time an agent's start on this many NodePort Services (no traffic; 0: not)",
+    )
     ap.add_argument("--family", type=int, choices=[4, 6], default=4)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--duration", type=float, default=3.0, help="seconds per run")
@@ -783,15 +1206,26 @@ def main() -> None:
     exit_on_signals()
     build_probe()
     with contextlib.ExitStack() as stack:
-        cases, skipped = open_cases(args, stack)
+        cases = open_cases(args, stack)
+        agents = [c.agent for c in cases if c.agent]
+        cpu = [cpu_seconds(a.pid) for a in agents]
         raw = run_rounds(cases, args)
+        for agent, before in zip(agents, cpu, strict=True):
+            agent.rounds_cpu_seconds = cpu_seconds(agent.pid) - before
+        profile = {} if args.no_bpf_profile else {c.name: profile_tc(c, args) for c in cases if c.agent}
+        counters = {c.name: tc_counters(c.ns.a.bpffs) for c in cases if c.agent}
         doc = {
             "config": {k: v for k, v in vars(args).items() if k not in ("json", "output")},
             "setup_seconds": {c.name: round(c.setup_seconds, 3) for c in cases},
-            "skipped": skipped,
             "summary": summarize(cases, raw),
+            "agents": {c.name: asdict(c.agent) for c in cases if c.agent},
+            "tc_profile": profile,
+            "tc_counters": counters,
             "raw": raw,
         }
+    doc["startup"] = {}
+    if args.startup_nodeports:
+        doc["startup"] = {f"tc {args.startup_nodeports} NodePorts": asdict(startup_only(args))}
     text = json.dumps(doc, indent=2)
     if args.json:
         args.json.write_text(text)

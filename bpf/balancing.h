@@ -481,14 +481,15 @@ struct {
 } bl_evstat_v1 SEC(".maps");
 
 /* Maglev tables of the frontends served north-south: svc_id -> an array of maglev_size backend ids (struct
- * bl_ns_config), built by the agent from the external backends and swapped whole (a new inner map, then one
- * update of this entry), so a packet never sees a half-written table. Written by the agent. */
+ * bl_ns_config), two per element, built by the agent from the external backends and swapped whole (a new
+ * inner map named bl_mglv_<size>, then one update of this entry), so a packet never sees a half-written
+ * table; never changed once made, so frontends with the same backends share one. Written by the agent. */
 struct bl_maglev_table {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(map_flags, BPF_F_INNER_MAP); /* tables of any size may be inserted */
-	__uint(max_entries, BL_DEFAULT_MAGLEV_SIZE);
+	__uint(max_entries, (BL_DEFAULT_MAGLEV_SIZE + 1) / 2);
 	__type(key, __u32);
-	__type(value, __u32);
+	__type(value, __u64); /* entries 2k and 2k + 1 (an array rounds values up to 8 bytes: pairs halve it) */
 };
 
 struct {

@@ -515,7 +515,8 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p)
 	const struct bl_ns_config *cfg;
 	const struct bl_svc_val *master;
 	const struct bl_backend *be;
-	__u32 zero = 0, idx, svc_id, *backend_id;
+	__u32 zero = 0, idx, half, svc_id, *backend_id;
+	__u64 *pair;
 	void *table;
 	__u8 result;
 
@@ -536,9 +537,11 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p)
 	if (!table)
 		goto drop;
 	idx = flow_hash(&p->key) % cfg->maglev_size;
-	backend_id = bpf_map_lookup_elem(table, &idx);
-	if (!backend_id)
+	half = idx / 2;
+	pair = bpf_map_lookup_elem(table, &half); /* entries 2k and 2k + 1, in memory order */
+	if (!pair)
 		goto drop;
+	backend_id = (__u32 *)pair + (idx & 1);
 	be = bpf_map_lookup_elem(&bl_be_v1, backend_id);
 	if (!be) {
 		result = BL_RES_DROP_NO_BACKEND;

@@ -742,6 +742,22 @@ def maglev_identity(ref: bytes) -> bytes:
     return ref[:18]
 
 
+# A Maglev table (an inner map of bl_mglv_v1): an array of backend-id pairs (a __u64 value holds entries 2k
+# and 2k + 1, in memory order: an array map rounds each value up to 8 bytes, so single ids would cost twice
+# the memory), named after its size (the name is how a table read back says its size).
+MAGLEV_TABLE_PREFIX = "bl_mglv_"
+
+
+def maglev_table_name(size: int) -> str:
+    return f"{MAGLEV_TABLE_PREFIX}{size}"
+
+
+def maglev_table_size(name: str) -> int | None:
+    """The size a table's name gives, None for a name that does not say it."""
+    digits = name.removeprefix(MAGLEV_TABLE_PREFIX)
+    return int(digits) if name.startswith(MAGLEV_TABLE_PREFIX) and digits.isdigit() else None
+
+
 def pack_maglev_key(svc_id: int) -> bytes:
     return _U32_KEY.pack(svc_id)
 

@@ -31,7 +31,9 @@ from balancing.model.desired import IPAddress, parse_ip
 log = logging.getLogger(__name__)
 
 PROGRAMS: dict[str, tcattach.Direction] = {"bl_ns_ingress": "ingress", "bl_ns_egress": "egress"}
-DEFAULT_SNAT_PORTS = (61000, 65535)  # above Linux's default ephemeral range (32768-60999) and NodePorts
+# Below the NodePort range (30000-32767) and Linux's default ephemeral range (32768-60999); 10,000 ports per
+# (node address, backend), each held until its flow expires (bench/nodeport.py: 4,536 ran out at 30k conn/s).
+DEFAULT_SNAT_PORTS = (20000, 29999)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ setup:
 
 bpf: $(BPF_OBJ) $(SOCKTERM_OBJ) $(NODEPORT_OBJ)
 
-$(BPF_OBJ): bpf/balancing.c bpf/balancing.h
+$(BPF_OBJ): bpf/balancing.c bpf/balancing.h bpf/accounting.h
 	@mkdir -p $(dir $@)
 	clang $(BPF_CFLAGS) -c $< -o $@
 
@@ -30,13 +30,13 @@ $(SOCKTERM_OBJ): bpf/sockterm.c bpf/balancing.h
 
 # North-south (TC on the node's devices): a separate object sharing the datapath's pinned maps, loaded only
 # where the agent is given devices (--nodeport-devices).
-$(NODEPORT_OBJ): bpf/nodeport.c bpf/balancing.h
+$(NODEPORT_OBJ): bpf/nodeport.c bpf/balancing.h bpf/accounting.h
 	@mkdir -p $(dir $@)
 	clang $(BPF_CFLAGS) -c $< -o $@
 
 # The same programs built for another BPF ISA level (e.g. build/bpf/balancing-v3.o): different instructions,
 # same behaviour. The upgrade tests load one after the other to exercise the atomic program swap.
-$(BUILD)/bpf/balancing-%.o: bpf/balancing.c bpf/balancing.h
+$(BUILD)/bpf/balancing-%.o: bpf/balancing.c bpf/balancing.h bpf/accounting.h
 	@mkdir -p $(dir $@)
 	clang $(BPF_CFLAGS) -mcpu=$* -c $< -o $@
 

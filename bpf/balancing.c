@@ -17,6 +17,7 @@
 
 #define BL_OBJ_DATAPATH /* the maps of balancing.h this object carries */
 #include "balancing.h"
+#include "accounting.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -353,33 +354,14 @@ static __always_inline void account(struct bpf_sock_addr *ctx, __u8 hook, const 
 				    const struct bl_sockaddr *to, const struct bl_outcome *out)
 {
 	const struct bl_config *cfg = out->cfg;
-	struct bl_stat_key sk = { .svc_id = out->svc_id, .result = out->result, .proto = (__u8)ctx->protocol,
-				  .hook = hook };
 	struct bl_event *ev;
-	__u32 zero = 0;
-	__u64 *count = bpf_map_lookup_elem(&bl_stats_v1, &sk);
 
-	if (count) {
-		*count += 1; /* per CPU: no atomics needed */
-	} else {
-		__u64 one = 1;
-
-		bpf_map_update_elem(&bl_stats_v1, &sk, &one, BPF_NOEXIST);
-	}
-	if (!cfg || cfg->events == BL_EVENTS_OFF)
+	bl_count(out->svc_id, out->result, (__u8)ctx->protocol, hook);
+	if (cfg && out->result == BL_RES_REVERSED && !cfg->reverse_events)
 		return;
-	if (out->result == BL_RES_REVERSED && !cfg->reverse_events)
+	ev = bl_event_reserve(cfg);
+	if (!ev)
 		return;
-	if (cfg->events == BL_EVENTS_SAMPLED && cfg->sample_every > 1 && bpf_get_prandom_u32() % cfg->sample_every)
-		return;
-	ev = bpf_ringbuf_reserve(&bl_events_v2, sizeof(*ev), 0);
-	if (!ev) {
-		__u64 *lost = bpf_map_lookup_elem(&bl_evstat_v1, &zero);
-
-		if (lost)
-			*lost += 1;
-		return;
-	}
 	ev->ts_ns = bpf_ktime_get_ns();
 	ev->cgroup_id = bpf_get_current_cgroup_id();
 	ev->netns_cookie = bpf_get_netns_cookie(ctx);
@@ -399,8 +381,7 @@ static __always_inline void account(struct bpf_sock_addr *ctx, __u8 hook, const 
 	ev->client_port = 0;
 	ev->pad2 = 0;
 	ev->ifindex = 0;
-	bpf_ringbuf_submit(ev, bpf_ringbuf_query(&bl_events_v2, BPF_RB_AVAIL_DATA) >= cfg->wakeup_bytes ?
-				       BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
+	bl_event_submit(ev, cfg);
 }
 
 /*

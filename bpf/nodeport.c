@@ -30,6 +30,7 @@
 
 #define BL_OBJ_NODEPORT /* the maps of balancing.h this object carries */
 #include "balancing.h"
+#include "accounting.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -280,32 +281,15 @@ static __always_inline int forward(struct __sk_buff *skb, const struct pkt *p, c
 static __always_inline void account(__u32 svc_id, __u8 result, __u8 hook, const struct pkt *p,
 				    const __u32 *backend, __u16 backend_port, __u32 ifindex)
 {
-	struct bl_stat_key sk = { .svc_id = svc_id, .result = result, .proto = p->key.proto, .hook = hook };
-	__u64 *count = bpf_map_lookup_elem(&bl_stats_v1, &sk);
 	const struct bl_config *cfg;
 	struct bl_event *ev;
 	__u32 zero = 0;
 
-	if (count) {
-		*count += 1;
-	} else {
-		__u64 one = 1;
-
-		bpf_map_update_elem(&bl_stats_v1, &sk, &one, BPF_NOEXIST);
-	}
+	bl_count(svc_id, result, p->key.proto, hook);
 	cfg = bpf_map_lookup_elem(&bl_cfg_v3, &zero);
-	if (!cfg || cfg->events == BL_EVENTS_OFF)
+	ev = bl_event_reserve(cfg);
+	if (!ev)
 		return;
-	if (cfg->events == BL_EVENTS_SAMPLED && cfg->sample_every > 1 && bpf_get_prandom_u32() % cfg->sample_every)
-		return;
-	ev = bpf_ringbuf_reserve(&bl_events_v2, sizeof(*ev), 0);
-	if (!ev) {
-		__u64 *lost = bpf_map_lookup_elem(&bl_evstat_v1, &zero);
-
-		if (lost)
-			*lost += 1;
-		return;
-	}
 	__builtin_memset(ev, 0, sizeof(*ev));
 	ev->ts_ns = bpf_ktime_get_ns();
 	ev->svc_id = svc_id;
@@ -321,8 +305,7 @@ static __always_inline void account(__u32 svc_id, __u8 result, __u8 hook, const 
 	copy_addr(ev->client_addr, p->key.src);
 	ev->client_port = p->key.sport;
 	ev->ifindex = ifindex;
-	bpf_ringbuf_submit(ev, bpf_ringbuf_query(&bl_events_v2, BPF_RB_AVAIL_DATA) >= cfg->wakeup_bytes ?
-				       BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
+	bl_event_submit(ev, cfg);
 }
 
 static __always_inline void nsstat(__u32 index)

@@ -22,7 +22,6 @@ from typing import Any
 from balancing_testkit.nstopology import NsNode, NsTopology
 from balancing_testkit.topology import in_netns
 from helpers.support import (
-    SMALL_MAPS,
     AgentProcess,
     endpoint,
     endpoint_slice,
@@ -43,31 +42,7 @@ class NsAgent(AgentProcess):
         self.ns, self.ns_node = ns, node
 
     def start(self, *, wait: bool = True, manifests_flag: bool = True) -> NsAgent:
-        argv = [
-            sys.executable,
-            "-m",
-            "balancing",
-            "agent",
-            "--manifests",
-            str(self.manifests),
-            "--node-name",
-            self.node,
-            "--cgroup",
-            str(self.cgroup),
-            "--bpffs",
-            str(self.bpffs),
-            "--health-addr",
-            f"127.0.0.1:{self.port}",
-            "--state-addr",
-            f"127.0.0.1:{self.state_port}",
-            "--bpf-object",
-            str(self.bpf_object),
-            "--metrics-addr",
-            f"127.0.0.1:{self.metrics_port}",
-            "--no-terminate-udp-sockets",
-            *(f"--{k.replace('_', '-')}={v}" for k, v in SMALL_MAPS.items()),
-            *self.extra,
-        ]
+        argv = [*self.argv(manifests_flag=manifests_flag), "--no-terminate-udp-sockets"]
         self.proc = self.topo.spawn(argv, netns=self.ns_node.netns, label=f"agent-{self.node}")
         if wait:
             self.wait_ready()

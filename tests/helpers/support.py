@@ -272,7 +272,14 @@ class AgentProcess:
         self.logs: list[str] = []
 
     def start(self, *, wait: bool = True, manifests_flag: bool = True) -> AgentProcess:
-        argv = [
+        self.proc = self.topo.spawn(self.argv(manifests_flag=manifests_flag), label=f"agent-{self.node}")
+        if wait:
+            self.wait_ready()
+        return self
+
+    def argv(self, *, manifests_flag: bool = True) -> list[str]:
+        """The agent's command line: this node's cgroup, bpffs, ports, object, small maps, ``extra``."""
+        return [
             sys.executable,
             "-m",
             "balancing",
@@ -295,10 +302,6 @@ class AgentProcess:
             *(f"--{k.replace('_', '-')}={v}" for k, v in SMALL_MAPS.items()),
             *self.extra,
         ]
-        self.proc = self.topo.spawn(argv, label=f"agent-{self.node}")
-        if wait:
-            self.wait_ready()
-        return self
 
     def get(self, path: str) -> tuple[int, dict[str, Any]]:
         """GET from the agent: ``/state`` from its state address, everything else from its health port."""

@@ -241,14 +241,7 @@ def cleanup(bpffs: Path) -> list[str]:
     link_dir, map_dir = bpffs / "links", bpffs / "maps"
     for pin in sorted(link_dir.iterdir()) if link_dir.is_dir() else []:
         try:
-            if tcattach.is_record(pin):  # a clsact filter: deleted, its qdisc too if ours and empty
-                tcattach.detach(pin)
-            else:
-                fd = libbpf.obj_get(str(pin))
-                try:
-                    libbpf.link_detach(fd)
-                finally:
-                    os.close(fd)
+            tcattach.detach(pin)  # a link of any kind, or a clsact filter (its qdisc too if ours and empty)
         except (OSError, errors.DatapathError) as exc:
             log.warning("detaching %s: %s", pin, exc)
         pin.unlink(missing_ok=True)

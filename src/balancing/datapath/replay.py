@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 
+from balancing import errors
 from balancing.datapath import abi
 from balancing.datapath.maps import MapIO
 from balancing.model.desired import Backend, FrontendKey, Protocol
@@ -142,19 +143,24 @@ class Trace:
         return len({(o.action, o.backend_id) for o in self.outcomes}) == 1
 
 
-class _Maps:
-    """Dumps of the maps a replay reads, taken once (a map the caller cannot read reads as empty)."""
+class MapSnapshot:
+    """Dumps of the maps a replay reads, taken once (a map the caller cannot read reads as empty); also the
+    north-south replay's (``replay_ns``)."""
 
     def __init__(self, io: MapIO) -> None:
-        self._io = io
+        self.io = io
         self._data: dict[str, dict[bytes, bytes]] = {}
         self.unreadable: list[str] = []
+
+    def readable(self, name: str) -> bool:
+        self.items(name)
+        return name not in self.unreadable
 
     def get(self, name: str, key: bytes) -> bytes | None:
         if name not in self._data:
             try:
-                self._data[name] = dict(self._io.items(name))
-            except (KeyError, OSError):
+                self._data[name] = dict(self.io.items(name))
+            except (KeyError, OSError, errors.DatapathError):
                 self._data[name] = {}
                 self.unreadable.append(name)
         return self._data[name].get(key)
@@ -171,7 +177,7 @@ def mix_cookie(cookie: int) -> int:
 
 def replay(io: MapIO, target: FrontendKey, caller: Caller) -> Trace:
     """The datapath's decision for ``caller`` connecting to ``target``, from the maps as they are now."""
-    maps = _Maps(io)
+    maps = MapSnapshot(io)
     out = Trace(target, caller)
     primary = _tier(maps, out, abi.SCOPE_PRIMARY)
     if primary is None:
@@ -208,7 +214,7 @@ def replay(io: MapIO, target: FrontendKey, caller: Caller) -> Trace:
     return _finish(out, maps)
 
 
-def _excluded(maps: _Maps, caller: Caller) -> str | None:
+def _excluded(maps: MapSnapshot, caller: Caller) -> str | None:
     """Why the hooks leave ``caller`` alone once the address is a frontend, as the datapath checks it (the
     config's flags: host network namespace only, excluded pods' cgroups); None: translated."""
     raw = maps.get(abi.MAP_CONFIG, abi.CONFIG_KEY)
@@ -245,7 +251,7 @@ def _note_pick(out: Trace, tier: TierView) -> None:
         out.notes.append("this connect writes a new affinity record for the caller's network namespace")
 
 
-def _tier(maps: _Maps, out: Trace, scope: int) -> TierView | None:
+def _tier(maps: MapSnapshot, out: Trace, scope: int) -> TierView | None:
     target = out.target
     pack = abi.SvcKeyPacker(target.ip, target.port, target.protocol, scope)
     raw = maps.get(abi.MAP_SERVICES, pack(abi.MASTER_SLOT))
@@ -256,7 +262,7 @@ def _tier(maps: _Maps, out: Trace, scope: int) -> TierView | None:
     for slot in range(1, master.count + 1):
         entry = maps.get(abi.MAP_SERVICES, pack(slot))
         backend_id = abi.slot_backend_id(entry) if entry is not None else None
-        backend = _backend_of(maps, backend_id) if backend_id is not None else None
+        backend = backend_by_id(maps, backend_id) if backend_id is not None else None
         slots.append(SlotView(slot, backend_id, backend))
     name = "primary" if scope == abi.SCOPE_PRIMARY else "fallback"
     for view in slots:
@@ -266,7 +272,7 @@ def _tier(maps: _Maps, out: Trace, scope: int) -> TierView | None:
     return TierView(name, master.svc_id, master.count, master.flags, master.affinity_timeout, tuple(slots))
 
 
-def _backend_of(maps: _Maps, backend_id: int) -> Backend | None:
+def backend_by_id(maps: MapSnapshot, backend_id: int) -> Backend | None:
     raw = maps.get(abi.MAP_BACKENDS, abi.pack_backend_id(backend_id))
     if raw is None:
         return None
@@ -274,7 +280,7 @@ def _backend_of(maps: _Maps, backend_id: int) -> Backend | None:
     return Backend(abi.unpack_addr(be.addr), be.port)
 
 
-def _client_rule(maps: _Maps, out: Trace) -> int:
+def _client_rule(maps: MapSnapshot, out: Trace) -> int:
     """Look the caller's cgroup up (policy frontends); returns its own backend id (0: none)."""
     assert out.primary is not None
     out.client_rules = sum(
@@ -297,7 +303,7 @@ def _client_rule(maps: _Maps, out: Trace) -> int:
     return int(backend_id)
 
 
-def _qos(maps: _Maps, out: Trace) -> None:
+def _qos(maps: MapSnapshot, out: Trace) -> None:
     assert out.svc_id is not None
     raw = maps.get(abi.MAP_QOS, abi.pack_qos_key(out.svc_id))
     if raw is None:
@@ -320,7 +326,7 @@ Pick = tuple[int | None, int | None, str, float]  # (backend id or None: nothing
 
 
 def _pick(
-    maps: _Maps, tier: TierView, own: int, caller: Caller, proto: Protocol
+    maps: MapSnapshot, tier: TierView, own: int, caller: Caller, proto: Protocol
 ) -> tuple[list[Pick], str, AffinityView | None]:
     """``pick_backend``: the affinity record, else a slot; returns the picks, the mode, the record."""
     if tier.count == 0:
@@ -355,7 +361,7 @@ def _slot_pick(tier: TierView, slot: int, own: int) -> tuple[int | None, int | N
     return (nxt.backend_id, nxt.slot, LOOP_NEXT) if nxt.backend_id is not None else (None, None, LOOP_NEXT)
 
 
-def _affinity(maps: _Maps, tier: TierView, own: int, caller: Caller) -> AffinityView | None:
+def _affinity(maps: MapSnapshot, tier: TierView, own: int, caller: Caller) -> AffinityView | None:
     if caller.netns_cookie is None:
         return None
     raw = maps.get(abi.MAP_AFFINITY, abi.AFF_KEY.packer.pack(caller.netns_cookie, tier.svc_id, 0))
@@ -365,11 +371,11 @@ def _affinity(maps: _Maps, tier: TierView, own: int, caller: Caller) -> Affinity
     age = (caller.now_ns - last_used) & U64
     matched = maps.get(abi.MAP_AFFINITY_MATCH, abi.pack_affinity_match(tier.svc_id, backend_id)) is not None
     expired = age > tier.affinity_timeout * NS_PER_S
-    backend = _backend_of(maps, backend_id)
+    backend = backend_by_id(maps, backend_id)
     return AffinityView(backend_id, backend, age, tier.affinity_timeout, expired, matched, backend_id == own)
 
 
-def _via_fallback(maps: _Maps, out: Trace, why: str, p: float) -> list[Outcome]:
+def _via_fallback(maps: MapSnapshot, out: Trace, why: str, p: float) -> list[Outcome]:
     """The primary tier had nothing for this caller (``why``): the fallback tier, or a refusal."""
     tier = out.fallback
     if tier is None:
@@ -389,9 +395,9 @@ def _via_fallback(maps: _Maps, out: Trace, why: str, p: float) -> list[Outcome]:
 
 
 def _backend(
-    maps: _Maps, out: Trace, tier: str, backend_id: int, slot: int | None, result: str, p: float
+    maps: MapSnapshot, out: Trace, tier: str, backend_id: int, slot: int | None, result: str, p: float
 ) -> Outcome:
-    backend = _backend_of(maps, backend_id)
+    backend = backend_by_id(maps, backend_id)
     ipv4_socket = out.caller.ipv4_socket if out.caller.ipv4_socket is not None else out.target.ip.version == 4
     if backend is None:
         out.notes.append(f"backend id {backend_id} has no backend entry: refused")
@@ -402,7 +408,7 @@ def _backend(
     return Outcome("translate", result, tier, backend_id, backend, p, slot)
 
 
-def _finish(out: Trace, maps: _Maps) -> Trace:
+def _finish(out: Trace, maps: MapSnapshot) -> Trace:
     merged: dict[tuple[str, str, str | None, int | None, int | None], Outcome] = {}
     for o in out.outcomes:
         k = (o.action, o.result, o.tier, o.backend_id, o.slot)

@@ -46,6 +46,7 @@ from typing import Protocol as Interface
 from balancing import errors
 from balancing.datapath import abi
 from balancing.datapath.maps import MapIO
+from balancing.datapath.replay import MapSnapshot, backend_by_id
 from balancing.model.desired import Backend, FrontendKey, IPAddress, Protocol
 
 U32, U64 = (1 << 32) - 1, (1 << 64) - 1
@@ -171,31 +172,12 @@ class NsTrace:
         return len({(o.action, o.backend_id) for o in self.outcomes}) <= 1
 
 
-class _Maps:
-    """Dumps of the maps a replay reads, taken once (a map that cannot be read reads as empty)."""
+class _Maps(MapSnapshot):
+    """``replay.MapSnapshot`` and the SNAT ports taken, counted once."""
 
     def __init__(self, io: MapIO) -> None:
-        self.io = io
-        self._data: dict[str, dict[bytes, bytes]] = {}
-        self.unreadable: list[str] = []
+        super().__init__(io)
         self._taken: Counter[tuple[bytes, bytes, int, bytes]] | None = None
-
-    def readable(self, name: str) -> bool:
-        self.items(name)
-        return name not in self.unreadable
-
-    def get(self, name: str, key: bytes) -> bytes | None:
-        if name not in self._data:
-            try:
-                self._data[name] = dict(self.io.items(name))
-            except (KeyError, OSError, errors.DatapathError):
-                self._data[name] = {}
-                self.unreadable.append(name)
-        return self._data[name].get(key)
-
-    def items(self, name: str) -> list[tuple[bytes, bytes]]:
-        self.get(name, b"")
-        return list(self._data[name].items())
 
     def ports_taken(self) -> Counter[tuple[bytes, bytes, int, bytes]]:
         """Conntrack entries by (source, source port, protocol, destination): for a reply entry from a
@@ -318,7 +300,7 @@ def _tracked(maps: _Maps, out: NsTrace) -> bool:
             "backend again, as below"
         )
         return False
-    backend = None if entry.reply else _backend_of(maps, entry.backend_id)
+    backend = None if entry.reply else backend_by_id(maps, entry.backend_id)
     out.tracked = Tracked(entry, backend)
     if not out.tracked.decides:
         out.notes.append(
@@ -578,14 +560,6 @@ def _snat_in_use(maps: _Maps, out: NsTrace, be: abi.BackendVal) -> dict[str, int
                 f"flow through it is dropped ({DROP_SNAT_PORTS}) until entries are evicted"
             )
     return in_use
-
-
-def _backend_of(maps: _Maps, backend_id: int) -> Backend | None:
-    raw = maps.get(abi.MAP_BACKENDS, abi.pack_backend_id(backend_id))
-    if raw is None:
-        return None
-    be = abi.BackendVal.unpack(raw)
-    return Backend(abi.unpack_addr(be.addr), be.port)
 
 
 def _finish(out: NsTrace, maps: _Maps) -> NsTrace:

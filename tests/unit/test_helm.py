@@ -93,6 +93,7 @@ CONFIG_KEYS = {
     "maps",
     "events",
     "socketLB",
+    "northSouth",
     "logging",
 }
 WEBHOOK_KINDS = ("ValidatingWebhookConfiguration", "MutatingWebhookConfiguration")
@@ -245,6 +246,18 @@ LINT_VALUES: dict[str, list[str] | None] = {
         "agent.config.resyncInterval=2.5",
         "--set-string",
         "k8sServicePort=443,k8sServiceHost=10.0.0.1",
+    ],
+    "north-south": [
+        "--set",
+        "agent.config.northSouth.enabled=true",
+        "--set",
+        "agent.config.northSouth.devices={eth0}",
+    ],
+    "north-south-tuned": [
+        "--set",
+        "agent.config.northSouth.devices={bond0,eth2.100},agent.config.northSouth.maglevTableSize=65537,"
+        "agent.config.northSouth.snatPorts=40000-44999,agent.config.northSouth.conntrackEntries=1048576,"
+        "agent.config.northSouth.attachMode=clsact",
     ],
     "extra": [
         "--set",
@@ -444,6 +457,7 @@ def test_agent_configuration_file(default_objects: list[dict[str, Any]]) -> None
     }
     assert config["events"]["mode"] == "off" and config["events"]["socket"] == "/run/balancing/events.sock"
     assert config["socketLB"] == {"hostNamespaceOnly": False}
+    assert config["northSouth"]["enabled"] is False and config["northSouth"]["devices"] == []
     assert config["logging"] == {"level": "info", "format": "text"}
 
 
@@ -461,9 +475,21 @@ def test_agent_configuration_defaults_are_the_agents(default_objects: list[dict[
     }
     assert config["events"]["ringBytes"] == abi.DEFAULT_EVENT_BYTES
     assert config["events"]["logMaxBytes"] == 100 << 20
+    assert config["northSouth"] == {
+        "enabled": False,
+        "devices": [],
+        "maglevTableSize": abi.DEFAULT_MAGLEV_SIZE,
+        "snatPorts": "20000-29999",
+        "conntrackEntries": abi.DEFAULT_CT_ENTRIES,
+        "attachMode": "auto",
+    }
+    configfile = pytest.importorskip("balancing.cli.configfile")
+    assert config["northSouth"] == configfile.DEFAULTS.north_south.model_dump(by_alias=True)
 
 
-@pytest.mark.parametrize("name", ["default", "manifests", "agent-config", "no-netns", "extra"])
+@pytest.mark.parametrize(
+    "name", ["default", "manifests", "agent-config", "no-netns", "north-south", "north-south-tuned", "extra"]
+)
 def test_agent_configuration_loads_in_the_agent(helm: Path, tmp_path: Path, name: str) -> None:
     """The agent's own loader (``balancing agent --config``, with the environment the DaemonSet gives it)
     accepts the rendered file and reads back what the chart meant."""
@@ -483,6 +509,7 @@ def test_agent_configuration_loads_in_the_agent(helm: Path, tmp_path: Path, name
     assert config.logging.level == rendered["logging"]["level"]
     assert config.socket_lb.host_namespace_only is rendered["socketLB"]["hostNamespaceOnly"]
     assert config.terminate_udp_sockets is rendered["terminateUDPSockets"]
+    assert config.north_south.model_dump(by_alias=True) == rendered["northSouth"]
     if "manifests" in rendered["source"]:
         assert str(config.source.manifests) == rendered["source"]["manifests"]
         assert config.source.kubernetes is None
@@ -512,6 +539,37 @@ def test_agent_configuration_from_values(helm: Path) -> None:
     assert config["socketLB"] == {"hostNamespaceOnly": True}
     assert config["nodeportAddresses"] == ["10.0.0.0/8", "fd00::/64"]
     assert config["resyncInterval"] == 2.5
+
+
+def test_north_south_from_values(helm: Path, tmp_path: Path) -> None:
+    """`agent.config.northSouth` reaches the configuration file as it is, and the agent's own loader reads
+    north-south on, on eth0, with the other settings at their defaults (whether eth0 exists is the agent's
+    check on the node, when it starts)."""
+    configfile = pytest.importorskip("balancing.cli.configfile")
+    rendered = _agent_config(_agent_only(helm, *(LINT_VALUES["north-south"] or [])))
+    assert set(rendered) == CONFIG_KEYS
+    assert rendered["northSouth"] == {
+        "enabled": True,
+        "devices": ["eth0"],
+        "maglevTableSize": 16381,
+        "snatPorts": "20000-29999",
+        "conntrackEntries": 262144,
+        "attachMode": "auto",
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(rendered))
+    north_south = configfile.load(path, {}, environ={"BALANCING_NODE_NAME": "node-1"}).config.north_south
+    assert north_south.enabled is True and north_south.devices == ["eth0"]
+    assert north_south == configfile.NorthSouth(enabled=True, devices=["eth0"])
+    tuned = _agent_config(_agent_only(helm, *(LINT_VALUES["north-south-tuned"] or [])))["northSouth"]
+    assert tuned == {
+        "enabled": False,
+        "devices": ["bond0", "eth2.100"],
+        "maglevTableSize": 65537,
+        "snatPorts": "40000-44999",
+        "conntrackEntries": 1 << 20,
+        "attachMode": "clsact",
+    }
 
 
 def test_a_configuration_change_rolls_the_agents(helm: Path, default_objects: list[dict[str, Any]]) -> None:
@@ -1026,6 +1084,31 @@ SCHEMA_ERRORS = [
     ("agent.config.maxServices=10", "/agent/config", "additional properties 'maxServices' not allowed"),
     ("agent.config.terminateUdpSockets=false", "/agent/config", "'terminateUdpSockets' not allowed"),
     ("agent.config.events=sampled", "/agent/config/events", "got string, want object"),
+    (
+        "agent.config.northSouth.attachMode=xdp",
+        "/agent/config/northSouth/attachMode",
+        "value must be one of 'auto', 'tcx', 'clsact'",
+    ),
+    ("agent.config.northSouth.snatPorts=x", "/agent/config/northSouth/snatPorts", "'x' does not match"),
+    (
+        "agent.config.northSouth.snatPorts=0-100",
+        "/agent/config/northSouth/snatPorts",
+        "'0-100' does not match",
+    ),
+    (
+        "agent.config.northSouth.maglevTableSize=1",
+        "/agent/config/northSouth/maglevTableSize",
+        "got 1, want 2",
+    ),
+    (
+        "agent.config.northSouth.conntrackEntries=1",
+        "/agent/config/northSouth/conntrackEntries",
+        "got 1, want 2",
+    ),
+    ("agent.config.northSouth.enabled=yes", "/agent/config/northSouth/enabled", "want boolean"),
+    ("agent.config.northSouth.devices={eth/0}", "/agent/config/northSouth/devices/0", "'eth/0' does not"),
+    ("agent.config.northSouth.devices=eth0", "/agent/config/northSouth/devices", "want array"),
+    ("agent.config.northSouth.device={eth0}", "/agent/config/northSouth", "'device' not allowed"),
     ("agent.hostPaths.bpffsRoot=sys/fs/bpf", "/agent/hostPaths/bpffsRoot", "does not match pattern"),
     ("controller.port=80", "/controller/port", "minimum: got 80, want 1,024"),
     ("controller.replicas=0", "/controller/replicas", "minimum: got 0, want 1"),

@@ -164,7 +164,7 @@ class NorthSouth(Section):
     devices: list[str] = Field(default_factory=list)  # empty: the devices holding this Node's addresses
     maglev_table_size: Annotated[int, AfterValidator(_maglev_size)] = abi.DEFAULT_MAGLEV_SIZE
     snat_ports: Annotated[str, AfterValidator(_snat_ports)] = "{}-{}".format(*northsouth.DEFAULT_SNAT_PORTS)
-    conntrack_entries: int = Field(abi.DEFAULT_CT_ENTRIES, ge=2)
+    conntrack_entries: int = Field(abi.DEFAULT_CT_ENTRIES, ge=2, le=0xFFFFFFFF)  # a map's size is a __u32
     attach_mode: Literal["auto", "tcx", "clsact"] = "auto"
 
 

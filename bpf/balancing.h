@@ -60,6 +60,7 @@ enum bl_svc_flags {
 	BL_SVC_F_EXTERNAL  = 1 << 5, /* served north-south: packets from outside to this node get a backend */
 	BL_SVC_F_ETP_LOCAL = 1 << 6, /* externalTrafficPolicy Local: external clients only get this node's pods */
 	BL_SVC_F_SRC_RANGES = 1 << 7, /* loadBalancerSourceRanges: external clients must be in bl_srcr_v1 */
+	BL_SVC_F_NODE_ADDRESS = 1 << 8, /* a NodePort: the frontend is this node's address (never a hairpin) */
 };
 
 /* Service map: (frontend, slot) -> master entry or backend slot. */

@@ -456,7 +456,8 @@ static __always_inline __u16 take_snat_port(const struct bl_ns_config *cfg, stru
  * router sends back here), while the frontend is not an address of this node. The source then becomes the
  * frontend address: the backend's replies to it are routed out through this device, where the egress
  * program translates them. (To a NodePort address of its own node a pod's replies would be delivered
- * locally: not handled here; the socket hooks translate such connections before they leave the pod.)
+ * locally: not handled here; the socket hooks translate such connections before they leave the pod. So the
+ * caller asks no route for a NodePort, BL_SVC_F_NODE_ADDRESS: the two FIB lookups cost every new flow.)
  */
 static __always_inline int hairpin(struct __sk_buff *skb, const struct pkt *p)
 {
@@ -552,7 +553,7 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p)
 	copy_addr(rk.src, be->addr);
 	rk.sport = be->port;
 	rk.proto = p->key.proto;
-	if ((be->flags & BL_BE_F_LOCAL) && hairpin(skb, p)) {
+	if ((be->flags & BL_BE_F_LOCAL) && !(master->flags & BL_SVC_F_NODE_ADDRESS) && hairpin(skb, p)) {
 		ov.flags = BL_CT_F_LOCAL | BL_CT_F_SNAT;
 		rv.flags = BL_CT_F_REPLY | BL_CT_F_LOCAL | BL_CT_F_SNAT;
 		copy_addr(rk.dst, p->key.dst);

@@ -183,7 +183,7 @@ def test_the_command_in_the_nodes_namespace(cluster: NsCluster) -> None:
     target, client = f"{ns.a.ip4}:30080/TCP", f"{ns.client.ip4}:47000"
     doc = json.loads(agent.run_cli("trace", target, "--from-address", client, "-o", "json"))
     north = doc["northSouth"]
-    assert north["loaded"] and north["served"] and north["flags"] == ["external"]
+    assert north["loaded"] and north["served"] and north["flags"] == ["external", "nodeAddress"]
     uplink = {"ifindex": ns.a.uplink_ifindex, "name": "uplink0", "snatAddress": ns.a.ip4, "hairpin": False}
     assert north["devices"] == [uplink]
     assert north["routes"] == {

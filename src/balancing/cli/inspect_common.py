@@ -30,6 +30,7 @@ FLAG_NAMES = {
     abi.SVC_F_EXTERNAL: "external",
     abi.SVC_F_ETP_LOCAL: "etp-local",
     abi.SVC_F_SRC_RANGES: "source-ranges",
+    abi.SVC_F_NODE_ADDRESS: "node-address",
 }
 
 BpffsOpt = Annotated[Path, typer.Option("--bpffs", help="Directory on bpffs holding the agent's pins.")]

@@ -124,6 +124,7 @@ NS_FLAG_NAMES = {
     abi.SVC_F_EXTERNAL: "external",
     abi.SVC_F_ETP_LOCAL: "etpLocal",
     abi.SVC_F_SRC_RANGES: "sourceRanges",
+    abi.SVC_F_NODE_ADDRESS: "nodeAddress",
 }
 CT_FLAG_NAMES = {abi.CT_F_REPLY: "reply", abi.CT_F_SNAT: "snat", abi.CT_F_LOCAL: "local"}
 

@@ -98,6 +98,7 @@ SVC_F_HOST_ONLY = 1 << 4
 SVC_F_EXTERNAL = 1 << 5
 SVC_F_ETP_LOCAL = 1 << 6
 SVC_F_SRC_RANGES = 1 << 7
+SVC_F_NODE_ADDRESS = 1 << 8
 CLIENT_F_SKIP = 1 << 0
 BE_F_LOCAL = 1 << 0  # struct bl_backend.flags: a pod on this node
 

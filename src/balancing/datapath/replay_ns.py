@@ -515,6 +515,8 @@ def _hairpinned(out: NsTrace) -> bool:
     """``hairpin()`` for a packet arriving where this node routes the client: only a client routed through
     no north-south device (a pod of this node, say) can arrive on one, by a detour."""
     devices = {d.ifindex for d in out.devices}
+    if out.flags & abi.SVC_F_NODE_ADDRESS:  # a NodePort: the program asks no route
+        return False
     return out.frontend_local is False and out.client_device is not None and out.client_device not in devices
 
 

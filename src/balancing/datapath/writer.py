@@ -62,6 +62,7 @@ from balancing.model.desired import (
     Frontend,
     FrontendChanges,
     FrontendKey,
+    FrontendKind,
     PodRef,
     Protocol,
 )
@@ -549,6 +550,7 @@ class MapWriter:
             | (abi.SVC_F_EXTERNAL if frontend.external else 0)
             | (abi.SVC_F_ETP_LOCAL if frontend.external and frontend.external_local else 0)
             | (abi.SVC_F_SRC_RANGES if old.source_ranges else 0)
+            | (abi.SVC_F_NODE_ADDRESS if frontend.external and frontend.kind is FrontendKind.NODE_PORT else 0)
         )
         master = abi.master_val(old.svc_id, len(old.primary.slots), flags, timeout)
         if master != old.primary.master:

@@ -172,6 +172,7 @@ class Frontend:
             self.qos_limit,
             self.host_only,
             self.external,
+            self.kind if self.external else None,  # a NodePort is flagged for north-south
             self.external_backends,
             self.external_local,
             self.local_backends,

@@ -111,6 +111,11 @@ _KINDS = (
     ("maglev", "stale_maglev"),
     ("masters", "stale_masters"),
 )
+# The phases of each tier beside the primary: (its masters, its stale masters).
+_SIDE_MASTERS = {
+    abi.SCOPE_FALLBACK: ("fallback_masters", "stale_fallback_masters"),
+    abi.SCOPE_EXTERNAL: ("external_masters", "stale_external_masters"),
+}
 _GARBAGE_PHASE = {
     abi.MAP_SERVICES: "stale_slots",
     abi.MAP_BACKENDS: "stale_backends",
@@ -443,22 +448,11 @@ class MapWriter:
     def _plan_fallback(
         self, plan: _Plan, key: FrontendKey, old: ProgrammedFrontend, frontend: Frontend
     ) -> None:
-        pack_key = abi.SvcKeyPacker(key.ip, key.port, key.protocol, abi.SCOPE_FALLBACK)
-        if frontend.fallback is None:
-            if old.fallback is not None:
-                plan.stale_fallback_masters.append(pack_key(abi.MASTER_SLOT))
-                plan.stale_slots.extend(pack_key(s) for s in range(1, len(old.fallback.slots) + 1))
-                self._retarget(plan, old.fallback, [])
-                old.fallback = None
-            return
-        if old.fallback is None:
-            old.fallback = Tier(b"", [])
-        refs = [abi.pack_backend(b.ip, b.port, key.protocol) for b in frontend.fallback]
-        self._plan_tier(plan, pack_key, old.fallback, refs)
-        master = abi.master_val(old.svc_id, len(old.fallback.slots), 0, 0)
-        if master != old.fallback.master:
-            plan.fallback_masters.append((pack_key(abi.MASTER_SLOT), master))
-            old.fallback.master = master
+        """The fallback tier: where connections the primary tier skips go (policies)."""
+        refs = None
+        if frontend.fallback is not None:
+            refs = [abi.pack_backend(b.ip, b.port, key.protocol) for b in frontend.fallback]
+        old.fallback = self._plan_side_tier(plan, key, old, old.fallback, abi.SCOPE_FALLBACK, refs)
 
     def _plan_external(
         self, plan: _Plan, key: FrontendKey, old: ProgrammedFrontend, frontend: Frontend
@@ -466,22 +460,37 @@ class MapWriter:
         """The external tier: the backends north-south picks from when they differ from the primary tier's
         (the writer's record of them, and what keeps their backend entries; the programs read the Maglev
         table)."""
-        pack_key = abi.SvcKeyPacker(key.ip, key.port, key.protocol, abi.SCOPE_EXTERNAL)
-        if not frontend.external or frontend.external_backends is None:
-            if old.external is not None:
-                plan.stale_external_masters.append(pack_key(abi.MASTER_SLOT))
-                plan.stale_slots.extend(pack_key(s) for s in range(1, len(old.external.slots) + 1))
-                self._retarget(plan, old.external, [])
-                old.external = None
-            return
-        if old.external is None:
-            old.external = Tier(b"", [])
-        refs = [_ref(b, key.protocol, frontend) for b in frontend.external_backends]
-        self._plan_tier(plan, pack_key, old.external, refs)
-        master = abi.master_val(old.svc_id, len(old.external.slots), 0, 0)
-        if master != old.external.master:
-            plan.external_masters.append((pack_key(abi.MASTER_SLOT), master))
-            old.external.master = master
+        refs = None
+        if frontend.external and frontend.external_backends is not None:
+            refs = [_ref(b, key.protocol, frontend) for b in frontend.external_backends]
+        old.external = self._plan_side_tier(plan, key, old, old.external, abi.SCOPE_EXTERNAL, refs)
+
+    def _plan_side_tier(
+        self,
+        plan: _Plan,
+        key: FrontendKey,
+        old: ProgrammedFrontend,
+        tier: Tier | None,
+        scope: int,
+        refs: list[BackendRef] | None,
+    ) -> Tier | None:
+        """A tier beside the primary (``scope``) to ``refs``, or gone (None); returns what it becomes."""
+        pack_key = abi.SvcKeyPacker(key.ip, key.port, key.protocol, scope)
+        masters, stale_masters = _SIDE_MASTERS[scope]
+        if refs is None:
+            if tier is not None:
+                getattr(plan, stale_masters).append(pack_key(abi.MASTER_SLOT))
+                plan.stale_slots.extend(pack_key(s) for s in range(1, len(tier.slots) + 1))
+                self._retarget(plan, tier, [])
+            return None
+        if tier is None:
+            tier = Tier(b"", [])
+        self._plan_tier(plan, pack_key, tier, refs)
+        master = abi.master_val(old.svc_id, len(tier.slots), 0, 0)
+        if master != tier.master:
+            getattr(plan, masters).append((pack_key(abi.MASTER_SLOT), master))
+            tier.master = master
+        return tier
 
     def _plan_maglev(self, plan: _Plan, old: ProgrammedFrontend, frontend: Frontend) -> None:
         """A new Maglev table when the north-south backends (or the table size) changed: made and filled now,
@@ -634,16 +643,8 @@ class MapWriter:
         pack_key = abi.SvcKeyPacker(key.ip, key.port, key.protocol)
         plan.stale_masters.append(pack_key(abi.MASTER_SLOT))
         plan.stale_slots.extend(pack_key(s) for s in range(1, len(old.primary.slots) + 1))
-        if old.fallback is not None:
-            pack_fb = abi.SvcKeyPacker(key.ip, key.port, key.protocol, abi.SCOPE_FALLBACK)
-            plan.stale_fallback_masters.append(pack_fb(abi.MASTER_SLOT))
-            plan.stale_slots.extend(pack_fb(s) for s in range(1, len(old.fallback.slots) + 1))
-            self._retarget(plan, old.fallback, [])
-        if old.external is not None:
-            pack_ext = abi.SvcKeyPacker(key.ip, key.port, key.protocol, abi.SCOPE_EXTERNAL)
-            plan.stale_external_masters.append(pack_ext(abi.MASTER_SLOT))
-            plan.stale_slots.extend(pack_ext(s) for s in range(1, len(old.external.slots) + 1))
-            self._retarget(plan, old.external, [])
+        old.fallback = self._plan_side_tier(plan, key, old, old.fallback, abi.SCOPE_FALLBACK, None)
+        old.external = self._plan_side_tier(plan, key, old, old.external, abi.SCOPE_EXTERNAL, None)
         if old.maglev is not None:
             plan.stale_maglev.append(abi.pack_maglev_key(old.svc_id))
         plan.stale_ranges.extend(old.source_ranges)

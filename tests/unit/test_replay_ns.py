@@ -517,7 +517,9 @@ def test_the_document_adds_north_south() -> None:
         "maglevSize", "snatPorts", "sourceRanges", "tableEntries", "flowHash", "index", "conntrack",
         "trackedFlows", "devices", "routes", "verdict", "notes",
     }  # fmt: skip
-    assert ns["client"] == f"203.0.113.10:{port}" and ns["flags"] == ["external", "nodeAddress"] and ns["served"]
+    assert (
+        ns["client"] == f"203.0.113.10:{port}" and ns["flags"] == ["external", "nodeAddress"] and ns["served"]
+    )
     assert ns["snatPorts"] == {"min": 61000, "max": 65535} and ns["maglevSize"] == SIZE
     v = ns["verdict"]
     assert v["action"] == "translate" and v["nat"] == "snat" and v["backend"] == str(REMOTE)

@@ -426,7 +426,8 @@ static __always_inline int source_allowed(__u32 svc_id, const __u32 *client)
 	return bpf_map_lookup_elem(&bl_srcr_v1, &k) != NULL;
 }
 
-/* Take a SNAT port towards the backend: insert the reply entry with the first free port. 0 if none. */
+/* Take a SNAT port towards the backend: insert the reply entry with a free port, tried SNAT_TRIES times.
+ * 0 if none. */
 static __always_inline __u16 take_snat_port(const struct bl_ns_config *cfg, struct bl_ct_key *rk,
 					    const struct bl_ct_val *rv)
 {
@@ -437,8 +438,12 @@ static __always_inline __u16 take_snat_port(const struct bl_ns_config *cfg, stru
 	if (cfg->snat_max < cfg->snat_min || !cfg->snat_min)
 		return 0;
 	start = bpf_get_prandom_u32() % range;
-	for (i = 0; i < SNAT_TRIES && i < range; i++) {
-		__u16 port = bpf_htons((__u16)(cfg->snat_min + (start + i) % range));
+	for (i = 0; i < SNAT_TRIES; i++) {
+		/* a small range is walked in order from a random start (every port tried); in a large one each try
+		 * is random: taken ports cluster (each allocation walks forward), so a walk would keep hitting a run
+		 * of them at a fill where random tries rarely miss (P(all taken) = fill^32) */
+		__u32 pick = range <= SNAT_TRIES ? (start + i) % range : bpf_get_prandom_u32() % range;
+		__u16 port = bpf_htons((__u16)(cfg->snat_min + pick));
 
 		rk->dport = port;
 		if (bpf_map_update_elem(&bl_ct_v1, rk, rv, BPF_NOEXIST) == 0) {

@@ -400,8 +400,9 @@ static __always_inline struct bl_ct_val *tracked(const struct pkt *p, int ingres
 /* --- new flows --------------------------------------------------------------------------------------- */
 
 /* The Maglev index of a flow: its client and ports, not the address it was sent to, so that the same flow
- * sent to any node behind one load balancer (or ECMP route) picks the same entry. */
-static __always_inline __u32 flow_hash(const struct bl_ct_key *k)
+ * sent to any node behind one load balancer (or ECMP route) picks the same entry. ``by_client``
+ * (sessionAffinity ClientIP): the client's address alone, so all its connections pick the same entry. */
+static __always_inline __u32 flow_hash(const struct bl_ct_key *k, int by_client)
 {
 	__u64 h = 0xcbf29ce484222325ULL;
 
@@ -409,7 +410,7 @@ static __always_inline __u32 flow_hash(const struct bl_ct_key *k)
 	h = (h ^ k->src[1]) * 0x100000001b3ULL;
 	h = (h ^ k->src[2]) * 0x100000001b3ULL;
 	h = (h ^ k->src[3]) * 0x100000001b3ULL;
-	h = (h ^ ((__u32)k->sport << 16 | k->dport)) * 0x100000001b3ULL;
+	h = (h ^ (by_client ? 0 : ((__u32)k->sport << 16 | k->dport))) * 0x100000001b3ULL;
 	h = (h ^ k->proto) * 0x100000001b3ULL;
 	h ^= h >> 29;
 	h *= 0xbf58476d1ce4e5b9ULL;
@@ -525,7 +526,7 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p)
 	table = bpf_map_lookup_elem(&bl_mglv_v1, &svc_id);
 	if (!table)
 		goto drop;
-	idx = flow_hash(&p->key) % cfg->maglev_size;
+	idx = flow_hash(&p->key, master->flags & BL_SVC_F_AFFINITY) % cfg->maglev_size;
 	half = idx / 2;
 	pair = bpf_map_lookup_elem(table, &half); /* entries 2k and 2k + 1, in memory order */
 	if (!pair)

@@ -66,6 +66,7 @@ class Ports:
     SHRINK_BEFORE, SHRINK_AFTER, REUSE = 21300, 21400, 21800
     EVENTS, CONNTRACK = 21500, 21600
     CLEANUP = 21700
+    STICKY = 21900
 
 
 # --- the Services -------------------------------------------------------------------------------------------
@@ -127,6 +128,12 @@ def _reuse(pods: Iterable[Pod]) -> list[Doc]:
     return _http("reuse", "10.96.0.57", 30087, pods)
 
 
+def _sticky(pods: Iterable[Pod]) -> list[Doc]:
+    svc, *rest = _http("sticky", "10.96.0.58", 30088, pods)
+    svc["spec"]["sessionAffinity"] = "ClientIP"
+    return [svc, *rest]
+
+
 def _apply_all(c: NsCluster) -> None:
     ns = c.ns
     c.apply("web", _web(ns))
@@ -140,6 +147,7 @@ def _apply_all(c: NsCluster) -> None:
     c.apply("fenced", _fenced(ns, (OTHER_RANGE,)))
     c.apply("shrink", _shrink(ns.backends))
     c.apply("reuse", _reuse(ns.backends))
+    c.apply("sticky", _sticky(ns.backends))
 
 
 def _frontends(ns: NsTopology) -> list[str]:
@@ -159,6 +167,7 @@ def _frontends(ns: NsTopology) -> list[str]:
         f"{FENCED_LB_IP}:80/TCP",
         f"{a.ip4}:30086/TCP",
         f"{a.ip4}:30087/TCP",
+        f"{a.ip4}:30088/TCP",
     ]
 
 
@@ -405,6 +414,19 @@ def test_maglev_one_flow_same_backend_through_either_node(cluster: NsCluster) ->
     via_b = _answers(cluster, ns.b.ip4, 30080, Ports.MAGLEV_NODEPORT, n=20)
     assert {p: a.backend for p, a in via_a.items()} == {p: a.backend for p, a in via_b.items()}
     assert {a.backend for a in via_a.values()} == {"pod-a1", "pod-a2", "pod-b1"}
+
+
+def test_session_affinity_keeps_an_outside_client_on_one_backend_through_either_node(
+    cluster: NsCluster,
+) -> None:
+    """sessionAffinity ClientIP: the client's address alone picks the Maglev entry, so 20 connections from
+    20 source ports reach one backend, through node-a and through node-b alike (no state shared), while the
+    same ports spread over the backends of a Service without affinity (test above)."""
+    ns = cluster.ns
+    via_a = _answers(cluster, ns.a.ip4, 30088, Ports.STICKY, n=20)
+    via_b = _answers(cluster, ns.b.ip4, 30088, Ports.STICKY + 50, n=20)
+    backends = {a.backend for a in (*via_a.values(), *via_b.values())}
+    assert len(backends) == 1, {p: a.backend for p, a in (*via_a.items(), *via_b.items())}
 
 
 def _node_that_served(ns: NsTopology, answer: Answer) -> str:

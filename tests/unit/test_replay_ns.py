@@ -208,6 +208,24 @@ def test_the_destination_is_not_hashed() -> None:
     assert flow_hash(flow_key(CLIENT4, 40000, NODE_PORT)) != flow_hash(flow_key(CLIENT4, 40001, NODE_PORT))
 
 
+def test_with_client_ip_affinity_the_address_alone_is_hashed() -> None:
+    """sessionAffinity ClientIP: the ports' word is 0 (the program's ``by_client``), so every port of one
+    client hashes alike, and another client not necessarily."""
+    by_client = {flow_hash(flow_key(CLIENT4, port, NODE_PORT), True) for port in range(40000, 40050)}
+    assert len(by_client) == 1
+    words = [0, 0, 0xFFFF0000, 0x0A7100CB, 0, 6] if sys.byteorder == "little" else None
+    if words is not None:  # by hand, as above
+        h = 0xCBF29CE484222325
+        for w in words:
+            h = ((h ^ w) * 0x100000001B3) % 2**64
+        h ^= h >> 29
+        h = (h * 0xBF58476D1CE4E5B9) % 2**64
+        h ^= h >> 32
+        assert by_client == {h % 2**32}
+    other = ipaddress.ip_address("203.0.113.11")
+    assert flow_hash(flow_key(other, 40000, NODE_PORT), True) not in by_client
+
+
 # --- new flows ---------------------------------------------------------------------------------------------
 
 

@@ -203,7 +203,7 @@ def flow_key(client: IPAddress, client_port: int, target: FrontendKey) -> bytes:
     )
 
 
-def flow_hash(key: bytes) -> int:
+def flow_hash(key: bytes, by_client: bool = False) -> int:
     """nodeport.c's ``flow_hash()`` of a packed ``bl_ct_key``, bit for bit.
 
     The program loads the source address as four ``__u32`` in this CPU's order (the address's bytes are in
@@ -211,11 +211,14 @@ def flow_hash(key: bytes) -> int:
     with both ports as the ``__u16`` they are in the key (network-order bytes read natively), then the
     protocol; each word is xor-ed in and multiplied by the FNV prime modulo 2^64; the result is mixed and
     truncated to 32 bits. The destination is left out: a flow picks the same entry on every node.
+    ``by_client`` (a frontend with sessionAffinity ClientIP): the ports' word is 0, the client's address alone
+    decides.
     """
     src = key[_KEY_OFFSETS["src"] : _KEY_OFFSETS["src"] + 16]
     (sport,) = _U16.unpack_from(key, _KEY_OFFSETS["sport"])
     (dport,) = _U16.unpack_from(key, _KEY_OFFSETS["dport"])
-    words = (*_WORDS.unpack(src), (sport << 16 | dport) & U32, key[_KEY_OFFSETS["proto"]])
+    ports = 0 if by_client else (sport << 16 | dport) & U32
+    words = (*_WORDS.unpack(src), ports, key[_KEY_OFFSETS["proto"]])
     h = FNV_OFFSET
     for word in words:
         h = ((h ^ word) * FNV_PRIME) & U64
@@ -454,8 +457,14 @@ def _table(maps: _Maps, out: NsTrace) -> array.array[int] | None:
 def _pick(maps: _Maps, out: NsTrace, table: array.array[int]) -> None:
     """The table's pick for the client's port; without it, every backend's share of the table."""
     assert out.maglev_size
-    if out.client.port is not None:
-        out.flow_hash = flow_hash(flow_key(out.client.address, out.client.port, out.target))
+    by_client = bool(out.flags & abi.SVC_F_AFFINITY)
+    if out.client.port is not None or by_client:
+        if by_client:
+            out.notes.append(
+                "sessionAffinity ClientIP: the client's address alone picks the entry (any port)"
+            )
+        key = flow_key(out.client.address, out.client.port or 0, out.target)
+        out.flow_hash = flow_hash(key, by_client)
         out.index = out.flow_hash % out.maglev_size
         backend_id = table[out.index] if out.index < len(table) else None
         out.outcomes = [_outcome(maps, out, backend_id, 1.0, 1)]

@@ -7,6 +7,7 @@ MULTIARCH := $(shell gcc -print-multiarch 2>/dev/null || echo $(shell uname -m)-
 BPF_CFLAGS := -O2 -g -Wall -Werror -target bpf -D__TARGET_ARCH_$(ARCH) -I/usr/include/$(MULTIARCH)
 BPF_OBJ := $(BUILD)/bpf/balancing.o
 SOCKTERM_OBJ := $(BUILD)/bpf/sockterm.o
+SOCKMIGRATE_OBJ := $(BUILD)/bpf/sockmigrate.o
 NODEPORT_OBJ := $(BUILD)/bpf/nodeport.o
 
 .PHONY: all setup bpf cluster wheel lint test test-unit test-kernel demo bench bench-hooks bench-memory bench-changes bench-nodeport bench-maglev clean
@@ -16,7 +17,7 @@ all: bpf
 setup:
 	@bash scripts/setup.sh
 
-bpf: $(BPF_OBJ) $(SOCKTERM_OBJ) $(NODEPORT_OBJ)
+bpf: $(BPF_OBJ) $(SOCKTERM_OBJ) $(SOCKMIGRATE_OBJ) $(NODEPORT_OBJ)
 
 $(BPF_OBJ): bpf/balancing.c bpf/balancing.h bpf/accounting.h
 	@mkdir -p $(dir $@)
@@ -25,6 +26,12 @@ $(BPF_OBJ): bpf/balancing.c bpf/balancing.h bpf/accounting.h
 # Socket termination (iter/udp + bpf_sock_destroy, kernel >= 6.5): a separate object, so that the datapath
 # still loads where the kfunc is missing. Kernel types come from CO-RE declarations in the source, not vmlinux.h.
 $(SOCKTERM_OBJ): bpf/sockterm.c bpf/balancing.h
+	@mkdir -p $(dir $@)
+	clang $(BPF_CFLAGS) -c $< -o $@
+
+# The upgrade from 0.3 (iter/tcp + iter/udp): moves connected sockets' reverse state from 0.3's bl_sock_v2 pin
+# into their socket storage, run once by the loader when that pin exists. CO-RE declarations, no vmlinux.h.
+$(SOCKMIGRATE_OBJ): bpf/sockmigrate.c bpf/balancing.h
 	@mkdir -p $(dir $@)
 	clang $(BPF_CFLAGS) -c $< -o $@
 

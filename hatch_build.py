@@ -22,7 +22,7 @@ from typing import Any
 from hatchling.builders.config import BuilderConfig
 from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 
-OBJECTS = ("balancing.o", "sockterm.o", "nodeport.o")
+OBJECTS = ("balancing.o", "sockterm.o", "sockmigrate.o", "nodeport.o")
 
 
 class BpfObjectsHook(BuildHookInterface[BuilderConfig]):

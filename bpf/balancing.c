@@ -99,21 +99,32 @@ static __always_inline __u32 mix_cookie(__u64 cookie)
 	return (__u32)(h >> 32);
 }
 
-/* Remember the frontend of a translated socket so replies and getpeername() show it. */
+/*
+ * Remember the frontend of a translated socket so replies and getpeername() show it. A connected socket keeps
+ * it in its own storage (bl_sks_v1), freed with the socket: no hook runs at close, so a socket the hooks
+ * never translated costs one program run in its whole life. A connected UDP socket also gets its cookie
+ * here (the pick usually asked for it already), so recvmsg can tell from the cookie alone which UDP sockets
+ * may have state. An unconnected socket records each backend it sent to in bl_rev_v1, keyed by its cookie.
+ */
 static __always_inline void remember_frontend(struct bpf_sock_addr *ctx, const struct bl_sockaddr *front,
 					      const struct bl_backend *be, __u32 svc_id, int connected)
 {
 	struct bl_rev_val rev = { .port = front->port, .svc_id = svc_id };
-	__u64 cookie = bpf_get_socket_cookie(ctx);
 
 	copy_addr(rev.addr, front->addr);
 	if (connected) {
 		struct bl_sock_rev st = { .frontend = rev, .backend_port = be->port };
+		struct bl_sock_rev *stored;
 
 		copy_addr(st.backend_addr, be->addr);
-		bpf_map_update_elem(&bl_sock_v2, &cookie, &st, BPF_ANY);
+		if (ctx->protocol == IPPROTO_UDP)
+			bpf_get_socket_cookie(ctx);
+		/* created holding st; a socket connected before (UDP may connect again) holds the old pair */
+		stored = bpf_sk_storage_get(&bl_sks_v1, ctx->sk, &st, BPF_SK_STORAGE_GET_F_CREATE);
+		if (stored)
+			*stored = st;
 	} else {
-		struct bl_rev_key key = { .cookie = cookie, .port = be->port };
+		struct bl_rev_key key = { .cookie = bpf_get_socket_cookie(ctx), .port = be->port };
 		struct bl_rev_val *old;
 
 		copy_addr(key.addr, be->addr);
@@ -385,8 +396,8 @@ static __always_inline void account(struct bpf_sock_addr *ctx, __u8 hook, const 
 }
 
 /*
- * Kernel types, only the member read here: libbpf relocates the access against the kernel's BTF. A socket's
- * cookie is 0 until something asks for it; connect4/6 ask before they store reverse state keyed by it.
+ * Kernel types, only the members read here: libbpf relocates each access against the kernel's BTF. A socket's
+ * cookie is 0 until something asks for it; every UDP socket with reverse state was asked (remember_frontend).
  */
 typedef struct {
 	__s64 counter;
@@ -406,59 +417,44 @@ struct bpf_sock_addr_kern {
 } __attribute__((preserve_access_index));
 
 /*
- * Whether this socket may have reverse state: only a socket whose cookie was generated can. The cookie is
+ * Whether this socket may have UDP reverse state: only a socket whose cookie was generated can. The cookie is
  * read without generating it (bpf_get_socket_cookie() would allocate one for every socket that never had
- * one); a failed read answers "maybe".
- */
-static __always_inline int sock_may_have_state(const void *sk)
-{
-	struct sock *s = 0;
-	/* the offset is relocated by libbpf against the kernel's BTF */
-	__u64 off = __builtin_preserve_field_info(s->__sk_common.skc_cookie.counter, BPF_FIELD_BYTE_OFFSET);
-	__u64 cookie;
-
-	if (bpf_probe_read_kernel(&cookie, sizeof(cookie), (const char *)sk + off))
-		return 1; /* the read failed (and zeroed cookie): maybe */
-	return cookie != 0;
-}
-
-/* A sock program's context (sock_release) is the kernel's struct sock itself. */
-static __always_inline int may_have_state(struct bpf_sock *ctx)
-{
-	return sock_may_have_state(ctx);
-}
-
-/*
- * The same for a sock_addr program (recvmsg, getpeername): its context is a struct bpf_sock_addr_kern whose
- * member sk is read as a number (ctx->sk as the program sees it is a checked pointer: no arithmetic on it).
+ * one) through the context's member sk, read as a number (ctx->sk as the program sees it is a checked
+ * pointer: no arithmetic on it). A failed read answers "maybe".
  */
 static __always_inline int addr_may_have_state(struct bpf_sock_addr *ctx)
 {
 	struct bpf_sock_addr_kern *k = 0;
-	__u64 off = __builtin_preserve_field_info(k->sk, BPF_FIELD_BYTE_OFFSET);
-	__u64 sk;
+	struct sock *s = 0;
+	__u64 sk_off = __builtin_preserve_field_info(k->sk, BPF_FIELD_BYTE_OFFSET);
+	__u64 cookie_off = __builtin_preserve_field_info(s->__sk_common.skc_cookie.counter, BPF_FIELD_BYTE_OFFSET);
+	__u64 sk, cookie;
 
-	if (bpf_probe_read_kernel(&sk, sizeof(sk), (const char *)ctx + off) || !sk)
+	if (bpf_probe_read_kernel(&sk, sizeof(sk), (const char *)ctx + sk_off) || !sk)
 		return 1;
-	return sock_may_have_state((const void *)sk);
+	if (bpf_probe_read_kernel(&cookie, sizeof(cookie), (const char *)sk + cookie_off))
+		return 1; /* the read failed (and zeroed cookie): maybe */
+	return cookie != 0;
 }
 
-
-/* The reverse worker: if the peer is a backend this socket was sent to, show the frontend. */
+/*
+ * The reverse worker: if the peer is a backend this socket was sent to, show the frontend. ``lookup_udp``
+ * (recvmsg): first the backends an unconnected socket sent to, only for a socket with a cookie (every UDP
+ * socket with state has one; none is generated here). Then the socket's own storage, which a socket never
+ * connected through a frontend does not have (a pointer read, no allocation).
+ */
 static __always_inline int reverse(struct bpf_sock_addr *ctx, struct bl_sockaddr *sa, int lookup_udp,
 				   struct bl_outcome *out)
 {
 	struct bl_sock_rev *st;
-	__u64 cookie;
 
-	/* a socket never translated has no cookie: nothing to look up, and none generated for it */
-	if (!addr_may_have_state(ctx))
-		return BL_PASS;
-	cookie = bpf_get_socket_cookie(ctx);
 	if (lookup_udp) {
-		struct bl_rev_key key = { .cookie = cookie, .port = sa->port };
+		struct bl_rev_key key = { .port = sa->port };
 		struct bl_rev_val *rev;
 
+		if (!addr_may_have_state(ctx))
+			return BL_PASS;
+		key.cookie = bpf_get_socket_cookie(ctx);
 		copy_addr(key.addr, sa->addr);
 		rev = bpf_map_lookup_elem(&bl_rev_v1, &key);
 		if (rev) {
@@ -468,7 +464,7 @@ static __always_inline int reverse(struct bpf_sock_addr *ctx, struct bl_sockaddr
 			return BL_XLATED;
 		}
 	}
-	st = bpf_map_lookup_elem(&bl_sock_v2, &cookie);
+	st = bpf_sk_storage_get(&bl_sks_v1, ctx->sk, 0, 0);
 	if (!st || st->backend_port != sa->port || st->backend_addr[0] != sa->addr[0] ||
 	    st->backend_addr[1] != sa->addr[1] || st->backend_addr[2] != sa->addr[2] ||
 	    st->backend_addr[3] != sa->addr[3])
@@ -607,23 +603,4 @@ SEC("cgroup/getpeername6")
 int bl_getpeername6(struct bpf_sock_addr *ctx)
 {
 	return backward6(ctx, 0, BL_HOOK_GETPEERNAME6);
-}
-
-/*
- * A translated connected socket is closing: forget its reverse entry. Most sockets were never translated: a
- * socket without a cookie cannot have an entry (no map access at all); otherwise look first and delete only
- * what is there (a hash delete takes the bucket lock even on a miss, a lookup does not). Nothing races on
- * this socket's key: it is being released.
- */
-SEC("cgroup/sock_release")
-int bl_sock_release(struct bpf_sock *ctx)
-{
-	__u64 cookie;
-
-	if (!may_have_state(ctx))
-		return 1;
-	cookie = bpf_get_socket_cookie(ctx);
-	if (bpf_map_lookup_elem(&bl_sock_v2, &cookie))
-		bpf_map_delete_elem(&bl_sock_v2, &cookie);
-	return 1;
 }

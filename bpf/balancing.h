@@ -1,10 +1,10 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
  * The Balancing BPF ABI: every map, key, value and constant shared by the BPF programs (balancing.c;
- * sockterm.c for socket termination) and the control plane. Mirrored by exactly one Python module,
- * src/balancing/datapath/abi.py; tests/unit/test_abi.py checks that mirror against the BTF of the compiled
- * objects (struct sizes and offsets, the enums' values, each object's maps), so an edit on one side only
- * fails a test, not a node.
+ * sockterm.c for socket termination; sockmigrate.c for the upgrade from 0.3) and the control plane.
+ * Mirrored by exactly one Python module, src/balancing/datapath/abi.py; tests/unit/test_abi.py checks that
+ * mirror against the BTF of the compiled objects (struct sizes and offsets, the enums' values, each object's
+ * maps), so an edit on one side only fails a test, not a node.
  *
  * Constants the control plane reads or writes are C enums, not macros, so that they reach the objects' BTF
  * (see bl_btf_anchor at the end). Addresses are always 16 bytes in network order: IPv6 as is, IPv4 as
@@ -15,7 +15,7 @@
  *
  * Each map is declared once, below. An object says which maps it carries by defining one of these before it
  * includes this header: BL_OBJ_DATAPATH (balancing.c), BL_OBJ_NODEPORT (nodeport.c, the north-south TC
- * programs) or BL_OBJ_SOCKTERM (sockterm.c).
+ * programs), BL_OBJ_SOCKTERM (sockterm.c) or BL_OBJ_SOCKMIGRATE (sockmigrate.c).
  */
 #ifndef BALANCING_H
 #define BALANCING_H
@@ -24,8 +24,9 @@
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 
-#if defined(BL_OBJ_DATAPATH) + defined(BL_OBJ_NODEPORT) + defined(BL_OBJ_SOCKTERM) != 1
-#error "define exactly one of BL_OBJ_DATAPATH, BL_OBJ_NODEPORT and BL_OBJ_SOCKTERM before including balancing.h"
+#if defined(BL_OBJ_DATAPATH) + defined(BL_OBJ_NODEPORT) + defined(BL_OBJ_SOCKTERM) + \
+	defined(BL_OBJ_SOCKMIGRATE) != 1
+#error "define exactly one of BL_OBJ_DATAPATH, _NODEPORT, _SOCKTERM and _SOCKMIGRATE before balancing.h"
 #endif
 #if defined(BL_OBJ_DATAPATH) || defined(BL_OBJ_NODEPORT)
 #define BL_SHARED_MAPS /* the maps the socket hooks and the north-south programs share */
@@ -111,7 +112,7 @@ struct bl_rev_val {
 	__u32 svc_id;    /* frontend identity */
 };
 
-/* Reverse state of a connected socket, keyed by socket cookie (deleted by the sock_release hook). */
+/* Reverse state of a connected socket, in the socket's own storage (freed with the socket). */
 struct bl_sock_rev {
 	struct bl_rev_val frontend; /* what the app connected to */
 	__u32 backend_addr[4];      /* where it really goes */
@@ -279,11 +280,13 @@ struct bl_doom_key {
 	__u16 pad2;             /* 0 */
 };
 
-/* One socket the iterator destroyed, as it writes it to the iterator's output (read by the agent). */
+/* One socket an iterator acted on, as it writes it to the iterator's output (read by the agent): destroyed
+ * (sockterm.c) or given its 0.3 reverse state (sockmigrate.c). */
 struct bl_term_rec {
 	__u64 cookie;  /* socket cookie */
 	__u32 svc_id;  /* frontend identity (bl_sock_rev.frontend.svc_id) */
-	__s32 err;     /* bpf_sock_destroy(): 0 or -errno */
+	__s32 err;     /* sockterm.c: bpf_sock_destroy(), 0 or -errno; sockmigrate.c: 0 migrated, -EEXIST the
+	                * socket's own (newer) state kept, -ENOMEM no storage */
 };
 
 /* Indexes in the per-CPU event counters (bl_evstat_v1). */
@@ -395,7 +398,6 @@ _Static_assert(sizeof(struct bl_term_rec) == 16, "bl_term_rec layout");
 #define BL_DEFAULT_SVC_ENTRIES   (65536 + 1048576)  /* frontends + backend slots */
 #define BL_DEFAULT_BACKENDS      262144
 #define BL_DEFAULT_REV_ENTRIES   131072
-#define BL_DEFAULT_SOCK_ENTRIES  262144             /* live translated connected sockets */
 #define BL_DEFAULT_AFF_ENTRIES   65536              /* (client, frontend) affinity records */
 #define BL_DEFAULT_CLIENT_ENTRIES 65536             /* (policy frontend, backend pod cgroup) rules */
 #define BL_DEFAULT_QOS_ENTRIES   4096               /* rate-limited policy frontends */
@@ -408,25 +410,28 @@ _Static_assert(sizeof(struct bl_term_rec) == 16, "bl_term_rec layout");
 #define BL_DEFAULT_SRCR_ENTRIES  16384              /* (frontend, source range) pairs */
 #define BL_DEFAULT_CT_ENTRIES    262144             /* north-south flows x 2 directions */
 #define BL_DEFAULT_NSDEV_ENTRIES 64                 /* node devices north-south runs on */
+#define BL_LEGACY_SOCK_ENTRIES   262144             /* 0.3's bl_sock_v2 (its --max-sockets; the pin's wins) */
 
 /*
  * The maps, pinned under <bpffs>/maps/<name>. The datapath object (BL_OBJ_DATAPATH) carries the socket
  * hooks' maps and the shared ones; the north-south object (BL_OBJ_NODEPORT) the shared ones, which its loader
  * points at the datapath's pins, and its own (connection tracking, devices, settings); the
- * socket-termination object (BL_OBJ_SOCKTERM) carries bl_sock_v2, pointed at the datapath's pin, and
- * bl_doom_v1, its own and never pinned.
+ * socket-termination object (BL_OBJ_SOCKTERM) carries bl_sks_v1, pointed at the datapath's pin, and
+ * bl_doom_v1, its own and never pinned; the upgrade's migration object (BL_OBJ_SOCKMIGRATE) carries
+ * bl_sks_v1 and 0.3's bl_sock_v2, both pointed at their pins (the datapath no longer declares bl_sock_v2:
+ * its pin is retired once the migration ran).
  */
 
-#if defined(BL_OBJ_DATAPATH) || defined(BL_OBJ_SOCKTERM)
-/* Connected sockets: socket cookie -> what the app connected to and where it really goes. Written by
- * connect4/6, read by recvmsg/getpeername and the termination iterator, deleted by sock_release.
- * Preallocated: no allocation on the connect path. */
+#if defined(BL_OBJ_DATAPATH) || defined(BL_OBJ_SOCKTERM) || defined(BL_OBJ_SOCKMIGRATE)
+/* Connected sockets: socket storage -> what the app connected to and where it really goes. Written by
+ * connect4/6 (and, once on the upgrade from 0.3, by the migration iterators), read by recvmsg/getpeername
+ * and the termination iterator; freed with the socket. */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, BL_DEFAULT_SOCK_ENTRIES);
-	__type(key, __u64);
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
 	__type(value, struct bl_sock_rev);
-} bl_sock_v2 SEC(".maps");
+} bl_sks_v1 SEC(".maps");
 #endif
 
 #ifdef BL_SHARED_MAPS
@@ -615,6 +620,17 @@ struct {
 	__type(value, __u32);
 } bl_doom_v1 SEC(".maps");
 #endif /* BL_OBJ_SOCKTERM */
+
+#ifdef BL_OBJ_SOCKMIGRATE
+/* Up to 0.3, connected sockets: socket cookie -> struct bl_sock_rev, deleted by 0.3's cgroup/sock_release.
+ * Declared as 0.3 created it, only to reuse its pin: read by the migration iterators, never written. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, BL_LEGACY_SOCK_ENTRIES);
+	__type(key, __u64);
+	__type(value, struct bl_sock_rev);
+} bl_sock_v2 SEC(".maps");
+#endif /* BL_OBJ_SOCKMIGRATE */
 
 /*
  * BTF anchor. BTF describes only the types that something emitted refers to: the enums above are only ever

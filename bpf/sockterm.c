@@ -2,18 +2,18 @@
 /*
  * Socket termination: destroy connected UDP sockets whose backend has left their frontend.
  *
- * balancing.c picks a connected socket's backend once, at connect(), and records the pair in bl_sock_v2
- * (keyed by socket cookie). When the agent removes a backend from a UDP frontend it writes each
+ * balancing.c picks a connected socket's backend once, at connect(), and records the pair in the socket's
+ * storage (bl_sks_v1). When the agent removes a backend from a UDP frontend it writes each
  * (frontend, backend) pair to bl_doom_v1 and runs this iter/udp program once in every client network
- * namespace: each UDP socket of that namespace that is connected, was translated by us (its cookie is in
- * bl_sock_v2), still talks to the recorded backend and whose pair is doomed is destroyed with
+ * namespace: each UDP socket of that namespace that is connected, was translated by us (it has
+ * bl_sks_v1 storage), still talks to the recorded backend and whose pair is doomed is destroyed with
  * bpf_sock_destroy() (kernel >= 6.5): the application gets ECONNABORTED and a new connect() is translated
- * again. Sockets connected straight to a pod address were never translated, so they have no bl_sock_v2
- * entry and are left alone; TCP is never iterated. One record (struct bl_term_rec) per destroyed socket
+ * again. Sockets connected straight to a pod address were never translated, so they have no bl_sks_v1
+ * storage and are left alone; TCP is never iterated. One record (struct bl_term_rec) per destroyed socket
  * goes to the iterator's output for the agent to count.
  *
  * A separate object from balancing.c so that the datapath loads on kernels without the kfunc. Both maps are
- * declared in balancing.h (BL_OBJ_SOCKTERM): its loader (datapath/sockterm.py) points bl_sock_v2 at the
+ * declared in balancing.h (BL_OBJ_SOCKTERM): its loader (datapath/sockterm.py) points bl_sks_v1 at the
  * datapath's pin; bl_doom_v1 is created with each loaded copy and never pinned, so two agents on one node
  * cannot clear each other's pairs.
  * No vmlinux.h: the few kernel types it reads are declared below with CO-RE relocations, so the object
@@ -100,12 +100,10 @@ int bl_sockterm_udp(struct bpf_iter__udp *ctx)
 	struct bl_doom_key key = { .proto = IPPROTO_UDP };
 	struct bl_term_rec rec = {};
 	struct bl_sock_rev *st;
-	__u64 cookie;
 
 	if (!sk || sk->__sk_common.skc_state != BL_TCP_ESTABLISHED)
 		return 0;
-	cookie = bpf_get_socket_cookie(sk);
-	st = bpf_map_lookup_elem(&bl_sock_v2, &cookie);
+	st = bpf_sk_storage_get(&bl_sks_v1, sk, 0, 0);
 	if (!st || !peer_is_backend(sk, st))
 		return 0; /* not translated by us (e.g. connected to a pod address), or no longer to that backend */
 	copy_addr(key.frontend_addr, st->frontend.addr);
@@ -114,7 +112,7 @@ int bl_sockterm_udp(struct bpf_iter__udp *ctx)
 	key.backend_port = st->backend_port;
 	if (!bpf_map_lookup_elem(&bl_doom_v1, &key))
 		return 0;
-	rec.cookie = cookie;
+	rec.cookie = bpf_get_socket_cookie(sk);
 	rec.svc_id = st->frontend.svc_id;
 	rec.err = bpf_sock_destroy((struct sock_common *)sk);
 	bpf_seq_write(ctx->meta->seq, &rec, sizeof(rec));

@@ -25,13 +25,16 @@ from balancing.datapath import loader, maps, programmed, writer
 from balancing.model.desired import Backend, DesiredState, Frontend, FrontendKey, Owner, PodRef, Protocol
 from balancing_testkit.topology import Topology
 
+# The socket hooks the datapath object attaches (no program runs at close since 0.4).
+SOCKET_PROGRAMS = sorted(
+    f"bl_{h}{v}" for h in ("connect", "sendmsg", "recvmsg", "getpeername") for v in (4, 6)
+)
 ROOT = Path(__file__).resolve().parents[2]
 OBJECT = ROOT / "build/bpf/balancing.o"
 SMALL_MAPS = {
     "max_services": 4096,
     "max_backends": 4096,
     "max_reverse": 4096,
-    "max_sockets": 4096,
     "max_affinity": 4096,
 }
 

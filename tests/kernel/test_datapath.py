@@ -2,6 +2,8 @@
 
 Each test programs the maps with the real writer (no agent) and checks what clients in the node's cgroup
 experience: spread, stickiness, reverse translation, refusal, make-before-break under load, atomic upgrade.
+A connected socket's reverse translation is in its own socket storage, which a process in the cgroup looks
+up with the socket's fd.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,10 +22,18 @@ from typing import Any
 import pytest
 
 from balancing import errors
-from balancing.datapath import abi, loader, maps, writer
+from balancing.datapath import abi, loader, writer
 from balancing.model.desired import BackendPod, Frontend, Owner, PodRef
 from balancing_testkit.topology import Cluster, Host
-from helpers.support import ROOT, SMALL_MAPS, Datapath, backends_of, parse_key, programmed_frontends
+from helpers.support import (
+    ROOT,
+    SMALL_MAPS,
+    SOCKET_PROGRAMS,
+    Datapath,
+    backends_of,
+    parse_key,
+    programmed_frontends,
+)
 
 VIP4, VIP6 = "10.96.0.10", "fd00:96::10"
 
@@ -182,19 +193,17 @@ def variant_object() -> Path:
 def test_reload_reuses_pins_and_swaps_changed_programs_without_a_failed_connect(
     cluster: Cluster, dp: Datapath, variant_object: Path
 ) -> None:
-    assert sorted(dp.report.programs_attached) == sorted(
-        [f"bl_{h}{v}" for h in ("connect", "sendmsg", "recvmsg", "getpeername") for v in (4, 6)]
-        + ["bl_sock_release"]
-    )
+    assert sorted(dp.report.programs_attached) == SOCKET_PROGRAMS
     dp.program({f"{VIP4}:80/TCP": backends4(cluster)})
     loop = cluster.topo.spawn_client(cluster.client, None, ["loop", VIP4, "80", "--timeout", "2"])
     same = loader.load(dp.cfg)
-    assert len(same.programs_unchanged) == 9 and not same.programs_swapped
+    assert sorted(same.programs_unchanged) == SOCKET_PROGRAMS and not same.programs_swapped
+    assert not same.programs_attached and not same.programs_detached
     assert sorted(same.maps_reused) == sorted(abi.ALL_MAPS)
     swapped = loader.load(loader.DatapathConfig(variant_object, dp.bpffs, dp.cgroup, **SMALL_MAPS))
-    assert len(swapped.programs_swapped) == 9
+    assert sorted(swapped.programs_swapped) == SOCKET_PROGRAMS
     back = loader.load(dp.cfg)
-    assert len(back.programs_swapped) == 9
+    assert sorted(back.programs_swapped) == SOCKET_PROGRAMS
     res = cluster.topo.finish_client(loop)
     assert res["ok"] > 20 and res["errors"] == {}, res
     assert client(cluster, "tcp", VIP4, 80, "--count", 30)["errors"] == {}
@@ -302,15 +311,59 @@ def test_concurrent_readers_see_consistent_services_during_bulk_sync(cluster: Cl
     assert res["errors"] == {} and res["ok"] > 0
 
 
-def test_reverse_entries_of_closed_sockets_are_deleted(cluster: Cluster, dp: Datapath) -> None:
+# Run in the client's netns and cgroup: connects COUNT TCP and COUNT connected UDP sockets to VIP (ports 80
+# and 53), reads which backend answered each, and looks each one's socket storage up by its fd (the pinned
+# map, opened by path): socket storage has no keys to dump, a socket is its key.
+STORAGE_OF_CONNECTED = textwrap.dedent("""
+    import json, socket, struct, sys
+    from balancing.datapath import abi, libbpf
+
+    pin, vip, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    storage_fd = libbpf.obj_get(pin)
+
+    def endpoint(addr, port):
+        return [str(abi.unpack_addr(addr)), abi.unpack_port(port)]
+
+    out = []
+    for kind, port in ((socket.SOCK_STREAM, 80), (socket.SOCK_DGRAM, 53)):
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, kind)
+            s.settimeout(2)
+            s.connect((vip, port))
+            if kind == socket.SOCK_DGRAM:
+                s.send(b"x")
+            answered = s.recv(256).split()[0].decode()  # "<pod name> <peer ip> <peer port>"
+            raw = libbpf.map_lookup(storage_fd, struct.pack("=i", s.fileno()), abi.SOCK_REV.size)
+            assert raw is not None, "a translated connected socket without storage"
+            front, backend, backend_port, _pad, _pad2 = abi.SOCK_REV.packer.unpack(raw)
+            addr, front_port, _pad, _svc_id = abi.REV_VAL.packer.unpack(front)
+            out.append({
+                "answered": answered,
+                "peer": list(s.getpeername()),
+                "frontend": endpoint(addr, front_port),
+                "backend": endpoint(backend, backend_port),
+            })
+            s.close()
+    print(json.dumps(out))
+""")
+
+
+def test_connected_sockets_keep_their_reverse_translation_in_socket_storage(
+    cluster: Cluster, dp: Datapath
+) -> None:
+    """Each translated connected socket's own storage names the frontend it connected to (what getpeername
+    shows) and the backend that really answered it. The kernel frees the storage with the socket: no hook
+    runs at close, and there is no entry of a closed socket for anything to delete."""
     dp.program({f"{VIP4}:80/TCP": backends4(cluster), f"{VIP4}:53/UDP": backends4(cluster)})
-    assert client(cluster, "tcp", VIP4, 80, "--count", 200)["ok"] == 200
-    assert client(cluster, "udp-connected", VIP4, 53, "--count", 50)["ok"] == 50
-    sockets = maps.KernelMaps(dp.cfg.map_dir, names=["bl_sock_v2"])
-    try:
-        assert sockets.items("bl_sock_v2") == []  # the sock_release hook removed every entry
-    finally:
-        sockets.close()
+    pin = dp.cfg.map_dir / abi.MAP_SOCK_REVERSE
+    argv = [sys.executable, "-c", STORAGE_OF_CONNECTED, str(pin), VIP4, "30"]
+    sockets = json.loads(cluster.topo.run(argv, netns=cluster.client, cgroup=cluster.cgroup).stdout)
+    pods = {p.name: p.ip4 for p in cluster.pods}
+    assert [s["frontend"] for s in sockets] == [[VIP4, 80]] * 30 + [[VIP4, 53]] * 30
+    for s in sockets:
+        assert s["backend"] == [pods[s["answered"]], 8080], s
+        assert s["peer"] == s["frontend"], s
+    assert {s["answered"] for s in sockets} == set(pods)  # spread: each socket's own backend is recorded
 
 
 def test_pins_of_map_versions_the_object_no_longer_defines_are_retired(
@@ -369,8 +422,6 @@ def test_session_affinity_switched_off_and_on_applies_to_new_connections(
 
 
 def test_session_affinity_expires_after_the_idle_timeout(cluster: Cluster, dp: Datapath) -> None:
-    import time
-
     dp.program({f"{VIP4}:80/TCP": backends4(cluster)}, affinity=1)
     seen = set()
     for _ in range(8):

@@ -151,7 +151,8 @@ def installed() -> Iterator[Installed]:
 def test_wheel_carries_the_objects_and_only_the_package(installed: Installed) -> None:
     with zipfile.ZipFile(installed.wheel) as whl:
         names = whl.namelist()
-    assert {"balancing/bpf/balancing.o", "balancing/bpf/sockterm.o"} <= set(names)
+    objects = ("balancing.o", "sockterm.o", "sockmigrate.o", "nodeport.o")
+    assert {f"balancing/bpf/{o}" for o in objects} <= set(names)
     assert "balancing/cli/main.py" in names
     tops = {n.split("/")[0] for n in names}
     # no testkit, tests, helpers, bench

@@ -47,7 +47,6 @@ def kernel_maps(cgroup_dir: Path, bpffs_dir: Path) -> Iterator[maps.KernelMaps]:
         max_services=1024,
         max_backends=BACKENDS,
         max_reverse=1024,
-        max_sockets=1024,
         max_affinity=1024,
         max_clients=64,
         max_qos=64,

@@ -1,10 +1,12 @@
 """The Python mirror (datapath/abi.py) against the BTF of the compiled objects.
 
 ``balancing.o`` (the datapath), ``nodeport.o`` (north-south, which shares the datapath's frontend, backend,
-counter, event, Maglev and source-range maps and carries its own) and ``sockterm.o`` (socket termination,
-which reuses the datapath's reverse map and carries its own doomed map): struct sizes and offsets, the C
-enums' values against abi's constants, which maps each object carries and the capacity each is declared
-with. Reads BTF with ``bpftool btf dump -j``; needs only the built objects (``make bpf``), not the kernel.
+counter, event, Maglev and source-range maps and carries its own), ``sockterm.o`` (socket termination,
+which reuses the datapath's connected-socket storage and carries its own doomed map) and ``sockmigrate.o``
+(the upgrade from 0.3: its cookie-keyed reverse map into the socket storage): struct sizes and
+offsets, the C enums' values against abi's constants, which maps each object carries and the capacity each
+is declared with (none for socket storage). Reads BTF with ``bpftool btf dump -j``; needs only the built
+objects (``make bpf``), not the kernel.
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ from balancing.model.desired import Protocol
 
 BUILD = Path(__file__).resolve().parents[2] / "build/bpf"
 DATAPATH, SOCKTERM, NODEPORT = BUILD / "balancing.o", BUILD / "sockterm.o", BUILD / "nodeport.o"
+SOCKMIGRATE = BUILD / "sockmigrate.o"
 
 pytestmark = pytest.mark.skipif(
-    not all(o.is_file() for o in (DATAPATH, SOCKTERM, NODEPORT)) or shutil.which("bpftool") is None,
+    not all(o.is_file() for o in (DATAPATH, SOCKTERM, NODEPORT, SOCKMIGRATE))
+    or shutil.which("bpftool") is None,
     reason="needs `make bpf` and bpftool",
 )
 Btf = list[dict[str, Any]]
@@ -54,6 +58,11 @@ def nodeport_btf() -> Btf:
     return _dump(NODEPORT)
 
 
+@pytest.fixture(scope="module")
+def sockmigrate_btf() -> Btf:
+    return _dump(SOCKMIGRATE)
+
+
 def _check_layout(btf: Btf, layout: abi.Layout) -> None:
     found = [t for t in btf if t.get("kind") == "STRUCT" and t.get("name") == layout.c_name]
     assert found, f"struct {layout.c_name} is not in the object's BTF"
@@ -77,14 +86,28 @@ def _declared_maps(btf: Btf) -> set[str]:
     return set(_map_vars(btf))
 
 
-def _max_entries(btf: Btf, definition: dict[str, Any]) -> int:
-    """``__uint(max_entries, N)`` is a member of type ``int (*)[N]``: N is the array's length."""
+def _uint_member(btf: Btf, definition: dict[str, Any], name: str) -> int | None:
+    """``__uint(name, N)`` is a member of type ``int (*)[N]``: N is the array's length (None: no member)."""
     by_id = _by_id(btf)
-    member = next(m for m in definition["members"] if m["name"] == "max_entries")
+    member = next((m for m in definition["members"] if m["name"] == name), None)
+    if member is None:
+        return None
     pointer = by_id[member["type_id"]]
     array = by_id[pointer["type_id"]]
     assert pointer["kind"] == "PTR" and array["kind"] == "ARRAY"
     return int(array["nr_elems"])
+
+
+def _max_entries(btf: Btf, definition: dict[str, Any]) -> int:
+    """The declared capacity; 0 for a map declared without one (socket storage is sized by the sockets)."""
+    return _uint_member(btf, definition, "max_entries") or 0
+
+
+def _pointee(btf: Btf, definition: dict[str, Any], name: str) -> str:
+    """The type name of a ``__type(name, T)`` member (a ``T *``)."""
+    by_id = _by_id(btf)
+    member = next(m for m in definition["members"] if m["name"] == name)
+    return str(by_id[by_id[member["type_id"]]["type_id"]]["name"])
 
 
 def _enum(btf: Btf, name: str) -> dict[str, int]:
@@ -141,17 +164,53 @@ def test_doom_key_packing() -> None:
     assert key[offsets["proto"]] == 17
 
 
-@pytest.mark.parametrize("obj", ["datapath", "sockterm", "nodeport"])
+@pytest.mark.parametrize("obj", ["datapath", "sockterm", "nodeport", "sockmigrate"])
 def test_maps_are_declared_with_the_mirrored_capacities(
-    btf: Btf, sockterm_btf: Btf, nodeport_btf: Btf, obj: str
+    btf: Btf, sockterm_btf: Btf, nodeport_btf: Btf, sockmigrate_btf: Btf, obj: str
 ) -> None:
-    types = {"datapath": btf, "sockterm": sockterm_btf, "nodeport": nodeport_btf}[obj]
+    types = {
+        "datapath": btf,
+        "sockterm": sockterm_btf,
+        "nodeport": nodeport_btf,
+        "sockmigrate": sockmigrate_btf,
+    }[obj]
     declared = {name: _max_entries(types, d) for name, d in _map_vars(types).items()}
     assert declared == {name: abi.DEFAULT_ENTRIES[name] for name in declared}
 
 
+BPF_MAP_TYPE_SK_STORAGE = 24  # enum bpf_map_type (linux/bpf.h)
+
+
+@pytest.mark.parametrize("obj", ["datapath", "sockterm"])
+def test_the_connected_socket_reverse_map_is_socket_storage(btf: Btf, sockterm_btf: Btf, obj: str) -> None:
+    """bl_sks_v1 is socket storage keyed (from userspace) by a socket fd and holding a ``bl_sock_rev``, in
+    both objects that carry it; the only map declared without a capacity."""
+    types = {"datapath": btf, "sockterm": sockterm_btf}[obj]
+    definitions = _map_vars(types)
+    sks = definitions[abi.MAP_SOCK_REVERSE]
+    assert _uint_member(types, sks, "type") == BPF_MAP_TYPE_SK_STORAGE
+    key, value = abi.MAP_LAYOUTS[abi.MAP_SOCK_REVERSE]
+    assert (_pointee(types, sks, "key"), _pointee(types, sks, "value")) == (key.c_name, value.c_name)
+    assert [n for n, d in definitions.items() if _uint_member(types, d, "max_entries") is None] == [
+        abi.MAP_SOCK_REVERSE
+    ]
+
+
 def test_every_map_has_a_default_capacity() -> None:
-    assert set(abi.DEFAULT_ENTRIES) == {*abi.ALL_MAPS, *abi.SOCKTERM_MAPS, *abi.NODEPORT_MAPS}
+    assert set(abi.DEFAULT_ENTRIES) == {
+        *abi.ALL_MAPS,
+        *abi.SOCKTERM_MAPS,
+        *abi.NODEPORT_MAPS,
+        *abi.SOCKMIGRATE_MAPS,
+    }
+
+
+def test_sockmigrate_declares_exactly_its_mirrored_maps(sockmigrate_btf: Btf) -> None:
+    """The upgrade object carries the socket storage and 0.3's cookie-keyed map (both pointed at the pins),
+    and writes the termination iterator's records."""
+    assert _declared_maps(sockmigrate_btf) == set(abi.SOCKMIGRATE_MAPS)
+    for layout in (abi.SOCK_REV, *abi.SOCKTERM_LAYOUTS[1:]):
+        _check_layout(sockmigrate_btf, layout)
 
 
 @pytest.mark.parametrize(("c_name", "prefix"), abi.ENUMS.items(), ids=list(abi.ENUMS))

@@ -142,7 +142,7 @@ class Agent:
         loop = asyncio.get_running_loop()
         dp = self.cfg.datapath
         io = self.programming.io
-        report = await loop.run_in_executor(io, loader.load, dp)
+        report = await loop.run_in_executor(io, partial(loader.load, dp, netns_dirs=self.cfg.netns_dirs))
         log.info("datapath on %s, pins in %s: %s", dp.cgroup, dp.bpffs, report.summary())
         self.load_report = report
         ns = self.cfg.north_south

@@ -22,7 +22,8 @@ ABI_VERSION = 1
 MAP_SERVICES = "bl_svc_v1"
 MAP_BACKENDS = "bl_be_v1"
 MAP_REVERSE = "bl_rev_v1"
-MAP_SOCK_REVERSE = "bl_sock_v2"
+MAP_SOCK_REVERSE = "bl_sks_v1"  # socket storage: no capacity, each translated connected socket holds its own
+MAP_LEGACY_SOCK_REVERSE = "bl_sock_v2"  # up to 0.3: a cookie-keyed hash; migrated on upgrade (sockmigrate)
 MAP_AFFINITY = "bl_aff_v1"
 MAP_AFFINITY_MATCH = "bl_affm_v1"
 MAP_CLIENTS = "bl_client_v1"
@@ -34,6 +35,8 @@ MAP_EVENTS = "bl_events_v2"
 MAP_EVENT_STATS = "bl_evstat_v1"
 MAP_DOOMED = "bl_doom_v1"  # carried by sockterm.o only (socket termination), never pinned: not in ALL_MAPS
 SOCKTERM_MAPS = (MAP_SOCK_REVERSE, MAP_DOOMED)  # the maps sockterm.o carries: reused, resp. its own
+SOCKMIGRATE_MAPS = (MAP_SOCK_REVERSE, MAP_LEGACY_SOCK_REVERSE)  # sockmigrate.o: both pointed at the pins
+LEGACY_SOCK_ENTRIES = 262144  # bl_sock_v2's declared capacity (0.3's default; a pin keeps its own size)
 MAP_MAGLEV = "bl_mglv_v1"  # north-south Maglev tables (hash of maps), written by the writer
 MAP_SOURCE_RANGES = "bl_srcr_v1"  # loadBalancerSourceRanges (LPM trie), written by the writer
 MAP_CONNTRACK = "bl_ct_v1"  # carried by nodeport.o: north-south connection tracking
@@ -184,7 +187,6 @@ MASTER_SLOT = 0
 DEFAULT_SVC_ENTRIES = 65536 + 1048576
 DEFAULT_BACKENDS = 262144
 DEFAULT_REV_ENTRIES = 131072
-DEFAULT_SOCK_ENTRIES = 262144
 DEFAULT_AFF_ENTRIES = 65536
 DEFAULT_CLIENT_ENTRIES = 65536
 DEFAULT_QOS_ENTRIES = 4096
@@ -202,7 +204,8 @@ DEFAULT_ENTRIES = {
     MAP_SERVICES: DEFAULT_SVC_ENTRIES,
     MAP_BACKENDS: DEFAULT_BACKENDS,
     MAP_REVERSE: DEFAULT_REV_ENTRIES,
-    MAP_SOCK_REVERSE: DEFAULT_SOCK_ENTRIES,
+    MAP_SOCK_REVERSE: 0,  # socket storage is sized by the sockets, declared without max_entries
+    MAP_LEGACY_SOCK_REVERSE: LEGACY_SOCK_ENTRIES,
     MAP_AFFINITY: DEFAULT_AFF_ENTRIES,
     MAP_AFFINITY_MATCH: DEFAULT_BACKENDS,
     MAP_CLIENTS: DEFAULT_CLIENT_ENTRIES,
@@ -565,7 +568,8 @@ MAP_LAYOUTS: dict[str, tuple[Layout, Layout]] = {
     MAP_SERVICES: (SVC_KEY, SVC_VAL),
     MAP_BACKENDS: (BACKEND_ID, BACKEND),
     MAP_REVERSE: (REV_KEY, REV_VAL),
-    MAP_SOCK_REVERSE: (Layout("__u64", (("cookie", "Q"),)), SOCK_REV),
+    MAP_SOCK_REVERSE: (Layout("int", (("socket_fd", "i"),)), SOCK_REV),
+    MAP_LEGACY_SOCK_REVERSE: (Layout("__u64", (("cookie", "Q"),)), SOCK_REV),
     MAP_AFFINITY: (AFF_KEY, AFF_VAL),
     MAP_AFFINITY_MATCH: (AFF_MATCH_KEY, Layout("__u32", (("value", "I"),))),
     MAP_CLIENTS: (CLIENT_KEY, CLIENT_VAL),
@@ -702,7 +706,9 @@ def pack_doom_key(
 
 
 def unpack_term_recs(raw: bytes) -> list[tuple[int, int, int]]:
-    """(socket cookie, svc_id, bpf_sock_destroy() result) of each record the termination iterator wrote."""
+    """(socket cookie, svc_id, result) of each record the termination iterator wrote (result: what
+    bpf_sock_destroy() returned) or the upgrade's migration iterators (0 migrated, -EEXIST kept, -ENOMEM no
+    storage)."""
     return [
         (int(c), int(s), int(e))
         for c, s, e in _TERM_REC.iter_unpack(raw[: len(raw) - len(raw) % _TERM_REC.size])

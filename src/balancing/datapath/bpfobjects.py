@@ -1,11 +1,11 @@
 """Where the compiled BPF objects are, with no flag or environment variable needed.
 
-An installed wheel carries them as package data (``balancing/bpf/balancing.o``, ``sockterm.o`` and
-``nodeport.o``, built by
-the wheel's build hook); a source checkout has them in ``build/bpf/`` after ``make bpf``. The package data
-comes first, so an installed ``balancing`` never picks up a checkout's objects. Another object is the
-agent's to choose (``--bpf-object``, ``bpfObject``, ``BALANCING_BPF_OBJECT``), not this module's.
-``sockterm.o`` and ``nodeport.o`` always sit beside the datapath object (the agent looks for them there).
+An installed wheel carries them as package data (``balancing/bpf/balancing.o``, ``sockterm.o``,
+``sockmigrate.o`` and ``nodeport.o``, built by the wheel's build hook); a source checkout has them in
+``build/bpf/`` after ``make bpf``. The package data comes first, so an installed ``balancing`` never picks up
+a checkout's objects. Another object is the agent's to choose (``--bpf-object``, ``bpfObject``,
+``BALANCING_BPF_OBJECT``), not this module's. ``sockterm.o``, ``sockmigrate.o`` and ``nodeport.o`` always sit
+beside the datapath object (the agent and the loader look for them there).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from balancing import errors
 
 DATAPATH = "balancing.o"
 SOCKTERM = "sockterm.o"
+SOCKMIGRATE = "sockmigrate.o"
 NODEPORT = "nodeport.o"
 
 
@@ -55,6 +56,11 @@ def default_object() -> Path:
 def sockterm_object(datapath: Path | None = None) -> Path:
     """The socket-termination object beside ``datapath`` (default: :func:`default_object`)."""
     return (datapath or default_object()).with_name(SOCKTERM)
+
+
+def sockmigrate_object(datapath: Path | None = None) -> Path:
+    """The upgrade-from-0.3 migration object beside ``datapath`` (default: :func:`default_object`)."""
+    return (datapath or default_object()).with_name(SOCKMIGRATE)
 
 
 def nodeport_object(datapath: Path | None = None) -> Path:

@@ -5,8 +5,11 @@ pinned map (so programmed state survives restarts), loads the new programs again
 program either updates its pinned link in place (an atomic swap; skipped when the program's tag is
 unchanged) or attaches and pins a new link. Links found on another cgroup are moved make-before-break.
 ``cleanup`` is the only thing that detaches (the north-south TC links and clsact filters pinned beside them
-too: run it in the agent's network namespace). Neighbours: ``libbpf`` (calls), ``mounts`` (bpffs, cgroup2),
-``maps`` (opens the pinned maps for the writer).
+too: run it in the agent's network namespace), besides the retirement of an older version's hooks and maps
+once the new programs run. On the upgrade from 0.3 (its ``bl_sock_v2`` pinned) ``sockmigrate`` first moves
+the connected sockets' reverse state into their storage. Neighbours: ``libbpf`` (calls), ``mounts`` (bpffs,
+cgroup2), ``maps`` (opens the pinned maps for the writer), ``sockmigrate`` and ``bpfobjects`` (the upgrade's
+object, beside the datapath's).
 """
 
 from __future__ import annotations
@@ -14,11 +17,12 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from balancing import errors
-from balancing.datapath import abi, libbpf, mounts, tcattach
+from balancing.datapath import abi, bpfobjects, libbpf, mounts, sockmigrate, sockterm, tcattach
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +37,6 @@ class DatapathConfig:
     max_services: int = abi.DEFAULT_SVC_ENTRIES
     max_backends: int = abi.DEFAULT_BACKENDS
     max_reverse: int = abi.DEFAULT_REV_ENTRIES
-    max_sockets: int = abi.DEFAULT_SOCK_ENTRIES
     max_affinity: int = abi.DEFAULT_AFF_ENTRIES
     max_clients: int = abi.DEFAULT_CLIENT_ENTRIES
     max_qos: int = abi.DEFAULT_QOS_ENTRIES
@@ -53,7 +56,6 @@ class DatapathConfig:
             abi.MAP_SERVICES: self.max_services,
             abi.MAP_BACKENDS: self.max_backends,
             abi.MAP_REVERSE: self.max_reverse,
-            abi.MAP_SOCK_REVERSE: self.max_sockets,
             abi.MAP_AFFINITY: self.max_affinity,
             abi.MAP_AFFINITY_MATCH: self.max_backends,
             abi.MAP_CLIENTS: self.max_clients,
@@ -72,11 +74,18 @@ class LoadReport:
     programs_swapped: list[str] = field(default_factory=list)
     programs_unchanged: list[str] = field(default_factory=list)
     programs_moved: list[str] = field(default_factory=list)
-    programs_detached: list[str] = field(default_factory=list)  # north-south devices no longer configured
+    # links of programs the object no longer has, or of north-south devices no longer configured
+    programs_detached: list[str] = field(default_factory=list)
+    # the upgrade from 0.3: connected sockets whose reverse state moved from bl_sock_v2 to their storage
+    sockets_migrated: int = 0
     warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        parts = [f"{len(v)} {k.replace('_', ' ')}" for k, v in vars(self).items() if v and k != "warnings"]
+        parts = [
+            f"{len(v) if isinstance(v, list) else v} {k.replace('_', ' ')}"
+            for k, v in vars(self).items()
+            if v and k != "warnings"
+        ]
         return ", ".join(parts)
 
 
@@ -125,8 +134,12 @@ def load_object(obj: int, log_bufs: dict[str, ctypes.Array[ctypes.c_char]]) -> N
         raise errors.BpfLoadError(program=program, log=f"{exc}\n{text}".strip()) from exc
 
 
-def load(cfg: DatapathConfig) -> LoadReport:
-    """Open, load and attach; returns what was created, reused, attached or swapped."""
+def load(cfg: DatapathConfig, netns_dirs: Iterable[Path] = sockterm.NETNS_DIRS) -> LoadReport:
+    """Open, load and attach; returns what was created, reused, attached or swapped.
+
+    ``netns_dirs``: where network namespace files are kept besides those of the cgroup's processes (visited
+    only on the upgrade from 0.3, as socket termination visits them).
+    """
     mounts.ensure_bpffs(cfg.bpffs)
     cfg.map_dir.mkdir(parents=True, exist_ok=True)
     cfg.link_dir.mkdir(parents=True, exist_ok=True)
@@ -157,6 +170,8 @@ def load(cfg: DatapathConfig) -> LoadReport:
                 libbpf.obj_pin(libbpf.map_fd(m), str(cfg.map_dir / name))
                 report.maps_created.append(name)
         _attach_all(obj, cfg, report)
+        _migrate_legacy_reverse(obj, cfg, netns_dirs, report)
+        _retire_unused_links(obj, cfg, report)
         _retire_unused_pins(obj, cfg, report)
     finally:
         libbpf.object_close(obj)
@@ -167,16 +182,49 @@ def load(cfg: DatapathConfig) -> LoadReport:
     return report
 
 
+def _migrate_legacy_reverse(
+    obj: int, cfg: DatapathConfig, netns_dirs: Iterable[Path], report: LoadReport
+) -> None:
+    """The upgrade from 0.3: when its ``bl_sock_v2`` is pinned and the loaded object no longer declares it,
+    give the connected sockets it records their reverse state in their storage (``sockmigrate``, with
+    ``sockmigrate.o`` beside the datapath object). Runs between attaching the new programs and retiring 0.3's
+    sock_release link and map; a failure is a warning, never a failed load."""
+    declared = {libbpf.map_name(m) for m in libbpf.maps(obj)}
+    if abi.MAP_LEGACY_SOCK_REVERSE in declared or not (cfg.map_dir / abi.MAP_LEGACY_SOCK_REVERSE).exists():
+        return
+    obj_path = bpfobjects.sockmigrate_object(cfg.object_path)
+    migration = sockmigrate.migrate_legacy_reverse(cfg.map_dir, cfg.cgroup, obj_path, netns_dirs)
+    report.sockets_migrated = migration.migrated
+    if not migration.complete:
+        report.warnings.append(
+            f"upgrade from 0.3: {migration.summary()}. The connected sockets not migrated lose their reverse "
+            "translation: getpeername()/recvmsg() show their backend, UDP socket termination misses them"
+        )
+
+
 def _retire_unused_pins(obj: int, cfg: DatapathConfig, report: LoadReport) -> None:
     """Unpin maps the loaded object no longer defines (an older layout version): once every link runs the
-    new programs nothing uses them, and they would otherwise linger until ``cleanup``. (``sockterm.o``
-    pins nothing of its own: its doomed map is private to each terminator; ``nodeport.o``'s own maps are
-    kept: ``northsouth.load`` runs after this one.)"""
+    new programs nothing uses them, and they would otherwise linger until ``cleanup``. (``sockterm.o`` and
+    ``sockmigrate.o`` pin nothing of their own: the doomed map is private to each terminator; ``nodeport.o``'s
+    own maps are kept: ``northsouth.load`` runs after this one.)"""
     current = {libbpf.map_name(m) for m in libbpf.maps(obj)} | set(abi.NODEPORT_MAPS)
     for pin in sorted(cfg.map_dir.iterdir()):
         if pin.name not in current and pin.name.startswith("bl_"):
             pin.unlink()
             report.maps_retired.append(pin.name)
+
+
+def _retire_unused_links(obj: int, cfg: DatapathConfig, report: LoadReport) -> None:
+    """Detach the cgroup links of programs the loaded object no longer has (an older version's hooks, e.g.
+    0.3's ``bl_sock_release``): they would otherwise keep running, and keep their maps alive, until
+    ``cleanup``. Runs after the new programs are attached, so no hook the object still has is ever missing.
+    (The north-south links pinned beside them, ``bl_ns_*@<device>``, are the north-south loader's.)"""
+    current = {libbpf.program_name(prog) for prog in libbpf.programs(obj)}
+    for pin in sorted(cfg.link_dir.iterdir()):
+        if pin.name in current or not pin.name.startswith("bl_") or pin.name.startswith("bl_ns_"):
+            continue
+        tcattach.detach(pin)  # removes the pin too
+        report.programs_detached.append(pin.name)
 
 
 def _attach_all(obj: int, cfg: DatapathConfig, report: LoadReport) -> None:

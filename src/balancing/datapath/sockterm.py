@@ -4,7 +4,7 @@ A connected UDP socket keeps the backend the datapath gave it at ``connect()``. 
 from UDP frontends (``writer.WriteStats.udp_backends_removed``), ``SocketTerminator.terminate`` puts each
 (frontend, backend) pair in the doomed map (``bl_doom_v1``) and, in every distinct network namespace where
 the datapath's sockets can be, reads the ``iter/udp`` program of ``bpf/sockterm.c`` once: it destroys
-(``bpf_sock_destroy()``, Linux >= 6.5) the sockets whose reverse state in ``bl_sock_v2`` names a doomed pair,
+(``bpf_sock_destroy()``, Linux >= 6.5) the sockets whose reverse state in ``bl_sks_v1`` names a doomed pair,
 and the application's next receive fails with ECONNABORTED (a send with EDESTADDRREQ: the socket is
 disconnected), so it reconnects and is translated anew.
 The doomed map is emptied again after every run, also when it fails.
@@ -16,13 +16,14 @@ namespace; and the namespace files that ``ip netns`` and container runtimes keep
 (the chart's ``hostPID: false``) sees every other process of the cgroup as pid 0: it says so once and relies
 on the directories.
 
-The object is loaded once, reusing the datapath's pinned ``bl_sock_v2``; its doomed map is its own, never
+The object is loaded once, reusing the datapath's pinned ``bl_sks_v1``; its doomed map is its own, never
 pinned, so two agents on one node (a surge rollout) cannot clear each other's pairs. Where that fails (an
 old kernel, no object, no datapath loaded) the terminator says so in ``available`` and ``reason`` and
 ``terminate`` does nothing: it never raises at agent start. Namespaces are entered with ``netns.enter`` in
-one short-lived thread (as ``netns.cookie_of`` does; the iterator walks the sockets of the namespace of the
-thread that creates it). Neighbours: ``libbpf`` (calls), ``netns`` (setns), ``abi`` (doomed keys, output
-records), ``writer`` (what was removed), ``loader`` (the datapath whose pins this reuses).
+one short-lived thread (``read_iterators``, as ``netns.cookie_of`` does; the iterator walks the sockets of
+the namespace of the thread that creates it); ``sockmigrate`` reuses it and ``discover_namespaces``.
+Neighbours: ``libbpf`` (calls), ``netns`` (setns), ``abi`` (doomed keys, output records), ``writer`` (what
+was removed), ``loader`` (the datapath whose pins this reuses), ``sockmigrate`` (shares the namespace walk).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import platform
 import stat
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -418,44 +419,19 @@ class SocketTerminator:
             self._clear()
 
     def _visit(self, namespaces: dict[int, int], report: TerminationReport, deadline: float) -> None:
-        """Enter each namespace in one short-lived thread (setns changes only that thread) and read the
-        iterator there to the end."""
+        """Read the iterator to the end in each namespace (``read_iterators``) and count what it destroyed."""
         assert self._link is not None
-        link_fd = libbpf.link_fd(self._link)
-        visited: set[int] = set()
-        failure: list[BaseException] = []
-
-        def work() -> None:
-            try:
-                for inode, ns_fd in namespaces.items():
-                    if time.monotonic() > deadline:
-                        left = len(namespaces) - len(visited)
-                        report.errors.append(f"time budget spent: {left} network namespaces not visited")
-                        return
-                    try:
-                        netns.enter(ns_fd)
-                        out = _read_iterator(link_fd)
-                    except OSError as exc:
-                        report.errors.append(f"network namespace {inode}: {exc}")
-                        continue
-                    visited.add(inode)
-                    for cookie, svc_id, err in abi.unpack_term_recs(out):
-                        if err == 0:
-                            report.destroyed += 1
-                            log.debug(
-                                "destroyed UDP socket %d of frontend %d in netns %d", cookie, svc_id, inode
-                            )
-                        else:
-                            report.errors.append(f"socket {cookie} (frontend {svc_id}): {os.strerror(-err)}")
-            except BaseException as exc:  # handed to the caller's thread
-                failure.append(exc)
-
-        worker = threading.Thread(target=work, name="sockterm")
-        worker.start()
-        worker.join()
-        report.namespaces = max(report.namespaces, len(visited))
-        if failure:
-            raise failure[0]
+        outputs = read_iterators(
+            namespaces, [libbpf.link_fd(self._link)], report.errors, deadline=deadline, name="sockterm"
+        )
+        report.namespaces = max(report.namespaces, len(outputs))
+        for inode, (out,) in outputs.items():
+            for cookie, svc_id, err in abi.unpack_term_recs(out):
+                if err == 0:
+                    report.destroyed += 1
+                    log.debug("destroyed UDP socket %d of frontend %d in netns %d", cookie, svc_id, inode)
+                else:
+                    report.errors.append(f"socket {cookie} (frontend {svc_id}): {os.strerror(-err)}")
 
     def _clear(self) -> None:
         """Empty the doomed map (every key, including any a crashed run left)."""
@@ -467,6 +443,50 @@ class SocketTerminator:
         except OSError:
             for key in keys:
                 libbpf.map_delete(self._doom_fd, key)
+
+
+def read_iterators(
+    namespaces: Mapping[int, int],
+    link_fds: Sequence[int],
+    errors: list[str],
+    *,
+    deadline: float | None = None,
+    name: str = "netns-iter",
+) -> dict[int, list[bytes]]:
+    """Read each iterator link of ``link_fds`` to the end in each network namespace of ``namespaces``
+    ({nsfs inode: open fd}, as ``Namespaces.fds``): {inode: the outputs, in ``link_fds``' order} of the
+    namespaces visited.
+
+    One short-lived thread named ``name`` enters them one after another (setns moves only that thread; an
+    iterator walks the sockets of the namespace of the thread that creates it). A namespace that cannot be
+    entered or read is added to ``errors`` and skipped; past ``deadline`` (``time.monotonic()``) the
+    namespaces left are too. Anything else raised in the thread is raised here. Shared with ``sockmigrate``.
+    """
+    outputs: dict[int, list[bytes]] = {}
+    failure: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for done, (inode, ns_fd) in enumerate(namespaces.items()):
+                if deadline is not None and time.monotonic() > deadline:
+                    errors.append(
+                        f"time budget spent: {len(namespaces) - done} network namespaces not visited"
+                    )
+                    return
+                try:
+                    netns.enter(ns_fd)
+                    outputs[inode] = [_read_iterator(fd) for fd in link_fds]
+                except OSError as exc:
+                    errors.append(f"network namespace {inode}: {exc}")
+        except BaseException as exc:  # handed to the caller's thread
+            failure.append(exc)
+
+    worker = threading.Thread(target=work, name=name)
+    worker.start()
+    worker.join()
+    if failure:
+        raise failure[0]
+    return outputs
 
 
 def _read_iterator(link_fd: int) -> bytes:

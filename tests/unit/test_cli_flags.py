@@ -131,6 +131,27 @@ def test_new_agent_flags_reach_the_agent_config(tmp_path: Path, monkeypatch: pyt
     assert len(cfg.model.nodeport_cidrs) == 2 and cfg.state_addr is None
 
 
+def test_the_deprecated_max_sockets_flag_runs_the_agent_with_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--max-sockets has no effect since 0.4: an agent started with it runs, and says so naming the flag."""
+    from balancing import agent as agent_mod
+
+    seen: list[agent_mod.AgentConfig] = []
+    monkeypatch.setattr(agent_mod, "run", seen.append)
+    monkeypatch.setattr(logs, "setup", lambda *_args: None)
+    obj = tmp_path / "balancing.o"
+    obj.write_bytes(b"")
+    args = ["agent", "--node-name", "n1", "--manifests", str(tmp_path), "--bpf-object", str(obj),
+            "--cgroup", str(mounts.cgroup2_root()), "--max-sockets", "5"]  # fmt: skip
+    with caplog.at_level("WARNING", logger="balancing.agent"):
+        result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert len(seen) == 1 and not hasattr(seen[0].datapath, "max_sockets")
+    warnings = [r.getMessage() for r in caplog.records if r.name == "balancing.agent"]
+    assert len(warnings) == 1 and warnings[0].startswith("--max-sockets: has no effect since 0.4"), warnings
+
+
 def test_north_south_flags_reach_the_agent_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--nodeport-devices turns north-south on (the model marks external frontends); its settings arrive."""
     from balancing import agent as agent_mod

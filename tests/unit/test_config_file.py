@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from typer.testing import CliRunner
 from balancing import errors
 from balancing.cli import agent_cmd, configfile
 from balancing.cli.main import app
-from balancing.datapath import mounts
+from balancing.datapath import abi, loader, mounts
 
 FULL = """\
 apiVersion: balancing.elf.io/v1alpha1
@@ -217,6 +218,42 @@ def test_the_merged_configuration_builds_the_agent_config(tmp_path: Path) -> Non
     assert cfg.socket_lb_host_namespace_only and cfg.state_addr is None and cfg.datapath.max_backends == 77
     assert cfg.events.mode == "all" and cfg.model.node_name == "node-1"
     assert (cfg.health_host, cfg.health_port, cfg.metrics_addr) == ("0.0.0.0", 10256, ("127.0.0.1", 10249))
+
+
+@pytest.mark.parametrize(
+    ("layer", "named"),
+    [("file", "config.yaml: maps.sockets"), ("env", "BALANCING_MAPS__SOCKETS"), ("flag", "--max-sockets")],
+)
+def test_the_deprecated_socket_map_size_is_accepted_with_a_warning_naming_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, layer: str, named: str
+) -> None:
+    """maps.sockets (--max-sockets) has no effect since 0.4 (connected sockets keep their reverse translation
+    in socket storage): a configuration that still sets it loads, and the agent warns, naming where it is."""
+    base: dict[str, Any] = {"--node-name": "n", "--manifests": tmp_path, "--bpf-object": _obj(tmp_path)}
+    base["--cgroup"] = mounts.cgroup2_root()
+    file = write(tmp_path, doc(maps={"sockets": 5})) if layer == "file" else None
+    environ = {"BALANCING_MAPS__SOCKETS": "5"} if layer == "env" else {}
+    given = {**base, "--max-sockets": 5} if layer == "flag" else base
+    loaded = configfile.load(file, given, environ=environ)
+    assert loaded.config.maps.sockets == 5
+    with caplog.at_level("WARNING", logger="balancing.agent"):
+        cfg = agent_cmd.build(loaded)
+    (record,) = [r for r in caplog.records if r.name == "balancing.agent"]
+    assert record.levelname == "WARNING" and "no effect" in record.getMessage()
+    assert record.getMessage().startswith(f"{tmp_path}/{named}" if layer == "file" else named)
+    assert cfg.datapath == agent_cmd.build(configfile.load(None, base, environ={})).datapath  # no effect
+
+
+def test_no_warning_and_no_socket_capacity_without_the_deprecated_field(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    given = {"--node-name": "n", "--manifests": tmp_path, "--bpf-object": _obj(tmp_path)}
+    with caplog.at_level("WARNING", logger="balancing.agent"):
+        cfg = agent_cmd.build(configfile.load(None, {**given, "--cgroup": mounts.cgroup2_root()}, environ={}))
+    assert [r for r in caplog.records if r.name == "balancing.agent"] == []
+    assert configfile.DEFAULTS.maps.sockets is None
+    assert "max_sockets" not in {f.name for f in dataclasses.fields(loader.DatapathConfig)}
+    assert cfg.datapath.capacity(abi.MAP_SOCK_REVERSE) is None  # socket storage: no capacity to set
 
 
 def test_machine_checks_name_where_the_value_came_from(tmp_path: Path) -> None:

@@ -265,6 +265,8 @@ LINT_VALUES: dict[str, list[str] | None] = {
         "--set-json",
         'agent.env=[{"name":"X","value":"1"}]',
     ],
+    # no effect since 0.4: 0.3's default, as `helm upgrade --reuse-values` keeps it
+    "deprecated-sockets": ["--set", "agent.config.maps.sockets=262144"],
 }
 
 
@@ -442,7 +444,7 @@ def test_agent_configuration_file(default_objects: list[dict[str, Any]]) -> None
     assert config["policyStatus"] is True and config["terminateUDPSockets"] is True
     assert config["externalIPsLocalOnly"] is False and config["outOfCluster"] is False
     assert config["healthcheckAddress"] == "0.0.0.0"
-    assert set(config["maps"]) == {"services", "backends", "reverse", "sockets", "affinity"}
+    assert set(config["maps"]) == {"services", "backends", "reverse", "affinity"}  # sockets: deprecated
     assert all(isinstance(n, int) and n > 0 for n in config["maps"].values()), config["maps"]
     assert set(config["events"]) == {
         "mode",
@@ -470,7 +472,6 @@ def test_agent_configuration_defaults_are_the_agents(default_objects: list[dict[
         "services": abi.DEFAULT_SVC_ENTRIES,
         "backends": abi.DEFAULT_BACKENDS,
         "reverse": abi.DEFAULT_REV_ENTRIES,
-        "sockets": abi.DEFAULT_SOCK_ENTRIES,
         "affinity": abi.DEFAULT_AFF_ENTRIES,
     }
     assert config["events"]["ringBytes"] == abi.DEFAULT_EVENT_BYTES
@@ -488,7 +489,17 @@ def test_agent_configuration_defaults_are_the_agents(default_objects: list[dict[
 
 
 @pytest.mark.parametrize(
-    "name", ["default", "manifests", "agent-config", "no-netns", "north-south", "north-south-tuned", "extra"]
+    "name",
+    [
+        "default",
+        "manifests",
+        "agent-config",
+        "no-netns",
+        "north-south",
+        "north-south-tuned",
+        "extra",
+        "deprecated-sockets",
+    ],
 )
 def test_agent_configuration_loads_in_the_agent(helm: Path, tmp_path: Path, name: str) -> None:
     """The agent's own loader (``balancing agent --config``, with the environment the DaemonSet gives it)
@@ -506,6 +517,7 @@ def test_agent_configuration_loads_in_the_agent(helm: Path, tmp_path: Path, name
     assert config.metrics_addr == rendered["metricsAddr"]
     assert config.events.mode == rendered["events"]["mode"]
     assert config.maps.services == rendered["maps"]["services"]
+    assert config.maps.sockets == rendered["maps"].get("sockets")  # deprecated: the agent warns (agent_cmd)
     assert config.logging.level == rendered["logging"]["level"]
     assert config.socket_lb.host_namespace_only is rendered["socketLB"]["hostNamespaceOnly"]
     assert config.terminate_udp_sockets is rendered["terminateUDPSockets"]
@@ -539,6 +551,16 @@ def test_agent_configuration_from_values(helm: Path) -> None:
     assert config["socketLB"] == {"hostNamespaceOnly": True}
     assert config["nodeportAddresses"] == ["10.0.0.0/8", "fd00::/64"]
     assert config["resyncInterval"] == 2.5
+
+
+def test_deprecated_socket_map_size_is_passed_on_only_when_set(
+    helm: Path, default_objects: list[dict[str, Any]]
+) -> None:
+    """`agent.config.maps.sockets` (no effect since 0.4) is no default any more, but a value left from 0.3
+    still passes the schema and reaches the file as it is, for the agent to warn about."""
+    assert "sockets" not in _agent_config(default_objects)["maps"]
+    config = _agent_config(_agent_only(helm, *(LINT_VALUES["deprecated-sockets"] or [])))
+    assert config["maps"] == {**_agent_config(default_objects)["maps"], "sockets": 262144}
 
 
 def test_north_south_from_values(helm: Path, tmp_path: Path) -> None:

@@ -91,6 +91,12 @@ def build(loaded: configfile.Loaded) -> Any:
         raise errors.ConfigError(where("host_netns"), f"{c.host_netns} does not exist")
     health_host, health_port = flags.host_port(where("health_addr"), c.health_addr)
     ev, maps, kube = c.events, c.maps, c.source.kubernetes
+    if maps.sockets is not None:
+        log.warning(
+            "%s: has no effect since 0.4 (each translated connected socket keeps its reverse translation in "
+            "its own socket storage, which needs no size); remove it",
+            where("maps", "sockets"),
+        )
     north_south = _north_south(loaded, obj)
     return agent_mod.AgentConfig(
         c.source.manifests,
@@ -108,7 +114,6 @@ def build(loaded: configfile.Loaded) -> Any:
             maps.services,
             maps.backends,
             maps.reverse,
-            maps.sockets,
             maps.affinity,
             event_bytes=ev.ring_bytes,
         ),
@@ -253,8 +258,11 @@ def agent(
     max_backends: Annotated[int, typer.Option(help="Backend map entries.")] = _MAPS.backends,
     max_reverse: Annotated[int, typer.Option(help="UDP reverse-translation LRU entries.")] = _MAPS.reverse,
     max_sockets: Annotated[
-        int, typer.Option(help="Live translated connected sockets with reverse translation.")
-    ] = _MAPS.sockets,
+        int | None,
+        typer.Option(
+            help="No effect since 0.4 (connected sockets keep their reverse translation in socket storage)."
+        ),
+    ] = None,
     max_affinity: Annotated[
         int, typer.Option(help="Session-affinity records (client namespace x frontend), LRU.")
     ] = _MAPS.affinity,

@@ -126,7 +126,9 @@ class Maps(Section):
     services: int = Field(abi.DEFAULT_SVC_ENTRIES, ge=1)
     backends: int = Field(abi.DEFAULT_BACKENDS, ge=1)
     reverse: int = Field(abi.DEFAULT_REV_ENTRIES, ge=1)
-    sockets: int = Field(abi.DEFAULT_SOCK_ENTRIES, ge=1)
+    # No effect since 0.4 (the agent warns when it is set): a translated connected socket keeps its reverse
+    # translation in its own socket storage, which has no capacity to configure.
+    sockets: int | None = Field(None, ge=1)
     affinity: int = Field(abi.DEFAULT_AFF_ENTRIES, ge=1)
 
 

@@ -20,6 +20,13 @@ counters on and events off (the agent's defaults); Service 0 (10.96.0.1:80/TCP) 
    and the client's own CPU time per connect/datagram (which leaves out waiting for the server; the hooks
    run in the client's system calls), and b/a, c/a of each per round. On a shared machine both ratios
    spread by several percent; compare them between the sides only beyond that spread.
+3. Events on (``--events``, default ``sampled,all``; sampled is 1 in 100): TCP VIP connects again with
+   bpf_stats on while a reader thread drains both sides' rings as the agent's does; connect4 ns/run and
+   the events the ring had no room for.
+
+The table ends with issue 17's targets, each side's median against each (pass-through socket <= 150 ns of
+BPF, VIP connect4 <= 300 ns, VIP / no-hook <= 1.03x, VIP connect4 with events <= 1.5 us): a regression shows
+there.
 
 Rounds are interleaved (alternating order) ``--rounds`` times; every figure is the median over the rounds
 and its spread (min..max; ratios [min-max]). ``-o json`` prints the summary and the raw samples as one JSON
@@ -37,12 +44,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import run  # bench/run.py (beside this script): the probes, the Service objects, hook_stats
-from balancing.datapath import loader, maps, writer
+from balancing.datapath import abi, loader, maps, ringbuf, settings, writer
 from balancing.gcpause import paused as gc_paused
 from balancing.model import store
 from balancing_testkit.topology import Topology
@@ -184,6 +192,11 @@ def main() -> None:
     ap.add_argument("--base", default="HEAD", help="git revision of the 'before' datapath")
     ap.add_argument("--base-object", type=Path, help="a built 'before' object instead of --base")
     ap.add_argument("--after-first", action="store_true", help="set the 'after' side up first (bias check)")
+    ap.add_argument(
+        "--events",
+        default="sampled,all",
+        help="events modes measured on TCP VIP connects after the rest ('' for none; sampled: 1 in 100)",
+    )
     ap.add_argument("-o", "--output", choices=["table", "json"], default="table")
     ap.add_argument("--json", type=Path, help="also write the JSON document (summary and raw samples) here")
     args = ap.parse_args()
@@ -294,7 +307,79 @@ def one_size(
             for cgroup, name, target in runs if r % 2 == 0 else reversed(runs):
                 res = client_round(topo, client, cgroup, proto, targets[proto][target], args)
                 whole.setdefault(f"{proto}/{target}/{name}", []).append(res)
-    return {"raw": {"hooks": hooked, "whole": whole}, "summary": summarize(hooked, whole)}
+    summary = summarize(hooked, whole)
+    summary["events"] = events_phase(topo, client, sides, targets["tcp"]["vip"], args)
+    return {"raw": {"hooks": hooked, "whole": whole}, "summary": summary}
+
+
+EVENT_MODES = {"sampled": (abi.EVENTS_SAMPLED, 100), "all": (abi.EVENTS_ALL, 1)}
+
+
+class Drain:
+    """Reads both sides' event rings on a thread while a phase runs, as the agent's reader does (a timer
+    plus the forced wakeups), so the ring never fills; counts what it read."""
+
+    def __init__(self, sides: list[dict[str, Any]]) -> None:
+        self.rings = [ringbuf.RingBuffer(s["cfg"].map_dir / abi.MAP_EVENTS, lambda _b: None) for s in sides]
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="bench-drain", daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            for ring in self.rings:
+                ring.poll(10)
+                ring.consume()
+
+    def __enter__(self) -> Drain:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        for ring in self.rings:
+            ring.consume()
+            ring.close()
+
+
+def events_phase(
+    topo: Topology, client: Any, sides: list[dict[str, Any]], vip: tuple[str, int], args: argparse.Namespace
+) -> dict[str, Any]:
+    """TCP VIP connects with events on, per mode of ``--events``: {mode: {side: {"connect4", "bpf_ns",
+    "lost"}}} (bpf_stats on, a reader draining the rings; lost: events the ring had no room for)."""
+    out: dict[str, Any] = {}
+    modes = [m for m in args.events.split(",") if m]
+    if not modes:
+        return out
+    try:
+        for mode in modes:
+            events, every = EVENT_MODES[mode]
+            for side in sides:
+                settings.write_config(side["cfg"].map_dir, events, sample_every=every)
+            lost0 = {s["name"]: ringbuf.read_lost(s["cfg"].map_dir) for s in sides}
+            runs: dict[str, list[dict[str, Any]]] = {}
+            STATS_SYSCTL.write_text("1")
+            with Drain(sides):
+                for r in range(args.rounds):
+                    for side in sides if r % 2 == 0 else reversed(sides):
+                        runs.setdefault(side["name"], []).append(
+                            hook_round(topo, client, side, "tcp", vip, args)
+                        )
+            STATS_SYSCTL.write_text("0")
+            out[mode] = {
+                name: {
+                    "connect4": stat([r["hooks"]["bl_connect4"] for r in res]),
+                    "bpf_ns": stat([r["bpf_ns"] for r in res]),
+                    "lost": ringbuf.read_lost(next(s for s in sides if s["name"] == name)["cfg"].map_dir)
+                    - lost0[name],
+                }
+                for name, res in runs.items()
+            }
+    finally:
+        STATS_SYSCTL.write_text("0")
+        for side in sides:
+            settings.write_config(side["cfg"].map_dir, abi.EVENTS_OFF)
+    return out
 
 
 def summarize(
@@ -354,7 +439,58 @@ def print_table(doc: dict[str, Any]) -> None:
             row(proto, target, "xno-hook", [fmt_ratio(d["ratio"]) for c in cells for d in c])
             row(proto, target, f"cpu ns/{UNIT[proto]}", [fmt(d["cpu_ns"]) for c in cells for d in c])
             row(proto, target, "cpu xno-hook", [fmt_ratio(d["cpu_ratio"]) for c in cells for d in c])
+    for mode in doc["config"]["events"].split(","):
+        by_size = [doc["sizes"][n]["summary"].get("events", {}).get(mode) for n in sizes]
+        if not any(by_size):
+            continue
+        label = f"events={mode}"
+        row(
+            "tcp",
+            "vip",
+            f"{label} connect4",
+            [fmt(c[side]["connect4"]) if c else "-" for c in by_size for side in SIDES],
+        )
+        row(
+            "tcp",
+            "vip",
+            f"{label} lost",
+            [str(c[side]["lost"]) if c else "-" for c in by_size for side in SIDES],
+        )
+    print_targets(doc)
     sys.stdout.flush()
+
+
+# Issue 17's targets, checked on each side's medians: (label, proto, target, figure, limit).
+TARGET_CHECKS = (
+    ("TCP pass-through, all hooks of a socket <= 150 ns", "tcp", "pass-through", "bpf_ns", 150.0),
+    ("TCP VIP connect4 <= 300 ns", "tcp", "vip", "bl_connect4", 300.0),
+    ("TCP VIP / no-hook <= 1.03x", "tcp", "vip", "ratio", 1.03),
+)
+EVENT_LIMIT_NS = 1500.0  # VIP connect4 with events on, sampled and all
+
+
+def print_targets(doc: dict[str, Any]) -> None:
+    """One line per target and size: each side's median and whether it is met (a regression shows here)."""
+    print("\ntargets (median; met: yes/no)")
+    for label, proto, target, figure, limit in TARGET_CHECKS:
+        cells = []
+        for n, size in doc["sizes"].items():
+            for side in SIDES:
+                d = size["summary"][proto][target][side]
+                s = d["hooks"].get(figure) if figure.startswith("bl_") else d[figure]
+                if s:
+                    value = s["median"]
+                    shown = f"{value:.3f}x" if figure == "ratio" else f"{value:.0f}"
+                    cells.append(f"{n} {side}: {shown} {'yes' if value <= limit else 'no'}")
+        print(f"  {label:52s} " + "; ".join(cells))
+    for mode in doc["config"]["events"].split(","):
+        cells = []
+        for n, size in doc["sizes"].items():
+            for side, d in size["summary"].get("events", {}).get(mode, {}).items():
+                value = d["connect4"]["median"]
+                cells.append(f"{n} {side}: {value:.0f} {'yes' if value <= EVENT_LIMIT_NS else 'no'}")
+        if cells:
+            print(f"  {f'TCP VIP connect4, events {mode} <= 1500 ns':52s} " + "; ".join(cells))
 
 
 def row(proto: str, target: str, label: str, cells: list[str]) -> None:

@@ -10,7 +10,7 @@ SOCKTERM_OBJ := $(BUILD)/bpf/sockterm.o
 SOCKMIGRATE_OBJ := $(BUILD)/bpf/sockmigrate.o
 NODEPORT_OBJ := $(BUILD)/bpf/nodeport.o
 
-.PHONY: all setup bpf cluster wheel lint test test-unit test-kernel demo bench bench-hooks bench-memory bench-changes bench-nodeport bench-maglev clean
+.PHONY: all setup bpf cluster wheel lint test test-unit test-kernel demo bench bench-hooks bench-memory bench-changes bench-nodeport bench-maglev bench-scale clean
 
 all: bpf
 
@@ -112,6 +112,11 @@ bench-nodeport: setup bpf
 # Maglev table build time per table size and backend count (pure Python, the agent's cost per frontend).
 bench-maglev: setup
 	$(PY) bench/maglev.py $(ARGS)
+
+# Issue 15's table at 10k and 100k Services: decoding, model, map writes, peak RSS, change latency, agent start
+# to /readyz on big manifests, NodePort at 1000 nodes (root; minutes; ARGS="--only decode,model" for a subset).
+bench-scale: setup bpf
+	$(PY) bench/scale.py $(ARGS)
 
 # Memory over a long Kubernetes-mode run under churn (no kernel, no root); e.g. ARGS="--duration 120 -o json".
 bench-memory: setup

@@ -5,18 +5,24 @@ format) from which the packer, the size and each field's offset derive; the C en
 constants named after them (``BL_RES_TRANSLATED`` is ``RES_TRANSLATED``; ``ENUMS`` lists the prefixes), and
 each map's default capacity in ``DEFAULT_ENTRIES``. tests/unit/test_abi.py compares all of that with the BTF
 of the compiled objects. Addresses are 16 bytes, IPv4 as ``::ffff:a.b.c.d``; ports are in network order,
-everything else native (the maps are read by programs on the same CPU).
+everything else native (the maps are read by programs on the same CPU). Beside the one-entry packers, bulk
+packers (``pack_backend_refs`` and on) pack a whole run of entries with C-level loops (struct, array, map):
+the same bytes, no Python call per entry; tests/unit/test_abi_bulk.py holds them to the one-entry packers.
 
 One module on purpose (over 400 lines): the ABI is mirrored exactly once, next to the BTF test that checks it.
 """
 
 from __future__ import annotations
 
+import array
 import ipaddress
+import itertools
+import operator
 import struct
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from balancing.model.desired import IPAddress, Protocol
+from balancing.model.desired import Backend, FrontendKey, IPAddress, Protocol
 
 ABI_VERSION = 1
 MAP_SERVICES = "bl_svc_v1"
@@ -561,6 +567,92 @@ class SvcKeyPacker:
 
     def __call__(self, slot: int) -> bytes:
         return _SVC_KEY.pack(self._addr, self._port, self._proto, self._scope, slot, 0)
+
+
+# --- bulk packers: a run of entries at once (the writer's bulk path) ---------------------------------------
+# The 24-byte records "16-byte address, big-endian port, two bytes, four zero bytes": a backend value (the
+# bytes: protocol, flags; pad zero) and a service key of slot 0 (protocol, scope; slot and pad zero). One
+# big-endian struct packs them from the address as an integer (IPv4 as ::ffff:a.b.c.d).
+_ADDR_PORT_V4 = struct.Struct(">10xHIHBB4x")
+_ADDR_PORT_V6 = struct.Struct(">QQHBB4x")
+_V4_MAPPED = 0xFFFF
+_LOW64 = (1 << 64) - 1
+_IP = operator.attrgetter("ip")
+_PORT = operator.attrgetter("port")
+_SLOT_U16 = _SLOT_OFFSET // 2  # a service key's slot, in the key seen as native u16s
+_SVC_KEY_U16 = SVC_KEY.size // 2
+_SVC_VAL_U32 = SVC_VAL.size // 4  # a slot value seen as native u32s; its backend id is the first
+assert _ADDR_PORT_V4.size == _ADDR_PORT_V6.size == BACKEND.size == SVC_KEY.size
+assert SVC_KEY.offsets()["pad"] == _SLOT_OFFSET + 2 == SVC_KEY.size - 2 and _SLOT_OFFSET % 2 == 0
+assert SVC_VAL.offsets()["backend_id"] == 0 and SVC_VAL.size % 4 == 0
+assert array.array("H").itemsize == 2 and array.array("I").itemsize == 4
+
+
+def _pack_addr_ports(
+    ips: Sequence[IPAddress], ports: Iterable[int], byte1: Iterable[int], byte2: Iterable[int]
+) -> list[bytes]:
+    """The 24-byte records above, one per address; struct.error for a value out of range."""
+    if set(map(type, ips)) <= {ipaddress.IPv4Address}:
+        return list(map(_ADDR_PORT_V4.pack, itertools.repeat(_V4_MAPPED), map(int, ips), ports, byte1, byte2))
+    mapped: dict[type, int] = {ipaddress.IPv4Address: _V4_MAPPED << 32, ipaddress.IPv6Address: 0}
+    addrs = list(map(operator.or_, map(int, ips), map(mapped.__getitem__, map(type, ips))))
+    high = map(operator.rshift, addrs, itertools.repeat(64))
+    low = map(operator.and_, addrs, itertools.repeat(_LOW64))
+    return list(map(_ADDR_PORT_V6.pack, high, low, ports, byte1, byte2))
+
+
+def pack_backend_refs(
+    backends: Sequence[Backend], protocols: Iterable[int], flags: Iterable[int]
+) -> list[bytes]:
+    """``pack_backend`` of each backend (with its protocol and flags, as ints)."""
+    return _pack_addr_ports(list(map(_IP, backends)), map(_PORT, backends), protocols, flags)
+
+
+def pack_master_keys(
+    frontends: Sequence[FrontendKey], protocols: Iterable[int], scope: int = SCOPE_PRIMARY
+) -> list[bytes]:
+    """The master entry's key (slot 0) of each frontend tier: ``SvcKeyPacker(...)(MASTER_SLOT)``."""
+    return _pack_addr_ports(
+        list(map(_IP, frontends)), map(_PORT, frontends), protocols, itertools.repeat(scope)
+    )
+
+
+def pack_slot_keys(master_keys: Sequence[bytes], counts: Sequence[int]) -> array.array[int]:
+    """The keys of slots 1..count of each tier whose master key is given, tier after tier (a packed buffer,
+    as native u16s: the slot is a u16 column of it). OverflowError past slot 65535."""
+    keys = array.array("H")
+    keys.frombytes(b"".join(map(operator.mul, master_keys, counts)))
+    ends = map(operator.add, counts, itertools.repeat(1))
+    keys[_SLOT_U16::_SVC_KEY_U16] = array.array(
+        "H", itertools.chain.from_iterable(map(range, itertools.repeat(1), ends))
+    )
+    return keys
+
+
+def pack_slot_values(backend_ids: array.array[int]) -> array.array[int]:
+    """``pack_slot`` of each backend id (``array("I")``), as one packed buffer."""
+    values = array.array("I", [0]) * (len(backend_ids) * _SVC_VAL_U32)
+    values[::_SVC_VAL_U32] = backend_ids
+    return values
+
+
+def pack_masters(
+    svc_ids: Iterable[int], counts: Iterable[int], flags: Iterable[int], affinity_timeouts: Iterable[int]
+) -> list[bytes]:
+    """``master_val`` of each tier."""
+    return list(map(_SVC_VAL.pack, itertools.repeat(0), svc_ids, counts, flags, affinity_timeouts))
+
+
+def pack_backend_ids(backend_ids: Iterable[int]) -> array.array[int]:
+    """``pack_backend_id`` of each id, as one packed buffer (OverflowError past a u32)."""
+    return array.array("I", backend_ids)
+
+
+def pack_affinity_matches(svc_ids: array.array[int], backend_ids: array.array[int]) -> array.array[int]:
+    """``pack_affinity_match`` of each (svc_id, backend_id) pair, as one packed buffer."""
+    keys = array.array("I", [0]) * (2 * len(backend_ids))
+    keys[0::2], keys[1::2] = svc_ids, backend_ids
+    return keys
 
 
 # Map name → (key layout, value layout) for tools that read maps generically.

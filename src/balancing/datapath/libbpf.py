@@ -407,12 +407,29 @@ def map_keys(fd: int, key_size: int) -> list[bytes]:
         prev = cur
 
 
-def map_update_batch(fd: int, keys: bytes, values: bytes, count: int) -> None:
-    """Update ``count`` packed keys/values in one syscall."""
+Buffer = bytes | bytearray | memoryview
+
+
+def _pointer(data: Buffer) -> bytes | ctypes.Array[ctypes.c_char]:
+    """What a ``c_void_p`` argument takes for ``data``, without a copy: bytes as they are, a writable buffer
+    (a bytearray or a slice of one) through a ctypes array over it, which holds the buffer's export (it cannot
+    be resized) until the array is dropped."""
+    if isinstance(data, bytes):
+        return data
+    view = memoryview(data)
+    return (ctypes.c_char * view.nbytes).from_buffer(view)
+
+
+def map_update_batch(fd: int, keys: Buffer, values: Buffer, count: int) -> None:
+    """Update ``count`` packed keys/values in one syscall (the GIL is released for its duration)."""
     n = ctypes.c_uint32(count)
     opts = _BatchOpts(ctypes.sizeof(_BatchOpts), 0, 0)
+    key_ptr, value_ptr = _pointer(keys), _pointer(values)
     ctypes.set_errno(0)
-    _check("bpf_map_update_batch", _map_update_batch(fd, keys, values, ctypes.byref(n), ctypes.byref(opts)))
+    _check(
+        "bpf_map_update_batch",
+        _map_update_batch(fd, key_ptr, value_ptr, ctypes.byref(n), ctypes.byref(opts)),
+    )
 
 
 def map_delete_batch(fd: int, keys: bytes, count: int) -> None:

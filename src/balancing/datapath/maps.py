@@ -1,5 +1,8 @@
 """The map I/O seam: element updates, deletes and dumps by map name.
 
+Updates come as a sequence of (key, value) pairs, or as a ``Batch``: the entries of one map packed back to
+back, keys in one buffer and values in another, which a writer fills a whole run of entries at a time (see
+the ``abi`` bulk packers) and ``KernelMaps`` hands to the batch syscall without touching each entry.
 ``KernelMaps`` works on the pinned maps under a bpffs directory (batch syscalls for bulk changes, single ones
 for small changes); ``FakeMaps`` is an in-memory stand-in for writer unit tests that records every element
 operation, can call an observer between any two of them (the make-before-break tests) and can fail chosen
@@ -16,18 +19,124 @@ from __future__ import annotations
 
 import array
 import errno
+import operator
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, overload
 
 from balancing import errors
 from balancing.datapath import abi, libbpf
 
 Items = Sequence[tuple[bytes, bytes]]
+if TYPE_CHECKING:
+    Buffer = bytes | bytearray | memoryview | array.array[int]
+_KEY, _VALUE = operator.itemgetter(0), operator.itemgetter(1)
 _ENOTSUPP = 524  # the kernel's internal "operation not supported" (no libc name)
 # (operation, map name, key, whether an update would add the key) → the exception to raise instead, or None
 Fault = Callable[[str, str, bytes, bool], BaseException | None]
+
+
+class Batch(Sequence[tuple[bytes, bytes]]):
+    """Entries of one map packed back to back: ``keys`` and ``values`` (bytearrays) as a batch syscall takes
+    them. A sequence of (key, value) pairs too (slices are batches), so code that works entry by entry works
+    on it unchanged; ``extend_packed`` adds many entries packed elsewhere at once."""
+
+    __slots__ = ("key_size", "keys", "value_size", "values")
+
+    def __init__(self, key_size: int, value_size: int) -> None:
+        self.key_size, self.value_size = key_size, value_size
+        self.keys, self.values = bytearray(), bytearray()
+
+    @classmethod
+    def of(cls, map_name: str) -> Batch:
+        """An empty batch for ``map_name``'s entries (their sizes from ``abi.MAP_LAYOUTS``)."""
+        return cls(*_entry_sizes(map_name))
+
+    def __len__(self) -> int:
+        return len(self.keys) // self.key_size
+
+    @overload
+    def __getitem__(self, index: int) -> tuple[bytes, bytes]: ...
+    @overload
+    def __getitem__(self, index: slice) -> Batch: ...
+    def __getitem__(self, index: int | slice) -> tuple[bytes, bytes] | Batch:
+        ks, vs = self.key_size, self.value_size
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step != 1:
+                raise ValueError("a batch is sliced with step 1 only")
+            part = Batch(ks, vs)
+            part.keys, part.values = self.keys[start * ks : stop * ks], self.values[start * vs : stop * vs]
+            return part
+        i = index + len(self) if index < 0 else index
+        if not 0 <= i < len(self):
+            raise IndexError("batch index out of range")
+        return bytes(self.keys[i * ks : (i + 1) * ks]), bytes(self.values[i * vs : (i + 1) * vs])
+
+    def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
+        ks, vs, keys, values = self.key_size, self.value_size, bytes(self.keys), bytes(self.values)
+        for i in range(len(self)):
+            yield keys[i * ks : (i + 1) * ks], values[i * vs : (i + 1) * vs]
+
+    def __delitem__(self, index: slice) -> None:
+        """Drop the tail from ``index.start`` on (what a plan's truncate does)."""
+        start, stop, step = index.indices(len(self))
+        if step != 1 or start < stop < len(self):
+            raise ValueError("a batch drops its tail only")
+        del self.keys[start * self.key_size :], self.values[start * self.value_size :]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Batch):
+            return (self.key_size, self.keys, self.values) == (other.key_size, other.keys, other.values)
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like a list
+
+    def __repr__(self) -> str:
+        return f"Batch({list(self)!r})"
+
+    def append(self, entry: tuple[bytes, bytes]) -> None:
+        key, value = entry
+        if len(key) != self.key_size or len(value) != self.value_size:
+            raise ValueError(
+                f"a {len(key)}/{len(value)}-byte entry in a batch of {self.key_size}/{self.value_size}"
+            )
+        self.keys += key
+        self.values += value
+
+    def extend(self, entries: Iterable[tuple[bytes, bytes]]) -> None:
+        if isinstance(entries, Batch):
+            self.extend_packed(entries.keys, entries.values)
+            return
+        for entry in entries:
+            self.append(entry)
+
+    def extend_packed(self, keys: Buffer, values: Buffer) -> None:
+        """Add the entries packed in ``keys`` and ``values`` (as many of each, in order)."""
+        count, extra = divmod(len(memoryview(keys).cast("B")), self.key_size)
+        vcount, vextra = divmod(len(memoryview(values).cast("B")), self.value_size)
+        if extra or vextra or count != vcount:
+            raise ValueError(
+                f"{len(keys)} key and {len(values)} value bytes are not as many whole "
+                f"{self.key_size}/{self.value_size}-byte entries"
+            )
+        self.keys += keys
+        self.values += values
+
+    def clear(self) -> None:
+        del self.keys[:], self.values[:]
+
+
+def _entry_sizes(map_name: str) -> tuple[int, int]:
+    sizes = _SIZES.get(map_name)
+    if sizes is None:
+        key, value = abi.MAP_LAYOUTS[map_name]
+        sizes = _SIZES[map_name] = (key.size, value.size)
+    return sizes
+
+
+_SIZES: dict[str, tuple[int, int]] = {}
 
 
 class MapIO(Protocol):
@@ -96,14 +205,25 @@ class KernelMaps:
             if len(items) < self.BATCH_MIN:
                 for key, value in items:
                     libbpf.map_update(fd, key, value)
-                return
-            for start in range(0, len(items), self.BATCH_MAX):
-                chunk = items[start : start + self.BATCH_MAX]
-                keys = b"".join(k for k, _ in chunk)
-                values = b"".join(v for _, v in chunk)
-                libbpf.map_update_batch(fd, keys, values, len(chunk))
+            elif isinstance(items, Batch):
+                self._update_packed(fd, items)
+            else:
+                for start in range(0, len(items), self.BATCH_MAX):
+                    chunk = items[start : start + self.BATCH_MAX]
+                    keys, values = b"".join(map(_KEY, chunk)), b"".join(map(_VALUE, chunk))
+                    libbpf.map_update_batch(fd, keys, values, len(chunk))
         except OSError as exc:
             raise self._fail(map_name, "update", exc) from exc
+
+    def _update_packed(self, fd: int, batch: Batch) -> None:
+        """``BATCH_MAX`` entries a syscall from the batch's buffers (each chunk a copy: an error's traceback
+        then holds the chunk, never an export that would pin the batch's own buffers)."""
+        keys, values, ks, vs, total = batch.keys, batch.values, batch.key_size, batch.value_size, len(batch)
+        for start in range(0, total, self.BATCH_MAX):
+            stop = min(start + self.BATCH_MAX, total)
+            libbpf.map_update_batch(
+                fd, keys[start * ks : stop * ks], values[start * vs : stop * vs], stop - start
+            )
 
     def delete(self, map_name: str, keys: Sequence[bytes]) -> None:
         fd = self.fds[map_name]

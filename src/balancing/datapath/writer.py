@@ -27,6 +27,13 @@ the outer map before the master, so a packet never sees a half-written table; ta
 once made, so frontends with the same backends share one. Source ranges are added before the master and
 removed after it, like client rules. Backends that are pods on this node carry ``BE_F_LOCAL``.
 
+Bulk: a run of at least ``bulk_min`` consecutive new frontends of the plain shape (no fallback, clients,
+QoS or north-south; a full sync's bulk) is planned together (``_plan_bulk``): the backend references, ids,
+slot keys and values and master entries of the whole run are packed at once by the ``abi`` bulk packers into
+the plan's ``maps.Batch`` phases, with the same entries, ids and record the frontend-by-frontend planning
+gives (tests/unit/test_writer_bulk.py holds the two to the same maps), and its frontends are recorded
+together once written. A failed batch expands the run into one ``_Change`` per frontend.
+
 Socket-LB exclusions (``DesiredState.excluded_pods``) are written before any frontend of a write: the cgroup
 ids of the excluded pods (the same resolver) in the skip map, new ones before the config's skip flag is set,
 and the flag cleared before the map empties, so the hooks look the map up only while it has entries. The
@@ -36,18 +43,21 @@ set belongs to no frontend: a failure re-reads the maps and raises, before any f
 from __future__ import annotations
 
 import array
+import collections
 import errno
 import functools
 import itertools
 import logging
+import operator
 from collections import Counter
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from struct import error as struct_error
+from typing import Any, TypeVar, cast
 
 from balancing import errors
 from balancing.datapath import abi, maglev, programmed
-from balancing.datapath.maps import MapIO
+from balancing.datapath.maps import Batch, MapIO
 from balancing.datapath.programmed import (
     BackendRef,
     ProgrammedFrontend,
@@ -73,6 +83,8 @@ PodCgroups = Callable[[PodRef], Sequence[int]]
 
 # A tier's count and slot numbers are u16 (struct bl_svc_val.count, bl_svc_key.slot).
 MAX_TIER_BACKENDS = 0xFFFF
+# Runs of at least this many new frontends of the plain shape are planned in bulk (``_plan_bulk``).
+BULK_MIN = 16
 
 # (plan attribute, operation, map), in execution order.
 _PHASES = (
@@ -158,6 +170,13 @@ class WriteStats:
     failed: dict[FrontendKey, errors.FrontendWriteError] = field(default_factory=dict)
 
 
+# The (key, value) sizes of the entries of the maps bulk runs fill.
+_BACKENDS_SIZES, _MATCHES_SIZES, _SVC_SIZES = (
+    (Batch.of(m).key_size, Batch.of(m).value_size)
+    for m in (abi.MAP_BACKENDS, abi.MAP_AFFINITY_MATCH, abi.MAP_SERVICES)
+)
+
+
 class _Plan:
     """Element operations by phase (``_PHASES``): of all the frontends of one write together, of one of them
     (``cut``), or a write's closing deletions; and the backends the changed slots stop and start naming."""
@@ -165,16 +184,17 @@ class _Plan:
     __slots__ = (*(name for name, _, _ in _PHASES), "released", "acquired", "lists")
 
     def __init__(self) -> None:
-        self.backends: list[tuple[bytes, bytes]] = []
-        self.matches: list[tuple[bytes, bytes]] = []
+        # the updates bulk runs fill are packed as the batch syscall takes them; the rest are lists
+        self.backends = Batch(*_BACKENDS_SIZES)
+        self.matches = Batch(*_MATCHES_SIZES)
         self.clients: list[tuple[bytes, bytes]] = []
         self.qos: list[tuple[bytes, bytes]] = []
         self.ranges: list[tuple[bytes, bytes]] = []
-        self.slots: list[tuple[bytes, bytes]] = []
+        self.slots = Batch(*_SVC_SIZES)
         self.fallback_masters: list[tuple[bytes, bytes]] = []
         self.external_masters: list[tuple[bytes, bytes]] = []
         self.maglev: list[tuple[bytes, bytes]] = []
-        self.masters: list[tuple[bytes, bytes]] = []
+        self.masters = Batch(*_SVC_SIZES)
         self.stale_masters: list[bytes] = []
         self.stale_fallback_masters: list[bytes] = []
         self.stale_external_masters: list[bytes] = []
@@ -188,7 +208,7 @@ class _Plan:
         self.released: list[BackendRef] = []  # once per slot that named it
         self.acquired: list[BackendRef] = []
         # every list above, the phases in order: what mark/cut/truncate work on
-        self.lists: tuple[list[Any], ...] = (
+        self.lists: tuple[Batch | list[Any], ...] = (
             *(getattr(self, name) for name, _, _ in _PHASES),
             self.released,
             self.acquired,
@@ -226,6 +246,55 @@ class _Change:
     frontend: Frontend | None = None  # what counts as applied once written
     start: tuple[int, ...] = ()
     end: tuple[int, ...] = ()
+
+
+# Where a plan's mark counts what _plan_bulk adds (indexes in _Plan.lists).
+_LISTS = [name for name, _, _ in _PHASES] + ["released", "acquired"]
+_MATCHES, _SLOTS, _MASTERS, _ACQUIRED = map(_LISTS.index, ("matches", "slots", "masters", "acquired"))
+
+
+@dataclass(slots=True)
+class _Bulk:
+    """A run of new frontends planned together (``_plan_bulk``) from plan mark ``start`` on: per frontend
+    its key, Frontend, record, slots and affinity matches, in the plan's order."""
+
+    keys: list[FrontendKey]
+    frontends: list[Frontend]
+    records: list[ProgrammedFrontend]
+    counts: list[int]
+    matches: list[int]
+    start: tuple[int, ...]
+
+    def changes(self) -> Iterator[_Change]:
+        """One ``_Change`` per frontend, its marks counted from ``start``. Its new backend entries are not
+        in its marks: ``_write_each`` gives each frontend the fresh backends it names."""
+        mark = list(self.start)
+        for key, frontend, record, count, matches in zip(
+            self.keys, self.frontends, self.records, self.counts, self.matches, strict=True
+        ):
+            start = tuple(mark)
+            mark[_SLOTS] += count
+            mark[_MATCHES] += matches
+            mark[_MASTERS] += 1
+            mark[_ACQUIRED] += count
+            yield _Change(key, None, record, frontend, start, tuple(mark))
+
+
+_BACKENDS = operator.attrgetter("backends")
+_PROTOCOL = operator.attrgetter("protocol")
+_LOCAL = operator.attrgetter("local_backends")
+_AFFINITY = operator.attrgetter("affinity_timeout")
+
+
+def _bulk_shape(frontend: Frontend) -> bool:
+    """Whether ``_plan_bulk`` can plan this frontend (when new): one tier and the master, affinity matches."""
+    return (
+        frontend.fallback is None
+        and not frontend.external
+        and not frontend.backend_pods
+        and not frontend.qos_limit
+        and len(frontend.backends) <= MAX_TIER_BACKENDS
+    )
 
 
 class _Failed(Exception):
@@ -267,6 +336,7 @@ class MapWriter:
         self.io = io
         self.pod_cgroups = pod_cgroups
         self.maglev_size = maglev_size
+        self.bulk_min = BULK_MIN  # the shortest run planned in bulk (tests compare with a writer that never)
         self._tables = maglev.TableCache()
         self._next_svc_id = self._next_backend_id = 1
         self._excluded: frozenset[PodRef] = frozenset()  # the pods socket LB leaves alone, as last asked
@@ -340,9 +410,18 @@ class MapWriter:
         if full:
             self._write_skip(stats)
         udp_before = self._udp_backends(changes)
-        plan, planned = _Plan(), list[_Change]()
+        plan, planned = _Plan(), list[_Change | _Bulk]()
+        run: list[tuple[FrontendKey, Frontend]] = []  # new frontends of the plain shape, in a row
         for key, frontend in changes.upsert.items():
+            if key not in self._frontends and _bulk_shape(frontend):
+                run.append((key, frontend))
+                continue
+            if run:
+                self._plan_run(plan, planned, stats, run)
+                run = []
             self._add(plan, planned, stats, key, functools.partial(self._plan_upsert, plan, key, frontend))
+        if run:
+            self._plan_run(plan, planned, stats, run)
         for key in changes.remove:
             if key not in changes.upsert:
                 self._add(plan, planned, stats, key, functools.partial(self._plan_remove, plan, key))
@@ -355,7 +434,7 @@ class MapWriter:
         rewrite client rules and the skip map."""
         stats = WriteStats()
         self._write_skip(stats)
-        plan, planned = _Plan(), list[_Change]()
+        plan, planned = _Plan(), list[_Change | _Bulk]()
         for key, frontend in list(self._applied.items()):  # a failure drops its key from _applied
             if frontend.backend_pods or self._frontends[key].clients:
                 self._add(
@@ -367,7 +446,7 @@ class MapWriter:
     def _add(
         self,
         plan: _Plan,
-        planned: list[_Change],
+        planned: list[_Change | _Bulk],
         stats: WriteStats,
         key: FrontendKey,
         planner: Callable[[], _Change | None],
@@ -394,6 +473,108 @@ class MapWriter:
             return
         change.start, change.end = start, end
         planned.append(change)
+
+    def _plan_run(
+        self,
+        plan: _Plan,
+        planned: list[_Change | _Bulk],
+        stats: WriteStats,
+        run: list[tuple[FrontendKey, Frontend]],
+    ) -> None:
+        """Plan a run of new frontends of the plain shape: in bulk when it is long enough and every value fits
+        the maps, else (or for what does not fit) frontend by frontend, which fails each alone."""
+        if len(run) >= self.bulk_min:
+            try:
+                bulk = self._plan_bulk(plan, run)
+            except (struct_error, OverflowError, ValueError):
+                pass  # a value the maps cannot hold: the plain planning says which frontend's
+            else:
+                planned.append(bulk)
+                return
+        for key, frontend in run:
+            self._add(plan, planned, stats, key, functools.partial(self._plan_upsert, plan, key, frontend))
+
+    def _plan_bulk(self, plan: _Plan, run: list[tuple[FrontendKey, Frontend]]) -> _Bulk:
+        """What ``_plan_upsert`` plans for each of these new frontends, the run at once: what can fail (a
+        value out of range) packed first, before anything changes; then ids given and the plan extended."""
+        keys = [key for key, _ in run]
+        frontends = [frontend for _, frontend in run]
+        tiers = list(map(_BACKENDS, frontends))
+        counts = list(map(len, tiers))
+        protocols = list(map(int, map(_PROTOCOL, keys)))
+        refs = abi.pack_backend_refs(
+            list(itertools.chain.from_iterable(tiers)),
+            itertools.chain.from_iterable(map(itertools.repeat, protocols, counts)),
+            _local_flags(frontends, tiers) if any(map(_LOCAL, frontends)) else itertools.repeat(0),
+        )
+        svc_ids = range(self._next_svc_id, self._next_svc_id + len(keys))
+        timeouts = list(map(_AFFINITY, frontends))
+        flags = [
+            (abi.SVC_F_AFFINITY if f.affinity_timeout else 0) | (abi.SVC_F_HOST_ONLY if f.host_only else 0)
+            for f in frontends
+        ]
+        masters = abi.pack_masters(svc_ids, counts, flags, timeouts)
+        master_keys = abi.pack_master_keys(keys, protocols)
+        if self._next_backend_id + len(refs) > 1 << 32:
+            raise OverflowError("backend ids past a u32")
+        # nothing above changed the writer or the plan; from here on nothing raises
+        new, ids = self._bulk_ids(refs)
+        self._next_svc_id += len(keys)
+        offsets = list(itertools.accumulate(counts, initial=0))
+        matches = [count if timeout else 0 for count, timeout in zip(counts, timeouts, strict=True)]
+        match_keys = self._bulk_matches(svc_ids, ids, offsets, matches)
+        slot_keys = abi.pack_slot_keys(master_keys, counts)
+        first = self._next_backend_id - len(new)
+        start = plan.mark()
+        plan.backends.extend_packed(abi.pack_backend_ids(range(first, first + len(new))), b"".join(new))
+        plan.matches.extend_packed(match_keys, abi.AFF_MATCH_VALUE * (len(match_keys) // 2))
+        plan.slots.extend_packed(slot_keys, abi.pack_slot_values(ids))
+        plan.masters.extend_packed(b"".join(master_keys), b"".join(masters))
+        plan.acquired.extend(refs)
+        slots = cast(
+            list[list[BackendRef | None]], list(map(refs.__getitem__, map(slice, offsets, offsets[1:])))
+        )
+        records = list(map(ProgrammedFrontend, svc_ids, map(Tier, masters, slots)))
+        for i in itertools.compress(range(len(records)), matches):
+            records[i].affinity_matches = set(ids[offsets[i] : offsets[i + 1]])
+        return _Bulk(keys, frontends, records, counts, matches, start)
+
+    def _bulk_ids(self, refs: list[BackendRef]) -> tuple[list[BackendRef], array.array[int]]:
+        """The backend id of each ref: the known one, or the next one for a new ref (first seen first, as
+        ``_backend_id`` gives them), recorded. Returns the new refs and every ref's id (a u32 array)."""
+        known, first = self._backend_ids, self._next_backend_id
+        size = len(known)
+        # the usual bulk (a full sync): every ref new, each once, so each takes the next id in turn
+        collections.deque(map(known.setdefault, refs, itertools.count(first)), maxlen=0)
+        if len(known) - size == len(refs):
+            new, ids = refs, abi.pack_backend_ids(range(first, first + len(refs)))
+        else:  # some known, or some twice: undo, then give ids to the new ones once each
+            mine = list(map(operator.ge, map(known.__getitem__, refs), itertools.repeat(first)))
+            collections.deque(
+                map(known.pop, itertools.compress(refs, mine), itertools.repeat(None)), maxlen=0
+            )
+            got = list(map(known.get, refs))
+            new = list(
+                dict.fromkeys(itertools.compress(refs, map(operator.is_, got, itertools.repeat(None))))
+            )
+            new_id = cast(Callable[[bytes, int | None], int], dict(zip(new, itertools.count(first))).get)
+            ids = abi.pack_backend_ids(map(new_id, refs, got))  # the new id, else the known one
+            known.update(zip(new, itertools.count(first)))
+        self._next_backend_id += len(new)
+        self._fresh.update(new)
+        return new, ids
+
+    @staticmethod
+    def _bulk_matches(
+        svc_ids: Sequence[int], ids: array.array[int], offsets: list[int], matches: list[int]
+    ) -> array.array[int]:
+        """The affinity match keys of the frontends with affinity (``matches``: their slot counts)."""
+        svc = array.array("I")
+        backend_ids = array.array("I")
+        for i in itertools.compress(range(len(matches)), matches):
+            svc.extend(itertools.repeat(svc_ids[i], matches[i]))
+            backend_ids.extend(ids[offsets[i] : offsets[i + 1]])
+        return abi.pack_affinity_matches(svc, backend_ids)
 
     def _plan_upsert(self, plan: _Plan, key: FrontendKey, frontend: Frontend) -> _Change | None:
         before = self._frontends.get(key)
@@ -672,7 +853,7 @@ class MapWriter:
 
     # --- executing ---------------------------------------------------------------------------------------
 
-    def _write(self, plan: _Plan, planned: list[_Change], stats: WriteStats) -> None:
+    def _write(self, plan: _Plan, planned: list[_Change | _Bulk], stats: WriteStats) -> None:
         """Run the plan of all frontends; after a failure, each frontend's part alone (see the module
         docstring). Then delete what no frontend names any more."""
         try:
@@ -681,18 +862,22 @@ class MapWriter:
             self._made.clear()
             self.io.release_tables()  # the Maglev tables made for this write: inserted ones live on
 
-    def _write_plan(self, plan: _Plan, planned: list[_Change], stats: WriteStats) -> None:
+    def _write_plan(self, plan: _Plan, planned: list[_Change | _Bulk], stats: WriteStats) -> None:
         try:
             self._run(plan, stats)
         except _Failed as failed:
             log.warning("batched map write failed (%s); writing frontend by frontend", failed.exc)
             if failed.index == 0:  # only new backend entries were written, none is used yet: make room
                 self._run_or_raise(_deletes(abi.MAP_BACKENDS, plan.backends), stats)
-            written, reread = self._write_each(plan, planned, stats)
+            changes = [c for p in planned for c in (p.changes() if isinstance(p, _Bulk) else (p,))]
+            written, reread = self._write_each(plan, changes, stats)
         else:
             written, reread = [plan], False
             for change in planned:
-                self._commit(change, stats)
+                if isinstance(change, _Bulk):
+                    self._commit_bulk(change, stats)
+                else:
+                    self._commit(change, stats)
             self._count(plan)
         self._finish(written, stats)
         if reread:
@@ -707,11 +892,12 @@ class MapWriter:
         for change in planned:
             part = plan.cut(change.start, change.end)
             # a backend new in this write is written with each frontend that uses it, whichever others fail
-            part.backends[:] = [
+            part.backends.clear()
+            part.backends.extend(
                 (abi.pack_backend_id(self._backend_ids[ref]), ref)
                 for ref in dict.fromkeys(part.acquired)
                 if ref in self._fresh
-            ]
+            )
             try:
                 self._run(part, stats)
             except _Failed as failed:
@@ -773,12 +959,17 @@ class MapWriter:
                 self._applied[change.key] = change.frontend
             stats.frontends_written += 1
 
+    def _commit_bulk(self, bulk: _Bulk, stats: WriteStats) -> None:
+        """``_commit`` of each frontend of a bulk run (new, without Maglev tables)."""
+        self._frontends.update(zip(bulk.keys, bulk.records, strict=True))
+        self._applied.update(zip(bulk.keys, bulk.frontends, strict=True))
+        stats.frontends_written += len(bulk.keys)
+
     def _count(self, written: _Plan) -> None:
         refs = self._refs
         for ref in written.released:
             refs[ref] -= 1
-        for ref in written.acquired:
-            refs[ref] += 1
+        refs.update(written.acquired)  # one each (Counter counts a list in C)
 
     def _finish(self, written: list[_Plan], stats: WriteStats) -> None:
         """Delete the backends no frontend names any more (those new to failed frontends too) and the
@@ -813,16 +1004,17 @@ class MapWriter:
 
     def _run(self, plan: _Plan, stats: WriteStats) -> None:
         for index, ((_, op, map_name), items) in enumerate(zip(_PHASES, plan.lists, strict=False)):
-            if not items:
+            count = len(items)
+            if not count:
                 continue
             try:
                 if op == "update":
                     self.io.update(map_name, items)
                 else:
-                    self.io.delete(map_name, items)
+                    self.io.delete(map_name, cast(list[bytes], items))
             except Exception as exc:
                 raise _Failed(index, map_name, exc) from exc
-            stats.ops += len(items)
+            stats.ops += count
 
     # --- removed UDP backends (for socket termination) ---------------------------------------------------
 
@@ -862,6 +1054,16 @@ def _deletes(map_name: str, items: Iterable[tuple[bytes, bytes]]) -> _Plan:
     plan = _Plan()
     getattr(plan, _GARBAGE_PHASE[map_name]).extend(k for k, _ in items)
     return plan
+
+
+def _local_flags(frontends: list[Frontend], tiers: list[tuple[Backend, ...]]) -> Iterator[int]:
+    """``BE_F_LOCAL`` or 0 for each backend of each frontend, as ``_ref`` flags it."""
+    for frontend, backends in zip(frontends, tiers, strict=True):
+        local = frontend.local_backends
+        if local:
+            yield from (abi.BE_F_LOCAL if b in local else 0 for b in backends)
+        else:
+            yield from itertools.repeat(0, len(backends))
 
 
 def _slot_refs(frontend: ProgrammedFrontend) -> Iterable[BackendRef]:

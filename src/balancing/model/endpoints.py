@@ -24,14 +24,16 @@ On top of kube-proxy's sets, ``Selection.for_frontend`` says which set each fron
   else the serving-terminating ones, topology ignored (a simplification of "the union of every node's local
   set": the load balancer only sends to nodes whose health check says they have local endpoints).
 
-Neighbours: ``frontends`` turns EndpointSlices and Pods into ``Candidate``s and reads the result; nothing here
-knows about Kubernetes objects.
+Neighbours: ``frontends`` turns EndpointSlices and Pods into ``Candidate``s (``candidate_of`` for endpoints
+whose backends it keeps; candidates already in order need no sorting: ``select_endpoints(..., ordered=True)``)
+and reads the result; nothing here knows about Kubernetes objects. Candidates and the result types are plain
+slotted dataclasses, never changed once made: one is made per endpoint on every recomputation.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from balancing.model import desired
 
@@ -40,15 +42,20 @@ __all__ = [
     "EndpointSet",
     "Selection",
     "SelectionContext",
+    "candidate_of",
     "select_endpoints",
 ]
 
 ZONE_LABEL = "topology.kubernetes.io/zone"  # the Node label zone hints are matched against
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Candidate:
-    """One endpoint of one service port, as the selection sees it (conditions already defaulted)."""
+    """One endpoint of one service port, as the selection sees it (conditions already defaulted).
+
+    Never changed once made, but not a frozen dataclass: one is made per endpoint and port, and a frozen
+    one costs seven times as much to make (each field set through ``object.__setattr__``).
+    """
 
     ip: desired.IPAddress
     port: int
@@ -59,10 +66,11 @@ class Candidate:
     terminating: bool = False
     zone_hints: frozenset[str] = frozenset()
     node_hints: frozenset[str] = frozenset()
+    # Made with the candidate (not compared): every frontend that chooses it shares this one object.
+    backend: desired.Backend = field(init=False, repr=False, compare=False)
 
-    @property
-    def backend(self) -> desired.Backend:
-        return desired.Backend(self.ip, self.port)
+    def __post_init__(self) -> None:
+        self.backend = desired.Backend(self.ip, self.port)
 
     @property
     def fallback(self) -> bool:
@@ -71,6 +79,29 @@ class Candidate:
 
     def __str__(self) -> str:
         return str(self.backend)
+
+
+_NO_HINTS: frozenset[str] = frozenset()
+
+
+def candidate_of(
+    backend: desired.Backend,
+    node_name: str,
+    zone: str,
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+    zone_hints: frozenset[str] = _NO_HINTS,
+    node_hints: frozenset[str] = _NO_HINTS,
+) -> Candidate:
+    """``Candidate(backend.ip, backend.port, ...)`` that shares ``backend`` rather than making its own (for a
+    caller that keeps its endpoints' backends: every frontend choosing the endpoint then holds that one)."""
+    made = object.__new__(Candidate)
+    made.ip, made.port, made.backend = backend.ip, backend.port, backend
+    made.node_name, made.zone = node_name, zone
+    made.ready, made.serving, made.terminating = ready, serving, terminating
+    made.zone_hints, made.node_hints = zone_hints, node_hints
+    return made
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,21 +130,23 @@ class SelectionContext:
         return self.internal_local or (self.externally_accessible and self.external_local)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class EndpointSet:
-    """Chosen endpoints (sorted by address and port) and why."""
+    """Chosen endpoints (sorted by address and port) and why. Never changed once made (not frozen, as
+    ``Candidate``: a few are made per service port on every recomputation)."""
 
     endpoints: tuple[Candidate, ...]
     reason: str
 
     @property
     def backends(self) -> tuple[desired.Backend, ...]:
-        return tuple(c.backend for c in self.endpoints)
+        return tuple([c.backend for c in self.endpoints])
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Selection:
-    """The result. ``None`` means "the service never uses this set", unlike an empty set."""
+    """The result. ``None`` means "the service never uses this set", unlike an empty set. Never changed once
+    made (not frozen, as ``EndpointSet``)."""
 
     cluster: EndpointSet | None
     local: EndpointSet | None
@@ -137,9 +170,15 @@ class Selection:
         return self.external
 
 
-def select_endpoints(candidates: Iterable[Candidate], ctx: SelectionContext) -> Selection:
-    """Categorize one service port's endpoints for this node (see the module docstring)."""
-    eps = _sorted(candidates)
+def select_endpoints(
+    candidates: Iterable[Candidate], ctx: SelectionContext, *, ordered: bool = False
+) -> Selection:
+    """Categorize one service port's endpoints for this node (see the module docstring).
+
+    ``ordered``: the caller says ``candidates`` are already sorted by address and port, without duplicates
+    (``frontends`` keeps each slice's that way), so they are not sorted again.
+    """
+    eps = tuple(candidates) if ordered else _sorted(candidates)
     cluster = _cluster_set(eps, ctx) if ctx.uses_cluster else None
     local = _local_set(eps, ctx) if ctx.uses_local else None
     both = _union(cluster, local)
@@ -242,6 +281,8 @@ def _apply_topology(ready: list[Candidate], ctx: SelectionContext) -> tuple[list
 
     The note is empty when no ready endpoint carries any hint (the common case: nothing to say).
     """
+    if not any(c.node_hints or c.zone_hints for c in ready):
+        return ready, ""  # the common case, without a look at each kind
     notes: list[str] = []
     for kind, here in (("node", ctx.node_name), ("zone", ctx.zone)):
         chosen, why = _hinted(ready, kind, here)

@@ -8,6 +8,12 @@ them are external. It also counts the Service's ready local endpoints when it wa
 port. ``store`` calls it for each service a change touches, with a ``NodeContext`` it keeps up to date from
 Node objects and ``ModelConfig``.
 
+Slices are read through ``slice_view`` (``SliceView``: parsed once, deduplicated and sorted, kept by the
+store instead of the slice), so the candidates of a single slice reach ``select_endpoints`` in its order.
+The common Service (endpoints from one slice, every one ready, no hints, no traffic policy Local, no health
+check, nothing north-south) skips the selection: ``_ready_backends`` gives every frontend the slice's own
+backends, which is what the selection would choose (tests/unit/test_store_fastpath.py holds the two equal).
+
 North-south (``ModelConfig.north_south``, never with ``external_client``): a frontend that clients outside
 the cluster reach through this node is marked ``external``: every load-balancer IP (not ``ipMode: Proxy``)
 and programmed externalIP, and the NodePorts on this node's own addresses (not loopback, not other nodes').
@@ -24,7 +30,11 @@ Service are decided here together, so a new frontend kind is added in one place.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import functools
+import ipaddress
+import socket
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from balancing.model import desired, endpoints, healthcheck, objects
@@ -34,6 +44,7 @@ __all__ = [
     "NodeContext",
     "NodeIP",
     "ServiceResult",
+    "SliceView",
     "affinity_timeout",
     "compute_service",
     "node_addresses",
@@ -44,6 +55,7 @@ __all__ = [
     "service_frontends",
     "service_ignored",
     "slice_service_name",
+    "slice_view",
     "uses_node_ports",
     "uses_pods",
 ]
@@ -56,8 +68,13 @@ NODE_ADDRESS_TYPES = ("InternalIP", "ExternalIP")  # the Node addresses that get
 LOOPBACKS = (desired.parse_ip("127.0.0.1"), desired.parse_ip("::1"))
 DEFAULT_AFFINITY_TIMEOUT = 10800  # seconds, the API default of sessionAffinityConfig.clientIP
 
-_FAMILIES = {4: "IPv4", 6: "IPv6"}
+# A slice's addressType: its IP version, the socket family its addresses parse in, and the address type.
+_FAMILY_OF: dict[str, tuple[int, int, Callable[[int], desired.IPAddress]]] = {
+    "IPv4": (4, socket.AF_INET, ipaddress.IPv4Address),
+    "IPv6": (6, socket.AF_INET6, ipaddress.IPv6Address),
+}
 _FAMILY_VERSIONS = {"IPv4": 4, "IPv6": 6}
+_FAMILY_NAMES = {4: "IPv4", 6: "IPv6"}
 _NO_NAMES: frozenset[str] = frozenset()
 _ServicePort = objects.ServicePort
 _Kind = desired.FrontendKind
@@ -195,6 +212,9 @@ def service_families(
     """
     if cluster_ips is None:
         cluster_ips = service.spec.service_ips()
+    families = service.spec.ip_families
+    if len(cluster_ips) == 1 and (not families or families == [_FAMILY_NAMES[cluster_ips[0].version]]):
+        return [cluster_ips[0].version]  # the common case, quickly
     versions: set[int] = {ip.version for ip in cluster_ips}
     versions.update(_FAMILY_VERSIONS[f] for f in service.spec.ip_families)
     return sorted(versions)
@@ -211,9 +231,10 @@ def affinity_timeout(service: objects.Service) -> int:
     return config.client_ip.timeout_seconds
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ServiceResult:
-    """Everything one Service contributes: its frontends and, if it wants one, its health check."""
+    """Everything one Service contributes: its frontends and, if it wants one, its health check (never
+    changed once made; not frozen, as one is made per recomputed Service)."""
 
     frontends: dict[desired.FrontendKey, desired.Frontend] = field(default_factory=dict)
     health_check: tuple[int, healthcheck.HealthCheck] | None = None  # (healthCheckNodePort, answer)
@@ -234,18 +255,20 @@ def service_frontends(
 
 def compute_service(
     service: objects.Service,
-    slices: Iterable[objects.EndpointSlice],
+    slices: Iterable[objects.EndpointSlice | SliceView],
     pods: Iterable[objects.Pod],
     node: NodeContext,
 ) -> ServiceResult:
     """Every frontend of ``service`` on ``node`` (one with no usable endpoint has empty backends).
 
+    ``slices`` are its EndpointSlices, or their ``slice_view``s (what the store passes: parsed once).
     When two frontends of one Service give the same key (invalid, but manifests can say it) the first wins:
     ports in order, and per port ClusterIP, externalIP, load-balancer IP, NodePort.
     """
     if service_ignored(service) is not None:
         return ServiceResult()
-    ordered = sorted(slices, key=lambda s: s.metadata.name)
+    views = [s if isinstance(s, SliceView) else slice_view(s) for s in slices]
+    ordered = sorted(views, key=_view_name) if len(views) > 1 else views
     from_pods = uses_pods(service, bool(ordered))
     pod_list = sorted(pods, key=lambda p: p.metadata.name) if from_pods else []
     ctx = _context(service, node)
@@ -256,19 +279,28 @@ def compute_service(
     families = service_families(service, cluster_ips)
     result: dict[desired.FrontendKey, desired.Frontend] = {}
     no_local: set[str] = set()
+    # Nearly every Service: endpoints from one slice, all ready, no hints, no traffic policy Local, no health
+    # check and nothing north-south: each frontend gets them all (``_ready_backends``).
+    plain = not (from_pods or hc_port is not None or ctx.internal_local or ctx.external_local)
     for port in service.spec.ports:
         owner = desired.Owner("Service", service.metadata.namespace, service.metadata.name, port.name)
         for version in families:
             addresses = list(_frontend_addresses(service, cluster_ips, port, version, node))
             if not addresses and hc_port is None:
                 continue
+            if plain and not any(a[3] for a in addresses):
+                backends = _ready_backends(port, ordered, version)
+                if backends is not None:
+                    _add_ready(result, addresses, owner, backends, timeout)
+                    continue
+            found: Sequence[endpoints.Candidate]
             if from_pods:
-                found = _pod_candidates(service, port, pod_list, version)
+                found, in_order = _pod_candidates(service, port, pod_list, version), False
             else:
-                found = _slice_candidates(port, ordered, version)
+                found, in_order = _slice_candidates(port, ordered, version)
             if hc_port is not None:
                 counted.extend(found)
-            selection = endpoints.select_endpoints(found, ctx)
+            selection = endpoints.select_endpoints(found, ctx, ordered=in_order)
             no_local |= _no_local(ctx, selection)
             per_node = selection.arriving is not None  # else every node's NodePort shares one Frontend
             ranges = _ranges(service, version) if node.north_south else ()
@@ -290,9 +322,54 @@ def compute_service(
     return ServiceResult(result, health, frozenset(no_local) if result else frozenset())
 
 
-@dataclass(frozen=True, slots=True)
+def _ready_backends(
+    port: _ServicePort, slices: Sequence[SliceView], version: int
+) -> tuple[desired.Backend, ...] | None:
+    """The backends when this port of this family has its endpoints from one slice, every one ready, none with
+    a hint: then ``select_endpoints`` would choose them all ("ready"), and with no traffic policy Local every
+    frontend gets them (the slice's own backends, no candidate made). None otherwise: the general way."""
+    chosen: SliceView | None = None
+    number = 0
+    for view in slices:
+        if view.version != version:
+            continue
+        found = _slice_port(port, view.ports)
+        if found is None:
+            continue
+        if chosen is not None:
+            return None  # several slices: merged the general way
+        chosen, number = view, found
+    if chosen is None or not chosen.ready or chosen.hints is not None:
+        return None
+    if number == chosen.port:
+        return chosen.backends
+    return tuple([desired.Backend(b.ip, number) for b in chosen.backends])
+
+
+def _add_ready(
+    result: dict[desired.FrontendKey, desired.Frontend],
+    addresses: Sequence[_Address],
+    owner: desired.Owner,
+    backends: tuple[desired.Backend, ...],
+    timeout: int,
+) -> None:
+    """The frontends of ``addresses`` (none external) when every one gets ``backends``, all ready; one
+    ``Frontend`` per kind (and per loopback or not), as ``compute_service`` shares them."""
+    made: dict[tuple[_Kind, bool], desired.Frontend] = {}
+    for key, kind, _, _ in addresses:
+        host_only = kind is _Kind.NODE_PORT and key.ip.is_loopback  # as compute_service
+        frontend = made.get((kind, host_only))
+        if frontend is None:
+            frontend = made[kind, host_only] = desired.Frontend(
+                owner, backends, "ready", kind, timeout, host_only=host_only
+            )
+        result.setdefault(key, frontend)
+
+
+@dataclass(slots=True)
 class _Common:
-    """What every frontend of one service port and family shares."""
+    """What every frontend of one service port and family shares (made on every recomputation: a frozen
+    dataclass costs several times as much to make)."""
 
     owner: desired.Owner
     timeout: int  # affinity
@@ -421,82 +498,209 @@ def _context(service: objects.Service, node: NodeContext) -> endpoints.Selection
         i.ip and i.ip_mode != "Proxy" for i in service.status.load_balancer.ingress
     )
     external = uses_node_ports(service) or bool(spec.external_ips) or lb_vips
-    return endpoints.SelectionContext(
-        node_name=node.name,
-        zone=node.zone,
-        internal_local=spec.internal_traffic_policy == "Local",
-        external_local=spec.external_traffic_policy == "Local",
-        externally_accessible=external,
-        external_client=node.external_client,
+    return _selection_context(
+        node.name,
+        node.zone,
+        spec.internal_traffic_policy == "Local",
+        spec.external_traffic_policy == "Local",
+        external,
+        node.external_client,
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _selection_context(
+    name: str, zone: str, internal_local: bool, external_local: bool, accessible: bool, external_client: bool
+) -> endpoints.SelectionContext:
+    """One context per combination (a node has a few at a time), made once rather than per Service."""
+    return endpoints.SelectionContext(name, zone, internal_local, external_local, accessible, external_client)
 
 
 # --- candidates from EndpointSlices ----------------------------------------------------------------------
 
-
-def _slice_candidates(
-    port: _ServicePort, slices: Sequence[objects.EndpointSlice], version: int
-) -> list[endpoints.Candidate]:
-    """Endpoints of every usable slice of this family, merged; a duplicate keeps its best conditions."""
-    merged: dict[tuple[desired.IPAddress, int], endpoints.Candidate] = {}
-    for endpoint_slice in slices:
-        if endpoint_slice.address_type != _FAMILIES[version]:
-            continue  # also skips FQDN slices
-        if HEADLESS_LABEL in endpoint_slice.metadata.labels:
-            continue
-        number = _slice_port(port, endpoint_slice)
-        if number is None:
-            continue
-        for endpoint in endpoint_slice.endpoints:
-            candidate = _slice_candidate(endpoint, number, version)
-            if candidate is None:
-                continue
-            key = (candidate.ip, candidate.port)
-            if key not in merged or _rank(candidate) > _rank(merged[key]):
-                merged[key] = candidate
-    return list(merged.values())
+# A declared port of a slice: name ("" for none), protocol, number (None: every port).
+_SlicePort = tuple[str, desired.Protocol, int | None]
 
 
-def _slice_port(port: _ServicePort, endpoint_slice: objects.EndpointSlice) -> int | None:
-    """The endpoint port for ``port`` in this slice, or ``None`` if the slice does not serve it.
+@dataclass(slots=True)
+class SliceView:
+    """One EndpointSlice as the model reads it, parsed once (``slice_view``); equal when the model would
+    compute the same from either. Never changed once made (not a frozen dataclass: one is made per slice
+    update, and a frozen one of this many fields costs microseconds more to make).
 
-    The slice's ``ports[]`` entry with the Service port's name and protocol gives the number (as kube-proxy);
-    a slice that declares no ports at all (hand-written) serves a numeric (or absent) targetPort directly.
+    The store keeps these, not the slices: a slice updated with nothing the model reads changed (its
+    resourceVersion, annotations, unused fields) is equal to the one it replaces and recomputes nothing, and
+    a Service recomputed while its slices did not change parses none of them again. Its endpoints are kept
+    as columns (a backend, node, conditions and hints each) rather than an object per endpoint: at a million
+    endpoints that is a few hundred MB and as many objects less, and the backends are the very objects
+    every frontend choosing them holds. An endpoint's zone is not kept: nothing reads it (topology goes by
+    the hints).
     """
-    declared = endpoint_slice.ports or []
-    for entry in declared:
-        if (entry.name or "") == port.name and entry.protocol == port.protocol and entry.port is not None:
-            return entry.port
-    if not declared and not isinstance(port.target_port, str):
-        return port.target_port or port.port
-    return None
+
+    namespace: str
+    name: str
+    service: str | None  # its kubernetes.io/service-name label (``slice_service_name``)
+    version: int  # the IP version of its addresses; 0 when never used (FQDN, or labelled headless)
+    ports: tuple[_SlicePort, ...]  # as declared; none declared: it serves a numeric targetPort directly
+    # Its endpoints whose first address parses in the slice's family: one per address (a duplicate keeps its
+    # best conditions, the first of equals), sorted by address; each a backend on ``port``, its node's name,
+    # its conditions (``_rank``) and, when any endpoint has hints, its zone and node hints (else None).
+    backends: tuple[desired.Backend, ...]
+    nodes: tuple[str, ...]
+    conditions: bytes
+    hints: tuple[tuple[frozenset[str], frozenset[str]], ...] | None
+    port: int  # the backends' port: its first declared port number (0 when none is declared)
+    ready: bool  # every endpoint is ready (and there is one): what ``_ready_backends`` looks for
+    zone_hinted: bool  # some endpoint has zone hints (its Service then reads this node's zone)
+
+    def candidates(self, number: int) -> list[endpoints.Candidate]:
+        """The endpoints as candidates on port ``number`` (sorted by address, as ``select_endpoints``)."""
+        if number == self.port:
+            backends: Sequence[desired.Backend] = self.backends
+        else:
+            backends = [desired.Backend(b.ip, number) for b in self.backends]
+        made = endpoints.candidate_of
+        ranks = self.conditions
+        if self.hints is None:
+            return [
+                made(b, node, "", r >= _READY, r & _SERVING > 0, not r & _NOT_TERMINATING)
+                for b, node, r in zip(backends, self.nodes, ranks, strict=True)
+            ]
+        return [
+            made(b, node, "", r >= _READY, r & _SERVING > 0, not r & _NOT_TERMINATING, *hinted)
+            for b, node, r, hinted in zip(backends, self.nodes, ranks, self.hints, strict=True)
+        ]
 
 
-def _slice_candidate(endpoint: objects.Endpoint, port: int, version: int) -> endpoints.Candidate | None:
-    """The endpoint's first address (as kube-proxy: addresses are fungible), if it parses in this family."""
-    try:
-        ip = desired.parse_ip(endpoint.addresses[0])
-    except ValueError:
-        return None  # not an address
-    if ip.version != version:
-        return None  # not an address of this family
-    cond = endpoint.conditions
-    hints = endpoint.hints
-    return endpoints.Candidate(
-        ip,
+# An endpoint's conditions as one number, ordered as kube-proxy ranks a duplicate's copies: ready first,
+# then serving, then not terminating.
+_READY, _SERVING, _NOT_TERMINATING = 4, 2, 1
+_NO_HINTS = (_NO_NAMES, _NO_NAMES)  # an endpoint's zone and node hints when it has none
+
+
+def slice_view(endpoint_slice: objects.EndpointSlice) -> SliceView:
+    """``endpoint_slice`` parsed for ``compute_service`` (see ``SliceView``)."""
+    meta = endpoint_slice.metadata
+    ports = tuple([(p.name or "", p.protocol, p.port) for p in endpoint_slice.ports or ()])
+    port = next((number for _, _, number in ports if number is not None), 0)
+    service = slice_service_name(endpoint_slice)
+    family = _FAMILY_OF.get(endpoint_slice.address_type)  # FQDN slices are never used
+    if family is None or HEADLESS_LABEL in meta.labels:
+        hinted = any(e.hints is not None and e.hints.for_zones for e in endpoint_slice.endpoints)
+        return SliceView(meta.namespace, meta.name, service, 0, ports, (), (), b"", None, port, False, hinted)
+    numbers, ranks, nodes, hints, hinted, any_hints = _columns(endpoint_slice.endpoints, family[1])
+    ordered = sorted(numbers)
+    if ordered != numbers or len(set(numbers)) < len(numbers):  # the rare case: put in order, deduplicate
+        best: dict[int, int] = {}  # address → the index of its first copy with the best conditions
+        for i, number in enumerate(numbers):
+            kept = best.get(number)
+            if kept is None or ranks[i] > ranks[kept]:
+                best[number] = i
+        order = [best[number] for number in sorted(best)]
+        ordered = [numbers[i] for i in order]
+        ranks, nodes, hints = [ranks[i] for i in order], [nodes[i] for i in order], [hints[i] for i in order]
+    make = family[2]
+    conditions = bytes(ranks)
+    return SliceView(
+        meta.namespace,
+        meta.name,
+        service,
+        family[0],
+        ports,
+        tuple([desired.Backend(make(number), port) for number in ordered]),
+        tuple(nodes),
+        conditions,
+        tuple(hints) if any_hints else None,
         port,
-        endpoint.node_name or "",
-        endpoint.zone or "",
-        cond.ready is not False,
-        cond.serving is not False,
-        cond.terminating is True,
-        frozenset(z.name for z in hints.for_zones) if hints and hints.for_zones else _NO_NAMES,
-        frozenset(n.name for n in hints.for_nodes) if hints and hints.for_nodes else _NO_NAMES,
+        bool(conditions) and min(conditions) >= _READY,
+        hinted,
     )
+
+
+def _columns(
+    found: Iterable[objects.Endpoint], af: int
+) -> tuple[list[int], list[int], list[str], list[tuple[frozenset[str], frozenset[str]]], bool, bool]:
+    """The endpoints whose first address parses in family ``af`` (as kube-proxy: addresses are fungible), in
+    order, as columns: the address as a number (cheap to compare, sorts as the addresses do), the conditions
+    (``_READY`` ...), the node's name, the zone and node hints; and whether any endpoint has zone hints,
+    whether any has hints at all."""
+    numbers: list[int] = []
+    ranks: list[int] = []
+    nodes: list[str] = []
+    hints: list[tuple[frozenset[str], frozenset[str]]] = []
+    zone_hinted = any_hints = False
+    intern = sys.intern  # node names repeat across endpoints: kept once
+    for endpoint in found:
+        found_hints = endpoint.hints
+        pair = _NO_HINTS
+        if found_hints is not None and (found_hints.for_zones or found_hints.for_nodes):
+            zone_hinted = zone_hinted or bool(found_hints.for_zones)
+            any_hints = True
+            pair = (
+                frozenset([z.name for z in found_hints.for_zones]),
+                frozenset([n.name for n in found_hints.for_nodes]),
+            )
+        try:  # what ``desired.parse_ip`` accepts and then finds of this family
+            number = int.from_bytes(socket.inet_pton(af, endpoint.addresses[0]), "big")
+        except (OSError, ValueError):  # ValueError: a NUL in the text
+            continue
+        cond = endpoint.conditions
+        ranks.append(
+            (_READY if cond.ready is not False else 0)
+            | (_SERVING if cond.serving is not False else 0)
+            | (_NOT_TERMINATING if cond.terminating is not True else 0)
+        )
+        numbers.append(number)
+        node = endpoint.node_name
+        nodes.append(intern(node) if node else "")
+        hints.append(pair)
+    return numbers, ranks, nodes, hints, zone_hinted, any_hints
+
+
+def _view_name(view: SliceView) -> str:
+    return view.name
 
 
 def _rank(candidate: endpoints.Candidate) -> tuple[bool, bool, bool]:
     return (candidate.ready, candidate.serving, not candidate.terminating)
+
+
+def _slice_candidates(
+    port: _ServicePort, slices: Sequence[SliceView], version: int
+) -> tuple[Sequence[endpoints.Candidate], bool]:
+    """Endpoints of every usable slice of this family, merged (a duplicate keeps its best conditions), and
+    whether they are already in ``select_endpoints``'s order (one slice: its cached candidates)."""
+    found: list[list[endpoints.Candidate]] = []
+    for view in slices:
+        if view.version != version:
+            continue  # also skips FQDN and headless slices
+        number = _slice_port(port, view.ports)
+        if number is not None:
+            found.append(view.candidates(number))
+    if len(found) == 1:
+        return found[0], True
+    merged: dict[tuple[desired.IPAddress, int], endpoints.Candidate] = {}
+    for candidates in found:
+        for candidate in candidates:
+            key = (candidate.ip, candidate.port)
+            kept = merged.get(key)
+            if kept is None or _rank(candidate) > _rank(kept):
+                merged[key] = candidate
+    return list(merged.values()), False
+
+
+def _slice_port(port: _ServicePort, declared: Sequence[_SlicePort]) -> int | None:
+    """The endpoint port for ``port`` in a slice declaring ``declared``, or ``None`` if it does not serve it.
+
+    The slice's ``ports[]`` entry with the Service port's name and protocol gives the number (as kube-proxy);
+    a slice that declares no ports at all (hand-written) serves a numeric (or absent) targetPort directly.
+    """
+    for name, protocol, number in declared:
+        if name == port.name and protocol == port.protocol and number is not None:
+            return number
+    if not declared and not isinstance(port.target_port, str):
+        return port.target_port or port.port
+    return None
 
 
 # --- candidates from Pods (selector Services without any EndpointSlice) ----------------------------------

@@ -24,15 +24,15 @@ One module over 400 lines on purpose: it is the one place the API's shapes of th
 
 from __future__ import annotations
 
+import functools
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
     BeforeValidator,
     Field,
-    PrivateAttr,
     StrictBool,
     StrictInt,
     field_validator,
@@ -86,6 +86,7 @@ __all__ = [
     "NodeStatus",
     "ObjectMeta",
     "ObjectRef",
+    "OptionalCheck",
     "Pod",
     "PodCondition",
     "PodIP",
@@ -169,8 +170,17 @@ Label = Annotated[str, AfterValidator(check_dns1123_label)]
 LabelValue = Annotated[str, AfterValidator(check_label_value)]
 
 
-def _optional(check: Any) -> Any:
-    return lambda value: check(value) if value else value
+class OptionalCheck:
+    """``check(value)`` for a value that is set; an empty one is valid (``fastparse`` reads ``check``)."""
+
+    def __init__(self, check: Callable[[str], str]) -> None:
+        self.check = check
+
+    def __call__(self, value: str) -> str:
+        return self.check(value) if value else value
+
+
+_optional = OptionalCheck
 
 
 def _unique_names(ports: Sequence[Any], errors: FieldErrors, *, required: bool) -> None:
@@ -250,7 +260,6 @@ class ServiceSpec(KubeModel):
     publish_not_ready_addresses: StrictBool = False
     traffic_distribution: Literal["PreferClose", "PreferSameZone", "PreferSameNode"] | None = None
     ip_families: list[Literal["IPv4", "IPv6"]] = Field(default_factory=list, max_length=2)
-    _service_ips: tuple[IPAddress, ...] = PrivateAttr(default=())
 
     @field_validator("cluster_ip")
     @classmethod
@@ -307,8 +316,6 @@ class ServiceSpec(KubeModel):
             errors = FieldErrors()
             errors.add(("clusterIPs",), "first value must match `clusterIP`", self.cluster_ips)
             errors.raise_any("spec")
-        raw = self.cluster_ips or ([self.cluster_ip] if self.cluster_ip else [])
-        self._service_ips = tuple(parse_ip(ip) for ip in raw if ip not in ("", "None"))  # parsed here only
         return self
 
     @property
@@ -317,8 +324,14 @@ class ServiceSpec(KubeModel):
 
     def service_ips(self) -> tuple[IPAddress, ...]:
         """Every ClusterIP of the service (``clusterIPs``, else ``clusterIP``); empty for headless. Parsed
-        once, when the object is validated (the fields keep the API's text)."""
-        return self._service_ips
+        once, when first asked for (the fields keep the API's text, validated)."""
+        return self._parsed_ips
+
+    @functools.cached_property
+    def _parsed_ips(self) -> tuple[IPAddress, ...]:
+        """Kept in the instance's ``__dict__`` (not a field: equality and copies compare the fields)."""
+        raw = self.cluster_ips or ([self.cluster_ip] if self.cluster_ip else [])
+        return tuple(parse_ip(ip) for ip in raw if ip not in ("", "None"))
 
 
 class LoadBalancerIngress(KubeModel):
@@ -586,12 +599,18 @@ class UnknownKind(ValueError):
 
 
 def parse_object(doc: dict[str, Any]) -> KubeObject:
-    """Validate one Kubernetes object document; raises ``UnknownKind`` or pydantic ``ValidationError``."""
+    """Validate one Kubernetes object document; raises ``UnknownKind`` or pydantic ``ValidationError``.
+
+    The kinds ``model.fastparse`` covers take its lane first (the same object, without the Python calls per
+    nested object); what it refuses is validated by the model class, whose errors are the ones raised."""
     key = (str(doc.get("apiVersion", "")), str(doc.get("kind", "")))
     model = KINDS.get(key)
     if model is None:
         raise UnknownKind(f"apiVersion {key[0]!r} kind {key[1]!r} is not read by balancing")
-    obj = model.model_validate(doc)
+    from balancing.model import fastparse  # it builds on the classes here
+
+    fast = fastparse.parse(doc)
+    obj = fast if fast is not None else model.model_validate(doc)
     assert isinstance(
         obj, Service | EndpointSlice | Pod | Node | Namespace | LocalRedirectPolicy | BalancingPolicy
     )

@@ -20,7 +20,8 @@ difference against what was in force before. Rules:
 Scans are serialised by a lock, so they may run in a worker thread (``sources.watch`` runs them there).
 
 Neighbours: ``sources.files`` reads a file, ``sources.decoding`` turns its bytes into documents within the
-budgets, ``balancing.model.objects.parse_object`` validates each document; ``sources.watch`` calls
+budgets, ``balancing.model.objects.parse_object`` validates each document (the kinds that
+``balancing.model.fastparse`` covers through its lane); ``sources.watch`` calls
 ``rescan`` when files change; the agent applies updates to the model's store.
 """
 
@@ -168,7 +169,21 @@ def _parse_item(path: Path, index: int, where: str, item: Any) -> KubeObject:
     for key in ("apiVersion", "kind"):
         if not item.get(key):
             raise ManifestError(path, index, _describe(item), join_path(where, key), "Field required")
-    return _default_namespace(parse_object(item))
+    return _default_namespace(parse_object(_in_default_namespace(item)))
+
+
+def _in_default_namespace(item: dict[str, Any]) -> dict[str, Any]:
+    """The document with ``metadata.namespace: default`` where ``_default_namespace`` would put it (a
+    namespaced kind, its namespace absent, null or empty): the object is built in it at once, not copied
+    after (the namespace is not among what a validation error is about)."""
+    meta = item.get("metadata")
+    if (
+        item.get("kind") not in NAMESPACED_KINDS
+        or not isinstance(meta, dict)
+        or meta.get("namespace", "") not in ("", None)
+    ):
+        return item
+    return {**item, "metadata": {**meta, "namespace": "default"}}
 
 
 def _default_namespace(obj: KubeObject) -> KubeObject:

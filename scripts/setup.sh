@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up for `make demo`, `make test` and `make image`: Debian packages (BPF toolchain, iproute2,
-# what any test runs, podman and debootstrap for the image), uv, and the locked Python environment in .venv.
+# what any test runs, podman and debootstrap for the image, qemu for the arm64 guest), uv, and the locked
+# Python environment in .venv.
 # Fast when everything is already there. A test may skip only for what this cannot install (hardware, kernel).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,13 +19,21 @@ command -v nft >/dev/null || need_pkgs+=(nftables)  # the bare-metal test's node
 command -v iptables-legacy-restore >/dev/null && command -v iptables-nft-restore >/dev/null || need_pkgs+=(iptables)  # bench/nodeport.py: kube-proxy-shaped NodePort baselines
 command -v systemd-analyze >/dev/null || need_pkgs+=(systemd)  # test_systemd_unit verifies the host unit
 command -v npm >/dev/null || need_pkgs+=(npm)  # tests/unit/test_helm.py fetches helm as an npm package
-ldconfig -p | grep -q 'libbpf.so.1 ' || need_pkgs+=(libbpf1)
+ldconfig -p | grep "libbpf.so.1 " >/dev/null || need_pkgs+=(libbpf1)  # no -q: its early exit fails the pipe
 # `make image` and tests/kernel/test_image.py (scripts/build-image.sh): no daemon, no registry. Without their
 # Recommends: runc, not crun (which refuses hybrid cgroups); no buildah, slirp4netns or fuse-overlayfs.
 lean_pkgs=()
 command -v podman >/dev/null || lean_pkgs+=(podman)
 command -v runc >/dev/null || lean_pkgs+=(runc)
 command -v debootstrap >/dev/null || lean_pkgs+=(debootstrap)
+# The arm64 guest of tests/kernel/test_arm64.py (scripts/build-arm64-guest.sh): Debian's arm64 kernel under
+# qemu-system-aarch64 (TCG; no NIC, so no ipxe-qemu), the rootfs's second debootstrap stage under qemu-user
+# (registered only in a private binfmt_misc, never the host's: without binfmt-support, a Recommends, the
+# package registers nothing itself), cpio for the initramfs, depmod for its modules.
+command -v qemu-system-aarch64 >/dev/null || lean_pkgs+=(qemu-system-arm)
+command -v qemu-aarch64-static >/dev/null || lean_pkgs+=(qemu-user-static)
+command -v cpio >/dev/null || lean_pkgs+=(cpio)
+command -v depmod >/dev/null || lean_pkgs+=(kmod)
 if [ $((${#need_pkgs[@]} + ${#lean_pkgs[@]})) -gt 0 ]; then
   echo "setup: installing Debian packages: ${need_pkgs[*]} ${lean_pkgs[*]}"
   export DEBIAN_FRONTEND=noninteractive

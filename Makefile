@@ -25,13 +25,13 @@ $(BPF_OBJ): bpf/balancing.c bpf/balancing.h bpf/accounting.h
 
 # Socket termination (iter/udp + bpf_sock_destroy, kernel >= 6.5): a separate object, so that the datapath
 # still loads where the kfunc is missing. Kernel types come from CO-RE declarations in the source, not vmlinux.h.
-$(SOCKTERM_OBJ): bpf/sockterm.c bpf/balancing.h
+$(SOCKTERM_OBJ): bpf/sockterm.c bpf/balancing.h bpf/iter.h
 	@mkdir -p $(dir $@)
 	clang $(BPF_CFLAGS) -c $< -o $@
 
 # The upgrade from 0.3 (iter/tcp + iter/udp): moves connected sockets' reverse state from 0.3's bl_sock_v2 pin
 # into their socket storage, run once by the loader when that pin exists. CO-RE declarations, no vmlinux.h.
-$(SOCKMIGRATE_OBJ): bpf/sockmigrate.c bpf/balancing.h
+$(SOCKMIGRATE_OBJ): bpf/sockmigrate.c bpf/balancing.h bpf/iter.h
 	@mkdir -p $(dir $@)
 	clang $(BPF_CFLAGS) -c $< -o $@
 

@@ -25,6 +25,7 @@
 
 #define BL_OBJ_SOCKMIGRATE /* the maps of balancing.h this object carries */
 #include "balancing.h"
+#include "iter.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -40,29 +41,6 @@ struct sock_common {
 	volatile unsigned char skc_state;
 	atomic64_t skc_cookie; /* 0 until something asks for it; read here without generating one */
 } __attribute__((preserve_access_index));
-
-struct udp_sock;
-struct seq_file;
-
-/* The iterators' contexts, laid out as the kernel passes them (one 8-byte slot per argument). */
-struct bpf_iter_meta {
-	struct seq_file *seq;
-	__u64 session_id;
-	__u64 seq_num;
-};
-
-struct bpf_iter__tcp {
-	struct bpf_iter_meta *meta;
-	struct sock_common *sk_common; /* NULL on the final call */
-	__u32 uid;
-};
-
-struct bpf_iter__udp {
-	struct bpf_iter_meta *meta;
-	struct udp_sock *udp_sk;       /* NULL on the final call */
-	__u32 uid;
-	int bucket;
-};
 
 static __always_inline int same_pair(const struct bl_sock_rev *a, const struct bl_sock_rev *b)
 {

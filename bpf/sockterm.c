@@ -27,6 +27,7 @@
 
 #define BL_OBJ_SOCKTERM /* the maps of balancing.h this object carries */
 #include "balancing.h"
+#include "iter.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -46,23 +47,6 @@ struct sock_common {
 struct sock {
 	struct sock_common __sk_common;
 } __attribute__((preserve_access_index));
-
-struct udp_sock;
-struct seq_file;
-
-/* The iterator's context, laid out as the kernel passes it (one 8-byte slot per argument). */
-struct bpf_iter_meta {
-	struct seq_file *seq;
-	__u64 session_id;
-	__u64 seq_num;
-};
-
-struct bpf_iter__udp {
-	struct bpf_iter_meta *meta;
-	struct udp_sock *udp_sk;  /* NULL on the final call */
-	__u32 uid;
-	int bucket;
-};
 
 extern int bpf_sock_destroy(struct sock_common *sk) __ksym;
 

@@ -4,9 +4,10 @@
 with Debian's arm64 userland. Each run appends a payload to that initramfs (the kernel unpacks concatenated
 archives in order):
 
-- the project's wheel, built as ``tests/kernel/test_wheel.py`` builds it (``uv build --wheel``, cached by a
-  digest of its sources), unpacked into the guest's ``/usr/local/lib/python3.11/dist-packages`` as an
-  installer would, with the ``balancing`` console script; its BPF objects are the host's build, unchanged;
+- the project's wheel, the one ``tests/kernel/test_wheel.py`` installs (``helpers.wheel``: ``uv build
+  --wheel``, cached by a digest of its sources, built once for both), unpacked into the guest's
+  ``/usr/local/lib/python3.11/dist-packages`` as an installer would, with the ``balancing`` console script;
+  its BPF objects are the host's build, unchanged;
 - its locked runtime dependencies for aarch64 (``uv export`` of uv.lock, installed with ``uv pip install
   --target --python-platform aarch64-manylinux_2_17 --only-binary :all: --require-hashes``: pydantic-core,
   watchfiles and cryptography are compiled, so their arm64 wheels come from the index), cached by the
@@ -37,13 +38,13 @@ from pathlib import Path
 from typing import Any
 
 from balancing_testkit import topology
+from helpers import wheel as built_wheel
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = ROOT / "scripts/build-arm64-guest.sh"
 RUNNER = Path(__file__).resolve().parent / "runner.py"
 CACHE = Path(os.environ.get("BALANCING_ARM64_CACHE", ROOT / "build/cache/arm64"))
 SITE = "usr/local/lib/python3.11/dist-packages"  # Debian's python3 looks here for locally installed packages
-WHEEL_SOURCES = ("src/balancing", "bpf", "Makefile", "pyproject.toml", "hatch_build.py", "README.md")
 PLATFORM = "aarch64-manylinux_2_17"  # bookworm's glibc 2.36 runs manylinux2014 wheels
 TOOLS = ("qemu-system-aarch64", "qemu-aarch64-static", "debootstrap", "cpio", "depmod", "uv", "make", "clang")
 QEMU = [
@@ -102,29 +103,6 @@ def build_base(timeout: float = 1200.0) -> Base:
 # --- what goes into the payload -------------------------------------------------------------------------
 
 
-def _uv(*args: str, timeout: float = 600.0) -> str:
-    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
-    res = subprocess.run(
-        ["uv", *args], check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
-    )
-    if res.returncode != 0:
-        raise RuntimeError(f"uv {' '.join(args)} failed:\n{res.stdout}\n{res.stderr}")
-    return res.stdout
-
-
-def _sources_digest() -> str:
-    """What the wheel is built from: every file under WHEEL_SOURCES (not bytecode), by path and content."""
-    h = hashlib.sha256()
-    for top in WHEEL_SOURCES:
-        base = ROOT / top
-        files = sorted(p for p in base.rglob("*") if p.is_file()) if base.is_dir() else [base]
-        for p in files:
-            if "__pycache__" in p.parts or p.suffix == ".pyc":
-                continue
-            h.update(str(p.relative_to(ROOT)).encode() + b"\0" + p.read_bytes() + b"\0")
-    return h.hexdigest()[:20]
-
-
 def _replace_cached(kind: str, key: str, build: Any) -> Path:
     """``CACHE/<kind>-<key>``, made by ``build(tmpdir)`` if missing; other keys of that kind are removed."""
     target = CACHE / f"{kind}-{key}"
@@ -143,12 +121,9 @@ def _replace_cached(kind: str, key: str, build: Any) -> Path:
 
 
 def wheel() -> Path:
-    """The project's wheel of the current sources (``uv build --wheel``; hatch_build.py runs make bpf)."""
-    directory = _replace_cached(
-        "wheel", _sources_digest(), lambda tmp: _uv("build", "--wheel", "--quiet", "--out-dir", str(tmp))
-    )
-    (found,) = directory.glob("balancing-*.whl")
-    return found
+    """The project's wheel of the current sources, the one ``tests/kernel/test_wheel.py`` installs
+    (``helpers.wheel``: built once per source digest; hatch_build.py runs make bpf)."""
+    return built_wheel.built()
 
 
 def _compile(tree: Path, guest_path: str) -> None:
@@ -163,7 +138,7 @@ def _compile(tree: Path, guest_path: str) -> None:
 
 def runtime_deps() -> Path:
     """An archive of the wheel's locked runtime dependencies for aarch64, installed into SITE."""
-    requirements = _uv(
+    requirements = built_wheel.uv(
         "export", "--quiet", "--frozen", "--no-dev", "--no-emit-project", "--no-emit-workspace",
         "--format", "requirements-txt",
     )  # fmt: skip
@@ -172,7 +147,7 @@ def runtime_deps() -> Path:
     def build(tmp: Path) -> None:
         (tmp / "requirements.txt").write_text(requirements)
         site = tmp / "root" / SITE
-        _uv(
+        built_wheel.uv(
             "pip", "install", "--quiet", "--target", str(site), "--python-platform", PLATFORM,
             "--python-version", "3.11", "--only-binary", ":all:", "--require-hashes",
             "-r", str(tmp / "requirements.txt"),

@@ -1,7 +1,8 @@
 """The built wheel, installed in a clean venv, runs every command with nothing from the checkout.
 
 The wheel is built with ``uv build --wheel`` (hatch_build.py compiles the BPF objects into it) and cached in
-``build/wheel-test/<digest of its sources>``, so an unchanged tree reuses it. It is installed with its runtime
+``build/wheel-test/<digest of its sources>`` (``helpers.wheel``, shared with the arm64 guest), so an unchanged
+tree reuses it. It is installed with its runtime
 dependencies only into a throw-away venv of the system Python 3.11, then: ``--help``, ``monitor --help`` and
 ``controller --help`` run without libbpf (it is never mapped, and they still work in a mount namespace where
 ``libbpf.so.1`` cannot be loaded, where the agent fails with one line naming the library and the package);
@@ -11,10 +12,8 @@ so a netns client reaches the pod through a Service VIP.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,8 +27,8 @@ import pytest
 import balancing
 from balancing.datapath import libbpf
 from balancing_testkit.topology import Cluster
+from helpers import wheel as built_wheel
 from helpers.support import (
-    ROOT,
     SMALL_MAPS,
     AgentProcess,
     endpoint,
@@ -38,8 +37,6 @@ from helpers.support import (
     write_manifest,
 )
 
-CACHE = ROOT / "build" / "wheel-test"
-SOURCES = ("src/balancing", "bpf", "Makefile", "pyproject.toml", "hatch_build.py", "README.md")
 HELP_COMMANDS = (["--help"], ["monitor", "--help"], ["controller", "--help"])
 VIP = "10.96.0.10"
 
@@ -59,46 +56,6 @@ for args in json.loads(sys.argv[1]):
 print(json.dumps({"runs": out, "package": balancing.__file__, "object": str(bpfobjects.default_object()),
                   "sockterm": str(bpfobjects.sockterm_object())}))
 """
-
-
-def _digest() -> str:
-    """What the wheel is built from: every file under SOURCES (not bytecode), by path and content."""
-    h = hashlib.sha256()
-    for top in SOURCES:
-        base = ROOT / top
-        files = sorted(p for p in base.rglob("*") if p.is_file()) if base.is_dir() else [base]
-        for p in files:
-            if "__pycache__" in p.parts or p.suffix == ".pyc":
-                continue
-            h.update(str(p.relative_to(ROOT)).encode() + b"\0" + p.read_bytes() + b"\0")
-    return h.hexdigest()[:20]
-
-
-def _uv(*args: str, cwd: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
-    res = subprocess.run(
-        ["uv", *args], check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert res.returncode == 0, f"uv {' '.join(args)} failed:\n{res.stdout}\n{res.stderr}"
-
-
-def _wheel() -> Path:
-    """The wheel of the current sources: from the cache, else built (and older cached wheels dropped)."""
-    target = CACHE / _digest()
-    found = sorted(target.glob("balancing-*.whl"))
-    if found:
-        return found[0]
-    CACHE.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=CACHE))
-    try:
-        _uv("build", "--wheel", "--quiet", "--out-dir", str(tmp), str(ROOT), cwd=ROOT)
-        for old in CACHE.iterdir():
-            if old != tmp:
-                shutil.rmtree(old, ignore_errors=True)
-        tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return next(target.glob("balancing-*.whl"))
 
 
 def _python311() -> str:
@@ -134,14 +91,16 @@ class Installed:
 
 @pytest.fixture(scope="module")
 def installed() -> Iterator[Installed]:
-    wheel = _wheel()
+    wheel = built_wheel.built()
     with tempfile.TemporaryDirectory(prefix="blt-wheel-") as tmp:
         work, nolib = Path(tmp) / "work", Path(tmp) / "nolib"
         work.mkdir()
         nolib.mkdir()
         venv = Path(tmp) / "venv"
-        _uv("venv", "--quiet", "--python", _python311(), str(venv), cwd=work)
-        _uv("pip", "install", "--quiet", "--python", str(venv / "bin/python"), str(wheel), cwd=work)
+        built_wheel.uv("venv", "--quiet", "--python", _python311(), str(venv), cwd=work)
+        built_wheel.uv(
+            "pip", "install", "--quiet", "--python", str(venv / "bin/python"), str(wheel), cwd=work
+        )
         keep = ("HOME", "LANG", "LC_ALL", "TERM")
         env = {k: os.environ[k] for k in keep if k in os.environ}
         env |= {"PATH": f"{venv}/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LD_LIBRARY_PATH": str(nolib)}
